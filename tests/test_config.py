@@ -1,0 +1,167 @@
+"""tnas.config: YAML defaults under argparse, one-line errors, devices, saved configs."""
+from __future__ import annotations
+
+import argparse
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tnas.config import (add_common_args, load_config, parse_args, resolve_device,
+                         save_config, seed_everything)
+from tnas.errors import TnasError
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stage")
+    add_common_args(parser)
+    parser.add_argument("--n_way", type=int, default=5)
+    parser.add_argument("--lr_alpha", type=float, default=30.0)
+    parser.add_argument("--second_order", action="store_true")
+    parser.add_argument("--steps", type=int, nargs="+", default=[5])
+    parser.add_argument("--method", choices=["tnas", "auto_maml"], default="tnas")
+    return parser
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_config():
+    args = parse_args(make_parser(), [])
+    assert args.dataset == "glyphs" and args.device == "auto" and args.seed == 0
+    assert args.out is None and args.data_path is None and args.cache_dir is None
+    assert args.n_way == 5 and args.second_order is False and args.config is None
+
+
+def test_yaml_sets_defaults_and_cli_overrides(tmp_path):
+    config = write(tmp_path / "x.yaml",
+                   "n-way: 20\nlr_alpha: 1e-3\nseed: 7\ndataset: miniimagenet\n")
+    args = parse_args(make_parser(), ["--config", str(config), "--seed", "3"])
+    assert args.n_way == 20
+    assert args.lr_alpha == pytest.approx(1e-3)  # YAML reads "1e-3" as text; converted by type
+    assert isinstance(args.lr_alpha, float)
+    assert args.seed == 3  # command line wins
+    assert args.dataset == "miniimagenet"
+    assert args.config == str(config)
+
+
+def test_store_true_and_list_from_yaml(tmp_path):
+    config = write(tmp_path / "x.yaml", "second_order: true\nsteps: [5, 10]\n")
+    args = parse_args(make_parser(), ["--config", str(config)])
+    assert args.second_order is True
+    assert args.steps == [5, 10]
+    args = parse_args(make_parser(), ["--config", str(config), "--steps", "1", "2", "3"])
+    assert args.steps == [1, 2, 3]
+
+
+def test_store_true_rejects_non_bool(tmp_path):
+    config = write(tmp_path / "x.yaml", "second_order: 'yes please'\n")
+    with pytest.raises(TnasError, match="second_order"):
+        parse_args(make_parser(), ["--config", str(config)])
+
+
+def test_unknown_yaml_key_names_key_file_and_close_match(tmp_path):
+    config = write(tmp_path / "bad.yaml", "n_wya: 5\n")
+    with pytest.raises(TnasError) as info:
+        parse_args(make_parser(), ["--config", str(config)])
+    message = str(info.value)
+    assert "'n_wya'" in message and str(config) in message and "n_way" in message
+    assert "\n" not in message
+
+
+def test_missing_config_names_path(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(TnasError, match="nope.yaml"):
+        parse_args(make_parser(), ["--config", str(missing)])
+
+
+def test_invalid_yaml_names_path_and_line(tmp_path):
+    config = write(tmp_path / "broken.yaml", "n_way: 5\nseed: [1, 2\nlr_alpha: 3\n")
+    with pytest.raises(TnasError) as info:
+        parse_args(make_parser(), ["--config", str(config)])
+    assert "broken.yaml" in str(info.value) and "line" in str(info.value)
+
+
+def test_top_level_must_be_mapping(tmp_path):
+    config = write(tmp_path / "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(TnasError, match="mapping"):
+        parse_args(make_parser(), ["--config", str(config)])
+
+
+def test_bad_value_type_and_choice_in_yaml(tmp_path):
+    config = write(tmp_path / "x.yaml", "n_way: five\n")
+    with pytest.raises(TnasError, match="n_way"):
+        parse_args(make_parser(), ["--config", str(config)])
+    config = write(tmp_path / "y.yaml", "method: darts\n")
+    with pytest.raises(TnasError, match="method"):
+        parse_args(make_parser(), ["--config", str(config)])
+
+
+def test_unknown_cli_flag_names_flag():
+    with pytest.raises(TnasError) as info:
+        parse_args(make_parser(), ["--n_wya", "5"])
+    assert "--n_wya" in str(info.value) and "--n_way" in str(info.value)
+
+
+def test_include_is_overridden_by_includer(tmp_path):
+    (tmp_path / "base").mkdir()
+    write(tmp_path / "base" / "common.yaml", "n_way: 20\nseed: 1\n")
+    config = write(tmp_path / "exp.yaml", "include: base/common.yaml\nseed: 9\n")
+    args = parse_args(make_parser(), ["--config", str(config)])
+    assert args.n_way == 20 and args.seed == 9
+
+
+def test_include_cycle_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", "include: b.yaml\n")
+    write(tmp_path / "b.yaml", "include: a.yaml\n")
+    with pytest.raises(TnasError, match="includes itself"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_save_load_round_trip_and_reuse_as_config(tmp_path):
+    args = parse_args(make_parser(), ["--n_way", "3", "--second_order", "--out", str(tmp_path)])
+    args.extra_path = tmp_path / "p"  # non-plain value becomes text
+    args.shape = (1, 2)
+    save_config(args, tmp_path / "run" / "config.yaml")
+    loaded = load_config(tmp_path / "run" / "config.yaml")
+    assert loaded["n_way"] == 3 and loaded["second_order"] is True
+    assert loaded["extra_path"] == str(tmp_path / "p") and loaded["shape"] == [1, 2]
+    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / "config.yaml"]
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    keys = [line.split(":")[0] for line in text.splitlines() if line[:1].isalpha()]
+    assert "n_way" in keys and "seed" in keys
+    assert keys == sorted(keys)
+    del loaded["extra_path"], loaded["shape"]
+    save_config(loaded, tmp_path / "again.yaml")
+    again = parse_args(make_parser(), ["--config", str(tmp_path / "again.yaml")])
+    assert again.n_way == 3 and again.second_order is True and again.out == str(tmp_path)
+
+
+def test_resolve_device_auto_and_cpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_resolve_device_cuda_without_gpu():
+    with pytest.raises(TnasError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(TnasError, match="cuda:1"):
+        resolve_device("cuda:1")
+
+
+def test_resolve_device_unknown_name():
+    with pytest.raises(TnasError, match="gpu0"):
+        resolve_device("gpu0")
+
+
+def test_seed_everything_repeats_streams():
+    seed_everything(123)
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    seed_everything(123)
+    second = (random.random(), np.random.rand(), torch.rand(1).item())
+    assert first == second

@@ -1,0 +1,155 @@
+"""tnas.runlog: atomic files, checkpoints, log.txt and tensorboard events."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from tnas.errors import TnasError
+from tnas.runlog import (RunLogger, atomic_write_bytes, atomic_write_json, load_checkpoint,
+                         progress, render_heatmap, save_checkpoint)
+
+
+def read_tensorboard_events(tb_dir):
+    """Decode every event file under ``tb_dir`` (TFRecord framing) into tensorboardX Events."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(tb_dir.rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            record = data[offset + 12: offset + 12 + length]
+            offset += 12 + length + 4  # length, crc(length), payload, crc(payload)
+            event = event_pb2.Event()
+            event.ParseFromString(record)
+            events.append(event)
+    return events
+
+
+def test_atomic_writes_leave_only_the_file(tmp_path):
+    atomic_write_bytes(tmp_path / "a.bin", b"first")
+    atomic_write_bytes(tmp_path / "a.bin", b"second")
+    atomic_write_json(tmp_path / "sub" / "r.json", {"accuracy_mean": 51.2, "per_episode": [1, 2]})
+    assert (tmp_path / "a.bin").read_bytes() == b"second"
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {
+        "accuracy_mean": 51.2, "per_episode": [1, 2]}
+    names = sorted(p.name for p in tmp_path.rglob("*"))
+    assert names == ["a.bin", "r.json", "sub"]
+
+
+def test_failed_atomic_write_keeps_old_file(tmp_path):
+    atomic_write_json(tmp_path / "r.json", {"ok": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(tmp_path / "r.json", {"bad": object()})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_checkpoint_round_trip_with_rng_state(tmp_path):
+    rng = np.random.RandomState(5)
+    state = {"weights": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 12,
+             "numpy_rng": rng.get_state(), "torch_rng": torch.get_rng_state()}
+    expected_next = rng.rand(3)
+    save_checkpoint(state, tmp_path / "last.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert loaded["step"] == 12
+    assert torch.equal(loaded["weights"]["w"], state["weights"]["w"])
+    restored = np.random.RandomState()
+    restored.set_state(loaded["numpy_rng"])
+    np.testing.assert_array_equal(restored.rand(3), expected_next)
+    assert torch.equal(loaded["torch_rng"], state["torch_rng"])
+
+
+def test_truncated_checkpoint_names_path(tmp_path):
+    path = tmp_path / "best.pt"
+    save_checkpoint({"w": torch.randn(100, 100)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(TnasError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "cannot read checkpoint" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(TnasError, match="checkpoint not found: .*missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_run_logger_writes_log_and_events(tmp_path, capsys):
+    out = tmp_path / "run"
+    with RunLogger(out) as logger:
+        logger.log("hello world")
+        logger.scalar("loss", torch.tensor(0.5), 1)
+        logger.scalars({"acc": 50.0, "loss": 1.25}, 2, prefix="val")
+        logger.text("genotype", "normal: ...", 2)
+        logger.image("img", np.random.rand(8, 8, 3), 2)
+        logger.image("gray", np.zeros((8, 8), dtype=np.uint8), 2)
+        logger.heatmap("alpha/normal", torch.softmax(torch.randn(14, 8), -1), 3,
+                       row_labels=[f"e{i}" for i in range(14)],
+                       col_labels=[f"op{j}" for j in range(8)], title="alpha")
+    assert "hello world" in capsys.readouterr().out
+    lines = (out / "log.txt").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("hello world") and lines[0].startswith("[")
+    files = list((out / "tb").rglob("events.out.tfevents.*"))
+    assert files and all(f.stat().st_size > 0 for f in files)
+    values = {}
+    for event in read_tensorboard_events(out / "tb"):
+        for value in event.summary.value:
+            values.setdefault(value.tag, []).append((event.step, value))
+    assert values["loss"][0][0] == 1 and values["loss"][0][1].simple_value == pytest.approx(0.5)
+    assert values["val/acc"][0][1].simple_value == pytest.approx(50.0)
+    assert values["val/loss"][0][0] == 2
+    assert {"img", "gray", "alpha/normal"} <= set(values)
+    heat = values["alpha/normal"][0][1].image
+    assert heat.width > 100 and heat.height > 100 and len(heat.encoded_image_string) > 0
+
+
+def test_run_logger_append_quiet_and_no_tensorboard(tmp_path, capsys):
+    out = tmp_path / "run"
+    with RunLogger(out, use_tensorboard=False, quiet=True) as logger:
+        logger.log("first")
+        logger.scalar("loss", 1.0, 0)
+    with RunLogger(out, use_tensorboard=False, quiet=True, append=True) as logger:
+        logger.log("second")
+    assert capsys.readouterr().out == ""
+    lines = (out / "log.txt").read_text().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == ["first", "second"]
+    assert not (out / "tb").exists()
+
+
+def test_figure_is_rendered_and_closed(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots()
+    axes.plot([0, 1], [1, 0])
+    with RunLogger(tmp_path, quiet=True) as logger:
+        logger.figure("curve", figure, 0)
+    assert not plt.fignum_exists(figure.number)
+    tags = {v.tag for e in read_tensorboard_events(tmp_path / "tb") for v in e.summary.value}
+    assert "curve" in tags
+
+
+def test_render_heatmap_image():
+    image = render_heatmap(np.eye(14, 8), title="t")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.std() > 0
+    with pytest.raises(ValueError):
+        render_heatmap(np.zeros(3))
+
+
+def test_progress_respects_environment(monkeypatch):
+    monkeypatch.setenv("TNAS_PROGRESS", "0")
+    bar = progress(range(3), desc="x")
+    assert bar.disable and list(bar) == [0, 1, 2]
+    monkeypatch.setenv("TNAS_PROGRESS", "1")
+    bar = progress(total=3, file=open("/dev/null", "w"))
+    assert not bar.disable and bar.leave is False
+    bar.close()

@@ -1,0 +1,251 @@
+"""YAML config files as argparse defaults, device choice, seeding, and the saved run config.
+
+A stage is configured by its argparse flags. ``--config x.yaml`` fills those flags'
+defaults from a YAML mapping (keys are flag names, ``-`` or ``_``), and the command line
+still wins over the file. Every problem with a file or flag is one :class:`TnasError`
+line naming the file, key, flag or value, never a traceback or argparse's usage dump.
+Each run saves its resolved arguments as ``config.yaml``, which ``--config`` accepts again
+to repeat the run.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from tnas.errors import TnasError
+from tnas.runlog import atomic_write_bytes
+
+# Keys of a config file that are not flags: ``include`` pulls in another file, and
+# ``config`` (present in saved configs) is the file's own path, which has no meaning there.
+_INCLUDE_KEY = "include"
+_IGNORED_KEYS = {"config", "help"}
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Add the flags every stage shares: config file, data, run directory, device, seed."""
+    group = parser.add_argument_group("common")
+    group.add_argument("--config", default=None, metavar="PATH",
+                       help="YAML file whose keys set defaults of these flags "
+                            "(the command line overrides it)")
+    group.add_argument("--dataset", default="glyphs", help="dataset name (default: glyphs)")
+    group.add_argument("--data_path", default=None, metavar="DIR",
+                       help="where the raw dataset lives")
+    group.add_argument("--cache_dir", default=None, metavar="DIR",
+                       help="where the decoded uint8 cache is kept")
+    group.add_argument("--out", default=None, metavar="DIR",
+                       help="run directory (default chosen by the stage)")
+    group.add_argument("--device", default="auto",
+                       help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse ``argv`` with defaults taken from ``--config`` (if given); see module docstring."""
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--config", default=None)
+    known, _ = pre_parser.parse_known_args(argv)
+    if not any(action.dest == "config" for action in parser._actions):
+        parser.add_argument("--config", default=None, metavar="PATH",
+                            help="YAML file of default flag values")
+    if known.config is not None:
+        values = load_config(known.config)
+        defaults = _config_to_defaults(parser, values, known.config)
+        for action in parser._actions:
+            if action.dest in defaults and action.required:
+                action.required = False  # the file supplies it
+        parser.set_defaults(**defaults)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise TnasError(_unknown_flags_message(parser, unknown))
+    return args
+
+
+def load_config(path) -> dict:
+    """Read a YAML config mapping, following ``include:`` (relative to the including file).
+
+    Values of an included file are overridden by the file that includes it.
+    """
+    return _load_with_includes(Path(path), chain=())
+
+
+def save_config(args: argparse.Namespace | dict, path) -> None:
+    """Write the resolved arguments as YAML (sorted keys, plain types) atomically."""
+    mapping = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    plain = {str(key): _to_plain(value) for key, value in mapping.items()}
+    text = yaml.safe_dump(plain, sort_keys=True, default_flow_style=False, allow_unicode=True)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def resolve_device(name) -> "torch.device":
+    """Turn ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` into a ``torch.device``, checking it exists."""
+    import torch
+
+    text = str(name).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise TnasError(f"unknown --device '{name}' (use cpu, cuda, cuda:N or auto)")
+    if not torch.cuda.is_available():
+        raise TnasError(f"--device {name} requested but no CUDA GPU is available")
+    if match.group(1) is None:
+        return torch.device("cuda")
+    index = int(match.group(1))
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise TnasError(f"--device {name} requested but only {count} CUDA GPU(s) are visible "
+                        f"(cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's global RNG and torch (CPU and every GPU)."""
+    import torch
+
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    """Load one YAML file that must hold a mapping (an empty file is an empty mapping)."""
+    if not path.is_file():
+        raise TnasError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise TnasError(f"invalid YAML in config {path}{where}: {problem}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise TnasError(f"cannot read config {path}: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TnasError(f"config {path} must be a mapping of flag: value, "
+                        f"found {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):
+            raise TnasError(f"config {path} has a non-text key {key!r}")
+    return data
+
+
+def _load_with_includes(path: Path, chain: tuple) -> dict:
+    """Merge the files named by ``include`` (in order) under the values of ``path`` itself."""
+    resolved = path.resolve()
+    if resolved in chain:
+        raise TnasError(f"config {path} includes itself (through {' -> '.join(map(str, chain))})")
+    data = _read_yaml_mapping(path)
+    includes = data.pop(_INCLUDE_KEY, None)
+    if includes is None:
+        return data
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(item, str) for item in includes):
+        raise TnasError(f"'include' in config {path} must be a file name or a list of them")
+    merged: dict = {}
+    for item in includes:
+        merged.update(_load_with_includes(path.parent / item, chain + (resolved,)))
+    merged.update(data)
+    return merged
+
+
+def _config_to_defaults(parser: argparse.ArgumentParser, values: dict, path) -> dict:
+    """Map config keys to parser dests, checking each key exists and each value fits its flag."""
+    actions = {action.dest: action for action in parser._actions
+               if action.dest not in _IGNORED_KEYS and action.dest is not argparse.SUPPRESS}
+    defaults = {}
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest in _IGNORED_KEYS:
+            continue
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, list(actions), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise TnasError(f"unknown key '{key}' in config {path} "
+                            f"({hint}known: {', '.join(sorted(actions))})")
+        defaults[dest] = _coerce_value(actions[dest], key, value, path)
+    return defaults
+
+
+def _coerce_value(action: argparse.Action, key: str, value: Any, path) -> Any:
+    """Check a config value against its flag: bool for switches, list for nargs, type, choices."""
+    where = f"key '{key}' in config {path}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise TnasError(f"{where} must be true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if takes_list:
+        items = value if isinstance(value, list) else [value]
+        if action.nargs == "+" and not items:
+            raise TnasError(f"{where} needs at least one value")
+        if isinstance(action.nargs, int) and len(items) != action.nargs:
+            raise TnasError(f"{where} needs {action.nargs} values, got {len(items)}")
+        return [_convert_one(action, where, item) for item in items]
+    if isinstance(value, (list, dict)):
+        raise TnasError(f"{where} takes a single value, got {value!r}")
+    return _convert_one(action, where, value)
+
+
+def _convert_one(action: argparse.Action, where: str, value: Any) -> Any:
+    """Apply the flag's ``type`` like the command line would, and check ``choices``."""
+    converter = action.type
+    if converter is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TnasError(f"{where} must be an integer, got {value!r}")
+    if converter is not None and not isinstance(value, bool):
+        try:
+            value = converter(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+            raise TnasError(f"{where} has an invalid value {value!r}: {error}") from error
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise TnasError(f"{where} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list) -> str:
+    """One line naming the unrecognised command-line arguments, with close flag names."""
+    options = [option for action in parser._actions for option in action.option_strings]
+    hints = []
+    for item in unknown:
+        if item.startswith("-"):
+            flag = item.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{flag} -> {close[0]}")
+    hint = f" (did you mean {'; '.join(hints)}?)" if hints else ""
+    return f"unknown command-line argument(s): {' '.join(unknown)}{hint}"
+
+
+def _to_plain(value: Any) -> Any:
+    """Make a value YAML-safe: paths and devices become text, tuples lists, numpy scalars numbers."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(key): _to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [_to_plain(item) for item in items]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)  # Path, torch.device, dtype, enums: their text is what a user would type

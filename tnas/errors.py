@@ -1,0 +1,25 @@
+"""One exception type for every user-facing problem, and the CLI wrapper that prints it.
+
+Library code raises :class:`TnasError` with a one-line message that names the file,
+flag or value at fault; scripts run their ``main`` through :func:`cli_entry`, which prints
+``error: <message>`` on stderr and exits with status 2 instead of a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class TnasError(Exception):
+    """A problem with the user's input (a flag, a file, a value), reported in one line."""
+
+
+def cli_entry(main: Callable[[], object]) -> None:
+    """Run a script's ``main``; turn :class:`TnasError` into a one-line error and exit 2."""
+    try:
+        result = main()
+    except TnasError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(result, int):
+        sys.exit(result)

@@ -1,0 +1,1 @@
+"""Meta-learning: functional MAML core, T-NAS, auto-MAML, MAML++."""

@@ -1,0 +1,1 @@
+"""Networks: the DARTS supernet (search) and the derived network of a genotype."""

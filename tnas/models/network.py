@@ -1,0 +1,82 @@
+"""The derived network of a genotype: the supernet's skeleton with one op per kept edge."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from tnas.genotypes import Genotype, validate_genotype
+from tnas.models.skeleton import make_stem, reduction_layout
+from tnas.ops import FactorizedReduce, Identity, ReLUConvBN, make_op
+
+
+def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """Zero whole samples with probability ``drop_prob`` and rescale the rest (``x``: [B, C, H, W])."""
+    keep = 1.0 - drop_prob
+    mask = torch.bernoulli(torch.full((x.shape[0], 1, 1, 1), keep, device=x.device, dtype=x.dtype))
+    return x * mask / keep
+
+
+class DerivedCell(nn.Module):
+    """A cell of a genotype: each node sums two ops applied to two earlier states."""
+
+    def __init__(self, genotype: Genotype, c_prev_prev: int, c_prev: int, channels: int, reduction: bool,
+                 reduction_prev: bool):
+        super().__init__()
+        self.reduction = reduction
+        pairs = genotype.reduce if reduction else genotype.normal
+        self.concat = genotype.reduce_concat if reduction else genotype.normal_concat
+        self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, affine=True) if reduction_prev
+                            else ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=True))
+        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=True)
+        self.inputs = [source for _, source in pairs]
+        self.ops = nn.ModuleList(make_op(op, channels, 2 if reduction and source < 2 else 1, affine=True)
+                                 for op, source in pairs)
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for node in range(len(self.ops) // 2):
+            total = 0
+            for edge in (2 * node, 2 * node + 1):
+                op = self.ops[edge]
+                h = op(states[self.inputs[edge]])
+                if self.training and drop_prob > 0 and not isinstance(op, Identity):
+                    h = drop_path(h, drop_prob)
+                total = total + h
+            states.append(total)
+        return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+class Network(nn.Module):
+    """Few-shot classifier built from ``genotype`` (affine BN, batch statistics).
+
+    Input ``[B, in_channels, H, W]``, output logits ``[B, n_way]``. ``drop_path_prob``
+    applies in training mode to every op but identities.
+    """
+
+    def __init__(self, genotype: Genotype, n_way: int = 5, C: int = 16, layers: int = 2, in_channels: int = 3,
+                 stem_multiplier: int = 3, drop_path_prob: float = 0.0):
+        super().__init__()
+        validate_genotype(genotype)
+        self.genotype = genotype
+        self.config = dict(n_way=n_way, C=C, layers=layers, in_channels=in_channels,
+                           stem_multiplier=stem_multiplier, genotype=genotype.to_dict())
+        self.drop_path_prob = drop_path_prob
+        stem_channels = stem_multiplier * C
+        self.stem = make_stem(in_channels, stem_channels, affine=True)
+        c_prev_prev, c_prev, channels = stem_channels, stem_channels, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for reduction in reduction_layout(layers):
+            if reduction:
+                channels *= 2
+            cell = DerivedCell(genotype, c_prev_prev, c_prev, channels, reduction, reduction_prev)
+            self.cells.append(cell)
+            reduction_prev = reduction
+            c_prev_prev, c_prev = c_prev, len(cell.concat) * channels
+        self.classifier = nn.Linear(c_prev, n_way)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+        return self.classifier(s1.mean(dim=(2, 3)))

@@ -1,0 +1,43 @@
+"""The skeleton shared by the supernet and the derived network: stem and cell layout.
+
+Stem (as in the original T-NAS code for 84x84 mini-ImageNet): conv3x3 -> BN -> 2x2
+max-pool -> ReLU -> conv3x3 -> BN -> 2x2 max-pool, ``C*m/2`` then ``C*m`` channels
+(``m`` the stem multiplier), so 84 -> 21, 28 -> 7, 32 -> 8.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch.nn as nn
+
+from tnas.ops import batch_norm
+
+
+def make_stem(in_channels: int, stem_channels: int, affine: bool) -> nn.Sequential:
+    """The two-conv stem; ``[B, in_channels, H, W] -> [B, stem_channels, H//4, W//4]``."""
+    half = stem_channels // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, half, 3, padding=1, bias=False),
+        batch_norm(half, affine),
+        nn.MaxPool2d(2, 2),
+        nn.ReLU(inplace=False),
+        nn.Conv2d(half, stem_channels, 3, padding=1, bias=False),
+        batch_norm(stem_channels, affine),
+        nn.MaxPool2d(2, 2),
+    )
+
+
+def reduction_layout(layers: int) -> List[bool]:
+    """Which cells reduce: layers=1 -> [reduce]; 2 -> [normal, reduce]; >=3 -> at 1/3 and 2/3."""
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    if layers == 1:
+        return [True]
+    if layers == 2:
+        return [False, True]
+    return [i in (layers // 3, 2 * layers // 3) for i in range(layers)]
+
+
+def min_image_size(layers: int) -> int:
+    """Smallest input side that survives the stem (/4) and every reduction (/2 each)."""
+    return 4 * 2 ** sum(reduction_layout(layers))

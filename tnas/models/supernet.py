@@ -1,0 +1,128 @@
+"""The DARTS supernet: every edge a softmax(alpha)-weighted mixture of all primitives.
+
+Weights and architecture parameters are kept apart (``weights()`` / ``alphas()``) so they
+can get their own learning rates and optimisers, and ``forward`` accepts alphas as
+arguments so a functional inner loop can pass adapted ones. Everything is a pure function
+of (parameters, input): BatchNorm uses batch statistics and keeps no running state.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tnas.genotypes import PRIMITIVES, Genotype, decode_genotype, edge_inputs, num_edges
+from tnas.models.skeleton import make_stem, reduction_layout
+from tnas.ops import FactorizedReduce, ReLUConvBN, make_op
+
+ALPHA_NAMES = ("alpha_normal", "alpha_reduce")
+
+
+class MixedOp(nn.Module):
+    """One edge: ``sum_o w_o * o(x)`` over the primitives except `none` (whose output is 0)."""
+
+    def __init__(self, channels: int, stride: int):
+        super().__init__()
+        self.ops = nn.ModuleList(make_op(name, channels, stride, affine=False) for name in PRIMITIVES[1:])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``x``: [B, C, H, W]; ``weights``: [len(PRIMITIVES)] softmax weights, `none` first."""
+        out = weights[1] * self.ops[0](x)
+        for index, op in enumerate(self.ops[1:], start=2):
+            out = out + weights[index] * op(x)
+        return out
+
+
+class SearchCell(nn.Module):
+    """A cell of the supernet: two preprocessed inputs, ``steps`` nodes, every node fed by all earlier ones."""
+
+    def __init__(self, steps: int, multiplier: int, c_prev_prev: int, c_prev: int, channels: int,
+                 reduction: bool, reduction_prev: bool):
+        super().__init__()
+        self.reduction = reduction
+        self.steps = steps
+        self.multiplier = multiplier
+        self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, affine=False) if reduction_prev
+                            else ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False))
+        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
+        self.edges = nn.ModuleList(
+            MixedOp(channels, 2 if reduction and source < 2 else 1) for _, source in edge_inputs(steps))
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``weights``: [num_edges, len(PRIMITIVES)]; returns the concatenation of the last ``multiplier`` nodes."""
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        edge = 0
+        for _ in range(self.steps):
+            node = self.edges[edge](states[0], weights[edge])
+            for source in range(1, len(states)):
+                node = node + self.edges[edge + source](states[source], weights[edge + source])
+            edge += len(states)
+            states.append(node)
+        return torch.cat(states[-self.multiplier:], dim=1)
+
+
+class Supernet(nn.Module):
+    """DARTS supernet for few-shot classification.
+
+    Args:
+        n_way: classes of the classifier.
+        C: channels of the first cell (doubled at each reduction).
+        layers: 1 (one reduction cell), 2 (normal + reduction, the paper) or >= 3.
+        steps, multiplier: intermediate nodes per cell and how many are concatenated.
+        in_channels: 3 for RGB, 1 for grayscale.
+        stem_multiplier: stem width is ``stem_multiplier * C``.
+    Input ``[B, in_channels, H, W]`` with ``H, W >= min_image_size(layers)``; output logits ``[B, n_way]``.
+    """
+
+    def __init__(self, n_way: int = 5, C: int = 16, layers: int = 2, steps: int = 4, multiplier: int = 4,
+                 in_channels: int = 3, stem_multiplier: int = 3):
+        super().__init__()
+        self.config = dict(n_way=n_way, C=C, layers=layers, steps=steps, multiplier=multiplier,
+                           in_channels=in_channels, stem_multiplier=stem_multiplier)
+        self.steps, self.multiplier = steps, multiplier
+        stem_channels = stem_multiplier * C
+        self.stem = make_stem(in_channels, stem_channels, affine=False)
+        c_prev_prev, c_prev, channels = stem_channels, stem_channels, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for reduction in reduction_layout(layers):
+            if reduction:
+                channels *= 2
+            self.cells.append(SearchCell(steps, multiplier, c_prev_prev, c_prev, channels, reduction, reduction_prev))
+            reduction_prev = reduction
+            c_prev_prev, c_prev = c_prev, multiplier * channels
+        self.classifier = nn.Linear(c_prev, n_way)
+        shape = (num_edges(steps), len(PRIMITIVES))
+        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape))
+        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(shape))
+
+    def forward(self, x: torch.Tensor, alpha_normal: Optional[torch.Tensor] = None,
+                alpha_reduce: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[B, n_way]``; alphas default to the module's own parameters."""
+        weights_normal = F.softmax(self.alpha_normal if alpha_normal is None else alpha_normal, dim=-1)
+        weights_reduce = F.softmax(self.alpha_reduce if alpha_reduce is None else alpha_reduce, dim=-1)
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, weights_reduce if cell.reduction else weights_normal)
+        return self.classifier(s1.mean(dim=(2, 3)))
+
+    def named_weights(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        """Network weights (everything but the alphas)."""
+        return ((name, p) for name, p in self.named_parameters() if name not in ALPHA_NAMES)
+
+    def named_alphas(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        """The architecture parameters ``alpha_normal`` and ``alpha_reduce``, each [num_edges, 8]."""
+        return ((name, p) for name, p in self.named_parameters() if name in ALPHA_NAMES)
+
+    def weights(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self.named_weights())
+
+    def alphas(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self.named_alphas())
+
+    def genotype(self, alphas: Optional[Dict[str, torch.Tensor]] = None) -> Genotype:
+        """Decode the module's alphas, or the given ``{"alpha_normal", "alpha_reduce"}``, by the DARTS rule."""
+        alphas = alphas if alphas is not None else dict(self.named_alphas())
+        return decode_genotype(alphas["alpha_normal"], alphas["alpha_reduce"], self.steps, self.multiplier)

@@ -1,0 +1,138 @@
+"""The DARTS primitives and the small blocks the cells are built from.
+
+Every op maps ``[B, C, H, W]`` to ``[B, C, H/stride, W/stride]``. BatchNorm is
+*transductive*, as MAML uses it: statistics of the current batch, no running statistics
+(``track_running_stats=False``), so a forward pass is a pure function of (parameters,
+input) and works under ``torch.func.vmap``. ``affine=False`` in the supernet,
+``affine=True`` in the derived network.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tnas.genotypes import PRIMITIVES
+
+
+def batch_norm(channels: int, affine: bool) -> nn.BatchNorm2d:
+    """BatchNorm that always normalises with the current batch's statistics."""
+    return nn.BatchNorm2d(channels, affine=affine, track_running_stats=False)
+
+
+class ReLUConvBN(nn.Sequential):
+    """ReLU -> conv (no bias) -> BN: the 1x1 preprocessing of cell inputs."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False),
+            batch_norm(c_out, affine),
+        )
+
+
+class DilConv(nn.Sequential):
+    """ReLU -> depthwise (dilated) conv -> pointwise conv -> BN."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, dilation: int,
+                 affine: bool):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                      groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            batch_norm(c_out, affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    """Two stacked separable convs (the first carries the stride), as in DARTS."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool):
+        super().__init__(
+            DilConv(c_in, c_in, kernel_size, stride, padding, 1, affine),
+            DilConv(c_in, c_out, kernel_size, 1, padding, 1, affine),
+        )
+
+
+class Identity(nn.Module):
+    """skip_connect at stride 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Zero(nn.Module):
+    """The `none` op: zeros of the output shape (the supernet skips it; see MixedOp)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x * 0.0
+        return x[:, :, :: self.stride, :: self.stride] * 0.0
+
+
+class FactorizedReduce(nn.Module):
+    """skip_connect at stride 2: two offset 1x1 stride-2 convs, concatenated, then BN."""
+
+    def __init__(self, c_in: int, c_out: int, affine: bool):
+        super().__init__()
+        if c_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
+        self.conv_even = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_odd = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.bn = batch_norm(c_out, affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(x)
+        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
+        return self.bn(torch.cat([self.conv_even(x), self.conv_odd(shifted)], dim=1))
+
+
+class Pool(nn.Module):
+    """3x3 max or average pool (average excludes padding), with an optional BN.
+
+    The supernet follows pools with a BN (affine=False) so that their scale matches the
+    conv ops' under the mixed-op weighting; the derived network uses the bare pool.
+    """
+
+    def __init__(self, kind: str, channels: int, stride: int, with_bn: bool):
+        super().__init__()
+        if kind == "max":
+            self.pool = nn.MaxPool2d(3, stride=stride, padding=1)
+        else:
+            self.pool = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
+        self.bn = batch_norm(channels, affine=False) if with_bn else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pool(x)
+        return self.bn(out) if self.bn is not None else out
+
+
+OpBuilder = Callable[[int, int, bool], nn.Module]
+
+OPS: Dict[str, OpBuilder] = {
+    "none": lambda C, stride, affine: Zero(stride),
+    "max_pool_3x3": lambda C, stride, affine: Pool("max", C, stride, with_bn=not affine),
+    "avg_pool_3x3": lambda C, stride, affine: Pool("avg", C, stride, with_bn=not affine),
+    "skip_connect": lambda C, stride, affine: Identity() if stride == 1 else FactorizedReduce(C, C, affine),
+    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
+    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine),
+    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
+    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
+}
+"""Builders ``(channels, stride, affine) -> nn.Module``; ``affine=False`` means supernet use."""
+
+assert tuple(OPS) == PRIMITIVES, "OPS must list the primitives in DARTS order"
+
+
+def make_op(name: str, channels: int, stride: int, affine: bool) -> nn.Module:
+    """Build primitive ``name``; raises KeyError naming it when unknown."""
+    if name not in OPS:
+        raise KeyError(f"unknown op '{name}' (known: {', '.join(PRIMITIVES)})")
+    return OPS[name](channels, stride, affine)

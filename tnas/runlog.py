@@ -1,0 +1,309 @@
+"""What a run leaves in its run directory: atomic files, checkpoints, log.txt, tensorboard.
+
+Every file a later stage reads (results JSON, ``last.pt``, ``best.pt``, ``config.yaml``) is
+written atomically: the bytes go to a temporary file in the same directory, are fsynced,
+and then ``os.replace`` swaps it in, so a crash or a full disk never leaves a half-written
+file under the real name. :class:`RunLogger` writes timestamped lines to ``log.txt`` (and
+stdout, through ``tqdm.write`` so progress bars survive) and scalars, text, images and
+heatmaps to tensorboard events under ``<run>/tb`` (tensorboardX, created on first use).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from tnas.errors import TnasError
+
+# Temp files are created 0600; give the final file the usual permissions (0666 & ~umask).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+@contextlib.contextmanager
+def _atomic_file(path) -> Iterator[IO[bytes]]:
+    """Yield a binary temp file beside ``path``; on success fsync it and move it onto ``path``.
+
+    On any exception the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        mode="wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(OSError):
+            os.chmod(handle.name, _FILE_MODE)
+        os.replace(handle.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the rename itself (best effort; not possible on every OS/filesystem)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace)."""
+    with _atomic_file(path) as handle:
+        handle.write(data)
+
+
+def atomic_write_json(path, obj, indent: int = 2) -> None:
+    """Write ``obj`` as JSON (UTF-8, trailing newline) to ``path`` atomically."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """``torch.save`` ``state`` to ``path`` atomically: readers never see a half-written file."""
+    import torch
+
+    with _atomic_file(path) as handle:
+        torch.save(state, handle)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Uses ``weights_only=False`` because our checkpoints hold numpy RNG states and plain
+    dicts; only load checkpoints you (or your runs) wrote.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise TnasError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises many types for corrupt files
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise TnasError(f"cannot read checkpoint {path}: {reason}") from error
+    if not isinstance(state, dict):
+        raise TnasError(
+            f"cannot read checkpoint {path}: expected a dict, found {type(state).__name__}"
+        )
+    return state
+
+
+def figure_to_array(figure) -> np.ndarray:
+    """Render a matplotlib figure to an RGB uint8 array [H, W, 3] with the Agg canvas.
+
+    Works for ``matplotlib.figure.Figure`` objects and pyplot figures alike, without
+    changing the global backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _close_figure(figure) -> None:
+    """Release a figure; pyplot keeps a reference to its own figures until closed."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(figure)
+
+
+def render_heatmap(
+    matrix,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> np.ndarray:
+    """Draw a 2-D matrix (e.g. softmax(alpha), 14 edges x 8 ops) as an annotated heatmap.
+
+    Returns the RGB uint8 image [H, W, 3]. Cells are annotated with their values when the
+    matrix is small enough to read (at most 32 x 16).
+    """
+    from matplotlib.figure import Figure
+
+    values = _to_numpy(matrix).astype(np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"heatmap needs a 2-D matrix, got shape {values.shape}")
+    rows, cols = values.shape
+    figure = Figure(figsize=(1.2 + 0.9 * max(cols, 2), 1.0 + 0.4 * max(rows, 2)), dpi=80)
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(values, cmap="viridis", aspect="auto")
+    figure.colorbar(image, ax=axes)
+    axes.set_xticks(range(cols))
+    axes.set_yticks(range(rows))
+    if col_labels is not None:
+        axes.set_xticklabels(list(col_labels), rotation=45, ha="right", fontsize=8)
+    if row_labels is not None:
+        axes.set_yticklabels(list(row_labels), fontsize=8)
+    if rows <= 32 and cols <= 16 and np.isfinite(values).all():
+        middle = (values.max() + values.min()) / 2
+        for r in range(rows):
+            for c in range(cols):
+                colour = "black" if values[r, c] > middle else "white"
+                axes.text(c, r, f"{values[r, c]:.2f}", ha="center", va="center",
+                          fontsize=6, color=colour)
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    return figure_to_array(figure)
+
+
+def _to_numpy(value) -> np.ndarray:
+    """Turn a tensor (any device, with or without grad) or array-like into a numpy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _image_to_uint8_hwc(image) -> np.ndarray:
+    """HWC (or HW) uint8 stays; floats are taken as [0, 1], clipped and scaled to uint8."""
+    array = _to_numpy(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be HWC with 1, 3 or 4 channels, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        array = np.clip(np.nan_to_num(array.astype(np.float64)), 0.0, 1.0)
+        array = np.round(array * 255.0).astype(np.uint8)
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return array
+
+
+class RunLogger:
+    """Log lines to ``<out_dir>/log.txt`` (+ stdout) and tensorboard events to ``<out_dir>/tb``.
+
+    ``append=True`` continues an existing ``log.txt`` when a run resumes. The tensorboard
+    writer is created on the first scalar/text/image call, so runs that log none leave no
+    ``tb`` directory; with ``use_tensorboard=False`` those calls do nothing.
+    """
+
+    def __init__(self, out_dir, use_tensorboard: bool = True, quiet: bool = False,
+                 append: bool = False):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.use_tensorboard = use_tensorboard
+        self.quiet = quiet
+        self.log_path = self.out_dir / "log.txt"
+        self._log_file = open(self.log_path, "a" if append else "w", encoding="utf-8",
+                              buffering=1)
+        self._writer = None
+
+    @property
+    def writer(self):
+        """The tensorboardX ``SummaryWriter`` (created on first access), or None when disabled."""
+        if not self.use_tensorboard:
+            return None
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=str(self.out_dir / "tb"))
+        return self._writer
+
+    def log(self, message: str) -> None:
+        """Write a timestamped line to log.txt, and to stdout unless quiet."""
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+        if self._log_file is not None and not self._log_file.closed:
+            self._log_file.write(line + "\n")
+        if not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(line)
+
+    def scalar(self, tag: str, value, step: int) -> None:
+        """Add one scalar; ``value`` may be a 0-d tensor (one host sync, so log sparingly)."""
+        if self.writer is not None:
+            self.writer.add_scalar(tag, float(value), int(step))
+
+    def scalars(self, mapping: Mapping[str, object], step: int, prefix: str = "") -> None:
+        """Add each ``name: value`` as scalar ``prefix/name`` (``prefix`` may end in '/')."""
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        for name, value in mapping.items():
+            self.scalar(f"{prefix}{name}", value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Add a text entry (shown in tensorboard's Text tab)."""
+        if self.writer is not None:
+            self.writer.add_text(tag, str(text), int(step))
+
+    def image(self, tag: str, image, step: int) -> None:
+        """Add an HWC image: uint8 as is, floats in [0, 1]; HW grayscale is accepted."""
+        if self.writer is not None:
+            self.writer.add_image(tag, _image_to_uint8_hwc(image), int(step), dataformats="HWC")
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        """Render a matplotlib figure to an image, add it, and close the figure."""
+        try:
+            if self.writer is not None:
+                self.image(tag, figure_to_array(figure), step)
+        finally:
+            _close_figure(figure)
+
+    def heatmap(self, tag: str, matrix, step: int, row_labels=None, col_labels=None,
+                title: str | None = None) -> None:
+        """Add a heatmap of a 2-D matrix, e.g. softmax(alpha) as [14 edges x 8 ops]."""
+        if self.writer is not None:
+            self.image(tag, render_heatmap(matrix, row_labels, col_labels, title), step)
+
+    def flush(self) -> None:
+        """Push buffered log lines and tensorboard events to disk."""
+        if self._log_file is not None and not self._log_file.closed:
+            self._log_file.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Close log.txt and the tensorboard writer; safe to call twice."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._log_file is not None and not self._log_file.closed:
+            self._log_file.close()
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def progress(iterable=None, total=None, desc=None, disable=None, **kw):
+    """A tqdm progress bar with our defaults (``leave=False``).
+
+    With ``disable=None`` the bar is off when ``TNAS_PROGRESS=0``, forced on when
+    ``TNAS_PROGRESS=1``, and otherwise shown only when stderr is a terminal (so logs of
+    batch jobs stay clean).
+    """
+    from tqdm import tqdm
+
+    if disable is None:
+        setting = os.environ.get("TNAS_PROGRESS", "").strip()
+        if setting == "0":
+            disable = True
+        elif setting == "1":
+            disable = False
+        else:
+            disable = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    kw.setdefault("leave", False)
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, total=total, desc=desc, disable=disable, **kw)
