@@ -228,10 +228,10 @@ def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list) -> st
     for item in unknown:
         if item.startswith("-"):
             flag = item.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
             if close:
-                hints.append(f"{flag} -> {close[0]}")
-    hint = f" (did you mean {'; '.join(hints)}?)" if hints else ""
+                hints.append(close[0])
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
     return f"unknown command-line argument(s): {' '.join(unknown)}{hint}"
 
 

@@ -1,0 +1,183 @@
+"""The batched functional MAML engine against a plain per-task autograd reference (float64)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tnas.genotypes import PUBLISHED
+from tnas.meta import reference
+from tnas.meta.maml import expand_to_tasks, inner_loop, model_forward, query_loss_and_accuracy
+from tnas.meta.tnas import TNAS, TNASConfig
+from tnas.models.network import Network
+from tnas.models.supernet import Supernet
+
+TASKS, N_WAY, K_SHOT, Q_QUERY, SIDE = 2, 3, 1, 2, 8
+
+
+def make_batch(channels=1, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    def images(n):
+        return torch.randn(TASKS, n, channels, SIDE, SIDE, generator=generator, dtype=dtype)
+    labels = lambda per_class: torch.arange(N_WAY).repeat_interleave(per_class).repeat(TASKS, 1)
+    return SimpleNamespace(support_x=images(N_WAY * K_SHOT), support_y=labels(K_SHOT),
+                           query_x=images(N_WAY * Q_QUERY), query_y=labels(Q_QUERY))
+
+
+def tiny_supernet(layers=1):
+    torch.manual_seed(0)
+    # steps=2 (5 edges per cell) keeps float64 CPU convolutions (no MKL-DNN path) fast
+    model = Supernet(n_way=N_WAY, C=4, layers=layers, steps=2, multiplier=2, in_channels=1).double()
+    with torch.no_grad():  # alphas far from uniform so the alpha gradient is not trivial
+        for alpha in model.alphas():
+            alpha.normal_(0, 0.5)
+    return model
+
+
+def batched_meta_gradient(forward, params, learning_rates, batch, steps, first_order):
+    result = inner_loop(forward, params, learning_rates, batch.support_x, batch.support_y, steps,
+                        first_order=first_order)
+    shared = {n: p for n, p in params.items() if n not in learning_rates}
+    loss, _ = query_loss_and_accuracy(forward, result.task_params, shared, batch.query_x, batch.query_y, steps)
+    names = list(params)
+    grads = torch.autograd.grad(loss.mean(), [params[n] for n in names], allow_unused=True)
+    return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
+
+
+def assert_close_relative(actual, expected, tol=1e-8):
+    for name in expected:
+        scale = expected[name].abs().max().clamp_min(1e-30)
+        error = (actual[name] - expected[name]).abs().max() / scale
+        assert error < tol, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("first_order", [True, False], ids=["first_order", "second_order"])
+def test_supernet_meta_gradient_matches_reference(first_order):
+    model = tiny_supernet(layers=2)
+    forward = model_forward(model)
+    params = dict(model.named_parameters())
+    rates = {n: 0.1 for n, _ in model.named_weights()}
+    rates.update({n: 3.0 for n, _ in model.named_alphas()})
+    batch = make_batch()
+    got = batched_meta_gradient(forward, params, rates, batch, steps=2, first_order=first_order)
+    want = reference.meta_gradient(forward, params, rates, batch.support_x, batch.support_y, batch.query_x,
+                                   batch.query_y, steps=2, first_order=first_order)
+    assert_close_relative(got, want)
+    for name in ("alpha_normal", "alpha_reduce"):
+        assert want[name].abs().max() > 1e-6, f"{name} gradient is trivially zero"
+
+
+def test_first_and_second_order_differ():
+    model = tiny_supernet()
+    forward = model_forward(model)
+    params = dict(model.named_parameters())
+    rates = {n: 0.1 for n in params}
+    batch = make_batch()
+    first = batched_meta_gradient(forward, params, rates, batch, 2, first_order=True)
+    second = batched_meta_gradient(forward, params, rates, batch, 2, first_order=False)
+    difference = max(float((first[n] - second[n]).abs().max()) for n in params)
+    assert difference > 1e-6
+
+
+def test_derived_network_weights_only_adaptation_matches_reference():
+    torch.manual_seed(0)
+    model = Network(PUBLISHED["auto_maml_5shot"], n_way=N_WAY, C=4, layers=1, in_channels=1).double()
+    forward = model_forward(model)
+    params = dict(model.named_parameters())
+    # adapt only the classifier and the last cell, keep the stem shared
+    rates = {n: 0.05 for n in params if not n.startswith("stem")}
+    batch = make_batch()
+    for first_order in (True, False):
+        got = batched_meta_gradient(forward, params, rates, batch, 3, first_order)
+        want = reference.meta_gradient(forward, params, rates, batch.support_x, batch.support_y, batch.query_x,
+                                       batch.query_y, 3, first_order)
+        assert_close_relative(got, want)
+
+
+def test_tracked_query_statistics_shapes_and_step_zero():
+    model = tiny_supernet()
+    forward = model_forward(model)
+    params = dict(model.named_parameters())
+    batch = make_batch()
+    result = inner_loop(forward, params, {n: 0.1 for n in params}, batch.support_x, batch.support_y, 3,
+                        query_x=batch.query_x, query_y=batch.query_y, track_query=True)
+    assert result.query_loss.shape == (4, TASKS) and result.query_accuracy.shape == (4, TASKS)
+    assert result.support_loss.shape == (3, TASKS)
+    # step 0 is the query loss of the unadapted model
+    logits = torch.stack([model(batch.query_x[t]) for t in range(TASKS)])
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten(),
+                                                 reduction="none").view(TASKS, -1).mean(1)
+    torch.testing.assert_close(result.query_loss[0], expected)
+    # adaptation on the support set lowers the support loss
+    assert bool((result.support_loss[-1] < result.support_loss[0]).all())
+
+
+def test_meta_test_adaptation_is_cut_from_the_parameters():
+    model = tiny_supernet()
+    params = dict(model.named_parameters())
+    batch = make_batch()
+    result = inner_loop(model_forward(model), params, {n: 0.1 for n in params}, batch.support_x, batch.support_y,
+                        2, meta_gradient=False)
+    assert all(not p.requires_grad and p.grad_fn is None for p in result.task_params.values())
+    expanded = expand_to_tasks(params, 2, meta_gradient=True)
+    assert expanded["alpha_normal"].shape == (2, *params["alpha_normal"].shape)
+
+
+def test_learned_per_step_learning_rate_gets_gradient():
+    model = tiny_supernet()
+    params = dict(model.named_parameters())
+    batch = make_batch()
+    per_step = torch.full((2,), 0.1, dtype=torch.float64, requires_grad=True)
+    rates = {n: per_step for n, _ in model.named_weights()}
+    result = inner_loop(model_forward(model), params, rates, batch.support_x, batch.support_y, 2, first_order=False)
+    shared = {n: p for n, p in params.items() if n not in rates}
+    loss, _ = query_loss_and_accuracy(model_forward(model), result.task_params, shared, batch.query_x,
+                                      batch.query_y)
+    (grad,) = torch.autograd.grad(loss.mean(), [per_step])
+    assert torch.isfinite(grad).all() and grad.abs().min() > 0
+
+
+def test_tnas_meta_step_updates_weights_and_alphas_with_adam():
+    model = tiny_supernet()
+    learner = TNAS(model, TNASConfig(inner_steps=1, inner_steps_test=2, inner_lr_weights=0.1, inner_lr_alphas=3.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = make_batch()
+    stats = learner.meta_step(batch, track_steps=True)
+    assert stats.query_loss.shape == (TASKS,) and stats.per_step_accuracy.shape == (2, TASKS)
+    for name, param in model.named_parameters():
+        if name == "alpha_normal":  # unused with layers=1
+            continue
+        assert not torch.equal(before[name], param.detach()), f"{name} was not updated"
+    assert learner.alpha_optimizer_settings() == ((0.5, 0.999), 1e-3)
+    genotypes = learner.decode(batch)
+    assert len(genotypes) == TASKS
+
+
+def test_bf16_autocast_meta_gradient_close_to_fp32():
+    """The mixed-precision fast path: bf16 meta-gradients agree with fp32 ones.
+
+    Stated tolerance, 5-way 5-shot, 2 inner steps: cosine similarity >= 0.99 and relative
+    norm difference <= 0.15 (measured here: 0.998 and 0.06). BatchNorm over a handful of
+    support images is ill-conditioned, so bf16 rounding is amplified; tighter agreement is
+    not expected (DESIGN.md section 3).
+    """
+    torch.manual_seed(0)
+    model = Supernet(n_way=5, C=8, layers=1, steps=2, multiplier=2, in_channels=1)
+    generator = torch.Generator().manual_seed(0)
+    labels = lambda per_class: torch.arange(5).repeat_interleave(per_class).repeat(2, 1)
+    batch = SimpleNamespace(support_x=torch.randn(2, 25, 1, 16, 16, generator=generator), support_y=labels(5),
+                            query_x=torch.randn(2, 25, 1, 16, 16, generator=generator), query_y=labels(5))
+    grads = {}
+    for dtype in (None, torch.bfloat16):
+        learner = TNAS(model, TNASConfig(inner_steps=2, inner_lr_weights=0.1, inner_lr_alphas=3.0, amp_dtype=dtype))
+        model.zero_grad(set_to_none=True)
+        result = learner.adapt(batch.support_x, batch.support_y, 2, meta_gradient=True)
+        with learner._autocast(batch.query_x.device):
+            loss, _ = query_loss_and_accuracy(learner.forward, result.task_params,
+                                              learner.shared_params(result.task_params), batch.query_x, batch.query_y)
+        loss.float().mean().backward()
+        grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    fast, exact = grads[torch.bfloat16], grads[None]
+    cosine = torch.nn.functional.cosine_similarity(fast, exact, dim=0)
+    relative = (fast - exact).norm() / exact.norm()
+    assert cosine >= 0.99, f"bf16 meta-gradient cosine similarity to fp32 is {cosine:.4f}"
+    assert relative <= 0.15, f"bf16 meta-gradient differs from fp32 by {relative:.3f} (relative norm)"

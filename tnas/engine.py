@@ -1,0 +1,305 @@
+"""The meta-training loop shared by every stage: epochs, validation, checkpoints, logs, resume.
+
+A stage (search, from-scratch training) gives a :class:`MetaTrainer` a learner, its
+episode samplers and a ``step`` function that takes one meta-iteration; the trainer runs
+epochs of ``tasks_per_epoch`` tasks, validates on fixed episodes of the validation
+classes after each epoch, keeps ``best.pt`` by validation accuracy and ``last.pt`` for
+resuming (both written atomically), logs to ``log.txt`` and tensorboard, and writes the
+stage's JSON summary. A resumed run continues exactly: optimiser, sampler and RNG states
+are in ``last.pt``. A non-finite loss stops the run naming the iteration, keeping the
+last good checkpoint; Ctrl-C (SIGINT) or SIGTERM saves ``last.pt`` and stops.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+
+from tnas.errors import TnasError
+from tnas.evaluate import evaluate_episodes, mean_ci95
+from tnas.meta.learner import StepStats
+from tnas.runlog import RunLogger, atomic_write_json, load_checkpoint, progress, save_checkpoint
+
+StepFn = Callable[[int, bool], StepStats]
+"""``step(iteration, track_steps) -> StepStats``: one meta-iteration (samples its own batch)."""
+EpochHook = Callable[[int, Dict[str, object]], Optional[Dict[str, object]]]
+"""``hook(epoch, record) -> extra fields for the epoch record`` (e.g. the decoded genotype)."""
+
+
+class NonFiniteLoss(TnasError):
+    """The meta-training loss became NaN or infinite."""
+
+
+@dataclass
+class Schedule:
+    """How long to train and how often to log, validate and checkpoint."""
+
+    epochs: int = 10
+    tasks_per_epoch: int = 5000
+    tasks_per_batch: int = 4
+    log_every: int = 50
+    checkpoint_every: int = 200
+    val_batch_size: int = 50
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        return max(1, math.ceil(self.tasks_per_epoch / self.tasks_per_batch))
+
+
+def rng_state() -> Dict[str, object]:
+    """Python, numpy and torch RNG states (CUDA too when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, object]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between iterations."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetaTrainer:
+    """Epochs of meta-iterations with validation, checkpoints and logs.
+
+    Args:
+        learner: a :class:`~tnas.meta.learner.MetaLearner` (its state is checkpointed).
+        samplers: name -> EpisodeSampler used by ``step`` (their states are checkpointed).
+        step: one meta-iteration (see :data:`StepFn`).
+        val_episodes: fixed validation episodes (FixedEpisodes of the validation classes).
+        run_dir, logger: where outputs go.
+        schedule: epochs, tasks per epoch, intervals.
+        stage: names the summary file ``{stage}.json`` and the log tags.
+        summary: fixed fields copied into the summary (method, dataset, n_way, ...).
+        epoch_hook: called after validation each epoch; its dict joins the epoch record.
+        is_main: only the main process writes files (data-parallel runs).
+    """
+
+    def __init__(self, learner, samplers: Mapping[str, object], step: StepFn, val_episodes, run_dir: str,
+                 logger: RunLogger, schedule: Schedule, device: torch.device, stage: str = "search",
+                 summary: Optional[Mapping[str, object]] = None, epoch_hook: Optional[EpochHook] = None,
+                 val_steps: Optional[int] = None, is_main: bool = True):
+        self.learner = learner
+        self.samplers = dict(samplers)
+        self.step = step
+        self.val_episodes = val_episodes
+        self.run_dir = run_dir
+        self.logger = logger
+        self.schedule = schedule
+        self.device = device
+        self.stage = stage
+        self.summary = dict(summary or {})
+        self.epoch_hook = epoch_hook
+        self.val_steps = val_steps
+        self.is_main = is_main
+        self.epoch = 0
+        self.iteration = 0  # global meta-iteration count
+        self.history: List[Dict[str, object]] = []
+        self.best: Optional[Dict[str, object]] = None
+        self._epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self._epoch_accuracy = torch.zeros((), dtype=torch.float64, device=device)
+        self._epoch_tasks = 0
+        self._pending_losses: List[torch.Tensor] = []
+        self._pending_first_iteration = 0
+        self._started = time.time()
+        self._elapsed_before = 0.0
+
+    # -- paths ----------------------------------------------------------------------------
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.run_dir, "last.pt")
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.run_dir, "best.pt")
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        return {
+            "stage": self.stage,
+            "summary": self.summary,
+            "learner": self.learner.state_dict(),
+            "samplers": {name: sampler.state_dict() for name, sampler in self.samplers.items()},
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "history": self.history,
+            "best": self.best,
+            "epoch_sums": {"loss": self._epoch_loss.cpu(), "accuracy": self._epoch_accuracy.cpu(),
+                           "tasks": self._epoch_tasks},
+            "rng": rng_state(),
+            "elapsed_s": self.elapsed(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.learner.load_state_dict(state["learner"])
+        for name, sampler in self.samplers.items():
+            sampler.load_state_dict(state["samplers"][name])
+        self.epoch = int(state["epoch"])
+        self.iteration = int(state["iteration"])
+        self.history = list(state["history"])
+        self.best = state["best"]
+        sums = state["epoch_sums"]
+        self._epoch_loss = sums["loss"].to(self.device)
+        self._epoch_accuracy = sums["accuracy"].to(self.device)
+        self._epoch_tasks = int(sums["tasks"])
+        set_rng_state(state["rng"])
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
+
+    def resume(self, path: Optional[str] = None) -> None:
+        """Continue from ``last.pt`` (or ``path``)."""
+        path = path or self.last_path
+        state = load_checkpoint(path)
+        if state.get("stage") != self.stage:
+            raise TnasError(f"{path} is a '{state.get('stage')}' checkpoint, not '{self.stage}'")
+        self.load_state_dict(state)
+        self.logger.log(f"resumed from {path}: epoch {self.epoch}, iteration {self.iteration}")
+
+    def _check_finite(self) -> None:
+        """Raise :class:`NonFiniteLoss` naming the first bad iteration since the last check (one host sync)."""
+        if not self._pending_losses:
+            return
+        losses = torch.stack([loss.mean() for loss in self._pending_losses])
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            bad = self._pending_first_iteration + int((~finite).nonzero()[0, 0])
+            kept = self.last_path if os.path.exists(self.last_path) else "none yet"
+            raise NonFiniteLoss(f"non-finite meta-training loss at iteration {bad} (epoch {self.epoch}); "
+                                f"stopped; last good checkpoint: {kept}")
+        self._pending_losses = []
+        self._pending_first_iteration = self.iteration
+
+    def save_last(self) -> None:
+        self._check_finite()
+        if self.is_main:
+            save_checkpoint(self.state_dict(), self.last_path)
+
+    def elapsed(self) -> float:
+        return self._elapsed_before + time.time() - self._started
+
+    # -- the loop ----------------------------------------------------------------------------
+    def validate(self) -> Dict[str, float]:
+        result = evaluate_episodes(self.learner, self.val_episodes, self.schedule.val_batch_size, self.device,
+                                   steps=self.val_steps, desc=f"validate epoch {self.epoch}")
+        stats = mean_ci95(result["accuracy"])
+        return {"val_accuracy": stats["accuracy_mean"], "val_ci95": stats["ci95"]}
+
+    def _log_step(self, stats: StepStats) -> None:
+        summary = stats.summary()
+        self.logger.scalars({k: v for k, v in summary.items()}, self.iteration, prefix="meta_train/")
+        if stats.per_step_loss is not None:
+            for step, value in enumerate(stats.per_step_loss.float().mean(dim=1).tolist()):
+                self.logger.scalar(f"meta_train/loss_step{step}", value, self.iteration)
+
+    def run(self) -> Dict[str, object]:
+        """Train until ``schedule.epochs`` are done; returns the summary written to ``{stage}.json``."""
+        schedule = self.schedule
+        per_epoch = schedule.iterations_per_epoch
+        self._pending_first_iteration = self.iteration
+        with _StopRequest() as stop:
+            while self.epoch < schedule.epochs:
+                first = self.iteration - self.epoch * per_epoch
+                bar = progress(range(first, per_epoch), total=per_epoch, initial=first,
+                               desc=f"{self.stage} epoch {self.epoch + 1}/{schedule.epochs}")
+                for _ in bar:
+                    track = schedule.log_every > 0 and self.iteration % schedule.log_every == 0
+                    stats = self.step(self.iteration, track)
+                    self._pending_losses.append(stats.query_loss.detach())
+                    self._epoch_loss += stats.query_loss.detach().double().sum()
+                    self._epoch_accuracy += stats.query_accuracy.detach().double().sum()
+                    self._epoch_tasks += int(stats.query_accuracy.shape[0])
+                    self.iteration += 1
+                    if track:
+                        self._check_finite()
+                        if self.is_main:
+                            self._log_step(stats)
+                    if stop.requested:
+                        self.save_last()
+                        self.logger.log(f"interrupted at iteration {self.iteration}; saved {self.last_path}; "
+                                        f"rerun with --resume to continue")
+                        raise KeyboardInterrupt
+                    if schedule.checkpoint_every > 0 and self.iteration % schedule.checkpoint_every == 0:
+                        self.save_last()
+                self._end_epoch()
+        return self.write_summary()
+
+    def _end_epoch(self) -> None:
+        self._check_finite()
+        tasks = max(self._epoch_tasks, 1)
+        record: Dict[str, object] = {
+            "epoch": self.epoch + 1,
+            "iteration": self.iteration,
+            "train_loss": float(self._epoch_loss) / tasks,
+            "train_accuracy": 100.0 * float(self._epoch_accuracy) / tasks,
+        }
+        record.update(self.validate())
+        if self.epoch_hook is not None:
+            record.update(self.epoch_hook(self.epoch + 1, record) or {})
+        record["elapsed_s"] = self.elapsed()
+        self.history.append(record)
+        if self.is_main:
+            self.logger.scalars({"train_accuracy": record["train_accuracy"], "train_loss": record["train_loss"],
+                                 "val_accuracy": record["val_accuracy"]}, self.epoch + 1, prefix="epoch/")
+            self.logger.log(f"epoch {record['epoch']}: meta-train {record['train_accuracy']:.2f}%, "
+                            f"validation {record['val_accuracy']:.2f} +- {record['val_ci95']:.2f}%")
+        improved = self.best is None or record["val_accuracy"] > self.best["val_accuracy"]
+        self.epoch += 1
+        self._epoch_loss.zero_()
+        self._epoch_accuracy.zero_()
+        self._epoch_tasks = 0
+        if improved:
+            self.best = record
+        if self.is_main:
+            if improved:
+                save_checkpoint(self.state_dict(), self.best_path)
+            save_checkpoint(self.state_dict(), self.last_path)
+            self.write_summary()
+
+    def write_summary(self) -> Dict[str, object]:
+        summary = dict(self.summary)
+        summary.update({
+            "stage": self.stage,
+            "epochs_done": self.epoch,
+            "epochs": self.schedule.epochs,
+            "history": self.history,
+            "best_epoch": self.best["epoch"] if self.best else None,
+            "best_val_accuracy": self.best["val_accuracy"] if self.best else None,
+            "best": self.best,
+            "wall_time_s": self.elapsed(),
+        })
+        if self.is_main:
+            atomic_write_json(os.path.join(self.run_dir, f"{self.stage}.json"), summary)
+        return summary

@@ -1,0 +1,153 @@
+"""The meta-learner: one object that holds a model, its outer optimisers and the inner-loop settings.
+
+T-NAS, auto-MAML and (MAML / MAML++) training of a derived network are all "adapt some
+parameters on the support sets, then step some optimisers on the query loss"; they
+differ in which parameters adapt, at which rates, and which optimisers step. This class
+does that once; :mod:`tnas.meta.tnas` and :mod:`tnas.meta.auto_maml` configure it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from tnas.meta.maml import (ForwardFn, InnerLoopResult, LearningRate, Params, inner_loop, model_forward,
+                            query_loss_and_accuracy)
+
+GradientHook = Callable[[List[torch.Tensor]], None]
+"""Called with the parameters about to be stepped (their ``.grad`` filled); e.g. an all-reduce."""
+
+
+@dataclass
+class StepStats:
+    """Per-task statistics of a meta-step or an evaluation, all tensors (no host sync).
+
+    ``query_loss`` / ``query_accuracy``: ``[T]`` after adaptation. ``per_step_loss`` /
+    ``per_step_accuracy``: ``[S+1, T]`` before and after each inner step, when tracked.
+    """
+
+    query_loss: torch.Tensor
+    query_accuracy: torch.Tensor
+    per_step_loss: Optional[torch.Tensor] = None
+    per_step_accuracy: Optional[torch.Tensor] = None
+
+    def summary(self) -> Dict[str, float]:
+        """Means over tasks as Python floats, accuracies in percent (this syncs; call at log time)."""
+        out = {"loss": float(self.query_loss.float().mean()), "accuracy": 100.0 * float(self.query_accuracy.float().mean())}
+        if self.per_step_accuracy is not None:
+            for step, value in enumerate(self.per_step_accuracy.float().mean(dim=1).tolist()):
+                out[f"accuracy_step{step}"] = 100.0 * value
+        return out
+
+
+class MetaLearner:
+    """Functional MAML over a model with named parameter groups.
+
+    Args:
+        model: the network; its ``forward(x)`` returns logits.
+        groups: group name -> list of parameter names (e.g. ``{"weights": [...], "alphas": [...]}``).
+        inner_lrs: group name -> inner learning rate; groups absent here are not adapted.
+        optimizers: group name -> outer optimiser over that group's parameters.
+        inner_steps / inner_steps_test: adaptation steps in meta-training / meta-testing.
+        first_order: FO-MAML (default) or exact second order.
+        forward: functional forward (default: ``functional_call`` of ``model``).
+        amp_dtype: e.g. ``torch.bfloat16`` to run forwards under autocast (GPU fast path).
+    """
+
+    def __init__(self, model: nn.Module, groups: Mapping[str, Sequence[str]], inner_lrs: Mapping[str, LearningRate],
+                 optimizers: Mapping[str, torch.optim.Optimizer], inner_steps: int = 5, inner_steps_test: int = 10,
+                 first_order: bool = True, forward: Optional[ForwardFn] = None,
+                 amp_dtype: Optional[torch.dtype] = None):
+        self.model = model
+        self.groups = {name: list(names) for name, names in groups.items()}
+        self.inner_lrs = dict(inner_lrs)
+        self.optimizers = dict(optimizers)
+        self.inner_steps = inner_steps
+        self.inner_steps_test = inner_steps_test
+        self.first_order = first_order
+        self.forward = forward or model_forward(model)
+        self.amp_dtype = amp_dtype
+        self.gradient_hook: Optional[GradientHook] = None
+
+    # -- parameters -------------------------------------------------------------------
+    def params(self) -> Params:
+        """Every parameter the forward needs, by name."""
+        return dict(self.model.named_parameters())
+
+    def learning_rates(self, adapt_groups: Optional[Iterable[str]] = None) -> Dict[str, LearningRate]:
+        """Parameter name -> inner learning rate for the adapted groups (default: all with a rate)."""
+        adapt_groups = list(self.inner_lrs) if adapt_groups is None else list(adapt_groups)
+        return {name: self.inner_lrs[group] for group in adapt_groups for name in self.groups[group]}
+
+    def _autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+
+    # -- adaptation ---------------------------------------------------------------------
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None,
+              adapt_groups: Optional[Iterable[str]] = None, meta_gradient: bool = False,
+              query_x: Optional[torch.Tensor] = None, query_y: Optional[torch.Tensor] = None,
+              track_query: bool = False) -> InnerLoopResult:
+        """Adapt on the support sets of a batch of tasks (``[T, N, C, H, W]``)."""
+        steps = self.inner_steps_test if steps is None else steps
+        with self._autocast(support_x.device):
+            return inner_loop(self.forward, self.params(), self.learning_rates(adapt_groups), support_x, support_y,
+                              steps, first_order=self.first_order, meta_gradient=meta_gradient,
+                              query_x=query_x, query_y=query_y, track_query=track_query)
+
+    def shared_params(self, adapted: Params) -> Params:
+        return {n: p for n, p in self.params().items() if n not in adapted}
+
+    def evaluate(self, batch, steps: Optional[int] = None, adapt_groups: Optional[Iterable[str]] = None,
+                 track_steps: bool = False) -> StepStats:
+        """Adapt (no meta-gradient) and score the query sets. ``batch``: an EpisodeBatch."""
+        steps = self.inner_steps_test if steps is None else steps
+        result = self.adapt(batch.support_x, batch.support_y, steps, adapt_groups, meta_gradient=False,
+                            query_x=batch.query_x, query_y=batch.query_y, track_query=track_steps)
+        with torch.no_grad(), self._autocast(batch.query_x.device):
+            shared = {n: p.detach() for n, p in self.shared_params(result.task_params).items()}
+            loss, accuracy = query_loss_and_accuracy(self.forward, result.task_params, shared, batch.query_x,
+                                                     batch.query_y, steps)
+        return StepStats(loss.float(), accuracy, result.query_loss, result.query_accuracy)
+
+    # -- meta-training ---------------------------------------------------------------------
+    def meta_step(self, batch, adapt_groups: Optional[Iterable[str]] = None,
+                  update_groups: Optional[Iterable[str]] = None, track_steps: bool = False,
+                  loss_scale: float = 1.0) -> StepStats:
+        """One outer update on a meta-batch.
+
+        Adapts ``adapt_groups`` on each task's support set, then takes the mean query loss
+        after adaptation, back-propagates it to the initial parameters and steps the
+        optimisers of ``update_groups`` (default: every group with an optimiser).
+        ``loss_scale`` multiplies the loss (data-parallel ranks holding part of a batch).
+        """
+        update_groups = list(self.optimizers) if update_groups is None else list(update_groups)
+        for group in update_groups:
+            self.optimizers[group].zero_grad(set_to_none=True)
+        result = self.adapt(batch.support_x, batch.support_y, self.inner_steps, adapt_groups, meta_gradient=True,
+                            query_x=batch.query_x, query_y=batch.query_y, track_query=track_steps)
+        with self._autocast(batch.query_x.device):
+            loss, accuracy = query_loss_and_accuracy(self.forward, result.task_params,
+                                                     self.shared_params(result.task_params), batch.query_x,
+                                                     batch.query_y, self.inner_steps)
+        (loss.float().mean() * loss_scale).backward()
+        stepped = [p for group in update_groups for p in self.optimizers[group].param_groups[0]["params"]]
+        if self.gradient_hook is not None:
+            self.gradient_hook(stepped)
+        for group in update_groups:
+            self.optimizers[group].step()
+        return StepStats(loss.detach().float(), accuracy, result.query_loss, result.query_accuracy)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        return {"model": self.model.state_dict(),
+                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.model.load_state_dict(state["model"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])

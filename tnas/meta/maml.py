@@ -1,0 +1,171 @@
+"""Functional MAML core: an inner loop that adapts any subset of parameters of all tasks at once.
+
+Parameters live in dicts ``name -> tensor``. A meta-batch holds ``T`` tasks:
+``support_x [T, n*k, C, H, W]``, ``support_y [T, n*k]``. The adapted ("fast") parameters
+carry a leading task dimension ``[T, *shape]`` and the model runs on all tasks in one call
+through ``torch.func.vmap`` over ``torch.func.functional_call`` (a conv with per-task
+weights becomes one grouped conv). Parameters that are not adapted are shared by all
+tasks and enter unbatched.
+
+The inner gradient is plain ``torch.autograd.grad`` of the sum of the per-task mean
+losses, whose gradient with respect to the ``[T, ...]`` fast tensor is, slice by slice,
+each task's own gradient. Second order passes ``create_graph=True`` (exact MAML); first
+order drops the inner gradients from the graph, so the outer gradient of the query loss
+reaching the initial parameters through ``expand`` is the FO-MAML meta-gradient, summed
+over tasks. Nothing in the loop reads a value back to the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+Params = Dict[str, torch.Tensor]
+LearningRate = Union[float, torch.Tensor]
+ForwardFn = Callable[[Params, torch.Tensor, int], torch.Tensor]
+"""``forward(params, x, step) -> logits`` for ONE task: ``x`` [N, C, H, W] -> [N, n_way].
+``step`` is the inner step (0..S); models without per-step state ignore it."""
+
+
+def model_forward(model: nn.Module) -> ForwardFn:
+    """The functional forward of an ``nn.Module`` whose ``forward(x)`` gives logits."""
+    def forward(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
+        return functional_call(model, params, (x,))
+    return forward
+
+
+def batched_forward(forward: ForwardFn, task_params: Params, shared_params: Params, x: torch.Tensor,
+                    step: int = 0) -> torch.Tensor:
+    """Run ``forward`` on every task at once.
+
+    ``task_params``: name -> ``[T, *shape]`` (one slice per task); ``shared_params``:
+    name -> ``[*shape]`` (the same for all tasks); ``x``: ``[T, N, C, H, W]``.
+    Returns logits ``[T, N, n_way]``.
+    """
+    def one_task(params: Params, images: torch.Tensor) -> torch.Tensor:
+        return forward({**shared_params, **params}, images, step)
+    return vmap(one_task, randomness="different")(task_params, x)
+
+
+def per_task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each task: ``logits [T, N, n_way]``, ``labels [T, N]`` -> ``[T]``."""
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return losses.view(labels.shape).mean(dim=1)
+
+
+def per_task_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction correct of each task, ``[T]`` (a tensor; no host sync)."""
+    return (logits.argmax(dim=-1) == labels).float().mean(dim=1)
+
+
+@dataclass
+class InnerLoopResult:
+    """What :func:`inner_loop` returns.
+
+    ``task_params``: the adapted parameters, name -> ``[T, *shape]``.
+    ``support_loss``: ``[S, T]`` support loss before each step.
+    ``query_loss`` / ``query_accuracy``: ``[S+1, T]`` (step 0 = before adaptation), only
+    when ``track_query``; diagnostics computed without gradient.
+    """
+
+    task_params: Params
+    support_loss: torch.Tensor
+    query_loss: Optional[torch.Tensor] = None
+    query_accuracy: Optional[torch.Tensor] = None
+
+
+def expand_to_tasks(params: Mapping[str, torch.Tensor], tasks: int, meta_gradient: bool) -> Params:
+    """``[*shape] -> [T, *shape]`` views; detached leaves that require grad when no meta-gradient is wanted."""
+    out = {}
+    for name, value in params.items():
+        if meta_gradient:
+            out[name] = value.unsqueeze(0).expand(tasks, *value.shape)
+        else:
+            out[name] = value.detach().unsqueeze(0).expand(tasks, *value.shape).clone().requires_grad_(True)
+    return out
+
+
+def _step_lr(lr: LearningRate, step: int) -> LearningRate:
+    """A float, a per-step tensor ``[S]``, or a scalar tensor."""
+    if isinstance(lr, torch.Tensor) and lr.dim() > 0:
+        return lr[step]
+    return lr
+
+
+def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_rates: Mapping[str, LearningRate],
+               support_x: torch.Tensor, support_y: torch.Tensor, steps: int, first_order: bool = True,
+               meta_gradient: bool = True, query_x: Optional[torch.Tensor] = None,
+               query_y: Optional[torch.Tensor] = None, track_query: bool = False) -> InnerLoopResult:
+    """``steps`` steps of SGD on the support loss of every task, batched over tasks.
+
+    Args:
+        forward: functional forward of one task (see :data:`ForwardFn`).
+        params: all parameters the forward needs, unbatched.
+        learning_rates: the parameters to adapt, name -> learning rate (a float, or a
+            tensor ``[steps]`` of learned per-step rates, which then receive gradients).
+            Parameters not named here are shared and not adapted.
+        support_x, support_y: ``[T, N, C, H, W]``, ``[T, N]``.
+        first_order: drop second-order terms (FO-MAML); ``False`` differentiates through
+            the inner loop.
+        meta_gradient: ``False`` for meta-test adaptation: the result is cut from ``params``.
+        query_x, query_y, track_query: record query loss and accuracy before and after
+            each step (costs extra forwards; use at validation/logging time).
+    """
+    unknown = [name for name in learning_rates if name not in params]
+    if unknown:
+        raise KeyError(f"learning rates given for unknown parameter(s): {', '.join(unknown)}")
+    tasks = support_x.shape[0]
+    task_params = expand_to_tasks({n: params[n] for n in learning_rates}, tasks, meta_gradient)
+    shared = {n: p for n, p in params.items() if n not in learning_rates}
+    if not meta_gradient:
+        shared = {n: p.detach() for n, p in shared.items()}
+    create_graph = meta_gradient and not first_order
+    support_losses, query_losses, query_accuracies = [], [], []
+
+    def record_query(step: int) -> None:
+        with torch.no_grad():
+            logits = batched_forward(forward, task_params, shared, query_x, step)
+            query_losses.append(per_task_cross_entropy(logits, query_y))
+            query_accuracies.append(per_task_accuracy(logits, query_y))
+
+    tracking = track_query and query_x is not None
+    for step in range(steps):
+        if tracking:
+            record_query(step)
+        with torch.enable_grad():
+            logits = batched_forward(forward, task_params, shared, support_x, step)
+            losses = per_task_cross_entropy(logits, support_y)
+            names = list(task_params)
+            grads = torch.autograd.grad(losses.sum(), [task_params[n] for n in names], create_graph=create_graph,
+                                        allow_unused=True)
+        support_losses.append(losses.detach())
+        updated = {}
+        for name, grad in zip(names, grads):
+            if grad is None:  # a parameter this model does not use (e.g. alpha_normal with layers=1)
+                updated[name] = task_params[name]
+                continue
+            lr = _step_lr(learning_rates[name], step)
+            new = task_params[name] - lr * grad
+            updated[name] = new if meta_gradient else new.detach().requires_grad_(True)
+        task_params = updated
+    if tracking:
+        record_query(steps)
+    if not meta_gradient:
+        task_params = {n: p.detach() for n, p in task_params.items()}
+    return InnerLoopResult(
+        task_params=task_params,
+        support_loss=torch.stack(support_losses) if support_losses else support_x.new_zeros(0, tasks),
+        query_loss=torch.stack(query_losses) if tracking else None,
+        query_accuracy=torch.stack(query_accuracies) if tracking else None,
+    )
+
+
+def query_loss_and_accuracy(forward: ForwardFn, task_params: Params, shared_params: Params, query_x: torch.Tensor,
+                            query_y: torch.Tensor, step: int = 0):
+    """Per-task query loss and accuracy at the given parameters: two ``[T]`` tensors."""
+    logits = batched_forward(forward, task_params, shared_params, query_x, step)
+    return per_task_cross_entropy(logits, query_y), per_task_accuracy(logits.detach(), query_y)

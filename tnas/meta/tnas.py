@@ -1,0 +1,78 @@
+"""T-NAS: meta-learn the weights AND the architecture of a supernet (Lian et al., ICLR 2020).
+
+Inner loop: SGD on each task's support loss over weights (``inner_lr_weights``) and
+alphas (``inner_lr_alphas``) together. Outer loop: the query loss at the adapted
+(w', alpha') gives the meta-gradient; Adam on the weights, and Adam with betas
+(0.5, 0.999) and weight decay on the alphas. At meta-test, adapting (w, alpha) on a
+task's support set and decoding the adapted alpha gives that task's architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from tnas.genotypes import Genotype, decode_genotype
+from tnas.meta.learner import MetaLearner
+from tnas.models.supernet import Supernet
+
+
+@dataclass
+class TNASConfig:
+    """Hyper-parameters; defaults are the original code's 5-way 1-shot settings."""
+
+    inner_steps: int = 5
+    inner_steps_test: int = 10
+    inner_lr_weights: float = 0.01
+    inner_lr_alphas: float = 30.0
+    meta_lr_weights: float = 1e-3
+    meta_lr_alphas: float = 1e-3
+    alpha_betas: Tuple[float, float] = (0.5, 0.999)
+    alpha_weight_decay: float = 1e-3
+    first_order: bool = True
+    amp_dtype: Optional[torch.dtype] = field(default=None)
+
+
+class TNAS(MetaLearner):
+    """The T-NAS meta-learner over a :class:`~tnas.models.supernet.Supernet`.
+
+    >>> learner = TNAS(Supernet(n_way=5, C=4, layers=1, in_channels=1))  # doctest: +SKIP
+    >>> stats = learner.meta_step(batch)          # one outer update of w and alpha
+    >>> genotypes = learner.decode(batch)          # one architecture per task
+    """
+
+    def __init__(self, model: Supernet, config: Optional[TNASConfig] = None):
+        config = config or TNASConfig()
+        self.config = config
+        weights = [name for name, _ in model.named_weights()]
+        alphas = [name for name, _ in model.named_alphas()]
+        optimizers = {
+            "weights": torch.optim.Adam(model.weights(), lr=config.meta_lr_weights),
+            "alphas": torch.optim.Adam(model.alphas(), lr=config.meta_lr_alphas, betas=tuple(config.alpha_betas),
+                                       weight_decay=config.alpha_weight_decay),
+        }
+        super().__init__(model, {"weights": weights, "alphas": alphas},
+                         {"weights": config.inner_lr_weights, "alphas": config.inner_lr_alphas}, optimizers,
+                         inner_steps=config.inner_steps, inner_steps_test=config.inner_steps_test,
+                         first_order=config.first_order, amp_dtype=config.amp_dtype)
+
+    def alpha_optimizer_settings(self):
+        """(betas, weight decay) of the outer alpha optimiser."""
+        group = self.optimizers["alphas"].param_groups[0]
+        return tuple(group["betas"]), group["weight_decay"]
+
+    def genotype(self) -> Genotype:
+        """The meta-architecture: decoded from the meta-learned alphas (before any adaptation)."""
+        return self.model.genotype()
+
+    def decode(self, batch, steps: Optional[int] = None) -> List[Genotype]:
+        """Adapt w and alpha on each task's support set and decode each task's adapted alpha."""
+        result = self.adapt(batch.support_x, batch.support_y, steps)
+        params = {**self.params(), **result.task_params}
+        normal, reduce = params["alpha_normal"], params["alpha_reduce"]
+        tasks = batch.support_x.shape[0]
+        normal = normal.expand(tasks, *normal.shape[-2:]) if normal.dim() == 2 else normal
+        reduce = reduce.expand(tasks, *reduce.shape[-2:]) if reduce.dim() == 2 else reduce
+        steps_, multiplier = self.model.steps, self.model.multiplier
+        return [decode_genotype(normal[t], reduce[t], steps_, multiplier) for t in range(tasks)]

@@ -1,0 +1,103 @@
+"""Flags and set-up shared by the stages: episodes, schedule, run directory, data splits."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from tnas.config import resolve_device, save_config, seed_everything
+from tnas.engine import Schedule
+from tnas.errors import TnasError
+from tnas.runlog import RunLogger
+
+
+def add_episode_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("episodes")
+    group.add_argument("--n_way", type=int, default=5, help="classes per task")
+    group.add_argument("--k_shot", type=int, default=1, help="support images per class")
+    group.add_argument("--q_query", type=int, default=15, help="query images per class")
+    group.add_argument("--tasks_per_batch", type=int, default=4, help="tasks per meta-batch")
+    group.add_argument("--img_size", type=int, default=None, help="image side (default: the dataset's)")
+    group.add_argument("--augment", action="store_true", help="random flips/shifts of meta-training images")
+
+
+def add_schedule_args(parser: argparse.ArgumentParser, epochs: int, tasks_per_epoch: int) -> None:
+    group = parser.add_argument_group("schedule")
+    group.add_argument("--epochs", type=int, default=epochs)
+    group.add_argument("--tasks_per_epoch", type=int, default=tasks_per_epoch)
+    group.add_argument("--val_episodes", type=int, default=200, help="fixed validation episodes per epoch")
+    group.add_argument("--val_batch_size", type=int, default=50, help="episodes adapted at once in validation")
+    group.add_argument("--log_every", type=int, default=50, help="meta-iterations between logged steps")
+    group.add_argument("--checkpoint_every", type=int, default=200, help="meta-iterations between last.pt saves")
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    group.add_argument("--amp", action="store_true", help="bf16 autocast (GPU fast path)")
+
+
+def add_network_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("network")
+    group.add_argument("--C", type=int, default=16, help="channels of the first cell")
+    group.add_argument("--layers", type=int, default=2, help="cells (2: normal + reduction, the paper)")
+
+
+def schedule_from_args(args) -> Schedule:
+    return Schedule(epochs=args.epochs, tasks_per_epoch=args.tasks_per_epoch, tasks_per_batch=args.tasks_per_batch,
+                    log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                    val_batch_size=args.val_batch_size)
+
+
+def default_run_dir(args, stage: str) -> str:
+    return os.path.join("runs", f"{stage}_{args.dataset}_{args.n_way}w{args.k_shot}s")
+
+
+def check_positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise TnasError(f"--{name} must be positive, got {value}")
+
+
+def prepare_run(args, stage: str, is_main: bool = True) -> Tuple[str, RunLogger, torch.device]:
+    """Resolve the device, seed, make the run directory, save ``config.yaml``, open the log.
+
+    A directory that already holds a run is only reused with ``--resume``, so nothing is
+    overwritten by accident.
+    """
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    args.out = args.out or default_run_dir(args, stage)
+    last = os.path.join(args.out, "last.pt")
+    resume = getattr(args, "resume", False)
+    if resume and not os.path.exists(last):
+        raise TnasError(f"--resume: no checkpoint to resume in {args.out} (expected {last})")
+    if not resume and os.path.exists(last):
+        raise TnasError(f"{args.out} already holds a run ({last}); pass --resume to continue it "
+                        f"or choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+    if is_main:
+        save_config(args, os.path.join(args.out, "config.yaml"))
+    logger = RunLogger(args.out, use_tensorboard=is_main, quiet=not is_main, append=resume)
+    return args.out, logger, device
+
+
+def load_splits(args, names=("train", "val")) -> Dict[str, object]:
+    """The dataset's splits at ``--img_size``, from the uint8 cache."""
+    from tnas.data import load_split
+
+    return {name: load_split(args.dataset, name, data_path=args.data_path, img_size=args.img_size,
+                             cache_dir=args.cache_dir) for name in names}
+
+
+def check_episode_fits(split, n_way: int, k_shot: int, q_query: int) -> None:
+    """A one-line error when a split cannot supply ``n_way`` classes of ``k_shot + q_query`` images."""
+    if n_way > split.num_classes:
+        raise TnasError(f"--n_way {n_way} is more than the {split.num_classes} classes of split {split.name}")
+
+
+def image_channels(split) -> int:
+    return int(split.image_shape[0])
+
+
+def amp_dtype(args, device: torch.device) -> Optional[torch.dtype]:
+    return torch.bfloat16 if getattr(args, "amp", False) else None

@@ -1,0 +1,129 @@
+"""The search stage: meta-train a supernet with T-NAS (or auto-MAML) and decode its genotype.
+
+Outputs in the run directory: ``config.yaml``, ``log.txt``, ``tb/``, ``last.pt``,
+``best.pt``, ``genotype.json`` (the meta-architecture, rewritten each epoch),
+``cells/`` (diagrams of the latest genotype) and ``search.json`` (per-epoch meta-train
+and validation accuracy after adaptation, in percent; the best epoch and its genotype).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict
+from typing import Dict
+
+import torch
+
+from tnas.config import add_common_args
+from tnas.engine import MetaTrainer
+from tnas.genotypes import PRIMITIVES, edge_inputs, save_genotype
+from tnas.meta.tnas import TNAS, TNASConfig
+from tnas.models.supernet import Supernet
+from tnas.stages import common
+
+METHODS = ("tnas", "auto_maml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Architecture search: T-NAS or auto-MAML meta-training of a "
+                                                 "DARTS supernet.")
+    add_common_args(parser)
+    parser.add_argument("--method", choices=METHODS, default="tnas")
+    common.add_episode_args(parser)
+    common.add_network_args(parser)
+    common.add_schedule_args(parser, epochs=10, tasks_per_epoch=5000)
+    group = parser.add_argument_group("meta-learning")
+    group.add_argument("--inner_steps", type=int, default=5, help="inner SGD steps in meta-training")
+    group.add_argument("--inner_steps_test", type=int, default=10, help="inner SGD steps at validation/test")
+    group.add_argument("--inner_lr_weights", type=float, default=0.01)
+    group.add_argument("--inner_lr_alphas", type=float, default=30.0)
+    group.add_argument("--meta_lr_weights", type=float, default=1e-3)
+    group.add_argument("--meta_lr_alphas", type=float, default=1e-3)
+    group.add_argument("--alpha_weight_decay", type=float, default=1e-3)
+    group.add_argument("--second_order", action="store_true", help="exact MAML (default: first order)")
+    return parser
+
+
+def build_supernet(args, in_channels: int) -> Supernet:
+    return Supernet(n_way=args.n_way, C=args.C, layers=args.layers, in_channels=in_channels)
+
+
+def tnas_config(args, device: torch.device) -> TNASConfig:
+    return TNASConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
+                      inner_lr_weights=args.inner_lr_weights, inner_lr_alphas=args.inner_lr_alphas,
+                      meta_lr_weights=args.meta_lr_weights, meta_lr_alphas=args.meta_lr_alphas,
+                      alpha_weight_decay=args.alpha_weight_decay, first_order=not args.second_order,
+                      amp_dtype=common.amp_dtype(args, device))
+
+
+def edge_labels(steps: int):
+    return [f"n{node}<-{source}" for node, source in edge_inputs(steps)]
+
+
+def genotype_epoch_hook(learner, run_dir: str, logger):
+    """After each epoch: write genotype.json and cell diagrams, log alpha heatmaps and the genotype."""
+    from tnas.visualize import plot_genotype
+
+    model = learner.model
+
+    def hook(epoch: int, record: Dict[str, object]) -> Dict[str, object]:
+        genotype = model.genotype()
+        save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
+        plot_genotype(genotype, os.path.join(run_dir, "cells"))
+        for name, alpha in model.named_alphas():
+            logger.heatmap(f"alphas/{name}", torch.softmax(alpha.detach().float().cpu(), dim=-1).numpy(), epoch,
+                           row_labels=edge_labels(model.steps), col_labels=list(PRIMITIVES),
+                           title=f"softmax({name}), epoch {epoch}")
+        logger.text("genotype", str(genotype), epoch)
+        logger.log(f"epoch {epoch} genotype: {genotype}")
+        return {"genotype": genotype.to_dict()}
+
+    return hook
+
+
+def run(args) -> Dict[str, object]:
+    """Run the search stage described by ``args`` (the parsed flags); returns the summary."""
+    common.check_positive(args, "n_way", "k_shot", "q_query", "tasks_per_batch", "epochs", "tasks_per_epoch",
+                          "inner_steps", "inner_steps_test", "C", "layers", "val_episodes", "val_batch_size")
+    from tnas.data import EpisodeSampler, FixedEpisodes
+
+    run_dir, logger, device = common.prepare_run(args, "search")
+    splits = common.load_splits(args, ("train", "val"))
+    for split in splits.values():
+        common.check_episode_fits(split, args.n_way, args.k_shot, args.q_query)
+    in_channels = common.image_channels(splits["train"])
+    model = build_supernet(args, in_channels).to(device)
+    summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,
+               "q_query": args.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config}
+    val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
+                                          episodes=args.val_episodes, seed=args.seed + 1)
+    if args.method == "auto_maml":
+        from tnas.meta.auto_maml import build_auto_maml
+        learner, samplers, step = build_auto_maml(args, model, splits["train"], device)
+    else:
+        learner = TNAS(model, tnas_config(args, device))
+        summary["learner"] = {k: v for k, v in asdict(learner.config).items() if k != "amp_dtype"}
+        sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
+                                 tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
+                                 augment=args.augment)
+        samplers = {"train": sampler}
+
+        def step(iteration: int, track: bool):
+            return learner.meta_step(sampler.sample(), track_steps=track)
+
+    trainer = MetaTrainer(learner, samplers, step, val_episodes, run_dir, logger, common.schedule_from_args(args),
+                          device, stage="search", summary=summary,
+                          epoch_hook=genotype_epoch_hook(learner, run_dir, logger),
+                          val_steps=args.inner_steps_test)
+    if args.resume:
+        trainer.resume()
+    logger.log(f"search ({args.method}) on {args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}, "
+               f"supernet {sum(p.numel() for p in model.weights()):,} weights; run directory {run_dir}")
+    try:
+        result = trainer.run()
+        if result["best"] is not None:
+            logger.log(f"best epoch {result['best_epoch']}: validation {result['best_val_accuracy']:.2f}% "
+                       f"(summary in {os.path.join(run_dir, 'search.json')})")
+    finally:
+        logger.close()
+    return result
