@@ -2,7 +2,8 @@
 
 Library code raises :class:`TnasError` with a one-line message that names the file,
 flag or value at fault; scripts run their ``main`` through :func:`cli_entry`, which prints
-``error: <message>`` on stderr and exits with status 2 instead of a traceback.
+``error: <message>`` on stderr and exits with status 2 instead of a traceback (Ctrl-C:
+``interrupted``, status 130, after the stage has saved what it must).
 """
 from __future__ import annotations
 
@@ -21,5 +22,8 @@ def cli_entry(main: Callable[[], object]) -> None:
     except TnasError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     if isinstance(result, int):
         sys.exit(result)

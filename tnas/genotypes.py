@@ -151,6 +151,8 @@ def load_genotype(path: str) -> Genotype:
         raise TnasError(f"cannot read genotype file {path}: {error.strerror}") from None
     except json.JSONDecodeError as error:
         raise TnasError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    except UnicodeDecodeError:
+        raise TnasError(f"{path}: not a genotype JSON file (binary content)") from None
     return genotype_from_dict(data, source=path)
 
 

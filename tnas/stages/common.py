@@ -82,17 +82,14 @@ def prepare_run(args, stage: str, is_main: bool = True) -> Tuple[str, RunLogger,
 
 
 def load_splits(args, names=("train", "val")) -> Dict[str, object]:
-    """The dataset's splits at ``--img_size``, from the uint8 cache."""
-    from tnas.data import load_split
+    """The dataset's splits at ``--img_size``, from the uint8 cache; checks each can supply the episodes."""
+    from tnas.data import check_episode_shape, load_split
 
-    return {name: load_split(args.dataset, name, data_path=args.data_path, img_size=args.img_size,
-                             cache_dir=args.cache_dir) for name in names}
-
-
-def check_episode_fits(split, n_way: int, k_shot: int, q_query: int) -> None:
-    """A one-line error when a split cannot supply ``n_way`` classes of ``k_shot + q_query`` images."""
-    if n_way > split.num_classes:
-        raise TnasError(f"--n_way {n_way} is more than the {split.num_classes} classes of split {split.name}")
+    splits = {name: load_split(args.dataset, name, data_path=args.data_path, img_size=args.img_size,
+                               cache_dir=args.cache_dir) for name in names}
+    for split in splits.values():
+        check_episode_shape(split, args.n_way, args.k_shot, args.q_query)
+    return splits
 
 
 def image_channels(split) -> int:

@@ -89,8 +89,6 @@ def run(args) -> Dict[str, object]:
 
     run_dir, logger, device = common.prepare_run(args, "search")
     splits = common.load_splits(args, ("train", "val"))
-    for split in splits.values():
-        common.check_episode_fits(split, args.n_way, args.k_shot, args.q_query)
     in_channels = common.image_channels(splits["train"])
     model = build_supernet(args, in_channels).to(device)
     summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,
@@ -100,6 +98,7 @@ def run(args) -> Dict[str, object]:
     if args.method == "auto_maml":
         from tnas.meta.auto_maml import build_auto_maml
         learner, samplers, step = build_auto_maml(args, model, splits["train"], device)
+        summary["learner"] = learner.config.to_dict()
     else:
         learner = TNAS(model, tnas_config(args, device))
         summary["learner"] = {k: v for k, v in asdict(learner.config).items() if k != "amp_dtype"}

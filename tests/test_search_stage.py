@@ -1,0 +1,118 @@
+"""End-to-end runs of the T-NAS search stage on the glyphs demo data (tiny settings, CPU)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "glyphs", "--img_size", "16", "--device", "cpu", "--n_way", "3", "--k_shot", "1",
+        "--q_query", "2", "--tasks_per_batch", "2", "--C", "4", "--layers", "1", "--inner_steps", "1",
+        "--inner_steps_test", "2", "--val_episodes", "4", "--val_batch_size", "4", "--log_every", "1",
+        "--checkpoint_every", "1", "--seed", "3"]
+
+
+def run_search(out, *extra, wait=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TNAS_PROGRESS="0")
+    command = [sys.executable, os.path.join(REPO, "scripts", "search.py"), *TINY, "--out", str(out), *extra]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def checkpoint_iteration(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["iteration"]
+    except Exception:  # not there yet
+        return -1
+
+
+def model_state(run_dir):
+    return torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=False)["learner"]["model"]
+
+
+def test_search_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    result = run_search(out, "--epochs", "2", "--tasks_per_epoch", "4")
+    assert result.returncode == 0, result.stderr
+    for name in ("config.yaml", "log.txt", "last.pt", "best.pt", "genotype.json", "search.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "cells").glob("normal.*")) and list((out / "tb").iterdir())
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["method"] == "tnas" and summary["epochs_done"] == 2 and len(summary["history"]) == 2
+    for record in summary["history"]:
+        assert 0 <= record["val_accuracy"] <= 100 and 0 <= record["train_accuracy"] <= 100
+        assert set(record["genotype"]) == {"normal", "normal_concat", "reduce", "reduce_concat"}
+    assert summary["best_epoch"] in (1, 2) and summary["best"]["genotype"]
+    # the run directory is never overwritten by accident
+    again = run_search(out, "--epochs", "2", "--tasks_per_epoch", "4")
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_killed_search_resumes_to_the_same_parameters(tmp_path):
+    schedule = ["--epochs", "2", "--tasks_per_epoch", "12"]  # 6 iterations per epoch
+    reference = tmp_path / "reference"
+    assert run_search(reference, *schedule).returncode == 0
+    interrupted = tmp_path / "interrupted"
+    process = run_search(interrupted, *schedule, wait=False)
+    deadline = time.time() + 300
+    while checkpoint_iteration(interrupted / "last.pt") < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if process.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 0 < checkpoint_iteration(interrupted / "last.pt") < 12
+    resumed = run_search(interrupted, *schedule, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    want, got = model_state(reference), model_state(interrupted)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    history = json.loads((interrupted / "search.json").read_text())["history"]
+    reference_history = json.loads((reference / "search.json").read_text())["history"]
+    assert [h["val_accuracy"] for h in history] == [h["val_accuracy"] for h in reference_history]
+
+
+def test_ctrl_c_saves_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    process = run_search(out, "--epochs", "5", "--tasks_per_epoch", "40", "--checkpoint_every", "1000", wait=False)
+    deadline = time.time() + 300
+    while not (out / "log.txt").exists() or "search (tnas)" not in (out / "log.txt").read_text():
+        assert process.poll() is None and time.time() < deadline, process.stderr.read() if process.poll() else "slow"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert checkpoint_iteration(out / "last.pt") >= 1
+    assert "--resume" in (out / "log.txt").read_text()
+
+
+def test_non_finite_loss_stops_naming_the_iteration(tmp_path):
+    out = tmp_path / "run"
+    result = run_search(out, "--epochs", "1", "--tasks_per_epoch", "8", "--inner_lr_weights", "1e38",
+                        "--inner_lr_alphas", "1e38")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "non-finite meta-training loss at iteration 0" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config", "missing.yaml"], "missing.yaml"),
+    (["--n_way", "500"], "n_way=500"),
+    (["--bogus_flag", "1"], "--bogus_flag"),
+    (["--device", "cuda"], "--device cuda"),
+])
+def test_bad_input_is_one_line_error(tmp_path, flags, message):
+    if flags[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_search(tmp_path / "run", "--epochs", "1", "--tasks_per_epoch", "2", *flags)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr

@@ -1,0 +1,280 @@
+"""The evaluation stage: score a checkpoint on fixed test episodes (mean accuracy and 95% CI).
+
+The checkpoint is a derived network trained from scratch (``train`` stage: MAML / MAML++)
+or a searched supernet (``search`` stage: T-NAS adapts weights and alphas, auto-MAML the
+weights). ``--checkpoint`` is a ``.pt`` file or a run directory (its ``best.pt``).
+
+Protocol: ``--episodes`` (600) fixed n-way k-shot tasks of the *test* classes, drawn from
+``--seed`` (or read from ``--episodes_file``, which is written when it does not exist yet,
+so every method is scored on the same tasks); each task adapted on its support set for
+``--update_step_test`` (10) steps, ``--batch_size`` (50) tasks at once, and scored on its
+query set. The dataset, n-way, k-shot, q-query and image size default to the checkpoint's;
+an n-way, image size, channel count or ``--genotype`` that contradicts the checkpoint is a
+one-line error naming both values.
+
+Output: ``results.json`` in ``--out`` (default: the checkpoint's run directory), written
+atomically and only after a successful evaluation, with DESIGN.md §4's fields (method,
+dataset, n_way, k_shot, episodes, accuracy_mean, ci95, per_episode in percent, genotypes)
+plus checkpoint, update_step_test, seed, wall_time_s and the rest of the set-up.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from tnas.config import add_common_args, resolve_device, seed_everything
+from tnas.errors import TnasError
+from tnas.stages import restore
+
+RESULTS_FILE = "results.json"
+
+
+# -- flags ---------------------------------------------------------------------------------------
+def _set_flag(parser: argparse.ArgumentParser, dest: str, **changes) -> None:
+    for action in parser._actions:
+        if action.dest == dest:
+            for key, value in changes.items():
+                setattr(action, key, value)
+    if "default" in changes:
+        parser.set_defaults(**{dest: changes["default"]})
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The common flags, with dataset defaulting to the checkpoint's, plus the test-episode flags."""
+    add_common_args(parser)
+    _set_flag(parser, "dataset", default=None, help="dataset name (default: the checkpoint's)")
+    _set_flag(parser, "data_path", help="where the raw dataset lives (default: the checkpoint run's, if the "
+                                        "dataset is the checkpoint's)")
+    _set_flag(parser, "seed", help="seed of the fixed test episodes (default: 0)")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="checkpoint .pt file, or a run directory (its best.pt) (required)")
+    group = parser.add_argument_group("test episodes (default: the checkpoint's settings)")
+    group.add_argument("--n_way", type=int, default=None, help="classes per task (must match the checkpoint)")
+    group.add_argument("--k_shot", type=int, default=None, help="support images per class")
+    group.add_argument("--q_query", type=int, default=None, help="query images per class")
+    group.add_argument("--img_size", type=int, default=None, help="image side (must match the checkpoint)")
+    group.add_argument("--episodes", type=int, default=None, help="fixed test episodes (default: 600)")
+    group.add_argument("--episodes_file", default=None, metavar="PATH",
+                       help="episode index file (.npz or .json): read when it exists, else written, so "
+                            "every method is scored on the same tasks")
+    group.add_argument("--update_step_test", type=int, default=10, help="adaptation steps per task (default: 10)")
+    group.add_argument("--batch_size", type=int, default=50, help="tasks adapted at once (default: 50)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Score a checkpoint (derived network or supernet) on fixed test episodes: "
+                    "accuracy mean and 95% confidence interval, written to results.json.")
+    add_checkpoint_args(parser)
+    parser.add_argument("--genotype", default=None, metavar="NAME|JSON|RUN_DIR",
+                        help="check that the checkpoint's architecture is this genotype (published name, JSON "
+                             "file, run directory with genotype.json, or an inline JSON object)")
+    _set_flag(parser, "out", help="directory for results.json (default: the checkpoint's run directory)")
+    return parser
+
+
+# -- set-up shared with the decode stage ------------------------------------------------------------
+@dataclass
+class Prepared:
+    """What a checkpoint evaluation needs: the restored learner and the fixed test episodes."""
+
+    checkpoint: str
+    learner: Any
+    summary: Dict[str, Any]
+    device: torch.device
+    episodes: Any  # FixedEpisodes
+    episodes_file: Optional[str]
+    split: Any
+
+
+def _run_config(checkpoint: str) -> Dict[str, Any]:
+    """The resolved flags of the run that wrote the checkpoint (its config.yaml), or {}."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
+    try:
+        import yaml
+
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+        return data if isinstance(data, dict) else {}
+    except Exception:  # no or unreadable config: just no defaults from it
+        return {}
+
+
+def check_against_checkpoint(args, summary: Dict[str, Any], checkpoint: str) -> None:
+    """One-line errors for flags that contradict the checkpoint (n-way, image size)."""
+    model = summary.get("model", {})
+    n_way = summary.get("n_way", model.get("n_way"))
+    if args.n_way is not None and n_way is not None and args.n_way != n_way:
+        raise TnasError(f"--n_way {args.n_way} does not match the checkpoint {checkpoint}, which is {n_way}-way "
+                        f"(its classifier has {n_way} outputs)")
+    shape = summary.get("image_shape")
+    if args.img_size is not None and shape and tuple(shape[1:]) != (args.img_size, args.img_size):
+        raise TnasError(f"--img_size {args.img_size} does not match the checkpoint {checkpoint}, trained on "
+                        f"{shape[1]}x{shape[2]} images (image_shape {list(shape)})")
+
+
+def fill_from_checkpoint(args, summary: Dict[str, Any], checkpoint: str) -> None:
+    """Flags not given take the checkpoint's values (dataset, n-way, k-shot, q-query, image size, data path)."""
+    model = summary.get("model", {})
+    if args.dataset is None:
+        args.dataset = summary.get("dataset")
+        if args.dataset is None:
+            raise TnasError(f"the checkpoint {checkpoint} does not name its dataset; pass --dataset")
+    for flag in ("n_way", "k_shot", "q_query"):
+        if getattr(args, flag) is None:
+            value = summary.get(flag, model.get(flag))
+            if value is None:
+                raise TnasError(f"the checkpoint {checkpoint} does not record {flag}; pass --{flag}")
+            setattr(args, flag, int(value))
+    shape = summary.get("image_shape")
+    if args.img_size is None and shape:
+        args.img_size = int(shape[1])
+    if args.episodes is None:
+        args.episodes = 600
+    if args.dataset == summary.get("dataset"):
+        run_config = _run_config(checkpoint)
+        for flag in ("data_path", "cache_dir"):
+            if getattr(args, flag) is None and isinstance(run_config.get(flag), str):
+                setattr(args, flag, run_config[flag])
+
+
+def check_genotype(args, learner, summary: Dict[str, Any], checkpoint: str) -> None:
+    """``--genotype``, when given, must be the checkpoint's architecture."""
+    if not getattr(args, "genotype", None):
+        return
+    import json
+
+    from tnas.genotypes import genotype_from_dict, resolve_genotype
+
+    text = args.genotype
+    if text.lstrip().startswith("{") and not os.path.exists(text):
+        try:
+            wanted = genotype_from_dict(json.loads(text), source="--genotype")
+        except json.JSONDecodeError as error:
+            raise TnasError(f"--genotype: invalid JSON at column {error.colno}: {error.msg}") from None
+    else:
+        wanted = resolve_genotype(text)
+    actual = restore.checkpoint_genotype(learner, summary)
+    if wanted != actual:
+        label = "" if text.lstrip().startswith("{") else f"{text} "
+        raise TnasError(f"--genotype {label}({wanted}) differs from the genotype of the checkpoint {checkpoint} "
+                        f"({actual})")
+
+
+def check_positive(args, *names: str, minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise TnasError(f"--{name} must be >= {minimum}, got {value}")
+
+
+def load_test_episodes(args, split):
+    """The fixed test episodes: read from ``--episodes_file`` when it exists, else generated from
+    ``--seed`` (and saved to ``--episodes_file`` when one is named)."""
+    from tnas.data import FixedEpisodes
+
+    path = args.episodes_file
+    if path and os.path.exists(path):
+        episodes = FixedEpisodes.load(path, split, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query)
+        if args.episodes_given and args.episodes != len(episodes):
+            raise TnasError(f"--episodes {args.episodes} does not match the {len(episodes)} episodes of "
+                            f"--episodes_file {path}")
+        args.episodes = len(episodes)
+        return episodes
+    episodes = FixedEpisodes.generate(split, args.n_way, args.k_shot, args.q_query, episodes=args.episodes,
+                                      seed=args.seed)
+    if path:
+        episodes.save(path)
+    return episodes
+
+
+def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]] = None) -> Prepared:
+    """Restore the checkpoint's learner, check the flags against it and load the test episodes.
+
+    ``check_summary(summary, checkpoint)``, when given, runs right after the checkpoint is read
+    (before anything is built or loaded), e.g. to refuse a kind of checkpoint.
+    """
+    if not args.checkpoint:
+        raise TnasError("--checkpoint PATH is required (a .pt file or a run directory holding best.pt)")
+    check_positive(args, "n_way", "k_shot", "q_query", "img_size", "episodes", "batch_size")
+    check_positive(args, "update_step_test", minimum=0)
+    args.episodes_given = args.episodes is not None
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    checkpoint = restore.resolve_checkpoint(args.checkpoint)
+    state = restore.load_state(checkpoint)
+    summary = dict(state["summary"])
+    summary["stage"] = state["stage"]
+    if check_summary is not None:
+        check_summary(summary, checkpoint)
+    check_against_checkpoint(args, summary, checkpoint)
+    fill_from_checkpoint(args, summary, checkpoint)
+    learner = restore.learner_from_state(state, device, source=checkpoint)
+    del state
+    check_genotype(args, learner, summary, checkpoint)
+
+    from tnas.data import load_split
+
+    split = load_split(args.dataset, "test", data_path=args.data_path, img_size=args.img_size,
+                       cache_dir=args.cache_dir)
+    shape = summary.get("image_shape") or [summary.get("model", {}).get("in_channels")] + list(split.image_shape[1:])
+    if shape[0] is not None and int(split.image_shape[0]) != int(shape[0]):
+        raise TnasError(f"dataset {args.dataset} gives {split.image_shape[0]}-channel images, but the checkpoint "
+                        f"{checkpoint} was trained on {shape[0]}-channel images (image_shape {list(shape)})")
+    if tuple(split.image_shape[1:]) != tuple(shape[1:]):
+        raise TnasError(f"dataset {args.dataset} gives {split.image_shape[1]}x{split.image_shape[2]} images, but the "
+                        f"checkpoint {checkpoint} was trained on {shape[1]}x{shape[2]} images")
+    episodes = load_test_episodes(args, split)
+    return Prepared(checkpoint, learner, summary, device, episodes, args.episodes_file, split)
+
+
+def default_out_dir(args, checkpoint: str) -> str:
+    return args.out or os.path.dirname(os.path.abspath(checkpoint))
+
+
+# -- the stage -----------------------------------------------------------------------------------
+def run(args) -> Dict[str, object]:
+    """Evaluate the checkpoint described by ``args``; returns the record written to ``results.json``."""
+    from tnas.evaluate import evaluate_episodes, format_accuracy, results_record
+    from tnas.runlog import atomic_write_json
+
+    started = time.time()
+    prepared = prepare(args)
+    summary, learner = prepared.summary, prepared.learner
+    out_dir = default_out_dir(args, prepared.checkpoint)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TnasError(f"--out {out_dir} is a file, not a directory")
+    result = evaluate_episodes(learner, prepared.episodes, args.batch_size, prepared.device,
+                               steps=args.update_step_test, desc="evaluate")
+    genotype = restore.checkpoint_genotype(learner, summary).to_dict()
+    extra = {
+        "q_query": args.q_query,
+        "stage": summary["stage"],
+        "checkpoint": os.path.abspath(prepared.checkpoint),
+        "update_step_test": args.update_step_test,
+        "seed": prepared.episodes.seed if prepared.episodes.seed is not None else args.seed,
+        "episodes_file": os.path.abspath(args.episodes_file) if args.episodes_file else None,
+        "split": prepared.split.name,
+        "image_shape": list(prepared.split.image_shape),
+        "loss_mean": float(result["loss"].mean()),
+        "batch_size": args.batch_size,
+        "device": str(prepared.device),
+    }
+    for key in ("genotype_source", "parameters", "macs"):
+        if key in summary:
+            extra[key] = summary[key]
+    extra["wall_time_s"] = time.time() - started
+    # Per-task accuracies are float32 fractions: round away their last-bit noise (30.0000011 -> 30.0).
+    accuracies = [round(float(value), 4) for value in result["accuracy"]]
+    record = results_record(summary.get("method", summary["stage"]), args.dataset, args.n_way, args.k_shot,
+                            accuracies, genotype, **extra)
+    path = os.path.join(out_dir, RESULTS_FILE)
+    atomic_write_json(path, record)
+    print(format_accuracy(record))
+    print(f"results: {path}")
+    return record

@@ -1,0 +1,250 @@
+"""The from-scratch training stage: MAML (T-NAS, auto-MAML) or MAML++ (T-NAS++) of a genotype's network.
+
+The derived :class:`~tnas.models.network.Network` of ``--genotype`` (a published name, a
+genotype JSON file or a search run directory) is meta-trained on the meta-train classes;
+after each epoch it is adapted on fixed episodes of the *validation* classes, and
+``best.pt`` keeps the epoch with the best validation accuracy.
+
+Outputs in the run directory: ``config.yaml``, ``log.txt``, ``tb/``, ``last.pt``,
+``best.pt``, ``genotype.json`` (the trained architecture) and ``train.json`` (per-epoch
+meta-train and validation accuracy in percent, the best epoch, the parameter and MAC
+counts, and in ``"model"`` / ``"learner"`` everything :func:`build_learner` needs).
+
+``--method maml`` (default) is first-order MAML (``--second_order`` for exact MAML);
+``--method maml++`` switches on every MAML++ component (per-step BN, learned per-step inner
+learning rates, multi-step loss, derivative-order annealing, cosine meta learning rate),
+each of which is also a flag of its own (``--no-per_step_bn`` etc. to leave one out).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from tnas.config import add_common_args
+from tnas.engine import MetaTrainer
+from tnas.errors import TnasError
+from tnas.genotypes import Genotype, genotype_from_dict, resolve_genotype, save_genotype
+from tnas.meta.maml_pp import COSINE_UNITS, MAMLConfig, MAMLPlusPlus
+from tnas.models.network import Network
+from tnas.models.skeleton import min_image_size
+from tnas.runlog import load_checkpoint
+from tnas.stages import common
+
+METHODS = ("maml", "maml++")
+MAML_PP_SWITCHES = ("per_step_bn", "learn_inner_lr", "multi_step_loss", "cosine_lr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a genotype's network from scratch with MAML or MAML++ "
+                                                 "(best checkpoint by validation accuracy).")
+    add_common_args(parser)
+    parser.add_argument("--genotype", default=None, metavar="NAME|JSON|RUN_DIR",
+                        help="published name (auto_maml_1shot, auto_maml_5shot), genotype JSON file, or a search "
+                             "run directory holding genotype.json (required)")
+    parser.add_argument("--method", choices=METHODS, default="maml",
+                        help="maml: (first-order) MAML; maml++: every MAML++ component on")
+    common.add_episode_args(parser)
+    common.add_network_args(parser)
+    common.add_schedule_args(parser, epochs=15, tasks_per_epoch=15000)
+    group = parser.add_argument_group("meta-learning")
+    group.add_argument("--inner_steps", type=int, default=5, help="inner SGD steps in meta-training")
+    group.add_argument("--inner_steps_test", type=int, default=10, help="inner SGD steps at validation/test")
+    group.add_argument("--inner_lr", type=float, default=0.01, help="inner SGD learning rate (initial, if learned)")
+    group.add_argument("--meta_lr", type=float, default=1e-3, help="outer Adam learning rate")
+    group.add_argument("--drop_path_prob", type=float, default=0.0, help="drop-path probability in meta-training")
+    group.add_argument("--second_order", action="store_true",
+                       help="exact (second-order) MAML; default first order")
+    group = parser.add_argument_group("MAML++ (on by default with --method maml++)")
+    group.add_argument("--per_step_bn", action=argparse.BooleanOptionalAction, default=None,
+                       help="BatchNorm weights and biases per inner step")
+    group.add_argument("--learn_inner_lr", action=argparse.BooleanOptionalAction, default=None,
+                       help="meta-learn an inner learning rate per parameter tensor and inner step")
+    group.add_argument("--multi_step_loss", action=argparse.BooleanOptionalAction, default=None,
+                       help="query loss after every inner step, weights annealed to the last over --msl_epochs")
+    group.add_argument("--msl_epochs", type=int, default=10, help="epochs of the multi-step loss annealing")
+    group.add_argument("--first_order_epochs", type=int, default=None,
+                       help="derivative-order annealing: first order for this many epochs, then second order "
+                            "(default: none for maml, a third of --epochs for maml++)")
+    group.add_argument("--cosine_lr", action=argparse.BooleanOptionalAction, default=None,
+                       help="cosine annealing of the meta learning rate to --min_meta_lr at the end of the run")
+    group.add_argument("--min_meta_lr", type=float, default=1e-5, help="final meta learning rate of --cosine_lr")
+    group.add_argument("--cosine_unit", choices=COSINE_UNITS, default="epoch",
+                       help="step the cosine schedule per epoch or per meta-iteration")
+    return parser
+
+
+def maml_config(args, device: Optional[torch.device] = None) -> MAMLConfig:
+    """The learner settings of the flags; ``--method maml++`` turns on what is not set explicitly."""
+    plus = args.method == "maml++"
+    switches = {name: plus if getattr(args, name) is None else bool(getattr(args, name)) for name in MAML_PP_SWITCHES}
+    first_order_epochs = args.first_order_epochs
+    if first_order_epochs is None and plus:
+        first_order_epochs = args.epochs // 3  # MAML++: first order for the first third of training
+    return MAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test, inner_lr=args.inner_lr,
+                      meta_lr=args.meta_lr, first_order=not args.second_order, msl_epochs=args.msl_epochs,
+                      first_order_epochs=first_order_epochs, min_meta_lr=args.min_meta_lr,
+                      cosine_unit=args.cosine_unit, amp_dtype=common.amp_dtype(args, device) if device else None,
+                      **switches)
+
+
+# -- models and learners from a summary ------------------------------------------------------
+def network_from_config(config: Mapping[str, object], drop_path_prob: float = 0.0) -> Network:
+    """``Network(**config)`` with the genotype given as a dict (as in ``Network.config``)."""
+    values = dict(config)
+    genotype = values.pop("genotype")
+    if not isinstance(genotype, Genotype):
+        genotype = genotype_from_dict(genotype)
+    return Network(genotype, drop_path_prob=drop_path_prob, **values)
+
+
+def build_learner(summary: Mapping[str, object], device) -> MAMLPlusPlus:
+    """An untrained learner rebuilt from a train run's ``summary`` (``state["summary"]`` or
+    ``train.json``), so that ``learner.load_state_dict(state["learner"])`` restores it."""
+    model = network_from_config(summary["model"], float(summary.get("drop_path_prob", 0.0))).to(device)
+    return MAMLPlusPlus(model, MAMLConfig.from_dict(summary["learner"]))
+
+
+# -- size of a network -------------------------------------------------------------------------
+def _conv_linear_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> int:
+    """Multiply-accumulates per image of the convolutions and linear layers (forward hooks)."""
+    counted = []
+
+    def hook(module, inputs, output):
+        per_image = output.numel() // output.shape[0]
+        if isinstance(module, nn.Conv2d):
+            counted.append(per_image * (module.in_channels // module.groups) * module.kernel_size[0]
+                           * module.kernel_size[1])
+        else:
+            counted.append(per_image * module.in_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape))  # batch statistics need more than one value per channel
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(sum(counted))
+
+
+def count_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> Tuple[int, str]:
+    """(MACs per image, how counted): ptflops (its output silenced) when it gives a sane number, else
+    the convolution + linear count. Runs on a copy, so ``model`` is left untouched."""
+    model = copy.deepcopy(model).cpu().float().eval()
+    by_hand = _conv_linear_macs(model, input_shape)
+    try:
+        from ptflops import get_model_complexity_info
+
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            macs, _ = get_model_complexity_info(model, tuple(input_shape), as_strings=False,
+                                                print_per_layer_stat=False, verbose=False, ost=sink)
+    except Exception:  # ptflops missing or failing: fall back to the count by hand
+        macs = None
+    if macs and by_hand <= macs <= 2 * by_hand:
+        return int(macs), "ptflops"
+    return by_hand, "conv+linear"
+
+
+# -- the stage -----------------------------------------------------------------------------
+def _plain(value):
+    return json.loads(json.dumps(value))
+
+
+def check_resumable(run_dir: str, summary: Mapping[str, object]) -> None:
+    """A one-line error when ``--resume`` would continue a run of another network or learner."""
+    state = load_checkpoint(os.path.join(run_dir, "last.pt"))
+    saved = state.get("summary", {})
+    for key, what in (("model", "network (genotype, C, layers, ...)"), ("learner", "learner settings"),
+                      ("method", "method")):
+        if key in saved and _plain(saved[key]) != _plain(summary[key]):
+            old, new = _plain(saved[key]), _plain(summary[key])
+            if isinstance(old, dict) and isinstance(new, dict):
+                diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                detail = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in diff[:3])
+            else:
+                detail = f"{old} -> {new}"
+            raise TnasError(f"--resume: {run_dir} was trained with another {what} ({detail}); "
+                            f"use the same flags or another --out")
+
+
+def run(args) -> Dict[str, object]:
+    """Run the from-scratch training stage described by ``args``; returns the summary (``train.json``)."""
+    if not args.genotype:
+        raise TnasError("--genotype is required: a published name (auto_maml_1shot, auto_maml_5shot), "
+                        "a genotype JSON file or a search run directory")
+    common.check_positive(args, "n_way", "k_shot", "q_query", "tasks_per_batch", "epochs", "tasks_per_epoch",
+                          "inner_steps", "inner_steps_test", "C", "layers", "val_episodes", "val_batch_size",
+                          "meta_lr")
+    if not 0.0 <= args.drop_path_prob < 1.0:
+        raise TnasError(f"--drop_path_prob must be in [0, 1), got {args.drop_path_prob}")
+    if args.msl_epochs < 0 or (args.first_order_epochs is not None and args.first_order_epochs < 0):
+        raise TnasError("--msl_epochs and --first_order_epochs must be >= 0")
+    genotype = resolve_genotype(args.genotype)
+    from tnas.data import EpisodeSampler, FixedEpisodes
+
+    run_dir, logger, device = common.prepare_run(args, "train")
+    try:
+        splits = common.load_splits(args, ("train", "val"))
+        image_shape = tuple(splits["train"].image_shape)
+        smallest = min_image_size(args.layers)
+        if min(image_shape[1:]) < smallest:
+            raise TnasError(f"images of {image_shape[1]}x{image_shape[2]} are too small for --layers {args.layers} "
+                            f"(need at least {smallest}; see --img_size)")
+        model = Network(genotype, n_way=args.n_way, C=args.C, layers=args.layers, in_channels=image_shape[0],
+                        drop_path_prob=args.drop_path_prob).to(device)
+        parameters = sum(p.numel() for p in model.parameters())
+        macs, macs_source = count_macs(model, image_shape)
+        config = maml_config(args, device)
+        learner = MAMLPlusPlus(model, config)
+        summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,
+                   "q_query": args.q_query, "image_shape": list(image_shape), "genotype_source": args.genotype,
+                   "model": model.config, "learner": config.to_dict(), "drop_path_prob": args.drop_path_prob,
+                   "parameters": parameters, "macs": macs, "macs_source": macs_source,
+                   "meta_learned_parameters": learner.parameter_count()}
+        if args.resume:
+            check_resumable(run_dir, summary)
+        save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
+        sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
+                                 tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
+                                 augment=args.augment)
+        val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
+                                              episodes=args.val_episodes, seed=args.seed + 1)
+        schedule = common.schedule_from_args(args)
+        per_epoch = schedule.iterations_per_epoch
+
+        def step(iteration: int, track: bool):
+            learner.set_progress(iteration, per_epoch, schedule.epochs)
+            return learner.meta_step(sampler.sample(), track_steps=track)
+
+        def epoch_hook(epoch: int, record: Dict[str, object]) -> Dict[str, object]:
+            return {"meta_lr": learner.optimizers["weights"].param_groups[0]["lr"],
+                    "first_order": learner.first_order,
+                    "multi_step_loss": learner.multi_step_loss_active()}
+
+        trainer = MetaTrainer(learner, {"train": sampler}, step, val_episodes, run_dir, logger, schedule, device,
+                              stage="train", summary=summary, epoch_hook=epoch_hook, val_steps=args.inner_steps_test)
+        if args.resume:
+            trainer.resume()
+        switches = [name for name in MAML_PP_SWITCHES if getattr(config, name)]
+        if config.first_order_epochs is not None:
+            switches.append(f"first order for {config.first_order_epochs} epoch(s)")
+        logger.log(f"train ({args.method}{': ' + ', '.join(switches) if switches else ''}, "
+                   f"{'first' if config.first_order else 'second'} order) of genotype {args.genotype} on "
+                   f"{args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}; {parameters:,} parameters, "
+                   f"{macs / 1e6:.2f}M MACs per image ({macs_source}); run directory {run_dir}")
+        result = trainer.run()
+        if result["best"] is not None:
+            logger.log(f"best epoch {result['best_epoch']}: validation {result['best_val_accuracy']:.2f}% "
+                       f"(summary in {os.path.join(run_dir, 'train.json')}, checkpoint {trainer.best_path})")
+    finally:
+        logger.close()
+    return result
