@@ -46,3 +46,45 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
     if per_step:
         out["accuracy_per_step"] = 100.0 * torch.cat(per_step, dim=1).double().cpu().numpy()
     return out
+
+
+def results_record(method: str, dataset: str, n_way: int, k_shot: int, accuracies: Sequence[float],
+                   genotypes=None, **extra) -> Dict[str, object]:
+    """The ``results.json`` record of an evaluation (DESIGN.md §4), accuracies in percent.
+
+    ``accuracies``: per-episode query accuracy in percent, in episode order. ``genotypes``:
+    the evaluated architecture (a genotype dict, or a list of them). ``extra`` fields
+    (checkpoint, seed, wall time, ...) follow the standard ones.
+    """
+    values = np.asarray(accuracies, dtype=np.float64).reshape(-1)
+    stats = mean_ci95(values)
+    record: Dict[str, object] = {
+        "method": method, "dataset": dataset, "n_way": int(n_way), "k_shot": int(k_shot),
+        "episodes": stats["episodes"], "accuracy_mean": stats["accuracy_mean"], "ci95": stats["ci95"],
+        "per_episode": [float(v) for v in values], "genotypes": genotypes,
+    }
+    record.update(extra)
+    return record
+
+
+def format_accuracy(record: Dict[str, object]) -> str:
+    """One line such as ``5-way 1-shot glyphs: 63.42 ± 1.21% (600 episodes)``."""
+    return (f"{record['n_way']}-way {record['k_shot']}-shot {record['dataset']}: "
+            f"{record['accuracy_mean']:.2f} \u00b1 {record['ci95']:.2f}% ({record['episodes']} episodes)")
+
+
+def genotype_counts(genotypes: Sequence[Dict[str, object]]) -> list:
+    """Distinct genotypes (JSON dicts) of a list, most frequent first (ties: first seen first).
+
+    Returns ``[{"genotype": dict, "count": n, "episodes": [indices]}, ...]``; counts sum to ``len(genotypes)``.
+    """
+    import json
+
+    groups: Dict[str, Dict[str, object]] = {}
+    for index, genotype in enumerate(genotypes):
+        key = json.dumps(genotype, sort_keys=True)
+        if key not in groups:
+            groups[key] = {"genotype": genotype, "count": 0, "episodes": []}
+        groups[key]["count"] += 1
+        groups[key]["episodes"].append(index)
+    return sorted(groups.values(), key=lambda group: (-group["count"], group["episodes"][0]))

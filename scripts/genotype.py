@@ -1,0 +1,178 @@
+"""Show a genotype: its cells, the derived network's parameter count and MACs, optional diagrams.
+
+    python scripts/genotype.py auto_maml_1shot
+    python scripts/genotype.py runs/search/genotype.json --plot runs/search/cells
+    python scripts/genotype.py runs/search --json
+
+NAME_OR_JSON is a published name (auto_maml_1shot, auto_maml_5shot), a genotype JSON file,
+a run directory holding genotype.json, or a JSON object given inline ('{"normal": ...}').
+MACs are per image, counted by ptflops (convolutions, linear, BatchNorm, pooling and
+elementwise ops) and checked against a count of convolution + linear MACs alone.
+"""
+import os, sys  # noqa: E401  (run from a checkout without installation: put the repo root on the path)
+try: import tnas  # noqa: E701,F401
+except ImportError: sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E701
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+from typing import Dict, Optional, Tuple  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from tnas.errors import TnasError, cli_entry  # noqa: E402
+from tnas.genotypes import PUBLISHED, Genotype, genotype_from_dict, resolve_genotype  # noqa: E402
+from tnas.models.network import Network  # noqa: E402
+from tnas.models.skeleton import min_image_size  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Print a genotype with its derived network's parameter count and MACs; optionally draw its cells.")
+    parser.add_argument("genotype", metavar="NAME_OR_JSON",
+                        help=f"published name ({', '.join(PUBLISHED)}), genotype JSON file, run directory "
+                             "with genotype.json, or an inline JSON object")
+    parser.add_argument("--n_way", type=int, default=5, help="classes of the classifier (default 5)")
+    parser.add_argument("--C", type=int, default=16, help="channels of the first cell (default 16)")
+    parser.add_argument("--layers", type=int, default=2, help="number of cells (default 2: normal + reduction)")
+    parser.add_argument("--img_size", type=int, default=84, help="input height and width (default 84)")
+    parser.add_argument("--in_channels", type=int, default=3, help="3 for RGB, 1 for grayscale (default 3)")
+    parser.add_argument("--plot", metavar="DIR", default=None,
+                        help="write normal.{dot,png} and reduce.{dot,png} cell diagrams to DIR")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser.parse_args(argv)
+
+
+def load(name_or_json: str) -> Genotype:
+    """A published name, a file or run directory, or an inline JSON object."""
+    if name_or_json.lstrip().startswith("{") and not os.path.exists(name_or_json):
+        try:
+            data = json.loads(name_or_json)
+        except json.JSONDecodeError as error:
+            raise TnasError(f"inline genotype: invalid JSON at column {error.colno}: {error.msg}") from None
+        return genotype_from_dict(data, source="inline genotype")
+    return resolve_genotype(name_or_json)
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    for flag in ("n_way", "C", "layers", "in_channels"):
+        if getattr(args, flag) < 1:
+            raise TnasError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    smallest = min_image_size(args.layers)
+    if args.img_size < smallest:
+        raise TnasError(f"--img_size {args.img_size} is too small for --layers {args.layers}: "
+                        f"need at least {smallest} (stem /4, each reduction /2)")
+
+
+def conv_linear_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> int:
+    """Multiply-accumulates of the convolutions and linear layers per image (forward hooks, batch 2)."""
+    totals = []
+
+    def hook(module, inputs, output):
+        per_image = output.numel() // output.shape[0]
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            totals.append(per_image * (module.in_channels // module.groups) * kh * kw)
+        else:
+            totals.append(per_image * module.in_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape))  # batch 2: batch-statistics BN needs > 1 value per channel
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(sum(totals))
+
+
+def ptflops_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> Optional[int]:
+    """ptflops' MAC count per image, its output silenced; None when it fails."""
+    try:
+        from ptflops import get_model_complexity_info
+    except ImportError:
+        return None
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            macs, _ = get_model_complexity_info(model, tuple(input_shape), as_strings=False,
+                                                print_per_layer_stat=False, ost=sink, verbose=False)
+    except Exception:  # ptflops reports its own failures by returning None; be as lenient with raises
+        return None
+    return int(macs) if macs else None
+
+
+def count_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> Dict[str, object]:
+    """``{"macs", "macs_conv_linear", "macs_source"}``: ptflops when sane, else the conv + linear count.
+
+    Sane means at least the conv + linear count (ptflops adds BN, pooling and elementwise
+    ops) and at most twice it.
+    """
+    by_hand = conv_linear_macs(model, input_shape)
+    by_ptflops = ptflops_macs(model, input_shape)
+    model.train()  # ptflops leaves the model in eval mode
+    if by_ptflops is not None and by_hand <= by_ptflops <= 2 * by_hand:
+        return {"macs": by_ptflops, "macs_conv_linear": by_hand, "macs_source": "ptflops"}
+    return {"macs": by_hand, "macs_conv_linear": by_hand, "macs_source": "conv+linear (ptflops failed)"}
+
+
+def human(count: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.{1 if unit == 'K' else 2}f}{unit}"
+    return str(int(count))
+
+
+def format_cell(genotype: Genotype, cell: str) -> str:
+    pairs = getattr(genotype, cell)
+    nodes = [f"node {i // 2}: {pairs[i][0]} <- {pairs[i][1]}, {pairs[i + 1][0]} <- {pairs[i + 1][1]}"
+             for i in range(0, len(pairs), 2)]
+    concat = list(getattr(genotype, f"{cell}_concat"))
+    return f"{cell} cell (inputs 0, 1 = previous cells, 2.. = nodes; concat {concat}):\n    " + "\n    ".join(nodes)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    genotype = load(args.genotype)
+    check_sizes(args)
+    torch.manual_seed(0)
+    model = Network(genotype, n_way=args.n_way, C=args.C, layers=args.layers, in_channels=args.in_channels)
+    parameters = sum(p.numel() for p in model.parameters())
+    input_shape = (args.in_channels, args.img_size, args.img_size)
+    macs = count_macs(model, input_shape)
+    plots = []
+    if args.plot:
+        from tnas.visualize import plot_genotype
+        try:
+            plots = plot_genotype(genotype, args.plot)
+        except OSError as error:
+            raise TnasError(f"--plot {args.plot}: cannot write diagrams: {error.strerror or error}") from None
+
+    if args.json:
+        print(json.dumps({
+            "genotype": genotype.to_dict(),
+            "parameters": parameters,
+            **macs,
+            "config": {"n_way": args.n_way, "C": args.C, "layers": args.layers, "img_size": args.img_size,
+                       "in_channels": args.in_channels},
+            "plots": plots,
+        }))
+        return 0
+    print(f"genotype: {args.genotype}")
+    print("  " + format_cell(genotype, "normal"))
+    print("  " + format_cell(genotype, "reduce"))
+    print(f"  json: {genotype.to_json()}")
+    print(f"network: {args.n_way}-way, C {args.C}, layers {args.layers}, input "
+          f"{args.in_channels}x{args.img_size}x{args.img_size}")
+    print(f"parameters: {parameters:,} ({human(parameters)})")
+    print(f"MACs: {macs['macs']:,} ({human(macs['macs'])}) per image, by {macs['macs_source']}; "
+          f"convolutions + linear alone: {macs['macs_conv_linear']:,} ({human(macs['macs_conv_linear'])})")
+    for path in plots:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli_entry(main)

@@ -1,0 +1,77 @@
+"""scripts/inspect_data.py and benchmarks/bench_episodes.py (tnas.data tooling)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tnas.errors import TnasError
+
+try:
+    import data_fixtures as fx
+except ImportError:  # tests/ imported as a package
+    from tests import data_fixtures as fx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relative):
+    path = os.path.join(REPO, relative)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0] + "_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inspect_folder(tmp_path, capsys):
+    inspect = load_script("scripts/inspect_data.py")
+    classes = {"train": 5, "val": 3, "test": 3}
+    fx.build_class_folders(tmp_path / "mine", classes, per_class=4, mixed=True)
+    code = inspect.main(["--dataset", "folder", "--data_path", str(tmp_path / "mine"), "--img_size", "24",
+                         "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    for name, count in classes.items():
+        entry = report["splits"][name]
+        assert entry["classes"] == count and entry["images"] == 4 * count
+        assert entry["image_shape"] == [3, 24, 24] and entry["min_class_size"] == 4
+    assert report["classes_shared_between_splits"] == 0
+    grid = report["episode_grid"]["path"]
+    assert os.path.isfile(grid) and grid.endswith(".png")
+    from PIL import Image
+    with Image.open(grid) as image:
+        assert min(image.size) >= 5 * 56
+
+
+def test_inspect_reports_missing_split(tmp_path, capsys):
+    inspect = load_script("scripts/inspect_data.py")
+    fx.build_class_folders(tmp_path / "mine", {"train": 3}, per_class=3)
+    with pytest.raises(TnasError, match="val"):
+        inspect.main(["--dataset", "folder", "--data_path", str(tmp_path / "mine"), "--img_size", "8",
+                      "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    report = json.loads(capsys.readouterr().out)
+    assert report["splits"]["train"]["classes"] == 3 and "error" in report["splits"]["val"]
+
+
+def test_inspect_cli_error_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "inspect_data.py"), "--dataset",
+                             "miniimagenet", "--data_path", str(tmp_path / "missing"), "--cache_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr and "missing" in result.stderr
+
+
+def test_benchmark_smoke(tmp_path, capsys):
+    bench = load_script("benchmarks/bench_episodes.py")
+    code = bench.main(["--source", "synthetic", "--img_size", "16", "--synthetic_classes", "6",
+                       "--synthetic_per_class", "16", "--seconds", "0.05", "--devices", "cpu"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    modes = {r["mode"] for r in report["results"]}
+    assert {"indices only", "host", "FixedEpisodes.batches"} <= modes
+    assert all(r["episodes_per_s"] > 0 for r in report["results"])

@@ -1,0 +1,116 @@
+"""The decode stage (scripts/decode.py): one genotype per fixed test episode from a T-NAS search."""
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from tnas.evaluate import genotype_counts
+from tnas.genotypes import genotype_from_dict
+
+try:
+    from test_evaluate import assert_one_line_error, need_train, run_in_process, tiny_runs
+except ImportError:  # run from elsewhere
+    from tests.test_evaluate import assert_one_line_error, need_train, run_in_process, tiny_runs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "decode.py")
+FAST = ["--episodes", "5", "--batch_size", "3", "--update_step_test", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    return tiny_runs(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("decode_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def decode(script, capsys):
+    return lambda *argv: run_in_process(script.main, argv, capsys)
+
+
+def read_lines(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8").read().splitlines()]
+
+
+def test_genotype_counts():
+    a, b, c = {"normal": [["skip_connect", 0]]}, {"normal": [["sep_conv_3x3", 1]]}, {"normal": []}
+    counts = genotype_counts([a, b, b, c, a, b])
+    assert [(group["genotype"], group["count"], group["episodes"]) for group in counts] == \
+        [(b, 3, [1, 2, 5]), (a, 2, [0, 4]), (c, 1, [3])]
+
+
+def test_decode_writes_one_genotype_per_episode(runs, decode, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("best.pt", "config.yaml"):
+        shutil.copy(runs["search"] / name, run_dir / name)
+    result = decode("--checkpoint", str(run_dir), *FAST)
+    assert result.returncode == 0, result.stderr
+    lines = read_lines(run_dir / "episode_genotypes.jsonl")  # the default output
+    assert [line["episode"] for line in lines] == list(range(5))
+    genotypes = [genotype_from_dict(line["genotype"]) for line in lines]  # valid genotypes
+    assert all(len(g.normal) == len(g.reduce) == 8 for g in genotypes)
+    summary = json.loads((run_dir / "decode_summary.json").read_text())
+    assert summary["episodes"] == 5 and summary["seed"] == 0 and summary["update_step_test"] == 1
+    assert sum(group["count"] for group in summary["counts"]) == 5
+    assert summary["distinct"] == len(summary["counts"]) == len({json.dumps(l["genotype"]) for l in lines})
+    assert sorted(i for group in summary["counts"] for i in group["episodes"]) == list(range(5))
+    assert [group["count"] for group in summary["counts"]] == sorted((g["count"] for g in summary["counts"]),
+                                                                      reverse=True)
+    assert f"5 episodes -> {summary['distinct']} distinct genotype(s)" in result.stdout
+
+
+def test_same_tasks_as_evaluate_and_batching_does_not_matter(runs, decode, tmp_path):
+    """Episode i is the task of the episodes file, decoded alone or in a batch of three."""
+    from tnas.data import FixedEpisodes, load_split
+    from tnas.stages.restore import learner_from_checkpoint
+
+    episodes_file = tmp_path / "episodes.npz"
+    out = tmp_path / "g.jsonl"
+    result = decode("--checkpoint", str(runs["search"]), "--episodes_file", str(episodes_file), "--out", str(out),
+                    "--seed", "3", *FAST)
+    assert result.returncode == 0, result.stderr
+    batched = [line["genotype"] for line in read_lines(out)]
+    assert json.loads((tmp_path / "decode_summary.json").read_text())["seed"] == 3
+    test = load_split("glyphs", "test", img_size=16, cache_dir=runs["cache_dir"])
+    episodes = FixedEpisodes.load(episodes_file, test)
+    assert episodes.seed == 3
+    learner, _ = learner_from_checkpoint(runs["search"], "cpu")
+    for index in (0, 4):
+        alone = learner.decode(episodes.batch([index]), steps=1)[0].to_dict()
+        assert alone == batched[index]
+
+
+def test_decode_refuses_other_checkpoints(runs, decode, tmp_path):
+    need_train(runs)
+    out = tmp_path / "g.jsonl"
+    result = decode("--checkpoint", str(runs["train"]), "--out", str(out), *FAST)
+    assert_one_line_error(result, "T-NAS search checkpoint", "'train' checkpoint of method 'maml'")
+    assert not out.exists()
+
+
+def test_decode_errors(runs, decode, tmp_path):
+    assert_one_line_error(decode("--checkpoint", str(tmp_path / "none.pt"), *FAST), "checkpoint not found")
+    assert_one_line_error(decode("--checkpoint", str(runs["search"]), "--out", str(tmp_path), *FAST),
+                          "is a directory")
+    assert_one_line_error(decode("--checkpoint", str(runs["search"]), "--n_way", "3", "--out",
+                                 str(tmp_path / "g.jsonl"), *FAST), "--n_way 3", "5-way")
+    assert not (tmp_path / "g.jsonl").exists() and not (tmp_path / "decode_summary.json").exists()

@@ -1,0 +1,345 @@
+"""The evaluate stage (scripts/evaluate.py, evaluate.sh): the CI formula, reproducible results.json,
+its fields, and one-line errors that leave an existing results.json alone.
+
+A tiny T-NAS search (glyphs at 16x16, C 4, one cell, one epoch of 2 tasks) and a tiny
+from-scratch training of its genotype run once per session (in process, shared on disk
+through the session's temporary directory, see :func:`tiny_runs`); the other test files
+of the evaluate/decode/restore stages reuse them. Most CLI runs go through
+``cli_entry(main)`` in process; one real ``evaluate.sh`` run comes last, since starting
+Python with torch costs seconds on shared cores (the errors go through the same
+``cli_entry``, which is what turns them into one line and exit status 2).
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tnas.errors import cli_entry
+from tnas.evaluate import format_accuracy, mean_ci95, results_record
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "evaluate.py")
+WRAPPER = os.path.join(REPO, "evaluate.sh")
+TIMEOUT_S = 120
+# Settings of every evaluation in these tests: a handful of tasks, one adaptation step.
+FAST = ["--episodes", "5", "--batch_size", "3", "--update_step_test", "1", "--device", "cpu"]
+RESULT_FIELDS = ("method", "dataset", "n_way", "k_shot", "episodes", "accuracy_mean", "ci95", "per_episode",
+                 "genotypes", "checkpoint", "update_step_test", "seed", "wall_time_s")
+
+
+# --------------------------------------------------------------------------- shared tiny runs
+def _cache_dir(base: Path) -> str:
+    return os.environ.get("TNAS_CACHE_DIR") or str(base / "glyph-cache")
+
+
+def tiny_runs(base: Path) -> dict:
+    """``{"search": dir, "train": dir, "cache_dir": dir}``: a tiny T-NAS search and a tiny MAML training of
+    its genotype, made once under ``base`` (the session's temporary root) and reused afterwards."""
+    root = base / "tnas_eval_runs"
+    runs = {"search": root / "search", "train": root / "train", "cache_dir": _cache_dir(base)}
+    done = root / "done"
+    if done.exists():
+        return runs
+    from tnas.config import parse_args
+    from tnas.stages import search
+    try:
+        from tnas.stages import train
+    except ImportError:  # the from-scratch stage is not there: no train run
+        train = None
+
+    shutil.rmtree(root, ignore_errors=True)
+    # The real search stage, minus its cell diagrams and alpha heatmaps (seconds of matplotlib each).
+    hook = search.genotype_epoch_hook
+    search.genotype_epoch_hook = _genotype_json_hook
+    common = ["--epochs", "1", "--tasks_per_epoch", "2", "--tasks_per_batch", "2", "--val_episodes", "2",
+              "--q_query", "2", "--C", "4", "--layers", "1", "--img_size", "16", "--inner_steps", "1",
+              "--inner_steps_test", "1", "--device", "cpu", "--log_every", "0", "--cache_dir", runs["cache_dir"]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread is many times faster than two fighting
+    try:
+        search.run(parse_args(search.build_parser(), common + ["--out", str(runs["search"])]))
+        if train is not None:
+            train.run(parse_args(train.build_parser(), common + ["--genotype", str(runs["search"]),
+                                                                 "--out", str(runs["train"])]))
+    finally:
+        torch.set_num_threads(threads)
+        search.genotype_epoch_hook = hook
+    done.write_text("ok\n")
+    return runs
+
+
+def need_train(runs):
+    if not (runs["train"] / "best.pt").exists():
+        pytest.skip("tnas.stages.train is not available: no from-scratch checkpoint to test with")
+
+
+def _genotype_json_hook(learner, run_dir, logger):
+    from tnas.genotypes import save_genotype
+
+    def hook(epoch, record):
+        genotype = learner.model.genotype()
+        save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
+        return {"genotype": genotype.to_dict()}
+
+    return hook
+
+
+def run_in_process(main, argv, capsys):
+    """``cli_entry(main)`` as ``__main__`` runs it; a CompletedProcess-like result."""
+    capsys.readouterr()
+    try:
+        cli_entry(lambda: main(list(argv)))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(argv), code, captured.out, captured.err)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    return tiny_runs(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def evaluate(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return lambda *argv: run_in_process(module.main, argv, capsys)
+
+
+def results_of(directory) -> dict:
+    return json.loads((Path(directory) / "results.json").read_text())
+
+
+def ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+# --------------------------------------------------------------------------- real subprocesses, started early
+@pytest.fixture(scope="module")
+def started(runs, tmp_path_factory):
+    """Start the real process when the last test asks for it (alongside the in-process tests it would
+    only slow them down on two shared cores)."""
+    work = tmp_path_factory.mktemp("evaluate_subprocess")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TNAS_PROGRESS="0",
+               PYTHON=sys.executable)
+    commands = {
+        "wrapper": ["bash", WRAPPER, "--checkpoint", str(runs["search"]), "--out", str(work / "ok"), *FAST],
+    }
+    processes = {key: subprocess.Popen(argv, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE) for key, argv in commands.items()}
+    yield processes, work
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+# --------------------------------------------------------------------------- the CI and the record
+def test_ci95_hand_computed():
+    stats = mean_ci95([50.0, 60.0, 70.0])
+    assert stats["accuracy_mean"] == pytest.approx(60.0, abs=1e-12)
+    assert stats["ci95"] == pytest.approx(1.96 * 10.0 / math.sqrt(3.0), abs=1e-12)  # std(ddof=1) = 10
+    assert stats["episodes"] == 3
+    assert mean_ci95([42.0])["ci95"] == 0.0
+
+
+def test_results_record_and_line():
+    record = results_record("tnas", "glyphs", 5, 1, [50.0, 60.0, 70.0], {"normal": []}, seed=3)
+    assert record["episodes"] == 3 and record["per_episode"] == [50.0, 60.0, 70.0] and record["seed"] == 3
+    assert record["ci95"] == pytest.approx(11.316, abs=1e-3)
+    assert format_accuracy(record) == "5-way 1-shot glyphs: 60.00 \u00b1 11.32% (3 episodes)"
+
+
+# --------------------------------------------------------------------------- successful runs
+def test_results_fields(runs, evaluate, tmp_path):
+    result = ok(evaluate("--checkpoint", str(runs["search"]), "--out", str(tmp_path), *FAST))
+    record = results_of(tmp_path)
+    for field in RESULT_FIELDS:
+        assert field in record, field
+    assert record["method"] == "tnas" and record["dataset"] == "glyphs"
+    assert (record["n_way"], record["k_shot"], record["q_query"]) == (5, 1, 2)  # the checkpoint's
+    assert record["episodes"] == 5 == len(record["per_episode"])
+    assert all(0.0 <= value <= 100.0 for value in record["per_episode"])
+    assert record["accuracy_mean"] == pytest.approx(np.mean(record["per_episode"]))
+    assert record["ci95"] == pytest.approx(mean_ci95(record["per_episode"])["ci95"])
+    assert record["checkpoint"] == str(runs["search"] / "best.pt")
+    assert record["update_step_test"] == 1 and record["seed"] == 0 and record["wall_time_s"] > 0
+    assert record["image_shape"] == [1, 16, 16]
+    from tnas.stages.restore import learner_from_checkpoint
+
+    learner, _ = learner_from_checkpoint(runs["search"])
+    assert record["genotypes"] == learner.genotype().to_dict()  # the meta-architecture
+    line = result.stdout.splitlines()[0]
+    assert line == (f"5-way 1-shot glyphs: {record['accuracy_mean']:.2f} \u00b1 {record['ci95']:.2f}% (5 episodes)")
+
+
+def test_same_seed_same_results_other_seed_other_episodes(runs, evaluate, tmp_path):
+    first, second, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    ok(evaluate("--checkpoint", str(runs["search"]), "--out", str(first), "--episodes_file",
+                str(tmp_path / "seed0.npz"), *FAST))
+    ok(evaluate("--checkpoint", str(runs["search"]), "--out", str(second), *FAST))
+    ok(evaluate("--checkpoint", str(runs["search"]), "--out", str(other), "--seed", "1", "--episodes_file",
+                str(tmp_path / "seed1.npz"), *FAST))
+    a, b, c = results_of(first), results_of(second), results_of(other)
+    assert a["per_episode"] == b["per_episode"] and a["accuracy_mean"] == b["accuracy_mean"]
+    assert a["ci95"] == b["ci95"]
+    assert c["seed"] == 1
+    seed0, seed1 = (np.load(tmp_path / name)["indices"] for name in ("seed0.npz", "seed1.npz"))
+    assert seed0.shape == seed1.shape == (5, 5, 3)
+    assert not np.array_equal(seed0, seed1)
+
+
+def test_episodes_file_fixes_the_tasks(runs, evaluate, tmp_path):
+    episodes = tmp_path / "episodes.json"
+    ok(evaluate("--checkpoint", str(runs["search"]), "--out", str(tmp_path / "a"), "--episodes_file",
+                str(episodes), *FAST))
+    assert episodes.exists()
+    # Another seed, same file: the file's tasks (and so the same accuracies).
+    ok(evaluate("--checkpoint", str(runs["search"]), "--out", str(tmp_path / "b"), "--episodes_file",
+                str(episodes), "--seed", "7", *FAST))
+    assert results_of(tmp_path / "a")["per_episode"] == results_of(tmp_path / "b")["per_episode"]
+    assert results_of(tmp_path / "b")["seed"] == 0  # the seed the file's episodes were drawn with
+    result = evaluate("--checkpoint", str(runs["search"]), "--out", str(tmp_path / "c"), "--episodes_file",
+                      str(episodes), "--episodes", "4", "--batch_size", "3", "--update_step_test", "1")
+    assert_one_line_error(result, "--episodes 4", "5 episodes")
+
+
+def test_default_out_is_the_checkpoint_run_dir(runs, evaluate, tmp_path):
+    run_dir = tmp_path / "copy"
+    run_dir.mkdir()
+    for name in ("best.pt", "config.yaml"):
+        shutil.copy(runs["search"] / name, run_dir / name)
+    ok(evaluate("--checkpoint", str(run_dir), *FAST))  # data/cache come from the run's config.yaml
+    assert results_of(run_dir)["episodes"] == 5
+
+
+def test_train_checkpoint_scores_the_derived_network(runs, evaluate, tmp_path):
+    need_train(runs)
+    ok(evaluate("--checkpoint", str(runs["train"]), "--out", str(tmp_path), "--genotype",
+                str(runs["search"] / "genotype.json"), *FAST))
+    record = results_of(tmp_path)
+    genotype = json.loads((runs["train"] / "genotype.json").read_text())
+    assert record["method"] == "maml" and record["stage"] == "train"
+    assert record["genotypes"] == genotype
+    assert record["parameters"] > 0 and len(record["per_episode"]) == 5
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.fixture
+def sentinel(tmp_path):
+    """An output directory with a results.json that a failing run must leave as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"sentinel": true}\n')
+    return out
+
+
+def _untouched(out):
+    assert (out / "results.json").read_text() == '{"sentinel": true}\n'
+    assert sorted(os.listdir(out)) == ["results.json"]
+
+
+def test_error_n_way(runs, evaluate, sentinel):
+    result = evaluate("--checkpoint", str(runs["search"]), "--n_way", "10", "--out", str(sentinel), *FAST)
+    assert_one_line_error(result, "--n_way 10", "5-way")
+    _untouched(sentinel)
+
+
+def test_error_img_size(runs, evaluate, sentinel):
+    result = evaluate("--checkpoint", str(runs["search"]), "--img_size", "32", "--out", str(sentinel), *FAST)
+    assert_one_line_error(result, "--img_size 32", "16x16", "[1, 16, 16]")
+    _untouched(sentinel)
+
+
+def test_error_genotype(runs, evaluate, sentinel):
+    need_train(runs)
+    result = evaluate("--checkpoint", str(runs["train"]), "--genotype", "auto_maml_1shot", "--out", str(sentinel),
+                      *FAST)
+    assert_one_line_error(result, "--genotype auto_maml_1shot", "avg_pool_3x3 0, avg_pool_3x3 1",
+                          str(runs["train"] / "best.pt"))
+    actual = json.loads((runs["train"] / "genotype.json").read_text())
+    assert f"{actual['normal'][0][0]} {actual['normal'][0][1]}" in result.stderr  # the checkpoint's genotype
+    _untouched(sentinel)
+
+
+def test_error_channels(runs, evaluate, sentinel, tmp_path):
+    """A checkpoint of 3-channel images scored on grayscale glyphs."""
+    from tnas.runlog import load_checkpoint, save_checkpoint
+    from tnas.meta.tnas import TNAS
+    from tnas.models.supernet import Supernet
+
+    state = load_checkpoint(runs["search"] / "best.pt")
+    summary = dict(state["summary"], image_shape=[3, 16, 16], model=dict(state["summary"]["model"], in_channels=3))
+    learner = TNAS(Supernet(**summary["model"]))
+    path = tmp_path / "rgb.pt"
+    save_checkpoint({"stage": "search", "summary": summary, "learner": learner.state_dict()}, path)
+    result = evaluate("--checkpoint", str(path), "--out", str(sentinel), "--cache_dir", runs["cache_dir"], *FAST)
+    assert_one_line_error(result, "1-channel", "3-channel", "[3, 16, 16]")
+    _untouched(sentinel)
+
+
+def test_error_missing_and_corrupt_checkpoints(runs, evaluate, sentinel, tmp_path):
+    missing = tmp_path / "nothing.pt"
+    assert_one_line_error(evaluate("--checkpoint", str(missing), "--out", str(sentinel), *FAST),
+                          "checkpoint not found", str(missing))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"this is not a checkpoint\x00\x01")
+    assert_one_line_error(evaluate("--checkpoint", str(corrupt), "--out", str(sentinel), *FAST),
+                          "cannot read checkpoint", str(corrupt))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((runs["search"] / "best.pt").read_bytes()[:5000])
+    assert_one_line_error(evaluate("--checkpoint", str(truncated), "--out", str(sentinel), *FAST), str(truncated))
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    assert_one_line_error(evaluate("--checkpoint", str(empty_run), "--out", str(sentinel), *FAST),
+                          "no best.pt", str(empty_run))
+    assert_one_line_error(evaluate("--out", str(sentinel), *FAST), "--checkpoint")
+    _untouched(sentinel)
+
+
+# --------------------------------------------------------------------------- the real processes (collected last)
+def _collect(process):
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_subprocess_wrapper_writes_results(started):
+    processes, work = started
+    result = ok(_collect(processes["wrapper"]))
+    record = results_of(work / "ok")
+    assert result.stdout.startswith(f"5-way 1-shot glyphs: {record['accuracy_mean']:.2f} \u00b1 ")
+    assert record["episodes"] == 5 and len(record["per_episode"]) == 5

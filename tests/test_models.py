@@ -1,0 +1,335 @@
+"""Supernet and derived Network on CPU: shapes, gradients, alphas, BatchNorm, drop path, functional use."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from tnas.genotypes import PUBLISHED, Genotype, decode_genotype, edge_inputs, num_edges
+from tnas.models.network import Network
+from tnas.models.skeleton import min_image_size, reduction_layout
+from tnas.models.supernet import Supernet
+
+N_WAY = 5
+BATCH = 2
+C_SMALL = 4
+
+# Every primitive but `none` in both cells, with a stride-2 skip (FactorizedReduce) in the reduction cell.
+ALL_OPS = Genotype(
+    normal=(("sep_conv_3x3", 0), ("sep_conv_5x5", 1), ("dil_conv_3x3", 0), ("dil_conv_5x5", 2),
+            ("max_pool_3x3", 1), ("avg_pool_3x3", 3), ("skip_connect", 0), ("skip_connect", 4)),
+    reduce=(("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_5x5", 0), ("dil_conv_3x3", 2),
+            ("dil_conv_5x5", 1), ("max_pool_3x3", 3), ("avg_pool_3x3", 0), ("skip_connect", 4)),
+)
+GENOTYPES = {"all_ops": ALL_OPS, **PUBLISHED}
+
+# (layers, in_channels, image size): mini-ImageNet 84 RGB, Omniglot 28 grayscale, CIFAR/FC100 32 RGB.
+CONFIGS = [(layers, channels, size) for layers in (1, 2, 3) for channels, size in ((3, 84), (1, 28), (3, 32))]
+CONFIG_IDS = [f"layers{layers}-{channels}x{size}" for layers, channels, size in CONFIGS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and on a shared 2-core machine two OpenMP
+    threads competing with other processes spin-wait and run 30-100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_input(channels, size, batch=BATCH, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, size, size, generator=generator, dtype=dtype)
+
+
+def make_labels(batch=BATCH):
+    return torch.arange(batch) % N_WAY
+
+
+def assert_finite_grad(name, parameter):
+    assert parameter.grad is not None, f"{name} got no gradient"
+    assert torch.isfinite(parameter.grad).all(), f"{name} has a non-finite gradient"
+
+
+# --------------------------------------------------------------------------- forward / backward
+
+@pytest.mark.parametrize("layers, channels, size", CONFIGS, ids=CONFIG_IDS)
+def test_supernet_forward_backward(layers, channels, size):
+    torch.manual_seed(0)
+    model = Supernet(n_way=N_WAY, C=C_SMALL, layers=layers, in_channels=channels)
+    logits = model(make_input(channels, size))
+    assert logits.shape == (BATCH, N_WAY)
+    assert torch.isfinite(logits).all()
+    F.cross_entropy(logits, make_labels()).backward()
+    for name, parameter in model.named_weights():
+        assert_finite_grad(name, parameter)
+    has_normal_cell = not all(reduction_layout(layers))
+    for name, parameter in model.named_alphas():
+        if name == "alpha_normal" and not has_normal_cell:
+            # layers=1 is a single reduction cell: alpha_normal takes no part in the forward.
+            assert parameter.grad is None
+            continue
+        assert_finite_grad(name, parameter)
+        # The `none` column too gets a gradient, through the softmax normaliser.
+        assert (parameter.grad.abs().sum(dim=0) > 0).all(), f"{name}: some op column has zero gradient"
+
+
+@pytest.mark.parametrize("genotype_name", sorted(GENOTYPES))
+@pytest.mark.parametrize("layers, channels, size", CONFIGS, ids=CONFIG_IDS)
+def test_network_forward_backward(layers, channels, size, genotype_name):
+    torch.manual_seed(0)
+    model = Network(GENOTYPES[genotype_name], n_way=N_WAY, C=C_SMALL, layers=layers, in_channels=channels)
+    logits = model(make_input(channels, size))
+    assert logits.shape == (BATCH, N_WAY)
+    assert torch.isfinite(logits).all()
+    F.cross_entropy(logits, make_labels()).backward()
+    for name, parameter in model.named_parameters():
+        assert_finite_grad(name, parameter)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_smallest_image_size_runs(layers):
+    size = min_image_size(layers)
+    torch.manual_seed(0)
+    x = make_input(1, size, batch=4)
+    assert Supernet(n_way=N_WAY, C=C_SMALL, layers=layers, in_channels=1)(x).shape == (4, N_WAY)
+    assert Network(ALL_OPS, n_way=N_WAY, C=C_SMALL, layers=layers, in_channels=1)(x).shape == (4, N_WAY)
+
+
+def test_cell_channels_and_layout():
+    model = Supernet(n_way=N_WAY, C=C_SMALL, layers=3)
+    assert [cell.reduction for cell in model.cells] == [False, True, True]
+    assert model.classifier.in_features == 4 * 4 * C_SMALL  # multiplier 4, C doubled twice
+    assert all(len(cell.edges) == num_edges(4) for cell in model.cells)
+    network = Network(PUBLISHED["auto_maml_5shot"], n_way=N_WAY, C=C_SMALL, layers=2)
+    assert network.classifier.in_features == 4 * 2 * C_SMALL
+
+
+# --------------------------------------------------------------------------- parameters
+
+def test_weights_and_alphas_partition_parameters():
+    model = Supernet(n_way=N_WAY, C=C_SMALL, layers=2)
+    weights, alphas = list(model.weights()), list(model.alphas())
+    all_ids = {id(p) for p in model.parameters()}
+    weight_ids, alpha_ids = {id(p) for p in weights}, {id(p) for p in alphas}
+    assert weight_ids.isdisjoint(alpha_ids)
+    assert weight_ids | alpha_ids == all_ids
+    assert len(weights) + len(alphas) == len(list(model.parameters()))
+    assert [name for name, _ in model.named_alphas()] == ["alpha_normal", "alpha_reduce"]
+    assert all(p.shape == (num_edges(4), 8) for p in alphas)
+    assert dict(model.named_weights()).keys() == {name for name, _ in model.named_parameters()} - {
+        "alpha_normal", "alpha_reduce"}
+
+
+@pytest.mark.parametrize("name, expected", [("auto_maml_1shot", 23_213), ("auto_maml_5shot", 26_061)])
+def test_published_parameter_counts(name, expected):
+    # The paper's setting: 5-way, C 16, 2 layers, 84x84 RGB (23.2K and 26.1K in the paper).
+    model = Network(PUBLISHED[name], n_way=5, C=16, layers=2, in_channels=3)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+# --------------------------------------------------------------------------- alphas as arguments
+
+def small_supernet(dtype=torch.float32, layers=2, seed=0):
+    torch.manual_seed(seed)
+    return Supernet(n_way=N_WAY, C=C_SMALL, layers=layers, in_channels=3).to(dtype)
+
+
+def test_forward_with_own_alphas_passed_explicitly_is_identical():
+    model = small_supernet(torch.float64)
+    with torch.no_grad():
+        model.alpha_normal.normal_()
+        model.alpha_reduce.normal_()
+    x = make_input(3, 16, dtype=torch.float64)
+    default = model(x)
+    explicit = model(x, alpha_normal=model.alpha_normal, alpha_reduce=model.alpha_reduce)
+    torch.testing.assert_close(explicit, default, rtol=0, atol=1e-12)
+    other = model(x, alpha_normal=torch.randn_like(model.alpha_normal), alpha_reduce=model.alpha_reduce)
+    assert (other - default).abs().max() > 1e-6
+    other = model(x, alpha_normal=model.alpha_normal, alpha_reduce=torch.randn_like(model.alpha_reduce))
+    assert (other - default).abs().max() > 1e-6
+
+
+def test_gradient_flows_to_passed_alphas_only():
+    model = small_supernet(torch.float64)
+    alpha_normal = torch.randn_like(model.alpha_normal, requires_grad=True)
+    alpha_reduce = torch.randn_like(model.alpha_reduce, requires_grad=True)
+    logits = model(make_input(3, 16, dtype=torch.float64), alpha_normal=alpha_normal, alpha_reduce=alpha_reduce)
+    F.cross_entropy(logits, make_labels()).backward()
+    for tensor in (alpha_normal, alpha_reduce):
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+    assert model.alpha_normal.grad is None and model.alpha_reduce.grad is None
+    assert all(p.grad is not None for p in model.weights())
+
+
+def test_alpha_gradient_matches_finite_difference():
+    model = small_supernet(torch.float64)
+    x = make_input(3, 16, dtype=torch.float64)
+    alpha_reduce = model.alpha_reduce.detach().clone()
+
+    def loss(alpha_normal):
+        return F.cross_entropy(model(x, alpha_normal=alpha_normal, alpha_reduce=alpha_reduce), make_labels())
+
+    alpha = model.alpha_normal.detach().clone().requires_grad_(True)
+    (analytic,) = torch.autograd.grad(loss(alpha), alpha)
+    eps = 1e-6
+    for row, column in [(0, 0), (3, 4), (13, 7)]:
+        step = torch.zeros_like(alpha)
+        step[row, column] = eps
+        with torch.no_grad():
+            numeric = (loss(alpha + step) - loss(alpha - step)) / (2 * eps)
+        assert abs(numeric.item() - analytic[row, column].item()) < 1e-6
+
+
+# --------------------------------------------------------------------------- genotype of the supernet
+
+def test_supernet_genotype_matches_decode():
+    model = small_supernet()
+    with torch.no_grad():
+        model.alpha_normal.normal_()
+        model.alpha_reduce.normal_()
+    assert model.genotype() == decode_genotype(model.alpha_normal, model.alpha_reduce)
+    # Make sep_conv_5x5 on input 1 of node 0 a clear winner; the decoded genotype follows.
+    with torch.no_grad():
+        model.alpha_normal[edge_inputs(4).index((0, 1)), 5] = 100.0
+    assert model.genotype().normal[0] == ("sep_conv_5x5", 1)
+    other = {"alpha_normal": torch.randn(14, 8), "alpha_reduce": torch.randn(14, 8)}
+    assert model.genotype(other) == decode_genotype(other["alpha_normal"], other["alpha_reduce"])
+
+
+# --------------------------------------------------------------------------- BatchNorm and drop path
+
+@pytest.mark.parametrize("kind", ["supernet", "network"])
+def test_batchnorm_keeps_no_running_stats(kind):
+    torch.manual_seed(0)
+    model = (Supernet(n_way=N_WAY, C=C_SMALL, layers=2) if kind == "supernet"
+             else Network(ALL_OPS, n_way=N_WAY, C=C_SMALL, layers=2))
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms
+    for norm in norms:
+        assert not norm.track_running_stats and norm.running_mean is None and norm.running_var is None
+        assert norm.affine == (kind == "network")
+    assert not list(model.buffers())
+    x = make_input(3, 28)
+    model.train()
+    train_out = model(x)
+    model.eval()
+    eval_out = model(x)
+    torch.testing.assert_close(eval_out, train_out, rtol=0, atol=0)
+
+
+def test_drop_path_only_in_train_mode_with_positive_prob():
+    torch.manual_seed(0)
+    model = Network(ALL_OPS, n_way=N_WAY, C=C_SMALL, layers=2, drop_path_prob=0.5)
+    x = make_input(3, 28, batch=4)
+
+    model.train()
+    torch.manual_seed(1)
+    first = model(x)
+    torch.manual_seed(2)
+    second = model(x)
+    torch.manual_seed(1)
+    repeat = model(x)
+    assert (first - second).abs().max() > 1e-6, "drop path should make training outputs random"
+    torch.testing.assert_close(repeat, first, rtol=0, atol=0)
+
+    model.eval()
+    eval_out = model(x)
+    model.drop_path_prob = 0.0
+    torch.testing.assert_close(model(x), eval_out, rtol=0, atol=0)  # eval ignores the prob
+    model.train()
+    torch.manual_seed(3)
+    no_drop_a = model(x)
+    torch.manual_seed(4)
+    no_drop_b = model(x)
+    torch.testing.assert_close(no_drop_a, no_drop_b, rtol=0, atol=0)  # prob 0: deterministic
+    torch.testing.assert_close(no_drop_a, eval_out, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- functional use
+
+TASKS = 3
+
+
+def batched_parameters(model, tasks=TASKS, scale=0.05, seed=1):
+    """Per-task copies of every parameter (alphas included), each perturbed differently: [T, ...]."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: p.detach().unsqueeze(0) + scale * torch.randn((tasks, *p.shape), generator=generator,
+                                                                  dtype=p.dtype)
+            for name, p in model.named_parameters()}
+
+
+def make_functional_models():
+    torch.manual_seed(0)
+    supernet = Supernet(n_way=N_WAY, C=C_SMALL, layers=2, in_channels=3).double()
+    with torch.no_grad():
+        supernet.alpha_normal.normal_()
+        supernet.alpha_reduce.normal_()
+    network = Network(ALL_OPS, n_way=N_WAY, C=C_SMALL, layers=2, in_channels=3).double()
+    return {"supernet": supernet, "network": network}
+
+
+@pytest.fixture(scope="module")
+def functional_models():
+    return make_functional_models()
+
+
+@pytest.mark.parametrize("kind", ["supernet", "network"])
+def test_functional_call_equals_module(functional_models, kind):
+    model = functional_models[kind]
+    x = make_input(3, 16, dtype=torch.float64)
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.testing.assert_close(functional_call(model, params, (x,)), model(x), rtol=0, atol=1e-12)
+    shifted = {name: p + 0.1 for name, p in params.items()}
+    assert (functional_call(model, shifted, (x,)) - model(x)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["supernet", "network"])
+def test_vmap_over_tasks_equals_loop(functional_models, kind):
+    model = functional_models[kind]
+    params = batched_parameters(model)
+    inputs = make_input(3, 16, batch=TASKS * BATCH, dtype=torch.float64).view(TASKS, BATCH, 3, 16, 16)
+
+    def run(task_params, task_inputs):
+        return functional_call(model, task_params, (task_inputs,))
+
+    batched = vmap(run)(params, inputs)
+    looped = torch.stack([run({name: p[t] for name, p in params.items()}, inputs[t]) for t in range(TASKS)])
+    assert batched.shape == (TASKS, BATCH, N_WAY)
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
+    assert (looped[0] - looped[1]).abs().max() > 1e-6  # the tasks really differ
+
+
+@pytest.mark.parametrize("kind", ["supernet", "network"])
+def test_vmap_of_grad_equals_loop_of_autograd(functional_models, kind):
+    """The inner-loop building block: per-task gradients w.r.t. all parameters, batched over tasks."""
+    model = functional_models[kind]
+    tasks = 2
+    params = batched_parameters(model, tasks=tasks, seed=2)
+    inputs = make_input(3, 16, batch=tasks * BATCH, dtype=torch.float64, seed=3).view(tasks, BATCH, 3, 16, 16)
+    labels = make_labels().expand(tasks, BATCH)
+
+    def loss(task_params, task_inputs, task_labels):
+        return F.cross_entropy(functional_call(model, task_params, (task_inputs,)), task_labels)
+
+    batched = vmap(grad(loss))(params, inputs, labels)
+    for t in range(tasks):
+        task_params = {name: p[t].clone().requires_grad_(True) for name, p in params.items()}
+        names = list(task_params)
+        grads = torch.autograd.grad(loss(task_params, inputs[t], labels[t]), [task_params[n] for n in names])
+        for name, expected in zip(names, grads):
+            torch.testing.assert_close(batched[name][t], expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_vmap_with_passed_alphas(functional_models):
+    """Shared weights, per-task alphas passed as forward arguments."""
+    model = functional_models["supernet"]
+    generator = torch.Generator().manual_seed(4)
+    alpha_normal = torch.randn(TASKS, 14, 8, generator=generator, dtype=torch.float64)
+    alpha_reduce = torch.randn(TASKS, 14, 8, generator=generator, dtype=torch.float64)
+    inputs = make_input(3, 16, batch=TASKS * BATCH, dtype=torch.float64).view(TASKS, BATCH, 3, 16, 16)
+    batched = vmap(lambda x, an, ar: model(x, alpha_normal=an, alpha_reduce=ar))(inputs, alpha_normal, alpha_reduce)
+    looped = torch.stack([model(inputs[t], alpha_normal=alpha_normal[t], alpha_reduce=alpha_reduce[t])
+                          for t in range(TASKS)])
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)

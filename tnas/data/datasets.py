@@ -1,0 +1,153 @@
+"""The dataset registry (`DATASETS`) and `load_split`, the one entry point from a dataset name to
+an `ImageSplit` backed by the uint8 cache.
+
+Normalisation: ``ImageSplit.mean`` / ``.std`` are the per-channel statistics of the dataset's
+*train* split at the same size, channels and options (computed once, stored in the cache), so
+train, val and test are normalised alike. Loading val or test therefore builds the train
+cache too if it is missing; if the train split is not on disk at all, the split's own
+statistics are used.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from tnas.data.cache import CacheEntry, SplitSource, entry_directory, open_cache_entry
+from tnas.data import formats
+from tnas.data.glyphs import find_glyphs
+from tnas.data.split import ImageSplit
+from tnas.errors import TnasError
+
+__all__ = ["DATASETS", "DatasetSpec", "load_split", "get_dataset", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to find a dataset on disk and what it looks like by default."""
+
+    name: str
+    default_img_size: int
+    default_channels: int
+    needs_data_path: bool
+    layout: str
+    description: str
+    find: Callable[[Optional[str], str, Dict[str, Any]], SplitSource]
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def resolve_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise TnasError(f"dataset '{self.name}' has no option '{unknown[0]}' (its options: {known})")
+        resolved = dict(self.options)
+        resolved.update(options)
+        return resolved
+
+
+DATASETS: Dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec("miniimagenet", 84, 3, True, formats.MINI_LAYOUT,
+                    "mini-ImageNet, 64/16/20 classes of 600 images (Ravi & Larochelle split)",
+                    formats.find_miniimagenet),
+        DatasetSpec("omniglot", 28, 1, True, formats.OMNIGLOT_LAYOUT,
+                    "Omniglot, 1,623 handwritten characters: 1100/100/423 train/val/test",
+                    formats.find_omniglot, {"rotations": False}),
+        DatasetSpec("cifar_fs", 32, 3, True, formats.CIFAR_LAYOUT,
+                    "CIFAR-FS, CIFAR-100 split 64/16/20 by class (Bertinetto et al. 2019)", formats.find_cifar_fs),
+        DatasetSpec("fc100", 32, 3, True, formats.CIFAR_LAYOUT,
+                    "FC100, CIFAR-100 split 12/4/4 by superclass = 60/20/20 classes (Oreshkin et al. 2018)",
+                    formats.find_fc100),
+        DatasetSpec("tieredimagenet", 84, 3, True, formats.TIERED_LAYOUT,
+                    "tieredImageNet, 351/97/160 classes (Ren et al. 2018)", formats.find_tieredimagenet),
+        DatasetSpec("folder", 84, 3, True, formats.FOLDER_LAYOUT,
+                    "your own images: DIR/{train,val,test}/<class>/*.png|jpg", formats.find_folder),
+        DatasetSpec("glyphs", 28, 1, False, "nothing: rendered from matplotlib's bundled fonts",
+                    "embedded demo: characters in random fonts and jitter, 146/49/48 classes of 20 images",
+                    find_glyphs, {"images_per_class": 20, "seed": 0}),
+    )
+}
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    key = str(name).strip().lower().replace("-", "_")
+    aliases = {"mini_imagenet": "miniimagenet", "tiered_imagenet": "tieredimagenet", "cifarfs": "cifar_fs"}
+    key = aliases.get(key, key)
+    if key not in DATASETS:
+        raise TnasError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+def _check_split(split: str) -> str:
+    value = str(split).strip().lower()
+    value = {"validation": "val", "valid": "val"}.get(value, value)
+    if value not in SPLITS:
+        raise TnasError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    return value
+
+
+def _check_size(spec: DatasetSpec, img_size: Optional[int], channels: Optional[int]) -> Tuple[int, int]:
+    size = spec.default_img_size if img_size is None else img_size
+    chans = spec.default_channels if channels is None else channels
+    if isinstance(size, bool) or not isinstance(size, int) or not 4 <= size <= 1024:
+        raise TnasError(f"--img_size must be an integer in 4..1024, got {img_size!r}")
+    if isinstance(chans, bool) or chans not in (1, 3):
+        raise TnasError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    return int(size), int(chans)
+
+
+def _resolve_root(spec: DatasetSpec, data_path: Optional[str]) -> Optional[str]:
+    if not spec.needs_data_path or data_path is None:
+        return None
+    return os.path.realpath(os.path.abspath(os.path.expanduser(str(data_path))))
+
+
+def _open(spec: DatasetSpec, split: str, root: Optional[str], img_size: int, channels: int, cache_dir: Optional[str],
+          options: Dict[str, Any], num_workers: Optional[int], progress: Optional[bool]) -> CacheEntry:
+    directory = entry_directory(cache_dir, spec.name, split, img_size, channels, root, options)
+    try:
+        source: Optional[SplitSource] = spec.find(root, split, options)
+        error: Optional[TnasError] = None
+    except TnasError as problem:
+        if spec.needs_data_path and root is None:
+            raise  # no path given: never guess a cache entry
+        source, error = None, problem
+    return open_cache_entry(directory, f"{spec.name}/{split}", img_size, channels, source, error, num_workers, progress)
+
+
+def load_split(dataset: str, split: str, data_path: Optional[str] = None, img_size: Optional[int] = None,
+               channels: Optional[int] = None, cache_dir: Optional[str] = None, **options: Any) -> ImageSplit:
+    """Load one split of a dataset as an `ImageSplit`, decoding it into the cache on first use.
+
+    ``dataset``: a key of `DATASETS`; ``split``: train / val / test; ``data_path``: the
+    dataset's root directory (not needed for glyphs); ``img_size`` / ``channels``: default
+    per dataset (84/3 mini- and tieredImageNet and folder, 28/1 omniglot and glyphs, 32/3
+    CIFAR-FS and FC100); ``cache_dir``: default ``$TNAS_CACHE_DIR`` or ``~/.cache/tnas``.
+    ``options``: dataset options (omniglot ``rotations``; glyphs ``images_per_class``,
+    ``seed``), plus ``num_workers`` (decoding processes) and ``progress`` (tqdm bar: True,
+    False, or None: ``$TNAS_PROGRESS`` 0/1, else on for a terminal), which do not change the
+    cached content.
+    """
+    spec = get_dataset(dataset)
+    split = _check_split(split)
+    size, chans = _check_size(spec, img_size, channels)
+    num_workers = options.pop("num_workers", None)
+    progress = options.pop("progress", None)
+    resolved = spec.resolve_options(options)
+    root = _resolve_root(spec, data_path)
+    layout = spec.layout.replace("{split}", split)
+    if spec.needs_data_path and root is None:
+        raise TnasError(f"dataset '{spec.name}' needs --data_path DIR (expected layout: {layout})")
+    entry = _open(spec, split, root, size, chans, cache_dir, resolved, num_workers, progress)
+    mean, std = entry.meta["pixel_mean"], entry.meta["pixel_std"]
+    if split != "train":
+        try:
+            train = _open(spec, "train", root, size, chans, cache_dir, resolved, num_workers, progress)
+            mean, std = train.meta["pixel_mean"], train.meta["pixel_std"]
+        except TnasError:
+            pass  # no train split on disk: normalise with this split's own statistics
+    return ImageSplit(images=entry.images, labels=entry.labels, class_names=list(entry.meta["class_names"]),
+                      name=f"{spec.name}/{split}", mean=tuple(mean), std=tuple(std), cache_path=entry.directory)

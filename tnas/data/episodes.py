@@ -1,0 +1,497 @@
+"""Few-shot episodes from an `ImageSplit`: random meta-batches (`EpisodeSampler`) and a fixed,
+saveable set of evaluation episodes (`FixedEpisodes`), both delivered as `EpisodeBatch`.
+
+Layout of one meta-batch of T tasks, n-way, k-shot, q queries per class:
+
+- ``support_x`` [T, n*k, C, H, W] float32, normalised ``(x/255 - mean) / std``;
+- ``support_y`` [T, n*k] int64, class-major: ``[0]*k + [1]*k + ... + [n-1]*k``;
+- ``query_x`` [T, n*q, C, H, W] and ``query_y`` [T, n*q], class-major the same way.
+
+Label j of a task is the j-th of its n classes, drawn in random order, so labels carry no
+information about the dataset's class ids. Support and query images of a task are distinct.
+
+How a batch is made: episodes are integer index arrays (T, n, k+q) drawn with vectorised
+numpy (a `numpy.random.Generator`, so a seed reproduces them and `state_dict` resumes them);
+the uint8 images are gathered with one ``index_select``, moved to the device as uint8 (or
+gathered there directly when the whole split is kept on the GPU), optionally augmented there
+(random flips / shifts, uint8), then converted to float and normalised on the device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from tnas.data.split import ImageSplit
+from tnas.errors import TnasError
+
+__all__ = ["EpisodeBatch", "EpisodeSampler", "FixedEpisodes", "sample_episode_indices", "check_episode_shape"]
+
+AUGMENT_MODES = {False: (), None: (), True: ("flip", "shift"), "none": (), "flip": ("flip",), "shift": ("shift",),
+                 "flip+shift": ("flip", "shift")}
+_MAX_SAMPLING_KEYS = 1 << 22  # random keys drawn at once when choosing images within classes
+_CHANNELS_FIRST_COPY_MAX_BYTES = 4 << 30
+_CPU_BLOCK_BYTES = 2 << 20  # float32 bytes normalised per step on CPU  # keep a (N, C, H, W) copy of RGB splits up to this size
+
+
+@dataclass
+class EpisodeBatch:
+    """A meta-batch of T tasks (see the module docstring for the layout)."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "EpisodeBatch":
+        return EpisodeBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.support_x, self.support_y, self.query_x, self.query_y))
+
+    def __getitem__(self, tasks: Union[int, slice, Sequence[int], torch.Tensor]) -> "EpisodeBatch":
+        """The batch restricted to some tasks (the task dimension is kept)."""
+        if isinstance(tasks, int):
+            tasks = slice(tasks, tasks + 1 if tasks != -1 else None)
+        return EpisodeBatch(*(t[tasks] for t in self))
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.support_x.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.support_x.device
+
+
+def check_episode_shape(split: ImageSplit, n_way: int, k_shot: int, q_query: int) -> None:
+    """Raise TnasError unless every task of n_way classes with k_shot + q_query images each can be drawn."""
+    for flag, value, low in (("n_way", n_way, 1), ("k_shot", k_shot, 1), ("q_query", q_query, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise TnasError(f"--{flag} must be an integer >= {low}, got {value!r}")
+    if n_way > split.num_classes:
+        raise TnasError(f"{split.name}: n_way={n_way} is more than the {split.num_classes} classes of this split")
+    needed = k_shot + q_query
+    counts = split.class_counts()
+    small = np.flatnonzero(counts < needed)
+    if small.size:
+        worst = int(small[np.argmin(counts[small])])
+        raise TnasError(f"{split.name}: class '{split.class_names[worst]}' has {int(counts[worst])} images, fewer than "
+                        f"k_shot + q_query = {k_shot} + {q_query} = {needed} ({small.size} class(es) this small)")
+
+
+def sample_episode_indices(split: ImageSplit, rng: np.random.Generator, tasks: int, n_way: int,
+                           per_class: int) -> np.ndarray:
+    """Image indices (tasks, n_way, per_class): n_way distinct classes per task in random order,
+    per_class distinct images per class in random order. Fully vectorised."""
+    order, offsets, counts = split.class_index()
+    classes = np.argsort(rng.random((tasks, split.num_classes)), axis=1)[:, :n_way]
+    class_counts = counts[classes]
+    widest = int(class_counts.max())
+    positions = np.empty((tasks, n_way, per_class), np.int64)
+    step = max(1, _MAX_SAMPLING_KEYS // (n_way * widest))  # bounds memory for very large classes
+    for start in range(0, tasks, step):
+        stop = min(tasks, start + step)
+        keys = rng.random((stop - start, n_way, widest))
+        keys[np.arange(widest) >= class_counts[start:stop, :, None]] = 2.0  # past a class's size: never chosen
+        if per_class < widest:
+            candidates = np.argpartition(keys, per_class - 1, axis=-1)[..., :per_class]
+        else:
+            candidates = np.broadcast_to(np.arange(widest), keys.shape)
+        chosen_keys = np.take_along_axis(keys, candidates, axis=-1)
+        positions[start:stop] = np.take_along_axis(candidates, np.argsort(chosen_keys, axis=-1), axis=-1)
+    return order[offsets[classes][..., None] + positions]
+
+
+def _find_storage_use_count():
+    """(``tensor -> references to its storage``, the count for an unshared tensor), from a private
+    torch API; (None, 0) where it is missing or does not behave as expected."""
+    counter = getattr(torch._C, "_storage_Use_Count", None)
+    if counter is None:
+        return None, 0
+
+    def use_count(tensor: torch.Tensor) -> int:
+        return int(counter(tensor.untyped_storage()._cdata))
+
+    try:
+        probe = torch.empty(4)
+        alone = use_count(probe)
+        view = probe[1:]
+        if use_count(probe) != alone + 1:
+            return None, 0
+        del view
+        if use_count(probe) != alone:
+            return None, 0
+    except Exception:
+        return None, 0
+    return use_count, alone
+
+
+# count seen when only the pool's tensor holds a storage (2: the tensor + the object made to ask)
+_storage_use_count, _UNSHARED_USE_COUNT = _find_storage_use_count()
+# split -> {device: (N, C, H, W) uint8 copy on that device}; dropped with the split
+_RESIDENT: "weakref.WeakKeyDictionary[ImageSplit, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_OUTPUT_POOL = 3
+
+
+class _ImageLoader:
+    """Turns flat image indices into normalised float tensors (M, C, H, W) on one device."""
+
+    def __init__(self, split: ImageSplit, device: Union[str, torch.device], keep_on_device: Union[bool, str] = "auto"):
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise TnasError(f"--device {device!r} is not a torch device ({error})") from None
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise TnasError(f"--device {device} was asked for, but CUDA is not available on this machine")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        count, height, width, channels = split.images.shape
+        self.item_shape = (channels, height, width)
+        mean = torch.tensor(split.mean, dtype=torch.float32)
+        std = torch.tensor(split.std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std)).view(1, channels, 1, 1).to(self.device)
+        self.shift = (-mean / std).view(1, channels, 1, 1).to(self.device)
+        self.resident: Optional[torch.Tensor] = None
+        self.host: Optional[torch.Tensor] = None
+        self._host_channels_last = False
+        self._pinned: List[Tuple[torch.Tensor, Any]] = []
+        self._turn = 0
+        self._outputs: List[torch.Tensor] = []
+        if self.device.type != "cpu":
+            uploaded = _RESIDENT.setdefault(split, {})
+            key = str(self.device)
+            if key not in uploaded and self._want_resident(keep_on_device, split.images.nbytes):
+                uploaded[key] = self._upload(split.images)
+            if key in uploaded and keep_on_device is not False:
+                self.resident = uploaded[key]  # shared by every loader of this split on this device
+                return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # memory-mapped arrays are read-only; we never write to them
+            if channels == 1 or split.images.nbytes <= _CHANNELS_FIRST_COPY_MAX_BYTES:
+                self.host = torch.from_numpy(split.images_channels_first())  # (N, C, H, W)
+                self._host_channels_last = False
+            else:  # too big to keep a transposed copy: gather (N, H, W, C) rows, permute per batch
+                self.host = torch.from_numpy(split.images)
+                self._host_channels_last = True
+
+    def _want_resident(self, keep: Union[bool, str], nbytes: int) -> bool:
+        if keep == "auto":
+            if self.device.type != "cuda":
+                return nbytes <= (1 << 30)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return nbytes <= 0.3 * free
+        return bool(keep)
+
+    def _upload(self, images: np.ndarray) -> torch.Tensor:
+        count, height, width, channels = images.shape
+        resident = torch.empty((count, channels, height, width), dtype=torch.uint8, device=self.device)
+        step = max(1, (128 << 20) // max(1, images[0].nbytes))
+        for start in range(0, count, step):
+            block = torch.from_numpy(np.ascontiguousarray(images[start:start + step])).to(self.device)
+            resident[start:start + block.shape[0]].copy_(block.permute(0, 3, 1, 2))
+        return resident
+
+    def _gather(self, flat: np.ndarray) -> torch.Tensor:
+        """(M, C, H, W) uint8 on the device (possibly a channels-last strided view)."""
+        index = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.int64))
+        if self.resident is not None:
+            return self.resident.index_select(0, index.to(self.device, non_blocking=True))
+        assert self.host is not None
+        if self.device.type == "cuda":
+            images = self._gather_pinned(index)
+        else:
+            images = self.host.index_select(0, index)
+            if self.device.type != "cpu":
+                images = images.to(self.device)
+        return images.permute(0, 3, 1, 2) if self._host_channels_last else images
+
+    def _gather_pinned(self, index: torch.Tensor) -> torch.Tensor:
+        # Two pinned staging buffers used in turn; wait for a buffer's previous copy before reuse.
+        assert self.host is not None
+        shape = (index.shape[0],) + tuple(self.host.shape[1:])
+        if len(self._pinned) < 2 or self._pinned[0][0].shape[0] < shape[0]:
+            self._pinned = [(torch.empty(shape, dtype=torch.uint8).pin_memory(), None) for _ in range(2)]
+        buffer, event = self._pinned[self._turn]
+        if event is not None:
+            event.synchronize()
+        staging = buffer[:shape[0]]
+        torch.index_select(self.host, 0, index, out=staging)
+        on_device = staging.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._pinned[self._turn] = (buffer, event)
+        self._turn = 1 - self._turn
+        return on_device
+
+    def load(self, flat: np.ndarray, shifts: Optional[np.ndarray] = None, flips: Optional[np.ndarray] = None) -> torch.Tensor:
+        images = self._gather(flat)
+        if shifts is not None or flips is not None:
+            images = _augment(images, shifts, flips)
+        out = self._output_buffer(tuple(images.shape), images.device)
+        count = images.shape[0]
+        # On CPU, convert in blocks that stay in cache (about 40 % faster than whole-batch passes).
+        step = max(1, _CPU_BLOCK_BYTES // (4 * out[0].numel())) if out.device.type == "cpu" else count
+        for start in range(0, count, step):
+            block = out[start:start + step]
+            block.copy_(images[start:start + step])  # uint8 -> float32, whatever the source strides
+            block.mul_(self.scale).add_(self.shift)
+        return out
+
+    def _output_buffer(self, shape: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """A float32 output tensor; on CPU, a previous one is reused when nothing else refers to it.
+
+        Fresh large CPU allocations cost page faults (more than the conversion itself), so the
+        loader keeps a few output buffers and recycles one whose storage is referenced only by
+        the pool: once a batch's tensors (and anything viewing them, including autograd's saved
+        inputs) are gone, its memory is reused. Without the storage use count, allocate anew.
+        """
+        if device.type != "cpu" or _storage_use_count is None:
+            return torch.empty(shape, dtype=torch.float32, device=device)
+        for buffer in self._outputs:
+            if tuple(buffer.shape) == shape and _storage_use_count(buffer) <= _UNSHARED_USE_COUNT:
+                return buffer
+        buffer = torch.empty(shape, dtype=torch.float32)
+        self._outputs = ([buffer] + self._outputs)[:_OUTPUT_POOL]
+        return buffer
+
+
+def _augment(images: torch.Tensor, shifts: Optional[np.ndarray], flips: Optional[np.ndarray]) -> torch.Tensor:
+    """Per-image horizontal flip and integer shift (edge pixels repeated) of (M, C, H, W) uint8."""
+    count, channels, height, width = images.shape
+    device = images.device
+    images = images.contiguous()
+    if shifts is not None:
+        offsets = torch.from_numpy(shifts).to(device)
+        rows = (torch.arange(height, device=device) + offsets[:, :1]).clamp_(0, height - 1)  # (M, H)
+        planes = torch.arange(count * channels, device=device).view(count, channels, 1) * height
+        flat_rows = (planes + rows[:, None, :]).reshape(-1)
+        images = images.view(-1, width).index_select(0, flat_rows).view(count, channels, height, width)
+    cols = torch.arange(width, device=device).expand(count, width)
+    if flips is not None:
+        cols = torch.where(torch.from_numpy(flips).to(device)[:, None], width - 1 - cols, cols)
+    if shifts is not None:
+        cols = (cols + offsets[:, 1:]).clamp(0, width - 1)
+    index = cols[:, None, :].expand(count, channels * height, width)
+    return torch.gather(images.view(count, channels * height, width), 2, index).view(count, channels, height, width)
+
+
+def _class_major_labels(tasks: int, n_way: int, per_class: int, device: torch.device) -> torch.Tensor:
+    labels = torch.arange(n_way, device=device).repeat_interleave(per_class)
+    return labels.unsqueeze(0).expand(tasks, -1).contiguous()
+
+
+def _make_batch(loader: _ImageLoader, indices: np.ndarray, k_shot: int, shifts: Optional[np.ndarray] = None,
+                flips: Optional[np.ndarray] = None) -> EpisodeBatch:
+    tasks, n_way, per_class = indices.shape
+    q_query = per_class - k_shot
+    flat = np.concatenate([indices[:, :, :k_shot].reshape(-1), indices[:, :, k_shot:].reshape(-1)])
+    images = loader.load(flat, shifts, flips)
+    n_support = tasks * n_way * k_shot
+    shape = loader.item_shape
+    support_x = images[:n_support].view(tasks, n_way * k_shot, *shape)
+    query_x = images[n_support:].view(tasks, n_way * q_query, *shape)
+    return EpisodeBatch(support_x, _class_major_labels(tasks, n_way, k_shot, loader.device),
+                        query_x, _class_major_labels(tasks, n_way, q_query, loader.device))
+
+
+class EpisodeSampler:
+    """Random meta-batches of ``tasks_per_batch`` n-way k-shot tasks from a split.
+
+    ``augment``: False (default), True / "flip+shift", "flip" or "shift": random horizontal
+    flips and shifts of up to 10 % of the image size, drawn per image from the sampler's
+    generator and applied on the device (leave off for characters: a flipped glyph is another
+    class). ``keep_on_device``: "auto" keeps the whole uint8 split on a GPU when it takes less
+    than 30 % of the free memory (no per-batch host transfer), True / False force it.
+    ``sample()`` returns an `EpisodeBatch`; iterating the sampler yields batches forever.
+    """
+
+    def __init__(self, split: ImageSplit, n_way: int = 5, k_shot: int = 1, q_query: int = 15,
+                 tasks_per_batch: int = 4, device: Union[str, torch.device] = "cpu", seed: int = 0,
+                 augment: Union[bool, str] = False, keep_on_device: Union[bool, str] = "auto") -> None:
+        check_episode_shape(split, n_way, k_shot, q_query)
+        if isinstance(tasks_per_batch, bool) or not isinstance(tasks_per_batch, (int, np.integer)) or tasks_per_batch < 1:
+            raise TnasError(f"--tasks_per_batch must be an integer >= 1, got {tasks_per_batch!r}")
+        key = augment.lower() if isinstance(augment, str) else augment
+        if key not in AUGMENT_MODES:
+            raise TnasError(f"augment must be one of False, True, 'flip', 'shift', 'flip+shift'; got {augment!r}")
+        self.split = split
+        self.n_way, self.k_shot, self.q_query = int(n_way), int(k_shot), int(q_query)
+        self.tasks_per_batch = int(tasks_per_batch)
+        self.augment = AUGMENT_MODES[key]
+        self.seed = seed
+        self.batches_drawn = 0
+        self._rng = np.random.default_rng(seed)
+        self._loader = _ImageLoader(split, device, keep_on_device)
+        self.device = self._loader.device
+        _, height, width = split.image_shape
+        self._max_shift = max(1, int(round(0.1 * min(height, width))))
+
+    def sample_indices(self) -> np.ndarray:
+        """Image indices of the next meta-batch, shape (T, n_way, k_shot + q_query); advances the state."""
+        indices = sample_episode_indices(self.split, self._rng, self.tasks_per_batch, self.n_way,
+                                         self.k_shot + self.q_query)
+        self.batches_drawn += 1
+        return indices
+
+    def sample(self) -> EpisodeBatch:
+        """The next meta-batch, on ``self.device``."""
+        indices = self.sample_indices()
+        count = indices.size
+        shifts = flips = None
+        if "flip" in self.augment:
+            flips = self._rng.random(count) < 0.5
+        if "shift" in self.augment:
+            shifts = self._rng.integers(-self._max_shift, self._max_shift + 1, size=(count, 2))
+        return _make_batch(self._loader, indices, self.k_shot, shifts, flips)
+
+    def __iter__(self) -> Iterator[EpisodeBatch]:
+        while True:
+            yield self.sample()
+
+    def _config(self) -> Dict[str, Any]:
+        return {"split": self.split.name, "n_way": self.n_way, "k_shot": self.k_shot, "q_query": self.q_query,
+                "tasks_per_batch": self.tasks_per_batch, "augment": list(self.augment), "num_images": len(self.split)}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue the exact sequence of batches (picklable, JSON-able)."""
+        return {"rng": self._rng.bit_generator.state, "batches_drawn": self.batches_drawn, "config": self._config()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        config = state.get("config", {})
+        mine = self._config()
+        different = [k for k in mine if k in config and config[k] != mine[k]]
+        if different:
+            key = different[0]
+            raise TnasError(f"sampler state was saved with {key}={config[key]!r}, this sampler has {key}={mine[key]!r}")
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise TnasError(f"sampler state has no valid 'rng' entry ({error})") from None
+        self._rng = rng
+        self.batches_drawn = int(state.get("batches_drawn", 0))
+
+
+class FixedEpisodes:
+    """A fixed list of evaluation episodes (image indices), generated from a seed and saveable.
+
+    Every method evaluated on the same file is scored on the same tasks. Files are small:
+    ``.npz`` (default) or ``.json`` holding the index array (episodes, n_way, k_shot + q_query),
+    the shape of the task, the split name and a fingerprint of the split's labels.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, split: ImageSplit, indices: np.ndarray, n_way: int, k_shot: int, q_query: int,
+                 seed: Optional[int] = None) -> None:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim != 3 or indices.shape[1:] != (n_way, k_shot + q_query):
+            raise TnasError(f"episode indices must have shape (episodes, {n_way}, {k_shot + q_query}), got {indices.shape}")
+        if indices.size and (indices.min() < 0 or indices.max() >= len(split)):
+            raise TnasError(f"{split.name}: episode indices refer to image {int(indices.max())}, "
+                            f"but the split has {len(split)} images")
+        self.split = split
+        self.indices = indices
+        self.n_way, self.k_shot, self.q_query = int(n_way), int(k_shot), int(q_query)
+        self.seed = seed
+        self._loaders: Dict[str, _ImageLoader] = {}
+
+    @classmethod
+    def generate(cls, split: ImageSplit, n_way: int, k_shot: int, q_query: int, episodes: int = 600,
+                 seed: int = 0) -> "FixedEpisodes":
+        check_episode_shape(split, n_way, k_shot, q_query)
+        if isinstance(episodes, bool) or not isinstance(episodes, (int, np.integer)) or episodes < 1:
+            raise TnasError(f"--episodes must be an integer >= 1, got {episodes!r}")
+        rng = np.random.default_rng(seed)
+        indices = sample_episode_indices(split, rng, int(episodes), n_way, k_shot + q_query)
+        return cls(split, indices, n_way, k_shot, q_query, seed)
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def _loader(self, device: Union[str, torch.device]) -> _ImageLoader:
+        key = str(torch.device(device))
+        if key not in self._loaders:
+            self._loaders[key] = _ImageLoader(self.split, device)
+        return self._loaders[key]
+
+    def batch(self, episodes: Union[Sequence[int], np.ndarray, slice], device: Union[str, torch.device] = "cpu") -> EpisodeBatch:
+        """The given episodes as one `EpisodeBatch` (tasks in the order given)."""
+        chosen = self.indices[episodes] if isinstance(episodes, slice) else self.indices[np.asarray(episodes, np.int64)]
+        if chosen.ndim == 2:
+            chosen = chosen[None]
+        if chosen.shape[0] == 0:
+            raise TnasError("FixedEpisodes.batch: no episodes selected")
+        return _make_batch(self._loader(device), chosen, self.k_shot)
+
+    def batches(self, batch_size: int, device: Union[str, torch.device] = "cpu") -> Iterator[EpisodeBatch]:
+        """All episodes in order, ``batch_size`` tasks at a time (the last batch may be smaller)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise TnasError(f"batch size must be an integer >= 1, got {batch_size!r}")
+        for start in range(0, len(self), batch_size):
+            yield self.batch(slice(start, start + batch_size), device)
+
+    # ----------------------------------------------------------------- files
+    def _header(self) -> Dict[str, Any]:
+        return {"format": self.FORMAT, "split": self.split.name, "n_way": self.n_way, "k_shot": self.k_shot,
+                "q_query": self.q_query, "episodes": len(self), "seed": self.seed, "num_images": len(self.split),
+                "labels_fingerprint": self.split.labels_fingerprint()}
+
+    def save(self, path: Union[str, os.PathLike]) -> str:
+        """Write the episodes to ``path`` (.json, else .npz), atomically; returns the path written."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        header = self._header()
+        dtype = np.int32 if len(self.split) < 2 ** 31 else np.int64
+        handle, tmp = tempfile.mkstemp(prefix=".episodes-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                if path.lower().endswith(".json"):
+                    stream.write(json.dumps(dict(header, indices=self.indices.tolist())).encode())
+                else:
+                    np.savez_compressed(stream, indices=self.indices.astype(dtype), header=json.dumps(header))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], split: ImageSplit, n_way: Optional[int] = None,
+             k_shot: Optional[int] = None, q_query: Optional[int] = None) -> "FixedEpisodes":
+        """Read episodes saved by `save`; TnasError if they do not belong to ``split`` or to the
+        given task shape (n_way / k_shot / q_query, when given)."""
+        path = os.fspath(path)
+        try:
+            if path.lower().endswith(".json"):
+                with open(path, "r", encoding="utf-8") as stream:
+                    data = json.load(stream)
+                header, indices = data, np.asarray(data["indices"], dtype=np.int64)
+            else:
+                with np.load(path, allow_pickle=False) as archive:
+                    header = json.loads(str(archive["header"]))
+                    indices = archive["indices"].astype(np.int64)
+        except FileNotFoundError:
+            raise TnasError(f"episode file {path} does not exist") from None
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+            raise TnasError(f"{path}: not an episode file written by FixedEpisodes.save ({error})") from None
+        if header.get("split") != split.name:
+            raise TnasError(f"{path}: episodes were drawn from split '{header.get('split')}', not '{split.name}'")
+        for key, wanted in (("n_way", n_way), ("k_shot", k_shot), ("q_query", q_query)):
+            if wanted is not None and header.get(key) != wanted:
+                raise TnasError(f"{path}: episodes have {key}={header.get(key)}, but {key}={wanted} was asked for")
+        if header.get("num_images") != len(split) or header.get("labels_fingerprint") != split.labels_fingerprint():
+            raise TnasError(f"{path}: episodes were drawn from a different version of '{split.name}' "
+                            f"({header.get('num_images')} images then, {len(split)} now)")
+        return cls(split, indices, int(header["n_way"]), int(header["k_shot"]), int(header["q_query"]), header.get("seed"))
