@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 
+from tnas import distributed
 from tnas.errors import TnasError
 from tnas.evaluate import evaluate_episodes, mean_ci95
 from tnas.meta.learner import StepStats
@@ -194,7 +195,10 @@ class MetaTrainer:
             return
         losses = torch.stack([loss.mean() for loss in self._pending_losses])
         finite = torch.isfinite(losses)
-        if not bool(finite.all()):
+        if not distributed.all_ranks_true(bool(finite.all()), self.device):
+            if bool(finite.all()):  # another rank saw it
+                raise NonFiniteLoss(f"non-finite meta-training loss on another process before iteration "
+                                    f"{self.iteration} (epoch {self.epoch}); stopped")
             bad = self._pending_first_iteration + int((~finite).nonzero()[0, 0])
             kept = self.last_path if os.path.exists(self.last_path) else "none yet"
             raise NonFiniteLoss(f"non-finite meta-training loss at iteration {bad} (epoch {self.epoch}); "
@@ -258,12 +262,15 @@ class MetaTrainer:
 
     def _end_epoch(self) -> None:
         self._check_finite()
-        tasks = max(self._epoch_tasks, 1)
+        sums = distributed.sum_across_ranks(torch.stack([
+            self._epoch_loss, self._epoch_accuracy,
+            torch.tensor(float(self._epoch_tasks), dtype=torch.float64, device=self.device)]))
+        tasks = max(float(sums[2]), 1.0)
         record: Dict[str, object] = {
             "epoch": self.epoch + 1,
             "iteration": self.iteration,
-            "train_loss": float(self._epoch_loss) / tasks,
-            "train_accuracy": 100.0 * float(self._epoch_accuracy) / tasks,
+            "train_loss": float(sums[0]) / tasks,
+            "train_accuracy": 100.0 * float(sums[1]) / tasks,
         }
         record.update(self.validate())
         if self.epoch_hook is not None:

@@ -316,7 +316,8 @@ class EpisodeSampler:
 
     def __init__(self, split: ImageSplit, n_way: int = 5, k_shot: int = 1, q_query: int = 15,
                  tasks_per_batch: int = 4, device: Union[str, torch.device] = "cpu", seed: int = 0,
-                 augment: Union[bool, str] = False, keep_on_device: Union[bool, str] = "auto") -> None:
+                 augment: Union[bool, str] = False, keep_on_device: Union[bool, str] = "auto",
+                 task_slice: Optional[slice] = None) -> None:
         check_episode_shape(split, n_way, k_shot, q_query)
         if isinstance(tasks_per_batch, bool) or not isinstance(tasks_per_batch, (int, np.integer)) or tasks_per_batch < 1:
             raise TnasError(f"--tasks_per_batch must be an integer >= 1, got {tasks_per_batch!r}")
@@ -328,6 +329,7 @@ class EpisodeSampler:
         self.tasks_per_batch = int(tasks_per_batch)
         self.augment = AUGMENT_MODES[key]
         self.seed = seed
+        self.task_slice = task_slice
         self.batches_drawn = 0
         self._rng = np.random.default_rng(seed)
         self._loader = _ImageLoader(split, device, keep_on_device)
@@ -351,7 +353,25 @@ class EpisodeSampler:
             flips = self._rng.random(count) < 0.5
         if "shift" in self.augment:
             shifts = self._rng.integers(-self._max_shift, self._max_shift + 1, size=(count, 2))
+        if self.task_slice is not None:  # data parallel: same draws on every rank, build only this rank's tasks
+            indices, shifts, flips = self._slice_tasks(indices, shifts, flips)
         return _make_batch(self._loader, indices, self.k_shot, shifts, flips)
+
+    def _slice_tasks(self, indices: np.ndarray, shifts: Optional[np.ndarray], flips: Optional[np.ndarray]):
+        """Keep the tasks of ``task_slice``; per-image draws follow the loader's (support, query) order."""
+        tasks, n_way, per_class = indices.shape
+        keep = np.zeros(tasks, dtype=bool)
+        keep[self.task_slice] = True
+
+        def per_image(values: Optional[np.ndarray]) -> Optional[np.ndarray]:
+            if values is None:
+                return None
+            support = values[:tasks * n_way * self.k_shot].reshape(tasks, -1, *values.shape[1:])
+            query = values[tasks * n_way * self.k_shot:].reshape(tasks, -1, *values.shape[1:])
+            return np.concatenate([support[keep].reshape(-1, *values.shape[1:]),
+                                   query[keep].reshape(-1, *values.shape[1:])])
+
+        return indices[keep], per_image(shifts), per_image(flips)
 
     def __iter__(self) -> Iterator[EpisodeBatch]:
         while True:

@@ -71,6 +71,7 @@ class MetaLearner:
         self.forward = forward or model_forward(model)
         self.amp_dtype = amp_dtype
         self.gradient_hook: Optional[GradientHook] = None
+        self.loss_scale = 1.0  # data parallel: this rank's share of the meta-batch (see tnas.distributed)
 
     # -- parameters -------------------------------------------------------------------
     def params(self) -> Params:
@@ -123,7 +124,8 @@ class MetaLearner:
         Adapts ``adapt_groups`` on each task's support set, then takes the mean query loss
         after adaptation, back-propagates it to the initial parameters and steps the
         optimisers of ``update_groups`` (default: every group with an optimiser).
-        ``loss_scale`` multiplies the loss (data-parallel ranks holding part of a batch).
+        ``loss_scale`` multiplies the loss, on top of ``self.loss_scale`` (data-parallel
+        ranks holding part of a batch); ``gradient_hook`` then sums gradients over ranks.
         """
         update_groups = list(self.optimizers) if update_groups is None else list(update_groups)
         for group in update_groups:
@@ -134,7 +136,7 @@ class MetaLearner:
             loss, accuracy = query_loss_and_accuracy(self.forward, result.task_params,
                                                      self.shared_params(result.task_params), batch.query_x,
                                                      batch.query_y, self.inner_steps)
-        (loss.float().mean() * loss_scale).backward()
+        (loss.float().mean() * (loss_scale * self.loss_scale)).backward()
         stepped = [p for group in update_groups for p in self.optimizers[group].param_groups[0]["params"]]
         if self.gradient_hook is not None:
             self.gradient_hook(stepped)

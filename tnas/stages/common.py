@@ -7,6 +7,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from tnas import distributed
 from tnas.config import resolve_device, save_config, seed_everything
 from tnas.engine import Schedule
 from tnas.errors import TnasError
@@ -58,13 +59,17 @@ def check_positive(args, *names: str) -> None:
             raise TnasError(f"--{name} must be positive, got {value}")
 
 
-def prepare_run(args, stage: str, is_main: bool = True) -> Tuple[str, RunLogger, torch.device]:
-    """Resolve the device, seed, make the run directory, save ``config.yaml``, open the log.
+def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
+    """Resolve the device, join torchrun's process group, seed, make the run directory, save
+    ``config.yaml``, open the log.
 
     A directory that already holds a run is only reused with ``--resume``, so nothing is
-    overwritten by accident.
+    overwritten by accident. Under torchrun only rank 0 writes files and logs; each rank
+    gets its own device (``cuda:LOCAL_RANK``).
     """
     device = resolve_device(args.device)
+    info = distributed.init_distributed(device)
+    device = distributed.local_device(device, info)
     seed_everything(args.seed)
     args.out = args.out or default_run_dir(args, stage)
     last = os.path.join(args.out, "last.pt")
@@ -74,11 +79,27 @@ def prepare_run(args, stage: str, is_main: bool = True) -> Tuple[str, RunLogger,
     if not resume and os.path.exists(last):
         raise TnasError(f"{args.out} already holds a run ({last}); pass --resume to continue it "
                         f"or choose another --out")
-    os.makedirs(args.out, exist_ok=True)
-    if is_main:
+    if info.is_main:
+        os.makedirs(args.out, exist_ok=True)
         save_config(args, os.path.join(args.out, "config.yaml"))
-    logger = RunLogger(args.out, use_tensorboard=is_main, quiet=not is_main, append=resume)
+    distributed.barrier(info)
+    log_dir = args.out if info.is_main else os.path.join(args.out, f"rank{info.rank}")
+    logger = RunLogger(log_dir, use_tensorboard=info.is_main, quiet=not info.is_main, append=resume)
     return args.out, logger, device
+
+
+def data_parallel(learner, tasks_per_batch: int) -> slice:
+    """Set ``learner`` up for torchrun data parallelism; returns this rank's slice of each meta-batch.
+
+    Each rank computes ``tasks_per_batch / world_size`` tasks of every meta-batch (the same
+    draws on all ranks), scales its loss by its share, and sums gradients over ranks before
+    the optimisers step: the result equals one process on the whole meta-batch.
+    """
+    info = distributed.current_info()
+    if info.enabled:
+        learner.loss_scale = distributed.loss_scale(tasks_per_batch, info)
+        learner.gradient_hook = distributed.sum_gradients
+    return distributed.task_slice(tasks_per_batch, info)
 
 
 def load_splits(args, names=("train", "val")) -> Dict[str, object]:

@@ -14,6 +14,7 @@ from typing import Dict
 
 import torch
 
+from tnas import distributed
 from tnas.config import add_common_args
 from tnas.engine import MetaTrainer
 from tnas.genotypes import PRIMITIVES, edge_inputs, save_genotype
@@ -104,7 +105,8 @@ def run(args) -> Dict[str, object]:
         summary["learner"] = {k: v for k, v in asdict(learner.config).items() if k != "amp_dtype"}
         sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                                  tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
-                                 augment=args.augment)
+                                 augment=args.augment,
+                                 task_slice=common.data_parallel(learner, args.tasks_per_batch))
         samplers = {"train": sampler}
 
         def step(iteration: int, track: bool):
@@ -113,7 +115,7 @@ def run(args) -> Dict[str, object]:
     trainer = MetaTrainer(learner, samplers, step, val_episodes, run_dir, logger, common.schedule_from_args(args),
                           device, stage="search", summary=summary,
                           epoch_hook=genotype_epoch_hook(learner, run_dir, logger),
-                          val_steps=args.inner_steps_test)
+                          val_steps=args.inner_steps_test, is_main=distributed.current_info().is_main)
     if args.resume:
         trainer.resume()
     logger.log(f"search ({args.method}) on {args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}, "

@@ -1,0 +1,76 @@
+"""Data parallelism over 2 gloo ranks on CPU equals one process on the same tasks."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tnas import distributed
+from tnas.data import EpisodeSampler, synthetic_split
+from tnas.meta.tnas import TNAS, TNASConfig
+from tnas.models.supernet import Supernet
+from tnas.stages import common
+
+TASKS = 4
+
+
+def make_learner():
+    torch.manual_seed(0)
+    model = Supernet(n_way=3, C=4, layers=1, steps=2, multiplier=2, in_channels=1).double()
+    return TNAS(model, TNASConfig(inner_steps=1, inner_lr_weights=0.1, inner_lr_alphas=3.0))
+
+
+def make_sampler(task_slice=None):
+    split = synthetic_split(num_classes=6, images_per_class=6, img_size=8, channels=1)
+    return EpisodeSampler(split, n_way=3, k_shot=1, q_query=2, tasks_per_batch=TASKS, seed=5, augment="flip",
+                          task_slice=task_slice)
+
+
+def double(batch):
+    batch.support_x, batch.query_x = batch.support_x.double(), batch.query_x.double()
+    return batch
+
+
+def meta_iterations(learner, sampler, iterations=2):
+    for _ in range(iterations):
+        learner.meta_step(double(sampler.sample()))
+    return {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+
+
+def rank_main(rank, world_size, init_file, out_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        learner = make_learner()
+        task_slice = common.data_parallel(learner, TASKS)
+        params = meta_iterations(learner, make_sampler(task_slice))
+        if rank == 0:
+            torch.save(params, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_task_slices_cover_the_batch_once():
+    for world in (1, 2, 3, 4):
+        slices = [distributed.task_slice(7 if world < 4 else 4, distributed.DistInfo(rank, world)) for rank in range(world)]
+        covered = [i for s in slices for i in range(s.start, s.stop)]
+        assert covered == list(range(7 if world < 4 else 4))
+    with pytest.raises(Exception, match="tasks_per_batch 2"):
+        distributed.task_slice(2, distributed.DistInfo(0, 3))
+
+
+def test_sliced_sampler_gives_the_matching_tasks_of_the_full_batch():
+    full = make_sampler().sample()
+    part = make_sampler(slice(1, 3)).sample()
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(full, name)[1:3], getattr(part, name)), name
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    out_file = str(tmp_path / "rank0.pt")
+    mp.spawn(rank_main, args=(2, str(tmp_path / "init"), out_file), nprocs=2, join=True)
+    parallel = torch.load(out_file)
+    single = meta_iterations(make_learner(), make_sampler())
+    for name, value in single.items():
+        torch.testing.assert_close(parallel[name], value, rtol=1e-10, atol=1e-12, msg=name)

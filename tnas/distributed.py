@@ -1,0 +1,186 @@
+"""Data parallelism over processes with ``torch.distributed`` (NCCL on GPU, gloo on CPU).
+
+Launch any stage with ``torchrun --nproc_per_node=N scripts/<stage>.py ...``. Every rank
+draws the same meta-batch indices (same sampler seed) and builds only its own slice of
+the tasks; each rank's loss is scaled by ``local_tasks / total_tasks`` and the gradients
+are summed across ranks, so the meta-gradient equals one process's on the whole batch.
+Evaluation-style work (distinct genotypes, episodes) is sharded with :func:`shard` and
+collected on rank 0 with :func:`gather_to_main`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tnas.errors import TnasError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``rank`` of ``world_size``; ``is_main`` writes the files."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+_local_depth = 0
+
+
+@contextlib.contextmanager
+def local_process():
+    """Inside this block the process acts alone even under torchrun: no gradient sums, no
+    sharding of meta-batches, it writes its own files. Used when ranks split independent
+    jobs (one distinct genotype each) rather than one meta-batch."""
+    global _local_depth
+    _local_depth += 1
+    try:
+        yield
+    finally:
+        _local_depth -= 1
+
+
+def _group_active() -> bool:
+    return _local_depth == 0 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def current_info() -> DistInfo:
+    """This process's place in the running process group (a single process when none, or
+    inside :func:`local_process`)."""
+    if not _group_active():
+        return DistInfo()
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def launched_world_size() -> int:
+    """``WORLD_SIZE`` set by torchrun (1 when launched as a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when launched by torchrun; a no-op for a single process.
+
+    The backend is NCCL for CUDA devices and gloo otherwise. On CUDA each process uses
+    ``cuda:LOCAL_RANK``; the returned device must be used instead of the one asked for.
+    """
+    world_size = launched_world_size()
+    if world_size <= 1 or _local_depth:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def local_device(device: torch.device, info: DistInfo) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` under torchrun with CUDA, else ``device``."""
+    if info.enabled and device.type == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def task_slice(total_tasks: int, info: DistInfo) -> slice:
+    """The contiguous block of a meta-batch's tasks that this rank computes."""
+    if info.world_size > total_tasks:
+        raise TnasError(f"--tasks_per_batch {total_tasks} is smaller than the {info.world_size} processes; "
+                        f"each process needs at least one task")
+    base, extra = divmod(total_tasks, info.world_size)
+    start = info.rank * base + min(info.rank, extra)
+    return slice(start, start + base + (1 if info.rank < extra else 0))
+
+
+def loss_scale(total_tasks: int, info: DistInfo) -> float:
+    """Multiplier of a rank's mean task loss so that summed gradients equal the full batch's mean."""
+    part = task_slice(total_tasks, info)
+    return (part.stop - part.start) / total_tasks
+
+
+def sum_gradients(params: Sequence[torch.Tensor]) -> None:
+    """All-reduce (sum) the ``.grad`` of ``params`` across ranks in one flat buffer.
+
+    Parameters without a gradient (unused by the model, e.g. ``alpha_normal`` with
+    ``layers=1``) are unused on every rank alike and stay without one, so optimisers skip
+    them exactly as in a single process.
+    """
+    if not _group_active():
+        return
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for param in with_grad:
+        count = param.grad.numel()
+        param.grad = flat[offset:offset + count].view_as(param).clone()
+        offset += count
+
+
+def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over ranks (returned; the input is left alone)."""
+    if not _group_active():
+        return value
+    total = value.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def all_ranks_true(flag: bool, device: Optional[torch.device] = None) -> bool:
+    """``flag`` AND-ed over ranks (so every rank takes the same branch)."""
+    if not _group_active():
+        return bool(flag)
+    backend_device = device if device is not None and dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], device=backend_device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def shard(items: Sequence[Any], info: DistInfo) -> List[Any]:
+    """Every ``world_size``-th item starting at ``rank`` (round robin)."""
+    return list(items[info.rank::info.world_size])
+
+
+def gather_to_main(obj: Any, info: DistInfo) -> Optional[List[Any]]:
+    """Collect a picklable object from every rank; the list on rank 0, ``None`` elsewhere."""
+    if not info.enabled:
+        return [obj]
+    gathered: List[Any] = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_main(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
