@@ -44,6 +44,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto",
                        help="cpu, cuda, cuda:N, or auto (cuda when available)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for torch (default: torch's choice; 1 is often fastest for the "
+                            "tiny CPU configs and on a busy machine)")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -105,6 +108,16 @@ def resolve_device(name) -> "torch.device":
         raise TnasError(f"--device {name} requested but only {count} CUDA GPU(s) are visible "
                         f"(cuda:0..cuda:{count - 1})")
     return torch.device("cuda", index)
+
+
+def set_threads(threads) -> None:
+    """Apply ``--threads`` (None keeps torch's default); a value below 1 is a one-line error."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise TnasError(f"--threads must be >= 1, got {threads}")
+    import torch
+    torch.set_num_threads(threads)
 
 
 def seed_everything(seed: int) -> None:

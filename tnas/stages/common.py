@@ -8,7 +8,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from tnas import distributed
-from tnas.config import resolve_device, save_config, seed_everything
+from tnas.config import resolve_device, save_config, seed_everything, set_threads
 from tnas.engine import Schedule
 from tnas.errors import TnasError
 from tnas.runlog import RunLogger
@@ -67,6 +67,7 @@ def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
     overwritten by accident. Under torchrun only rank 0 writes files and logs; each rank
     gets its own device (``cuda:LOCAL_RANK``).
     """
+    set_threads(getattr(args, "threads", None))
     device = resolve_device(args.device)
     info = distributed.init_distributed(device)
     device = distributed.local_device(device, info)

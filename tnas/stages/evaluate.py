@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from tnas.config import add_common_args, resolve_device, seed_everything
+from tnas.config import add_common_args, resolve_device, seed_everything, set_threads
 from tnas.errors import TnasError
 from tnas.stages import restore
 
@@ -204,6 +204,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     check_positive(args, "n_way", "k_shot", "q_query", "img_size", "episodes", "batch_size")
     check_positive(args, "update_step_test", minimum=0)
     args.episodes_given = args.episodes is not None
+    set_threads(getattr(args, "threads", None))
     device = resolve_device(args.device)
     seed_everything(args.seed)
     checkpoint = restore.resolve_checkpoint(args.checkpoint)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# GPU checks in one go (under 8 minutes on one H100/H200): the GPU tests, then the speed
+# benchmarks, each printing JSON. Results also land in $OUT (or ./gpu_check_out) as files.
+#   bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu_check_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TNAS_PROGRESS=0
+python -m pip install -q --no-deps -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+status=0
+timeout 240 python -m pytest -m gpu -q tests/test_gpu.py tests/test_data_episodes.py 2>&1 | tee "$out/gpu_tests.txt" || status=1
+timeout 120 python benchmarks/bench_episodes.py --seconds 2 > "$out/bench_episodes.json" || status=1
+timeout 180 python benchmarks/bench_meta_iter.py --iterations 5 > "$out/bench_meta_iter_fp32.json" || status=1
+timeout 180 python benchmarks/bench_meta_iter.py --iterations 5 --amp --channels_last > "$out/bench_meta_iter_bf16.json" || status=1
+cat "$out"/bench_*.json
+exit $status

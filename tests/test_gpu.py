@@ -1,0 +1,79 @@
+"""CUDA checks (marked gpu; skipped without a GPU): the batched engine on cuDNN, bf16, a GPU search run."""
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tnas.meta import reference
+from tnas.meta.maml import inner_loop, model_forward, query_loss_and_accuracy
+from tnas.meta.tnas import TNAS, TNASConfig
+from tnas.models.supernet import Supernet
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def batch_on(device, dtype, tasks=3, n_way=3, k_shot=1, q_query=2, side=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = lambda per_class: torch.arange(n_way).repeat_interleave(per_class).repeat(tasks, 1).to(device)
+    images = lambda n: torch.randn(tasks, n, 1, side, side, generator=generator, dtype=dtype).to(device)
+    return SimpleNamespace(support_x=images(n_way * k_shot), support_y=labels(k_shot),
+                           query_x=images(n_way * q_query), query_y=labels(q_query))
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_vmap_on_cudnn_matches_cpu_reference(first_order):
+    torch.manual_seed(0)
+    model = Supernet(n_way=3, C=4, layers=2, in_channels=1).double()
+    rates = {n: 0.1 for n, _ in model.named_weights()}
+    rates.update({n: 3.0 for n, _ in model.named_alphas()})
+    cpu_batch = batch_on("cpu", torch.float64)
+    params = dict(model.named_parameters())
+    want = reference.meta_gradient(model_forward(model), params, rates, cpu_batch.support_x, cpu_batch.support_y,
+                                   cpu_batch.query_x, cpu_batch.query_y, 2, first_order)
+    model = model.cuda()
+    params = dict(model.named_parameters())
+    batch = batch_on("cuda", torch.float64)
+    result = inner_loop(model_forward(model), params, rates, batch.support_x, batch.support_y, 2,
+                        first_order=first_order)
+    shared = {n: p for n, p in params.items() if n not in rates}
+    loss, _ = query_loss_and_accuracy(model_forward(model), result.task_params, shared, batch.query_x, batch.query_y)
+    names = list(params)
+    grads = torch.autograd.grad(loss.mean(), [params[n] for n in names])
+    for name, grad in zip(names, grads):
+        scale = want[name].abs().max().clamp_min(1e-30)
+        assert float((grad.cpu() - want[name]).abs().max() / scale) < 1e-8, name
+
+
+def test_bf16_meta_gradient_close_to_fp32_on_cuda():
+    """Stated tolerance: cosine >= 0.99, relative norm difference <= 0.15 (5-way 5-shot, 2 steps)."""
+    torch.manual_seed(0)
+    model = Supernet(n_way=5, C=8, layers=2, in_channels=1).cuda()
+    batch = batch_on("cuda", torch.float32, tasks=4, n_way=5, k_shot=5, q_query=5, side=28)
+    grads = {}
+    for dtype in (None, torch.bfloat16):
+        learner = TNAS(model, TNASConfig(inner_steps=2, inner_lr_weights=0.1, inner_lr_alphas=3.0, amp_dtype=dtype))
+        model.zero_grad(set_to_none=True)
+        result = learner.adapt(batch.support_x, batch.support_y, 2, meta_gradient=True)
+        with learner._autocast(batch.query_x.device):
+            loss, _ = query_loss_and_accuracy(learner.forward, result.task_params,
+                                              learner.shared_params(result.task_params), batch.query_x, batch.query_y)
+        loss.float().mean().backward()
+        grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    fast, exact = grads[torch.bfloat16], grads[None]
+    assert torch.nn.functional.cosine_similarity(fast, exact, dim=0) >= 0.99
+    assert (fast - exact).norm() / exact.norm() <= 0.15
+
+
+def test_search_runs_on_cuda(tmp_path):
+    command = [sys.executable, os.path.join(REPO, "scripts", "search.py"), "--dataset", "glyphs", "--img_size", "16",
+               "--device", "cuda", "--n_way", "3", "--q_query", "2", "--tasks_per_batch", "4", "--C", "4",
+               "--layers", "1", "--inner_steps", "1", "--inner_steps_test", "2", "--val_episodes", "4",
+               "--epochs", "1", "--tasks_per_epoch", "8", "--amp", "--out", str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "search.json").is_file()
