@@ -32,3 +32,11 @@ def session_cache_dir(tmp_path_factory):
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Tiny search and train checkpoints made once per session (see test_evaluate.tiny_runs)."""
+    from test_evaluate import tiny_runs
+
+    return tiny_runs(tmp_path_factory.getbasetemp())

@@ -11,26 +11,13 @@ from tnas.evaluate import genotype_counts
 from tnas.genotypes import genotype_from_dict
 
 try:
-    from test_evaluate import assert_one_line_error, need_train, run_in_process, tiny_runs
+    from test_evaluate import assert_one_line_error, need_train, run_in_process
 except ImportError:  # run from elsewhere
-    from tests.test_evaluate import assert_one_line_error, need_train, run_in_process, tiny_runs
+    from tests.test_evaluate import assert_one_line_error, need_train, run_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "decode.py")
 FAST = ["--episodes", "5", "--batch_size", "3", "--update_step_test", "1", "--device", "cpu"]
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-    return tiny_runs(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

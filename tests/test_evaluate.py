@@ -112,19 +112,6 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-    return tiny_runs(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def evaluate(capsys):
     import importlib.util

@@ -40,14 +40,6 @@ def script():
     return module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SUBPROCESS_RUNS = {
     "1shot_plot": lambda workdir: ["auto_maml_1shot", "--plot", str(workdir / "plots")],
     "bad_json": lambda workdir: [str(workdir / "bad.json")],

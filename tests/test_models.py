@@ -28,16 +28,6 @@ CONFIGS = [(layers, channels, size) for layers in (1, 2, 3) for channels, size i
 CONFIG_IDS = [f"layers{layers}-{channels}x{size}" for layers, channels, size in CONFIGS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and on a shared 2-core machine two OpenMP
-    threads competing with other processes spin-wait and run 30-100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_input(channels, size, batch=BATCH, dtype=torch.float32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, channels, size, size, generator=generator, dtype=dtype)

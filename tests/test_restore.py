@@ -9,22 +9,9 @@ from tnas.runlog import load_checkpoint, save_checkpoint
 from tnas.stages import restore
 
 try:
-    from test_evaluate import need_train, tiny_runs
+    from test_evaluate import need_train
 except ImportError:  # run from elsewhere
-    from tests.test_evaluate import need_train, tiny_runs
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-    return tiny_runs(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    from tests.test_evaluate import need_train
 
 
 def assert_same_model(learner, saved_model_state):
