@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from tnas.genotypes import Genotype, validate_genotype
-from tnas.models.skeleton import make_stem, reduction_layout
+from tnas.models.skeleton import build_cells, make_stem
 from tnas.ops import FactorizedReduce, Identity, ReLUConvBN, make_op
 
 
@@ -25,6 +25,7 @@ class DerivedCell(nn.Module):
         self.reduction = reduction
         pairs = genotype.reduce if reduction else genotype.normal
         self.concat = genotype.reduce_concat if reduction else genotype.normal_concat
+        self.out_channels = len(self.concat) * channels
         self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, affine=True) if reduction_prev
                             else ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=True))
         self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=True)
@@ -63,16 +64,10 @@ class Network(nn.Module):
         self.drop_path_prob = drop_path_prob
         stem_channels = stem_multiplier * C
         self.stem = make_stem(in_channels, stem_channels, affine=True)
-        c_prev_prev, c_prev, channels = stem_channels, stem_channels, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for reduction in reduction_layout(layers):
-            if reduction:
-                channels *= 2
-            cell = DerivedCell(genotype, c_prev_prev, c_prev, channels, reduction, reduction_prev)
-            self.cells.append(cell)
-            reduction_prev = reduction
-            c_prev_prev, c_prev = c_prev, len(cell.concat) * channels
+        self.cells, c_prev = build_cells(
+            lambda c_pp, c_p, channels, reduction, reduction_prev: DerivedCell(
+                genotype, c_pp, c_p, channels, reduction, reduction_prev),
+            stem_channels, C, layers)
         self.classifier = nn.Linear(c_prev, n_way)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

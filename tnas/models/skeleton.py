@@ -6,7 +6,7 @@ max-pool -> ReLU -> conv3x3 -> BN -> 2x2 max-pool, ``C*m/2`` then ``C*m`` channe
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List, Tuple
 
 import torch.nn as nn
 
@@ -41,3 +41,26 @@ def reduction_layout(layers: int) -> List[bool]:
 def min_image_size(layers: int) -> int:
     """Smallest input side that survives the stem (/4) and every reduction (/2 each)."""
     return 4 * 2 ** sum(reduction_layout(layers))
+
+
+CellBuilder = Callable[[int, int, int, bool, bool], nn.Module]
+"""``make_cell(c_prev_prev, c_prev, channels, reduction, reduction_prev) -> cell`` whose
+``out_channels`` attribute gives the channels of its output."""
+
+
+def build_cells(make_cell: CellBuilder, stem_channels: int, C: int, layers: int) -> Tuple[nn.ModuleList, int]:
+    """The cell stack: channels double at each reduction; each cell reads the two previous outputs.
+
+    Returns the cells and the channels of the last cell's output (the classifier's input).
+    """
+    cells = nn.ModuleList()
+    c_prev_prev, c_prev, channels = stem_channels, stem_channels, C
+    reduction_prev = False
+    for reduction in reduction_layout(layers):
+        if reduction:
+            channels *= 2
+        cell = make_cell(c_prev_prev, c_prev, channels, reduction, reduction_prev)
+        cells.append(cell)
+        reduction_prev = reduction
+        c_prev_prev, c_prev = c_prev, cell.out_channels
+    return cells, c_prev

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tnas.genotypes import PRIMITIVES, Genotype, decode_genotype, edge_inputs, num_edges
-from tnas.models.skeleton import make_stem, reduction_layout
+from tnas.models.skeleton import build_cells, make_stem
 from tnas.ops import FactorizedReduce, ReLUConvBN, make_op
 
 ALPHA_NAMES = ("alpha_normal", "alpha_reduce")
@@ -44,6 +44,7 @@ class SearchCell(nn.Module):
         self.reduction = reduction
         self.steps = steps
         self.multiplier = multiplier
+        self.out_channels = multiplier * channels
         self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, affine=False) if reduction_prev
                             else ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False))
         self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
@@ -84,15 +85,10 @@ class Supernet(nn.Module):
         self.steps, self.multiplier = steps, multiplier
         stem_channels = stem_multiplier * C
         self.stem = make_stem(in_channels, stem_channels, affine=False)
-        c_prev_prev, c_prev, channels = stem_channels, stem_channels, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for reduction in reduction_layout(layers):
-            if reduction:
-                channels *= 2
-            self.cells.append(SearchCell(steps, multiplier, c_prev_prev, c_prev, channels, reduction, reduction_prev))
-            reduction_prev = reduction
-            c_prev_prev, c_prev = c_prev, multiplier * channels
+        self.cells, c_prev = build_cells(
+            lambda c_pp, c_p, channels, reduction, reduction_prev: SearchCell(
+                steps, multiplier, c_pp, c_p, channels, reduction, reduction_prev),
+            stem_channels, C, layers)
         self.classifier = nn.Linear(c_prev, n_way)
         shape = (num_edges(steps), len(PRIMITIVES))
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape))
