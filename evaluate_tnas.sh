@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole T-NAS / T-NAS++ protocol on fixed test tasks: decode each task's genotype from a T-NAS search
+# checkpoint, train each distinct genotype from scratch (genotypes already trained are skipped, interrupted
+# ones resumed), score each task with its own genotype's network; writes OUT/results.json.
+#   bash evaluate_tnas.sh                  # CPU demo on runs/demo_tnas (make it first: bash train_tnas.sh)
+#   bash evaluate_tnas.sh --config configs/protocol_miniimagenet_5w1s.yaml --checkpoint runs/tnas_5w1s [--budget]
+#   NPROC=8 bash evaluate_tnas.sh ...      # the same under torchrun, 8 processes (one GPU each)
+# Every argument goes to scripts/evaluate_tnas.py (python scripts/evaluate_tnas.py --help).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-python}"
+launch=("$python")
+if [ -n "${NPROC:-}" ]; then
+    launch=("$python" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC")
+fi
+if [ "$#" -eq 0 ]; then
+    demo="${TNAS_DEMO_SEARCH:-$repo/runs/demo_tnas}"
+    if [ ! -f "$demo/best.pt" ]; then
+        echo "evaluate_tnas.sh: no demo T-NAS search checkpoint in $demo; run 'bash train_tnas.sh' first (a few minutes on CPU)" >&2
+        exit 2
+    fi
+    echo "evaluate_tnas.sh: no arguments, running the CPU demo protocol (configs/demo_protocol.yaml) on $demo"
+    exec "${launch[@]}" "$repo/scripts/evaluate_tnas.py" --config "$repo/configs/demo_protocol.yaml" --checkpoint "$demo"
+fi
+exec "${launch[@]}" "$repo/scripts/evaluate_tnas.py" "$@"
