@@ -99,7 +99,8 @@ def _step_lr(lr: LearningRate, step: int) -> LearningRate:
 def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_rates: Mapping[str, LearningRate],
                support_x: torch.Tensor, support_y: torch.Tensor, steps: int, first_order: bool = True,
                meta_gradient: bool = True, query_x: Optional[torch.Tensor] = None,
-               query_y: Optional[torch.Tensor] = None, track_query: bool = False) -> InnerLoopResult:
+               query_y: Optional[torch.Tensor] = None, track_query: bool = False,
+               on_step: Optional[Callable[[int, Params], None]] = None) -> InnerLoopResult:
     """``steps`` steps of SGD on the support loss of every task, batched over tasks.
 
     Args:
@@ -114,6 +115,9 @@ def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_
         meta_gradient: ``False`` for meta-test adaptation: the result is cut from ``params``.
         query_x, query_y, track_query: record query loss and accuracy before and after
             each step (costs extra forwards; use at validation/logging time).
+        on_step: called as ``on_step(s, task_params)`` after the s-th update (s = 1..steps)
+            with the adapted parameters, still in the graph when ``meta_gradient`` (e.g. the
+            per-step query losses of MAML++'s multi-step loss).
     """
     unknown = [name for name in learning_rates if name not in params]
     if unknown:
@@ -152,6 +156,8 @@ def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_
             new = task_params[name] - lr * grad
             updated[name] = new if meta_gradient else new.detach().requires_grad_(True)
         task_params = updated
+        if on_step is not None:
+            on_step(step + 1, task_params)
     if tracking:
         record_query(steps)
     if not meta_gradient:

@@ -28,6 +28,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from tnas import distributed
 from tnas.config import add_common_args
 from tnas.engine import MetaTrainer
 from tnas.errors import TnasError
@@ -159,21 +160,32 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
-def check_resumable(run_dir: str, summary: Mapping[str, object]) -> None:
-    """A one-line error when ``--resume`` would continue a run of another network or learner."""
+STRUCTURAL_LEARNER_KEYS = ("inner_steps", "per_step_bn", "learn_inner_lr")
+"""Learner settings that shape the checkpoint (per-step BN sets, learned rates); the others may change on resume."""
+
+
+def check_resumable(run_dir: str, summary: Mapping[str, object], logger=None) -> None:
+    """A one-line error when ``--resume`` would continue a run of another network (genotype, C,
+    layers, ...) or a learner of another shape; changed schedule settings are only logged."""
     state = load_checkpoint(os.path.join(run_dir, "last.pt"))
     saved = state.get("summary", {})
-    for key, what in (("model", "network (genotype, C, layers, ...)"), ("learner", "learner settings"),
-                      ("method", "method")):
-        if key in saved and _plain(saved[key]) != _plain(summary[key]):
-            old, new = _plain(saved[key]), _plain(summary[key])
-            if isinstance(old, dict) and isinstance(new, dict):
-                diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-                detail = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in diff[:3])
-            else:
-                detail = f"{old} -> {new}"
-            raise TnasError(f"--resume: {run_dir} was trained with another {what} ({detail}); "
-                            f"use the same flags or another --out")
+    old_model, new_model = _plain(saved.get("model")), _plain(summary["model"])
+    if old_model is not None and old_model != new_model:
+        keys = [k for k in sorted(set(old_model) | set(new_model)) if old_model.get(k) != new_model.get(k)]
+        detail = ", ".join("genotype differs" if k == "genotype" else f"{k}: {old_model.get(k)} -> {new_model.get(k)}"
+                           for k in keys)
+        raise TnasError(f"--resume: {run_dir} holds another network ({detail}); use the same --genotype and "
+                        f"network flags, or another --out")
+    old_learner, new_learner = _plain(saved.get("learner") or {}), _plain(summary["learner"])
+    changed = [k for k in sorted(set(old_learner) | set(new_learner)) if old_learner.get(k) != new_learner.get(k)]
+    structural = [k for k in changed if k in STRUCTURAL_LEARNER_KEYS]
+    if structural:
+        detail = ", ".join(f"{k}: {old_learner.get(k)} -> {new_learner.get(k)}" for k in structural)
+        raise TnasError(f"--resume: {run_dir} was trained with another learner ({detail}); use the same flags "
+                        f"or another --out")
+    if changed and logger is not None:
+        logger.log("resuming with changed settings: " + ", ".join(
+            f"{k}: {old_learner.get(k)} -> {new_learner.get(k)}" for k in changed))
 
 
 def run(args) -> Dict[str, object]:
@@ -211,11 +223,13 @@ def run(args) -> Dict[str, object]:
                    "parameters": parameters, "macs": macs, "macs_source": macs_source,
                    "meta_learned_parameters": learner.parameter_count()}
         if args.resume:
-            check_resumable(run_dir, summary)
-        save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
+            check_resumable(run_dir, summary, logger)
+        is_main = distributed.current_info().is_main
+        if is_main:
+            save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
         sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                                  tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
-                                 augment=args.augment)
+                                 augment=args.augment, task_slice=common.data_parallel(learner, args.tasks_per_batch))
         val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
                                               episodes=args.val_episodes, seed=args.seed + 1)
         schedule = common.schedule_from_args(args)
@@ -231,14 +245,16 @@ def run(args) -> Dict[str, object]:
                     "multi_step_loss": learner.multi_step_loss_active()}
 
         trainer = MetaTrainer(learner, {"train": sampler}, step, val_episodes, run_dir, logger, schedule, device,
-                              stage="train", summary=summary, epoch_hook=epoch_hook, val_steps=args.inner_steps_test)
+                              stage="train", summary=summary, epoch_hook=epoch_hook, val_steps=args.inner_steps_test,
+                              is_main=is_main)
         if args.resume:
             trainer.resume()
         switches = [name for name in MAML_PP_SWITCHES if getattr(config, name)]
         if config.first_order_epochs is not None:
-            switches.append(f"first order for {config.first_order_epochs} epoch(s)")
-        logger.log(f"train ({args.method}{': ' + ', '.join(switches) if switches else ''}, "
-                   f"{'first' if config.first_order else 'second'} order) of genotype {args.genotype} on "
+            switches.append(f"first order for {config.first_order_epochs} epoch(s), then second order")
+        else:
+            switches.append(f"{'first' if config.first_order else 'second'} order")
+        logger.log(f"train ({args.method}: {', '.join(switches)}) of genotype {args.genotype} on "
                    f"{args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}; {parameters:,} parameters, "
                    f"{macs / 1e6:.2f}M MACs per image ({macs_source}); run directory {run_dir}")
         result = trainer.run()

@@ -1,0 +1,206 @@
+"""The from-scratch training stage (scripts/train_from_scratch.py, tnas.stages.train) end to end on tiny glyphs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tnas.runlog import load_checkpoint
+from tnas.stages import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "train_from_scratch.py")
+TINY = ["--dataset", "glyphs", "--img_size", "16", "--C", "4", "--layers", "1", "--n_way", "3", "--q_query", "2",
+        "--tasks_per_batch", "2", "--tasks_per_epoch", "4", "--val_episodes", "4", "--val_batch_size", "4",
+        "--inner_steps", "2", "--inner_steps_test", "3", "--inner_lr", "0.1", "--log_every", "1",
+        "--checkpoint_every", "1", "--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """The session's shared cache when TNAS_CACHE_DIR is set, else a fresh one (glyphs render once)."""
+    return os.environ.get("TNAS_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_from_scratch_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(argv, monkeypatch, capsys):
+    """The script's main through cli_entry, as the command line would run it: (exit code, stderr)."""
+    from tnas.errors import cli_entry
+
+    script = load_script()
+    monkeypatch.setattr(sys, "argv", [SCRIPT] + list(argv))
+    code = 0
+    try:
+        cli_entry(script.main)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def start(argv, cache):
+    env = dict(os.environ, TNAS_CACHE_DIR=cache, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, SCRIPT] + list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=REPO)
+
+
+def finish(process):
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    """The command-line runs of this file, started together at once (they overlap their start-up)."""
+    from tnas.data import load_split
+
+    for split in ("train", "val"):  # render the glyphs once, before the runs share the cache
+        load_split("glyphs", split, img_size=16, cache_dir=cache_dir)
+    base = tmp_path_factory.mktemp("runs")
+    outs = {"maml": str(base / "maml"), "maml++": str(base / "mamlpp")}
+    processes = {
+        "maml": start(TINY + ["--genotype", "auto_maml_1shot", "--epochs", "1", "--out", outs["maml"],
+                              "--cache_dir", cache_dir], cache_dir),
+        "maml++": start(TINY + ["--genotype", "auto_maml_5shot", "--method", "maml++", "--epochs", "2",
+                                "--msl_epochs", "1", "--first_order_epochs", "1", "--out", outs["maml++"],
+                                "--cache_dir", cache_dir], cache_dir),
+    }
+    yield {"out": outs, "process": processes}
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def check_run_dir(out, epochs):
+    for name in ("train.json", "last.pt", "best.pt", "config.yaml", "log.txt", "genotype.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    with open(os.path.join(out, "train.json")) as handle:
+        summary = json.load(handle)
+    assert summary["stage"] == "train" and summary["epochs_done"] == epochs and len(summary["history"]) == epochs
+    for key in ("method", "dataset", "n_way", "k_shot", "q_query", "image_shape", "model", "learner", "parameters",
+                "macs"):
+        assert key in summary, key
+    assert summary["image_shape"] == [1, 16, 16] and summary["n_way"] == 3
+    assert summary["parameters"] > 0 and summary["macs"] > 0
+    assert set(summary["model"]) >= {"n_way", "C", "layers", "in_channels", "stem_multiplier", "genotype"}
+    record = summary["history"][-1]
+    assert 0.0 <= record["val_accuracy"] <= 100.0 and summary["best_epoch"] is not None
+    return summary
+
+
+def test_maml_end_to_end_resume_and_rebuild(runs, cache_dir, monkeypatch, capsys):
+    out = runs["out"]["maml"]
+    done = finish(runs["process"]["maml"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = check_run_dir(out, 1)
+    assert summary["method"] == "maml" and summary["learner"]["first_order"] is True
+    assert not any(summary["learner"][k] for k in ("per_step_bn", "learn_inner_lr", "multi_step_loss", "cosine_lr"))
+
+    # --resume continues the run for a second epoch
+    code, err = run_in_process(TINY + ["--genotype", "auto_maml_1shot", "--epochs", "2", "--out", out,
+                                       "--cache_dir", cache_dir, "--resume"], monkeypatch, capsys)
+    assert code == 0, err
+    summary = check_run_dir(out, 2)
+    assert summary["history"][1]["iteration"] == 4  # 2 iterations per epoch, continued
+
+    # the contract with the evaluator: rebuild from the summary, then load the learner state
+    state = load_checkpoint(os.path.join(out, "best.pt"))
+    learner = train.build_learner(state["summary"], torch.device("cpu"))
+    learner.load_state_dict(state["learner"])
+    for name, value in learner.model.state_dict().items():
+        assert torch.equal(value, state["learner"]["model"][name])
+    rebuilt_from_json = train.build_learner(summary, "cpu")
+    rebuilt_from_json.load_state_dict(state["learner"])
+
+    # resuming with another genotype: one line, exit 2
+    code, err = run_in_process(TINY + ["--genotype", "auto_maml_5shot", "--epochs", "3", "--out", out,
+                                       "--cache_dir", cache_dir, "--resume"], monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith("error: --resume:") and "genotype differs" in err and len(err.strip().splitlines()) == 1
+
+
+def test_maml_plus_plus_end_to_end(runs, cache_dir, monkeypatch, capsys):
+    out = runs["out"]["maml++"]
+    done = finish(runs["process"]["maml++"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = check_run_dir(out, 2)
+    learner_settings = summary["learner"]
+    assert summary["method"] == "maml++"
+    assert all(learner_settings[k] for k in ("per_step_bn", "learn_inner_lr", "multi_step_loss", "cosine_lr"))
+    first, second = summary["history"]
+    assert first["first_order"] is True and second["first_order"] is False
+    assert first["multi_step_loss"] is True and second["multi_step_loss"] is False
+    assert first["meta_lr"] == pytest.approx(1e-3) and second["meta_lr"] == pytest.approx(1e-5)
+    assert summary["meta_learned_parameters"] > summary["parameters"]
+    state = load_checkpoint(os.path.join(out, "last.pt"))
+    learner = train.build_learner(state["summary"], "cpu")
+    learner.load_state_dict(state["learner"])
+    assert learner.batch_norm_names and learner.learned_lrs
+    # resuming with a learner of another shape is a one-line error
+    code, err = run_in_process(TINY + ["--genotype", "auto_maml_5shot", "--method", "maml++", "--epochs", "3",
+                                       "--msl_epochs", "1", "--first_order_epochs", "1", "--no-learn_inner_lr",
+                                       "--out", out, "--cache_dir", cache_dir, "--resume"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: --resume:") and "learn_inner_lr: True -> False" in err
+
+
+def test_missing_genotype_is_one_line_error(tmp_path, monkeypatch, capsys):
+    code, err = run_in_process(["--out", str(tmp_path / "x"), "--device", "cpu"], monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith("error: --genotype is required") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("genotype, message", [("no_such_genotype", "unknown genotype"),
+                                               ("{dir}", "without genotype.json"),
+                                               ("{file}", "genotype")])
+def test_bad_genotype_is_one_line_error(tmp_path, monkeypatch, capsys, genotype, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"normal": [["conv_9x9", 0]], "reduce": []}))
+    genotype = genotype.format(dir=str(tmp_path), file=str(bad))
+    code, err = run_in_process(["--genotype", genotype, "--out", str(tmp_path / "run"), "--device", "cpu"],
+                               monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_flags_to_learner_settings():
+    parser = train.build_parser()
+    plain = train.maml_config(parser.parse_args(["--genotype", "auto_maml_1shot"]))
+    assert not plain.is_maml_plus_plus and plain.first_order and plain.inner_steps == 5
+    assert plain.inner_steps_test == 10 and plain.inner_lr == 0.01 and plain.meta_lr == 1e-3
+    second = train.maml_config(parser.parse_args(["--genotype", "x", "--second_order"]))
+    assert not second.first_order
+    plus = train.maml_config(parser.parse_args(["--genotype", "x", "--method", "maml++"]))
+    assert plus.per_step_bn and plus.learn_inner_lr and plus.multi_step_loss and plus.cosine_lr
+    assert plus.first_order_epochs == 5 and plus.msl_epochs == 10  # a third of the 15 epochs
+    some = train.maml_config(parser.parse_args(["--genotype", "x", "--method", "maml++", "--no-per_step_bn",
+                                                "--first_order_epochs", "2"]))
+    assert not some.per_step_bn and some.learn_inner_lr and some.first_order_epochs == 2
+    one = train.maml_config(parser.parse_args(["--genotype", "x", "--learn_inner_lr"]))
+    assert one.learn_inner_lr and not one.per_step_bn and not one.multi_step_loss
+
+
+def test_count_macs_matches_convolutions_and_linear():
+    from tnas.genotypes import PUBLISHED
+    from tnas.models.network import Network
+
+    model = Network(PUBLISHED["auto_maml_1shot"], n_way=5, C=4, layers=1, in_channels=1)
+    macs, source = train.count_macs(model, (1, 16, 16))
+    by_hand = train._conv_linear_macs(model, (1, 16, 16))
+    assert by_hand <= macs <= 2 * by_hand and source in ("ptflops", "conv+linear")
+    bigger, _ = train.count_macs(Network(PUBLISHED["auto_maml_1shot"], n_way=5, C=8, layers=1, in_channels=1),
+                                 (1, 16, 16))
+    assert bigger > macs
+    assert model.training  # untouched

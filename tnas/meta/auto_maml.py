@@ -1,0 +1,154 @@
+"""auto-MAML: one architecture for all tasks, searched by alternating first-order MAML updates.
+
+The images of every meta-train class are split 1:1 (:func:`tnas.data.split_images_in_half`):
+tasks from the first half update the supernet weights w, tasks from the second half update
+the architecture alpha, alternating each meta-iteration (even: w, odd: alpha).
+
+- w-step: the inner loop adapts w on each task's support set; the query loss at the adapted
+  w' gives the meta-gradient of w (FO-MAML); Adam on w.
+- alpha-step: the inner loop adapts w only (alpha is shared by all tasks and fixed in the
+  loop); the query loss at (w', alpha) gives the gradient of alpha (first order: the direct
+  term only; ``first_order=False`` also differentiates through the inner loop); Adam on
+  alpha with betas (0.5, 0.999) and weight decay 1e-3.
+
+Validation and meta-test adapt w only. The searched genotype is decoded from alpha
+(``learner.genotype()``), then trained from scratch (:mod:`tnas.stages.train`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from tnas.errors import TnasError
+from tnas.genotypes import Genotype
+from tnas.meta.learner import MetaLearner, StepStats
+from tnas.models.supernet import Supernet
+
+WEIGHT_STEP, ALPHA_STEP = "weights", "alphas"
+
+
+@dataclass
+class AutoMAMLConfig:
+    """Hyper-parameters (the keys of :class:`~tnas.meta.tnas.TNASConfig` that apply, plus the split seed)."""
+
+    inner_steps: int = 5
+    inner_steps_test: int = 10
+    inner_lr_weights: float = 0.01
+    meta_lr_weights: float = 1e-3
+    meta_lr_alphas: float = 1e-3
+    alpha_betas: Tuple[float, float] = (0.5, 0.999)
+    alpha_weight_decay: float = 1e-3
+    first_order: bool = True
+    split_seed: int = 0
+    amp_dtype: Optional[torch.dtype] = field(default=None)
+
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-able settings (everything but ``amp_dtype``; betas as a list)."""
+        values = {k: v for k, v in asdict(self).items() if k != "amp_dtype"}
+        values["alpha_betas"] = list(values["alpha_betas"])
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, object], **overrides) -> "AutoMAMLConfig":
+        """Inverse of :meth:`to_dict` (unknown keys, e.g. ``method``, are ignored)."""
+        known = {f.name for f in fields(cls)}
+        config = {k: v for k, v in values.items() if k in known}
+        if "alpha_betas" in config:
+            config["alpha_betas"] = tuple(config["alpha_betas"])
+        return cls(**{**config, **overrides})
+
+
+class AutoMAML(MetaLearner):
+    """The auto-MAML meta-learner over a :class:`~tnas.models.supernet.Supernet`.
+
+    >>> learner = AutoMAML(Supernet(n_way=5, C=4, layers=1, in_channels=1))   # doctest: +SKIP
+    >>> learner.weight_step(batch_from_first_half)    # updates w only
+    >>> learner.alpha_step(batch_from_second_half)    # updates alpha only
+    >>> learner.genotype()                            # the searched architecture
+    """
+
+    def __init__(self, model: Supernet, config: Optional[AutoMAMLConfig] = None):
+        config = config or AutoMAMLConfig()
+        self.config = config
+        weights = [name for name, _ in model.named_weights()]
+        alphas = [name for name, _ in model.named_alphas()]
+        optimizers = {
+            WEIGHT_STEP: torch.optim.Adam(model.weights(), lr=config.meta_lr_weights),
+            ALPHA_STEP: torch.optim.Adam(model.alphas(), lr=config.meta_lr_alphas, betas=tuple(config.alpha_betas),
+                                         weight_decay=config.alpha_weight_decay),
+        }
+        # Only the weights have an inner learning rate: every adaptation adapts w alone.
+        super().__init__(model, {WEIGHT_STEP: weights, ALPHA_STEP: alphas}, {WEIGHT_STEP: config.inner_lr_weights},
+                         optimizers, inner_steps=config.inner_steps, inner_steps_test=config.inner_steps_test,
+                         first_order=config.first_order, amp_dtype=config.amp_dtype)
+
+    def weight_step(self, batch, track_steps: bool = False, loss_scale: float = 1.0) -> StepStats:
+        """FO-MAML update of w (tasks of the first half)."""
+        return self.meta_step(batch, adapt_groups=[WEIGHT_STEP], update_groups=[WEIGHT_STEP],
+                              track_steps=track_steps, loss_scale=loss_scale)
+
+    def alpha_step(self, batch, track_steps: bool = False, loss_scale: float = 1.0) -> StepStats:
+        """Update of alpha from the query loss at the adapted w (tasks of the second half)."""
+        return self.meta_step(batch, adapt_groups=[WEIGHT_STEP], update_groups=[ALPHA_STEP],
+                              track_steps=track_steps, loss_scale=loss_scale)
+
+    @staticmethod
+    def step_kind(iteration: int) -> str:
+        """Which parameters meta-iteration ``iteration`` updates: even -> weights, odd -> alphas."""
+        return WEIGHT_STEP if iteration % 2 == 0 else ALPHA_STEP
+
+    def genotype(self) -> Genotype:
+        """The searched architecture, decoded from alpha by the DARTS rule."""
+        return self.model.genotype()
+
+
+def build_auto_maml(args, model: Supernet, train_split, device: torch.device
+                    ) -> Tuple[AutoMAML, Dict[str, object], Callable[[int, bool], StepStats]]:
+    """The learner, its two episode samplers and the step function of an auto-MAML search.
+
+    ``args``: the search stage's flags. The meta-train split's images are halved per class
+    with ``seed = args.seed``; sampler ``"weights"`` draws from the first half, ``"alphas"``
+    from the second. Returns ``(learner, {"weights": ..., "alphas": ...}, step)`` where
+    ``step(iteration, track)`` takes one alternating meta-iteration.
+    """
+    from tnas import distributed
+    from tnas.data import EpisodeSampler, split_images_in_half
+
+    config = AutoMAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
+                            inner_lr_weights=args.inner_lr_weights, meta_lr_weights=args.meta_lr_weights,
+                            meta_lr_alphas=args.meta_lr_alphas, alpha_weight_decay=args.alpha_weight_decay,
+                            first_order=not args.second_order, split_seed=args.seed,
+                            amp_dtype=torch.bfloat16 if getattr(args, "amp", False) else None)
+    learner = AutoMAML(model, config)
+    # torchrun data parallelism (as tnas.stages.common.data_parallel): this rank's tasks of each batch
+    info = distributed.current_info()
+    if info.enabled:
+        learner.loss_scale = distributed.loss_scale(args.tasks_per_batch, info)
+        learner.gradient_hook = distributed.sum_gradients
+    task_slice = distributed.task_slice(args.tasks_per_batch, info)
+    halves = split_images_in_half(train_split, seed=config.split_seed)
+    samplers = {}
+    for offset, (kind, half) in enumerate(zip((WEIGHT_STEP, ALPHA_STEP), halves)):
+        try:
+            samplers[kind] = EpisodeSampler(half, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
+                                            tasks_per_batch=args.tasks_per_batch, device=device,
+                                            seed=args.seed + 1000 * offset, augment=args.augment,
+                                            task_slice=task_slice)
+        except TnasError as error:
+            raise TnasError(f"auto-MAML halves the images of each class: {error}") from None
+
+    def step(iteration: int, track: bool) -> StepStats:
+        if iteration % 2 == 0:
+            return learner.weight_step(samplers[WEIGHT_STEP].sample(), track_steps=track)
+        return learner.alpha_step(samplers[ALPHA_STEP].sample(), track_steps=track)
+
+    return learner, samplers, step
+
+
+def build_auto_maml_learner(summary: Mapping[str, object], device) -> AutoMAML:
+    """An untrained auto-MAML learner (supernet and optimisers) from a search run's ``summary``,
+    ready for ``learner.load_state_dict(state["learner"])``."""
+    model = Supernet(**summary["model"]).to(device)
+    return AutoMAML(model, AutoMAMLConfig.from_dict(summary["learner"]))
