@@ -74,3 +74,30 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     single = meta_iterations(make_learner(), make_sampler())
     for name, value in single.items():
         torch.testing.assert_close(parallel[name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_torchrun_search_with_two_ranks_matches_one_process(tmp_path):
+    """scripts/search.py under torchrun (2 gloo ranks) ends with the parameters of a single process."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tiny = ["--dataset", "glyphs", "--img_size", "16", "--device", "cpu", "--n_way", "3", "--q_query", "2",
+            "--tasks_per_batch", "4", "--C", "4", "--layers", "1", "--inner_steps", "1", "--inner_steps_test", "1",
+            "--val_episodes", "4", "--epochs", "1", "--tasks_per_epoch", "8", "--log_every", "1", "--seed", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TNAS_PROGRESS="0")
+    script = os.path.join(repo, "scripts", "search.py")
+    single = subprocess.run([sys.executable, script, *tiny, "--out", str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    parallel = subprocess.run([*launcher, script, *tiny, "--out", str(tmp_path / "two")], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=False)
+    for name, value in one["learner"]["model"].items():
+        torch.testing.assert_close(two["learner"]["model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert one["history"][0]["train_accuracy"] == pytest.approx(two["history"][0]["train_accuracy"], abs=1e-6)
+    assert (tmp_path / "two" / "rank1" / "log.txt").is_file()
+    assert not (tmp_path / "two" / "rank1" / "last.pt").exists()
