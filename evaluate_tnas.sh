@@ -13,13 +13,18 @@ launch=("$python")
 if [ -n "${NPROC:-}" ]; then
     launch=("$python" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC")
 fi
+# train_tnas_from_scratch.sh runs this script with TNAS_TRAIN_ONLY=1: decode and train, no scoring.
+name=evaluate_tnas.sh; mode=()
+if [ -n "${TNAS_TRAIN_ONLY:-}" ]; then
+    name=train_tnas_from_scratch.sh; mode=(--train_only)
+fi
 if [ "$#" -eq 0 ]; then
     demo="${TNAS_DEMO_SEARCH:-$repo/runs/demo_tnas}"
     if [ ! -f "$demo/best.pt" ]; then
-        echo "evaluate_tnas.sh: no demo T-NAS search checkpoint in $demo; run 'bash train_tnas.sh' first (a few minutes on CPU)" >&2
+        echo "$name: no demo T-NAS search checkpoint in $demo; run 'bash train_tnas.sh' first (a few minutes on CPU)" >&2
         exit 2
     fi
-    echo "evaluate_tnas.sh: no arguments, running the CPU demo protocol (configs/demo_protocol.yaml) on $demo"
-    exec "${launch[@]}" "$repo/scripts/evaluate_tnas.py" --config "$repo/configs/demo_protocol.yaml" --checkpoint "$demo"
+    echo "$name: no arguments, running the CPU demo protocol (configs/demo_protocol.yaml) on $demo ${mode[*]:-}"
+    exec "${launch[@]}" "$repo/scripts/evaluate_tnas.py" --config "$repo/configs/demo_protocol.yaml" --checkpoint "$demo" ${mode[@]+"${mode[@]}"}
 fi
-exec "${launch[@]}" "$repo/scripts/evaluate_tnas.py" "$@"
+exec "${launch[@]}" "$repo/scripts/evaluate_tnas.py" ${mode[@]+"${mode[@]}"} "$@"

@@ -120,3 +120,15 @@ def image_channels(split) -> int:
 
 def amp_dtype(args, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if getattr(args, "amp", False) else None
+
+
+def run_trainer(trainer, logger: RunLogger, summary_file: str) -> Dict[str, object]:
+    """Run ``trainer`` to the end, log the best epoch, always close the log; returns the summary."""
+    try:
+        result = trainer.run()
+        if result["best"] is not None:
+            logger.log(f"best epoch {result['best_epoch']}: validation {result['best_val_accuracy']:.2f}% "
+                       f"(summary in {os.path.join(trainer.run_dir, summary_file)}, checkpoint {trainer.best_path})")
+    finally:
+        logger.close()
+    return result

@@ -120,11 +120,4 @@ def run(args) -> Dict[str, object]:
         trainer.resume()
     logger.log(f"search ({args.method}) on {args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}, "
                f"supernet {sum(p.numel() for p in model.weights()):,} weights; run directory {run_dir}")
-    try:
-        result = trainer.run()
-        if result["best"] is not None:
-            logger.log(f"best epoch {result['best_epoch']}: validation {result['best_val_accuracy']:.2f}% "
-                       f"(summary in {os.path.join(run_dir, 'search.json')})")
-    finally:
-        logger.close()
-    return result
+    return common.run_trainer(trainer, logger, "search.json")

@@ -257,10 +257,6 @@ def run(args) -> Dict[str, object]:
         logger.log(f"train ({args.method}: {', '.join(switches)}) of genotype {args.genotype} on "
                    f"{args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}; {parameters:,} parameters, "
                    f"{macs / 1e6:.2f}M MACs per image ({macs_source}); run directory {run_dir}")
-        result = trainer.run()
-        if result["best"] is not None:
-            logger.log(f"best epoch {result['best_epoch']}: validation {result['best_val_accuracy']:.2f}% "
-                       f"(summary in {os.path.join(run_dir, 'train.json')}, checkpoint {trainer.best_path})")
+        return common.run_trainer(trainer, logger, "train.json")
     finally:
-        logger.close()
-    return result
+        logger.close()  # also when the set-up above fails
