@@ -42,6 +42,10 @@ def test_search_writes_every_output(tmp_path):
     for name in ("config.yaml", "log.txt", "last.pt", "best.pt", "genotype.json", "search.json"):
         assert (out / name).is_file(), name
     assert list((out / "cells").glob("normal.*")) and list((out / "tb").iterdir())
+    events = b"".join(path.read_bytes() for path in (out / "tb").rglob("events*"))
+    for tag in (b"alphas/alpha_reduce", b"cells/normal", b"cells/reduce", b"genotype", b"epoch/val_accuracy",
+                b"meta_train/accuracy_step0"):
+        assert tag in events, tag
     summary = json.loads((out / "search.json").read_text())
     assert summary["method"] == "tnas" and summary["epochs_done"] == 2 and len(summary["history"]) == 2
     for record in summary["history"]:

@@ -12,7 +12,9 @@ import os
 from dataclasses import asdict
 from typing import Dict
 
+import numpy as np
 import torch
+from PIL import Image
 
 from tnas import distributed
 from tnas.config import add_common_args
@@ -70,7 +72,10 @@ def genotype_epoch_hook(learner, run_dir: str, logger):
     def hook(epoch: int, record: Dict[str, object]) -> Dict[str, object]:
         genotype = model.genotype()
         save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
-        plot_genotype(genotype, os.path.join(run_dir, "cells"))
+        for path in plot_genotype(genotype, os.path.join(run_dir, "cells")):
+            if path.endswith(".png"):  # the cell diagrams in tensorboard too
+                with Image.open(path) as picture:
+                    logger.image(f"cells/{os.path.basename(path)[:-4]}", np.asarray(picture.convert("RGB")), epoch)
         for name, alpha in model.named_alphas():
             logger.heatmap(f"alphas/{name}", torch.softmax(alpha.detach().float().cpu(), dim=-1).numpy(), epoch,
                            row_labels=edge_labels(model.steps), col_labels=list(PRIMITIVES),
