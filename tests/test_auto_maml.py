@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tnas.data import synthetic_split
-from tnas.meta.auto_maml import AutoMAML, AutoMAMLConfig, build_auto_maml, build_auto_maml_learner
+from tnas.meta.auto_maml import AutoMAML, AutoMAMLConfig, build_auto_maml_learner
+from tnas.stages.search import build_auto_maml
 from tnas.meta.maml import inner_loop, model_forward, query_loss_and_accuracy
 from tnas.models.supernet import Supernet
 from tnas.runlog import load_checkpoint

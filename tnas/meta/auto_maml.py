@@ -17,11 +17,10 @@ Validation and meta-test adapt w only. The searched genotype is decoded from alp
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from tnas.errors import TnasError
 from tnas.genotypes import Genotype
 from tnas.meta.learner import MetaLearner, StepStats
 from tnas.models.supernet import Supernet
@@ -102,49 +101,6 @@ class AutoMAML(MetaLearner):
     def genotype(self) -> Genotype:
         """The searched architecture, decoded from alpha by the DARTS rule."""
         return self.model.genotype()
-
-
-def build_auto_maml(args, model: Supernet, train_split, device: torch.device
-                    ) -> Tuple[AutoMAML, Dict[str, object], Callable[[int, bool], StepStats]]:
-    """The learner, its two episode samplers and the step function of an auto-MAML search.
-
-    ``args``: the search stage's flags. The meta-train split's images are halved per class
-    with ``seed = args.seed``; sampler ``"weights"`` draws from the first half, ``"alphas"``
-    from the second. Returns ``(learner, {"weights": ..., "alphas": ...}, step)`` where
-    ``step(iteration, track)`` takes one alternating meta-iteration.
-    """
-    from tnas import distributed
-    from tnas.data import EpisodeSampler, split_images_in_half
-
-    config = AutoMAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
-                            inner_lr_weights=args.inner_lr_weights, meta_lr_weights=args.meta_lr_weights,
-                            meta_lr_alphas=args.meta_lr_alphas, alpha_weight_decay=args.alpha_weight_decay,
-                            first_order=not args.second_order, split_seed=args.seed,
-                            amp_dtype=torch.bfloat16 if getattr(args, "amp", False) else None)
-    learner = AutoMAML(model, config)
-    # torchrun data parallelism (as tnas.stages.common.data_parallel): this rank's tasks of each batch
-    info = distributed.current_info()
-    if info.enabled:
-        learner.loss_scale = distributed.loss_scale(args.tasks_per_batch, info)
-        learner.gradient_hook = distributed.sum_gradients
-    task_slice = distributed.task_slice(args.tasks_per_batch, info)
-    halves = split_images_in_half(train_split, seed=config.split_seed)
-    samplers = {}
-    for offset, (kind, half) in enumerate(zip((WEIGHT_STEP, ALPHA_STEP), halves)):
-        try:
-            samplers[kind] = EpisodeSampler(half, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
-                                            tasks_per_batch=args.tasks_per_batch, device=device,
-                                            seed=args.seed + 1000 * offset, augment=args.augment,
-                                            task_slice=task_slice)
-        except TnasError as error:
-            raise TnasError(f"auto-MAML halves the images of each class: {error}") from None
-
-    def step(iteration: int, track: bool) -> StepStats:
-        if iteration % 2 == 0:
-            return learner.weight_step(samplers[WEIGHT_STEP].sample(), track_steps=track)
-        return learner.alpha_step(samplers[ALPHA_STEP].sample(), track_steps=track)
-
-    return learner, samplers, step
 
 
 def build_auto_maml_learner(summary: Mapping[str, object], device) -> AutoMAML:

@@ -20,6 +20,8 @@ from tnas import distributed
 from tnas.config import add_common_args
 from tnas.engine import MetaTrainer
 from tnas.genotypes import PRIMITIVES, edge_inputs, save_genotype
+from tnas.errors import TnasError
+from tnas.meta.auto_maml import ALPHA_STEP, WEIGHT_STEP, AutoMAML, AutoMAMLConfig
 from tnas.meta.tnas import TNAS, TNASConfig
 from tnas.models.supernet import Supernet
 from tnas.stages import common
@@ -87,6 +89,42 @@ def genotype_epoch_hook(learner, run_dir: str, logger):
     return hook
 
 
+def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
+    """The learner, its two episode samplers and the step function of an auto-MAML search.
+
+    ``args``: the search stage's flags. The meta-train split's images are halved per class
+    with ``seed = args.seed``; sampler ``"weights"`` draws from the first half, ``"alphas"``
+    from the second. Returns ``(learner, {"weights": ..., "alphas": ...}, step)`` where
+    ``step(iteration, track)`` takes one alternating meta-iteration (even: w, odd: alpha).
+    """
+    from tnas.data import EpisodeSampler, split_images_in_half
+
+    config = AutoMAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
+                            inner_lr_weights=args.inner_lr_weights, meta_lr_weights=args.meta_lr_weights,
+                            meta_lr_alphas=args.meta_lr_alphas, alpha_weight_decay=args.alpha_weight_decay,
+                            first_order=not args.second_order, split_seed=args.seed,
+                            amp_dtype=common.amp_dtype(args, device))
+    learner = AutoMAML(model, config)
+    task_slice = common.data_parallel(learner, args.tasks_per_batch)
+    halves = split_images_in_half(train_split, seed=config.split_seed)
+    samplers = {}
+    for offset, (kind, half) in enumerate(zip((WEIGHT_STEP, ALPHA_STEP), halves)):
+        try:
+            samplers[kind] = EpisodeSampler(half, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
+                                            tasks_per_batch=args.tasks_per_batch, device=device,
+                                            seed=args.seed + 1000 * offset, augment=args.augment,
+                                            task_slice=task_slice)
+        except TnasError as error:
+            raise TnasError(f"auto-MAML halves the images of each class: {error}") from None
+
+    def step(iteration: int, track: bool):
+        if AutoMAML.step_kind(iteration) == WEIGHT_STEP:
+            return learner.weight_step(samplers[WEIGHT_STEP].sample(), track_steps=track)
+        return learner.alpha_step(samplers[ALPHA_STEP].sample(), track_steps=track)
+
+    return learner, samplers, step
+
+
 def run(args) -> Dict[str, object]:
     """Run the search stage described by ``args`` (the parsed flags); returns the summary."""
     common.check_positive(args, "n_way", "k_shot", "q_query", "tasks_per_batch", "epochs", "tasks_per_epoch",
@@ -102,7 +140,6 @@ def run(args) -> Dict[str, object]:
     val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
                                           episodes=args.val_episodes, seed=args.seed + 1)
     if args.method == "auto_maml":
-        from tnas.meta.auto_maml import build_auto_maml
         learner, samplers, step = build_auto_maml(args, model, splits["train"], device)
         summary["learner"] = learner.config.to_dict()
     else:
