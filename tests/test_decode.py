@@ -5,15 +5,14 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from tnas.evaluate import genotype_counts
 from tnas.genotypes import genotype_from_dict
 
 try:
-    from test_evaluate import assert_one_line_error, need_train, run_in_process
+    from test_evaluate import assert_one_line_error, run_in_process
 except ImportError:  # run from elsewhere
-    from tests.test_evaluate import assert_one_line_error, need_train, run_in_process
+    from tests.test_evaluate import assert_one_line_error, run_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "decode.py")
@@ -87,7 +86,6 @@ def test_same_tasks_as_evaluate_and_batching_does_not_matter(runs, decode, tmp_p
 
 
 def test_decode_refuses_other_checkpoints(runs, decode, tmp_path):
-    need_train(runs)
     out = tmp_path / "g.jsonl"
     result = decode("--checkpoint", str(runs["train"]), "--out", str(out), *FAST)
     assert_one_line_error(result, "T-NAS search checkpoint", "'train' checkpoint of method 'maml'")

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tnas.errors import cli_entry
 from tnas.evaluate import format_accuracy, mean_ci95, results_record
@@ -48,11 +47,7 @@ def tiny_runs(base: Path) -> dict:
     if done.exists():
         return runs
     from tnas.config import parse_args
-    from tnas.stages import search
-    try:
-        from tnas.stages import train
-    except ImportError:  # the from-scratch stage is not there: no train run
-        train = None
+    from tnas.stages import search, train
 
     shutil.rmtree(root, ignore_errors=True)
     # The real search stage, minus its cell diagrams and alpha heatmaps (seconds of matplotlib each).
@@ -61,23 +56,14 @@ def tiny_runs(base: Path) -> dict:
     common = ["--epochs", "1", "--tasks_per_epoch", "2", "--tasks_per_batch", "2", "--val_episodes", "2",
               "--q_query", "2", "--C", "4", "--layers", "1", "--img_size", "16", "--inner_steps", "1",
               "--inner_steps_test", "1", "--device", "cpu", "--log_every", "0", "--cache_dir", runs["cache_dir"]]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread is many times faster than two fighting
     try:
         search.run(parse_args(search.build_parser(), common + ["--out", str(runs["search"])]))
-        if train is not None:
-            train.run(parse_args(train.build_parser(), common + ["--genotype", str(runs["search"]),
-                                                                 "--out", str(runs["train"])]))
+        train.run(parse_args(train.build_parser(), common + ["--genotype", str(runs["search"]),
+                                                             "--out", str(runs["train"])]))
     finally:
-        torch.set_num_threads(threads)
         search.genotype_epoch_hook = hook
     done.write_text("ok\n")
     return runs
-
-
-def need_train(runs):
-    if not (runs["train"] / "best.pt").exists():
-        pytest.skip("tnas.stages.train is not available: no from-scratch checkpoint to test with")
 
 
 def _genotype_json_hook(learner, run_dir, logger):
@@ -231,7 +217,6 @@ def test_default_out_is_the_checkpoint_run_dir(runs, evaluate, tmp_path):
 
 
 def test_train_checkpoint_scores_the_derived_network(runs, evaluate, tmp_path):
-    need_train(runs)
     ok(evaluate("--checkpoint", str(runs["train"]), "--out", str(tmp_path), "--genotype",
                 str(runs["search"] / "genotype.json"), *FAST))
     record = results_of(tmp_path)
@@ -269,7 +254,6 @@ def test_error_img_size(runs, evaluate, sentinel):
 
 
 def test_error_genotype(runs, evaluate, sentinel):
-    need_train(runs)
     result = evaluate("--checkpoint", str(runs["train"]), "--genotype", "auto_maml_1shot", "--out", str(sentinel),
                       *FAST)
     assert_one_line_error(result, "--genotype auto_maml_1shot", "avg_pool_3x3 0, avg_pool_3x3 1",

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tnas.errors import TnasError, cli_entry
 from tnas.genotypes import PUBLISHED

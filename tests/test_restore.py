@@ -8,11 +8,6 @@ from tnas.errors import TnasError
 from tnas.runlog import load_checkpoint, save_checkpoint
 from tnas.stages import restore
 
-try:
-    from test_evaluate import need_train
-except ImportError:  # run from elsewhere
-    from tests.test_evaluate import need_train
-
 
 def assert_same_model(learner, saved_model_state):
     mine = learner.model.state_dict()
@@ -46,7 +41,6 @@ def test_tnas_search_checkpoint(runs):
 
 
 def test_train_checkpoint(runs):
-    need_train(runs)
     import json
 
     from tnas.genotypes import genotype_from_dict
@@ -84,22 +78,6 @@ def test_auto_maml_search_checkpoint(runs, tmp_path):
     assert summary["method"] == "auto_maml"
     assert_same_model(learner, state["learner"]["model"])
     assert "alphas" not in learner.inner_lrs  # auto-MAML adapts the weights only
-
-
-def test_auto_maml_fallback_without_builder(runs, tmp_path, monkeypatch):
-    """Without a builder in tnas.meta.auto_maml: a T-NAS learner whose alphas are not adapted."""
-    from tnas.meta import auto_maml
-    from tnas.meta.tnas import TNAS
-
-    for name in ("build_learner_for_search", "build_auto_maml_learner"):
-        monkeypatch.delattr(auto_maml, name, raising=False)
-    state = load_checkpoint(runs["search"] / "best.pt")
-    path = tmp_path / "auto.pt"
-    save_checkpoint({"stage": "search", "summary": dict(state["summary"], method="auto_maml"),
-                     "learner": state["learner"]}, path)
-    learner, _ = restore.learner_from_checkpoint(path, "cpu")
-    assert isinstance(learner, TNAS) and set(learner.inner_lrs) == {"weights"}
-    assert_same_model(learner, state["learner"]["model"])
 
 
 @pytest.mark.parametrize("change, fragment", [

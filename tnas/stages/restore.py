@@ -6,10 +6,8 @@ the summary says which model and learner to build:
 
 - ``stage "search"``, ``method "tnas"``: ``Supernet(**summary["model"])`` with
   ``TNAS(TNASConfig(**summary["learner"]))`` (adapts weights and alphas);
-- ``stage "search"``, ``method "auto_maml"``: the auto-MAML supernet learner from
-  :mod:`tnas.meta.auto_maml` (``build_learner_for_search`` or ``build_auto_maml_learner``),
-  which adapts the weights only; if that module offers neither, a TNAS learner whose alphas
-  are not adapted (same parameters, same meta-test behaviour);
+- ``stage "search"``, ``method "auto_maml"``: the auto-MAML supernet learner
+  (:func:`tnas.meta.auto_maml.build_auto_maml_learner`), which adapts the weights only;
 - ``stage "train"``: :func:`tnas.stages.train.build_learner` (the derived network with MAML or
   MAML++).
 
@@ -76,21 +74,9 @@ def _search_learner(summary: Mapping[str, Any], device: torch.device):
         model = Supernet(**summary["model"]).to(device)
         return TNAS(model, _tnas_config(summary.get("learner", {})))
     if method == "auto_maml":
-        try:
-            from tnas.meta import auto_maml
-        except ImportError:
-            auto_maml = None
-        builder = None
-        if auto_maml is not None:
-            builder = getattr(auto_maml, "build_learner_for_search", None) or \
-                getattr(auto_maml, "build_auto_maml_learner", None)
-        if builder is not None:
-            return builder(summary, device)
-        # Fallback: the same supernet and optimisers as T-NAS, adapting the weights only.
-        model = Supernet(**summary["model"]).to(device)
-        learner = TNAS(model, _tnas_config(summary.get("learner", {})))
-        learner.inner_lrs.pop("alphas", None)
-        return learner
+        from tnas.meta.auto_maml import build_auto_maml_learner
+
+        return build_auto_maml_learner(summary, device)
     raise TnasError(f"unknown search method {method!r} in the checkpoint (known: {', '.join(SEARCH_METHODS)})")
 
 
@@ -104,10 +90,8 @@ def build_learner(state: Mapping[str, Any], device, source: str = "checkpoint"):
         if stage == "search":
             return _search_learner(summary, device)
         if stage == "train":
-            try:
-                from tnas.stages.train import build_learner as build_train_learner
-            except ImportError as error:
-                raise TnasError(f"{source}: a 'train' checkpoint needs tnas.stages.train ({error})") from None
+            from tnas.stages.train import build_learner as build_train_learner
+
             return build_train_learner(summary, device)
     except TnasError as error:
         raise TnasError(f"{source}: {error}") from None
