@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check_out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TNAS_PROGRESS=0
-python -m pip install -q --no-deps -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install needed (the GPU box may be offline)
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt" || echo "no nvidia-smi" | tee "$out/gpu.txt"
 status=0
 timeout 240 python -m pytest -m gpu -q tests/test_gpu.py tests/test_data_episodes.py 2>&1 | tee "$out/gpu_tests.txt" || status=1
 timeout 120 python benchmarks/bench_episodes.py --seconds 2 > "$out/bench_episodes.json" || status=1

@@ -153,3 +153,18 @@ def test_progress_respects_environment(monkeypatch):
     bar = progress(total=3, file=open("/dev/null", "w"))
     assert not bar.disable and bar.leave is False
     bar.close()
+
+
+def test_without_tensorboardx_falls_back_to_torch_writer_or_turns_off(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import tensorboardX -> ImportError
+    logger = RunLogger(tmp_path / "run", quiet=True)
+    logger.scalar("loss", 1.5, 0)
+    logger.close()
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert list((tmp_path / "run" / "tb").glob("events*"))
+    else:
+        assert "tensorboard logging off" in (tmp_path / "run" / "log.txt").read_text()
+        assert not (tmp_path / "run" / "tb").exists()

@@ -210,13 +210,25 @@ class RunLogger:
 
     @property
     def writer(self):
-        """The tensorboardX ``SummaryWriter`` (created on first access), or None when disabled."""
+        """The tensorboard ``SummaryWriter`` (created on first access), or None when disabled.
+
+        tensorboardX (a dependency) when importable; otherwise torch's own writer, which needs
+        the ``tensorboard`` package (e.g. on GPU images that ship it but not tensorboardX);
+        with neither, tensorboard logging is off and a line in log.txt says so.
+        """
         if not self.use_tensorboard:
             return None
         if self._writer is None:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(logdir=str(self.out_dir / "tb"))
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    self.use_tensorboard = False
+                    self.log("tensorboard logging off: neither tensorboardX nor tensorboard is installed")
+                    return None
+            self._writer = SummaryWriter(str(self.out_dir / "tb"))
         return self._writer
 
     def log(self, message: str) -> None:
