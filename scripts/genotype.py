@@ -14,16 +14,13 @@ try: import tnas  # noqa: E701,F401
 except ImportError: sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E701
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
-from typing import Dict, Optional, Tuple  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 from tnas.errors import TnasError, cli_entry  # noqa: E402
 from tnas.genotypes import PUBLISHED, Genotype, genotype_from_dict, resolve_genotype  # noqa: E402
+from tnas.models.complexity import count_macs  # noqa: E402
 from tnas.models.network import Network  # noqa: E402
 from tnas.models.skeleton import min_image_size  # noqa: E402
 
@@ -64,58 +61,6 @@ def check_sizes(args: argparse.Namespace) -> None:
     if args.img_size < smallest:
         raise TnasError(f"--img_size {args.img_size} is too small for --layers {args.layers}: "
                         f"need at least {smallest} (stem /4, each reduction /2)")
-
-
-def conv_linear_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> int:
-    """Multiply-accumulates of the convolutions and linear layers per image (forward hooks, batch 2)."""
-    totals = []
-
-    def hook(module, inputs, output):
-        per_image = output.numel() // output.shape[0]
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            totals.append(per_image * (module.in_channels // module.groups) * kh * kw)
-        else:
-            totals.append(per_image * module.in_features)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape))  # batch 2: batch-statistics BN needs > 1 value per channel
-    finally:
-        for handle in handles:
-            handle.remove()
-    return int(sum(totals))
-
-
-def ptflops_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> Optional[int]:
-    """ptflops' MAC count per image, its output silenced; None when it fails."""
-    try:
-        from ptflops import get_model_complexity_info
-    except ImportError:
-        return None
-    sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            macs, _ = get_model_complexity_info(model, tuple(input_shape), as_strings=False,
-                                                print_per_layer_stat=False, ost=sink, verbose=False)
-    except Exception:  # ptflops reports its own failures by returning None; be as lenient with raises
-        return None
-    return int(macs) if macs else None
-
-
-def count_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> Dict[str, object]:
-    """``{"macs", "macs_conv_linear", "macs_source"}``: ptflops when sane, else the conv + linear count.
-
-    Sane means at least the conv + linear count (ptflops adds BN, pooling and elementwise
-    ops) and at most twice it.
-    """
-    by_hand = conv_linear_macs(model, input_shape)
-    by_ptflops = ptflops_macs(model, input_shape)
-    model.train()  # ptflops leaves the model in eval mode
-    if by_ptflops is not None and by_hand <= by_ptflops <= 2 * by_hand:
-        return {"macs": by_ptflops, "macs_conv_linear": by_hand, "macs_source": "ptflops"}
-    return {"macs": by_hand, "macs_conv_linear": by_hand, "macs_source": "conv+linear (ptflops failed)"}
 
 
 def human(count: float) -> str:

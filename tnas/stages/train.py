@@ -18,15 +18,11 @@ each of which is also a flag of its own (``--no-per_step_bn`` etc. to leave one 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import io
 import json
 import os
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional
 
 import torch
-import torch.nn as nn
 
 from tnas import distributed
 from tnas.config import add_common_args
@@ -34,6 +30,7 @@ from tnas.engine import MetaTrainer
 from tnas.errors import TnasError
 from tnas.genotypes import Genotype, genotype_from_dict, resolve_genotype, save_genotype
 from tnas.meta.maml_pp import COSINE_UNITS, MAMLConfig, MAMLPlusPlus
+from tnas.models.complexity import count_macs
 from tnas.models.network import Network
 from tnas.models.skeleton import min_image_size
 from tnas.runlog import load_checkpoint
@@ -113,48 +110,6 @@ def build_learner(summary: Mapping[str, object], device) -> MAMLPlusPlus:
     return MAMLPlusPlus(model, MAMLConfig.from_dict(summary["learner"]))
 
 
-# -- size of a network -------------------------------------------------------------------------
-def _conv_linear_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> int:
-    """Multiply-accumulates per image of the convolutions and linear layers (forward hooks)."""
-    counted = []
-
-    def hook(module, inputs, output):
-        per_image = output.numel() // output.shape[0]
-        if isinstance(module, nn.Conv2d):
-            counted.append(per_image * (module.in_channels // module.groups) * module.kernel_size[0]
-                           * module.kernel_size[1])
-        else:
-            counted.append(per_image * module.in_features)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape))  # batch statistics need more than one value per channel
-    finally:
-        for handle in handles:
-            handle.remove()
-    return int(sum(counted))
-
-
-def count_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> Tuple[int, str]:
-    """(MACs per image, how counted): ptflops (its output silenced) when it gives a sane number, else
-    the convolution + linear count. Runs on a copy, so ``model`` is left untouched."""
-    model = copy.deepcopy(model).cpu().float().eval()
-    by_hand = _conv_linear_macs(model, input_shape)
-    try:
-        from ptflops import get_model_complexity_info
-
-        sink = io.StringIO()
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            macs, _ = get_model_complexity_info(model, tuple(input_shape), as_strings=False,
-                                                print_per_layer_stat=False, verbose=False, ost=sink)
-    except Exception:  # ptflops missing or failing: fall back to the count by hand
-        macs = None
-    if macs and by_hand <= macs <= 2 * by_hand:
-        return int(macs), "ptflops"
-    return by_hand, "conv+linear"
-
-
 # -- the stage -----------------------------------------------------------------------------
 def _plain(value):
     return json.loads(json.dumps(value))
@@ -214,7 +169,8 @@ def run(args) -> Dict[str, object]:
         model = Network(genotype, n_way=args.n_way, C=args.C, layers=args.layers, in_channels=image_shape[0],
                         drop_path_prob=args.drop_path_prob).to(device)
         parameters = sum(p.numel() for p in model.parameters())
-        macs, macs_source = count_macs(model, image_shape)
+        counted = count_macs(model, image_shape)
+        macs, macs_source = counted["macs"], counted["macs_source"]
         config = maml_config(args, device)
         learner = MAMLPlusPlus(model, config)
         summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,
