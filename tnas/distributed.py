@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -71,11 +72,13 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: torch.device) -> DistInfo:
+def init_distributed(device: torch.device, timeout: Optional[timedelta] = None) -> DistInfo:
     """Join the process group when launched by torchrun; a no-op for a single process.
 
     The backend is NCCL for CUDA devices and gloo otherwise. On CUDA each process uses
     ``cuda:LOCAL_RANK``; the returned device must be used instead of the one asked for.
+    ``timeout`` bounds every collective (torch's default when None); jobs whose ranks wait
+    hours for each other (the protocol's final gather) need a long one.
     """
     world_size = launched_world_size()
     if world_size <= 1 or _local_depth:
@@ -86,7 +89,7 @@ def init_distributed(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout is not None else {}))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 

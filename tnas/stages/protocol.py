@@ -522,21 +522,6 @@ def _check_flags(args) -> None:
             raise TnasError(f"--{name} must be >= 0, got {value}")
 
 
-def init_process_group(device: torch.device, timeout_hours: float) -> distributed.DistInfo:
-    """Join torchrun's process group (NCCL on GPU, gloo on CPU) with a long collective timeout, then
-    :func:`tnas.distributed.init_distributed`. The default timeouts (10-30 minutes) are far shorter than the
-    time a rank that has trained its genotypes may wait at the final gather for the others (hours at the
-    paper setting)."""
-    import torch.distributed as dist
-
-    if distributed.launched_world_size() > 1 and dist.is_available() and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(hours=timeout_hours))
-    return distributed.init_distributed(device)
-
-
 def run(args) -> Optional[Dict[str, object]]:
     """Run the protocol described by ``args`` (the parsed flags). Returns the results.json record on
     rank 0 (with ``--train_only``: the genotypes index), None on the other ranks."""
@@ -548,7 +533,7 @@ def run(args) -> Optional[Dict[str, object]]:
     if not args.checkpoint:
         raise TnasError("--checkpoint PATH is required (a T-NAS search run directory or its .pt file)")
     device = resolve_device(args.device)
-    info = init_process_group(device, args.dist_timeout_hours)
+    info = distributed.init_distributed(device, timeout=timedelta(hours=args.dist_timeout_hours))
     device = distributed.local_device(device, info)
     args.device = str(device)
     seconds: Dict[str, float] = {}
