@@ -16,47 +16,24 @@ Validation and meta-test adapt w only. The searched genotype is decoded from alp
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Mapping, Optional
 
 import torch
 
 from tnas.genotypes import Genotype
 from tnas.meta.learner import MetaLearner, StepStats
+from tnas.meta.tnas import SupernetSearchConfig
 from tnas.models.supernet import Supernet
 
 WEIGHT_STEP, ALPHA_STEP = "weights", "alphas"
 
 
 @dataclass
-class AutoMAMLConfig:
-    """Hyper-parameters (the keys of :class:`~tnas.meta.tnas.TNASConfig` that apply, plus the split seed)."""
+class AutoMAMLConfig(SupernetSearchConfig):
+    """The shared search hyper-parameters plus the seed of the 1:1 split of each class's images."""
 
-    inner_steps: int = 5
-    inner_steps_test: int = 10
-    inner_lr_weights: float = 0.01
-    meta_lr_weights: float = 1e-3
-    meta_lr_alphas: float = 1e-3
-    alpha_betas: Tuple[float, float] = (0.5, 0.999)
-    alpha_weight_decay: float = 1e-3
-    first_order: bool = True
     split_seed: int = 0
-    amp_dtype: Optional[torch.dtype] = field(default=None)
-
-    def to_dict(self) -> Dict[str, object]:
-        """JSON-able settings (everything but ``amp_dtype``; betas as a list)."""
-        values = {k: v for k, v in asdict(self).items() if k != "amp_dtype"}
-        values["alpha_betas"] = list(values["alpha_betas"])
-        return values
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, object], **overrides) -> "AutoMAMLConfig":
-        """Inverse of :meth:`to_dict` (unknown keys, e.g. ``method``, are ignored)."""
-        known = {f.name for f in fields(cls)}
-        config = {k: v for k, v in values.items() if k in known}
-        if "alpha_betas" in config:
-            config["alpha_betas"] = tuple(config["alpha_betas"])
-        return cls(**{**config, **overrides})
 
 
 class AutoMAML(MetaLearner):

@@ -8,8 +8,8 @@ task's support set and decoding the adapted alpha gives that task's architecture
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -19,19 +19,42 @@ from tnas.models.supernet import Supernet
 
 
 @dataclass
-class TNASConfig:
-    """Hyper-parameters; defaults are the original code's 5-way 1-shot settings."""
+class SupernetSearchConfig:
+    """Hyper-parameters shared by the supernet searches (T-NAS, auto-MAML); defaults are the
+    original code's 5-way 1-shot settings. ``to_dict`` / ``from_dict`` give the JSON form
+    stored in a run's summary (``amp_dtype`` is a run-time choice and is not stored)."""
 
     inner_steps: int = 5
     inner_steps_test: int = 10
     inner_lr_weights: float = 0.01
-    inner_lr_alphas: float = 30.0
     meta_lr_weights: float = 1e-3
     meta_lr_alphas: float = 1e-3
     alpha_betas: Tuple[float, float] = (0.5, 0.999)
     alpha_weight_decay: float = 1e-3
     first_order: bool = True
     amp_dtype: Optional[torch.dtype] = field(default=None)
+
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-able settings (everything but ``amp_dtype``; betas as a list)."""
+        values = {k: v for k, v in asdict(self).items() if k != "amp_dtype"}
+        values["alpha_betas"] = list(values["alpha_betas"])
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, object], **overrides):
+        """Inverse of :meth:`to_dict` (unknown keys, e.g. ``method``, are ignored)."""
+        known = {f.name for f in fields(cls)} - {"amp_dtype"}
+        config = {k: v for k, v in dict(values or {}).items() if k in known}
+        if "alpha_betas" in config:
+            config["alpha_betas"] = tuple(config["alpha_betas"])
+        return cls(**{**config, **overrides})
+
+
+@dataclass
+class TNASConfig(SupernetSearchConfig):
+    """T-NAS adds the inner learning rate of the alphas (30 in the original code)."""
+
+    inner_lr_alphas: float = 30.0
 
 
 class TNAS(MetaLearner):

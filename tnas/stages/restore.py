@@ -5,7 +5,7 @@ A checkpoint (``best.pt`` / ``last.pt``, written by :class:`~tnas.engine.MetaTra
 the summary says which model and learner to build:
 
 - ``stage "search"``, ``method "tnas"``: ``Supernet(**summary["model"])`` with
-  ``TNAS(TNASConfig(**summary["learner"]))`` (adapts weights and alphas);
+  ``TNAS(TNASConfig.from_dict(summary["learner"]))`` (adapts weights and alphas);
 - ``stage "search"``, ``method "auto_maml"``: the auto-MAML supernet learner
   (:func:`tnas.meta.auto_maml.build_auto_maml_learner`), which adapts the weights only;
 - ``stage "train"``: :func:`tnas.stages.train.build_learner` (the derived network with MAML or
@@ -18,7 +18,6 @@ one :class:`~tnas.errors.TnasError` line.
 from __future__ import annotations
 
 import os
-from dataclasses import fields
 from typing import Any, Dict, Mapping, Tuple
 
 import torch
@@ -55,24 +54,14 @@ def load_state(path: str) -> Dict[str, Any]:
     return state
 
 
-def _tnas_config(values: Mapping[str, Any]):
-    from tnas.meta.tnas import TNASConfig
-
-    known = {f.name for f in fields(TNASConfig)}
-    config = {k: v for k, v in dict(values or {}).items() if k in known and k != "amp_dtype"}
-    if "alpha_betas" in config:
-        config["alpha_betas"] = tuple(config["alpha_betas"])
-    return TNASConfig(**config)
-
-
 def _search_learner(summary: Mapping[str, Any], device: torch.device):
-    from tnas.meta.tnas import TNAS
+    from tnas.meta.tnas import TNAS, TNASConfig
     from tnas.models.supernet import Supernet
 
     method = summary.get("method")
     if method == "tnas":
         model = Supernet(**summary["model"]).to(device)
-        return TNAS(model, _tnas_config(summary.get("learner", {})))
+        return TNAS(model, TNASConfig.from_dict(summary.get("learner", {})))
     if method == "auto_maml":
         from tnas.meta.auto_maml import build_auto_maml_learner
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict
 from typing import Dict
 
 import numpy as np
@@ -144,7 +143,7 @@ def run(args) -> Dict[str, object]:
         summary["learner"] = learner.config.to_dict()
     else:
         learner = TNAS(model, tnas_config(args, device))
-        summary["learner"] = {k: v for k, v in asdict(learner.config).items() if k != "amp_dtype"}
+        summary["learner"] = learner.config.to_dict()
         sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                                  tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
                                  augment=args.augment,
