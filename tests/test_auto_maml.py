@@ -1,7 +1,6 @@
 """auto-MAML (tnas.meta.auto_maml): halves, alternating w / alpha updates, and the search stage end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from tnas.stages.search import build_auto_maml
 from tnas.meta.maml import inner_loop, model_forward, query_loss_and_accuracy
 from tnas.models.supernet import Supernet
 from tnas.runlog import load_checkpoint
+from script_loader import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "search.py")
@@ -158,9 +158,7 @@ def test_search_auto_maml_end_to_end_and_resume(tmp_path, cache_dir, monkeypatch
     # --resume continues for a second epoch, in this process through the script's main
     from tnas.errors import cli_entry
 
-    spec = importlib.util.spec_from_file_location("search_under_test", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(SCRIPT)
     monkeypatch.setattr(sys, "argv", [SCRIPT] + TINY + ["--epochs", "2", "--out", out, "--cache_dir", cache_dir,
                                                         "--resume"])
     try:

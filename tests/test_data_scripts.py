@@ -1,7 +1,6 @@
 """scripts/inspect_data.py and benchmarks/bench_episodes.py (tnas.data tooling)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import pytest
 
 from tnas.errors import TnasError
+from script_loader import load_script
 
 try:
     import data_fixtures as fx
@@ -18,13 +18,6 @@ except ImportError:  # tests/ imported as a package
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def load_script(relative):
-    path = os.path.join(REPO, relative)
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0] + "_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_inspect_folder(tmp_path, capsys):

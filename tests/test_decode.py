@@ -1,5 +1,4 @@
 """The decode stage (scripts/decode.py): one genotype per fixed test episode from a T-NAS search."""
-import importlib.util
 import json
 import os
 import shutil
@@ -8,6 +7,7 @@ import pytest
 
 from tnas.evaluate import genotype_counts
 from tnas.genotypes import genotype_from_dict
+from script_loader import load_script
 
 try:
     from test_evaluate import assert_one_line_error, run_in_process
@@ -21,10 +21,7 @@ FAST = ["--episodes", "5", "--batch_size", "3", "--update_step_test", "1", "--de
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("decode_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture

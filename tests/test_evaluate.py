@@ -22,6 +22,7 @@ import pytest
 
 from tnas.errors import cli_entry
 from tnas.evaluate import format_accuracy, mean_ci95, results_record
+from script_loader import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "evaluate.py")
@@ -100,11 +101,7 @@ def assert_one_line_error(result, *fragments):
 
 @pytest.fixture
 def evaluate(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     return lambda *argv: run_in_process(module.main, argv, capsys)
 
 

@@ -4,7 +4,6 @@ Starting Python with torch costs seconds of CPU, so two real ``python scripts/ge
 runs (one success with --plot, one error) start together once per module; the remaining
 cases go through the same ``cli_entry(main)`` in process.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 from tnas.errors import TnasError, cli_entry
 from tnas.genotypes import PUBLISHED
+from script_loader import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "genotype.py")
@@ -33,10 +33,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def script():
     """The script imported as a module, for the in-process runs."""
-    spec = importlib.util.spec_from_file_location("genotype_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 SUBPROCESS_RUNS = {

@@ -22,6 +22,7 @@ from tnas.config import parse_args
 from tnas.errors import TnasError, cli_entry
 from tnas.evaluate import mean_ci95
 from tnas.stages import protocol
+from script_loader import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "evaluate_tnas.py")
@@ -98,11 +99,7 @@ def read_json(path):
 
 def run_script(argv, capsys):
     """``cli_entry(main)`` of scripts/evaluate_tnas.py as ``__main__`` runs it: (exit code, stdout, stderr)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_tnas_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     capsys.readouterr()
     try:
         cli_entry(lambda: module.main(list(argv)))

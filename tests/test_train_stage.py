@@ -1,7 +1,6 @@
 """The from-scratch training stage (scripts/train_from_scratch.py, tnas.stages.train) end to end on tiny glyphs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import torch
 
 from tnas.runlog import load_checkpoint
 from tnas.stages import train
+from script_loader import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "train_from_scratch.py")
@@ -27,18 +27,11 @@ def cache_dir(tmp_path_factory):
     return os.environ.get("TNAS_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_from_scratch_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_in_process(argv, monkeypatch, capsys):
     """The script's main through cli_entry, as the command line would run it: (exit code, stderr)."""
     from tnas.errors import cli_entry
 
-    script = load_script()
+    script = load_script(SCRIPT)
     monkeypatch.setattr(sys, "argv", [SCRIPT] + list(argv))
     code = 0
     try:
