@@ -120,3 +120,24 @@ def test_bad_input_is_one_line_error(tmp_path, flags, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+
+
+def test_only_the_main_rank_writes_genotype_files(tmp_path):
+    """Data-parallel ranks decode the same genotype, but only rank 0 writes (no race on the diagrams)."""
+    from types import SimpleNamespace
+
+    from tnas.models.supernet import Supernet
+    from tnas.runlog import RunLogger
+    from tnas.stages.search import genotype_epoch_hook
+
+    learner = SimpleNamespace(model=Supernet(n_way=3, C=4, layers=1, in_channels=1))
+    for is_main, name in ((False, "rank1"), (True, "rank0")):
+        run_dir = tmp_path / name
+        logger = RunLogger(str(run_dir), use_tensorboard=False, quiet=True)
+        record = genotype_epoch_hook(learner, str(run_dir), logger, is_main=is_main)(1, {})
+        assert record["genotype"] == learner.model.genotype().to_dict()
+        written = sorted(path.name for path in run_dir.rglob("*") if path.is_file() and "log" not in path.name)
+        if is_main:
+            assert {"genotype.json", "normal.png", "reduce.png", "normal.dot", "reduce.dot"} <= set(written)
+        else:
+            assert written == []

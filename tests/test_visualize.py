@@ -91,18 +91,18 @@ def test_render_cell_without_dot_uses_matplotlib(tmp_path, monkeypatch):
 
 
 def write_fake_dot(directory, exit_code=0):
-    """A stand-in ``dot`` program: checks its arguments, then copies a known PNG to ``-o``."""
+    """A stand-in ``dot`` program: checks its arguments and stdin, then prints a known PNG."""
     reference = directory / "reference.png"
     reference.write_bytes(PNG_MAGIC + b"fake dot output" * 100)
     program = directory / "dot"
     program.write_text(
         f"#!{sys.executable}\n"
-        "import shutil, sys\n"
-        "args = sys.argv[1:]\n"
-        "assert args[0] == '-Tpng' and args[1].endswith('.dot') and args[2] == '-o', args\n"
+        "import sys\n"
+        "assert sys.argv[1:] == ['-Tpng'], sys.argv\n"
+        "assert sys.stdin.read().startswith('digraph')\n"
         f"if {exit_code}:\n"
         f"    sys.exit({exit_code})\n"
-        f"shutil.copyfile({str(reference)!r}, args[3])\n")
+        f"sys.stdout.buffer.write(open({str(reference)!r}, 'rb').read())\n")
     program.chmod(program.stat().st_mode | stat.S_IXUSR)
     return str(program), reference.read_bytes()
 

@@ -18,6 +18,7 @@ import subprocess
 from typing import Dict, List, Sequence, Tuple
 
 from tnas.genotypes import PRIMITIVES, Genotype, edge_inputs, num_edges, validate_genotype
+from tnas.runlog import atomic_write_bytes
 
 CELLS = ("normal", "reduce")
 INPUT_NAMES = ("c_{k-2}", "c_{k-1}")
@@ -86,7 +87,9 @@ def _layout(steps: int) -> Dict[str, Tuple[float, float]]:
 
 
 def _draw_cell_png(genotype: Genotype, cell: str, png_path: str) -> None:
-    """Draw the cell diagram with matplotlib (no global backend change)."""
+    """Draw the cell diagram with matplotlib (no global backend change); written atomically."""
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch
@@ -137,11 +140,13 @@ def _draw_cell_png(genotype: Genotype, cell: str, png_path: str) -> None:
         arrow(source, target, rad, op)
     for source in concat:
         arrow(source, OUTPUT_NAME, 0.05)
-    figure.savefig(png_path, dpi=100, bbox_inches="tight")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(png_path, buffer.getvalue())
 
 
 def render_cell(genotype: Genotype, cell: str, out_path_without_ext: str) -> List[str]:
-    """Write ``<out>.dot`` and ``<out>.png`` of one cell; returns the paths written.
+    """Write ``<out>.dot`` and ``<out>.png`` of one cell atomically; returns the paths written.
 
     The PNG comes from the ``dot`` program when it is on PATH (and succeeds), otherwise
     from a matplotlib drawing of the same graph.
@@ -151,17 +156,18 @@ def render_cell(genotype: Genotype, cell: str, out_path_without_ext: str) -> Lis
     if directory:
         os.makedirs(directory, exist_ok=True)
     dot_path, png_path = f"{out_path_without_ext}.dot", f"{out_path_without_ext}.png"
-    with open(dot_path, "w") as handle:
-        handle.write(dot_text)
+    atomic_write_bytes(dot_path, dot_text.encode("utf-8"))
     dot_program = shutil.which("dot")
     rendered = False
     if dot_program:
-        try:
-            result = subprocess.run([dot_program, "-Tpng", dot_path, "-o", png_path], capture_output=True,
+        try:  # dot reads the source from stdin and writes the PNG to stdout: no half-written file on disk
+            result = subprocess.run([dot_program, "-Tpng"], input=dot_text.encode("utf-8"), capture_output=True,
                                     timeout=DOT_TIMEOUT_S)
-            rendered = result.returncode == 0 and os.path.isfile(png_path) and os.path.getsize(png_path) > 0
+            rendered = result.returncode == 0 and result.stdout.startswith(b"\x89PNG")
         except (OSError, subprocess.SubprocessError):
             rendered = False
+        if rendered:
+            atomic_write_bytes(png_path, result.stdout)
     if not rendered:
         _draw_cell_png(genotype, cell, png_path)
     return [dot_path, png_path]

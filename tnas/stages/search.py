@@ -64,14 +64,20 @@ def edge_labels(steps: int):
     return [f"n{node}<-{source}" for node, source in edge_inputs(steps)]
 
 
-def genotype_epoch_hook(learner, run_dir: str, logger):
-    """After each epoch: write genotype.json and cell diagrams, log alpha heatmaps and the genotype."""
+def genotype_epoch_hook(learner, run_dir: str, logger, is_main: bool = True):
+    """After each epoch: write genotype.json and cell diagrams, log alpha heatmaps and the genotype.
+
+    Every rank decodes the genotype (it joins the epoch record); only the main rank
+    (``is_main``) writes files, so data-parallel ranks never race on the same diagram.
+    """
     from tnas.visualize import plot_genotype
 
     model = learner.model
 
     def hook(epoch: int, record: Dict[str, object]) -> Dict[str, object]:
         genotype = model.genotype()
+        if not is_main:
+            return {"genotype": genotype.to_dict()}
         save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
         for path in plot_genotype(genotype, os.path.join(run_dir, "cells")):
             if path.endswith(".png"):  # the cell diagrams in tensorboard too
@@ -131,6 +137,7 @@ def run(args) -> Dict[str, object]:
     from tnas.data import EpisodeSampler, FixedEpisodes
 
     run_dir, logger, device = common.prepare_run(args, "search")
+    is_main = distributed.current_info().is_main
     splits = common.load_splits(args, ("train", "val"))
     in_channels = common.image_channels(splits["train"])
     model = build_supernet(args, in_channels).to(device)
@@ -155,8 +162,8 @@ def run(args) -> Dict[str, object]:
 
     trainer = MetaTrainer(learner, samplers, step, val_episodes, run_dir, logger, common.schedule_from_args(args),
                           device, stage="search", summary=summary,
-                          epoch_hook=genotype_epoch_hook(learner, run_dir, logger),
-                          val_steps=args.inner_steps_test, is_main=distributed.current_info().is_main)
+                          epoch_hook=genotype_epoch_hook(learner, run_dir, logger, is_main),
+                          val_steps=args.inner_steps_test, is_main=is_main)
     if args.resume:
         trainer.resume()
     logger.log(f"search ({args.method}) on {args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}, "
