@@ -67,7 +67,7 @@ def tiny_runs(base: Path) -> dict:
     return runs
 
 
-def _genotype_json_hook(learner, run_dir, logger, is_main=True):
+def _genotype_json_hook(learner, run_dir, logger):
     from tnas.genotypes import save_genotype
 
     def hook(epoch, record):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -64,15 +64,18 @@ def edge_labels(steps: int):
     return [f"n{node}<-{source}" for node, source in edge_inputs(steps)]
 
 
-def genotype_epoch_hook(learner, run_dir: str, logger, is_main: bool = True):
+def genotype_epoch_hook(learner, run_dir: str, logger, is_main: Optional[bool] = None):
     """After each epoch: write genotype.json and cell diagrams, log alpha heatmaps and the genotype.
 
     Every rank decodes the genotype (it joins the epoch record); only the main rank
-    (``is_main``) writes files, so data-parallel ranks never race on the same diagram.
+    (``is_main``, default: this process's rank is 0) writes files, so data-parallel ranks
+    never race on the same diagram.
     """
     from tnas.visualize import plot_genotype
 
     model = learner.model
+    if is_main is None:
+        is_main = distributed.current_info().is_main
 
     def hook(epoch: int, record: Dict[str, object]) -> Dict[str, object]:
         genotype = model.genotype()
@@ -162,7 +165,7 @@ def run(args) -> Dict[str, object]:
 
     trainer = MetaTrainer(learner, samplers, step, val_episodes, run_dir, logger, common.schedule_from_args(args),
                           device, stage="search", summary=summary,
-                          epoch_hook=genotype_epoch_hook(learner, run_dir, logger, is_main),
+                          epoch_hook=genotype_epoch_hook(learner, run_dir, logger),
                           val_steps=args.inner_steps_test, is_main=is_main)
     if args.resume:
         trainer.resume()
