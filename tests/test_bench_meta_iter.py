@@ -1,0 +1,77 @@
+"""benchmarks/bench_meta_iter.py: a tiny CPU run of every kind of case, and its extrapolations."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from script_loader import load_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("benchmarks/bench_meta_iter.py")
+
+
+def test_every_kind_of_case_runs_and_reports(bench, capsys):
+    cases = ["tnas_1shot_T4", "auto_maml_1shot_T4", "adapt_1shot_T100", "scratch_1shot_T4", "scratch_pp_1shot_T4"]
+    report = bench.main(["--tiny", "--device", "cpu", "--iterations", "1", "--warmup", "1", "--cases", *cases])
+    assert capsys.readouterr().out.strip().startswith("{")
+    assert [r["case"] for r in report["results"]] == cases
+    for record in report["results"]:
+        assert record["seconds_per_iteration"] > 0
+        assert record["tasks_per_second"] == pytest.approx(record["tasks"] / record["seconds_per_iteration"])
+        original = bench.ORIGINAL_SECONDS[record["kind"]]
+        assert record["speedup_vs_original"] == pytest.approx(record["tasks_per_second"] * original)
+    scratch = {r["case"]: r for r in report["results"] if r["kind"] == "scratch"}
+    assert scratch["scratch_1shot_T4"]["first_order"] and not scratch["scratch_pp_1shot_T4"]["first_order"]
+    for record in scratch.values():
+        hours = 15 * 15_000 / record["tasks_per_second"] / 3600
+        assert record["genotype_hours_paper_schedule"] == pytest.approx(hours)
+        assert record["protocol_device_hours_600_genotypes"] == pytest.approx(600 * hours)
+
+
+def test_original_scratch_rate_is_six_hours_per_genotype(bench):
+    """The original's README: 600 tasks x 6 h = 3,600 GPU-hours, at 225,000 tasks per genotype."""
+    assert bench.ORIGINAL_SECONDS["scratch"] * bench.PAPER_SCHEDULE_TASKS == pytest.approx(6 * 3600)
+
+
+def test_scratch_learner_is_the_derived_network(bench):
+    from types import SimpleNamespace
+
+    import torch
+
+    from tnas.genotypes import PUBLISHED
+    from tnas.models.network import Network
+
+    args = SimpleNamespace(n_way=5, C=4, layers=1, inner_steps=1, inner_steps_test=2, amp=False,
+                           channels_last=False)
+    learner = bench.build_learner(bench.CASES["scratch_pp_1shot_T4"], args, torch.device("cpu"))
+    assert isinstance(learner.model, Network)
+    assert learner.model.genotype == PUBLISHED["auto_maml_1shot"]
+    assert learner.config.per_step_bn and learner.config.learn_inner_lr and not learner.config.first_order
+
+
+def test_shared_gpu_sums_throughput_and_rescales_the_cost(tmp_path, capsys):
+    shared = load_script("benchmarks/shared_gpu.py")
+
+    def report(tasks_per_second):
+        hours = 225_000 / tasks_per_second / 3600
+        return {"device": "gpu", "results": [{"case": "scratch_1shot_T4", "tasks_per_second": tasks_per_second,
+                                              "genotype_hours_paper_schedule": hours,
+                                              "protocol_device_hours_600_genotypes": 600 * hours}]}
+
+    paths = []
+    for index, rate in enumerate((30.0, 20.0, 50.0)):
+        path = tmp_path / f"shared_{index}.json"
+        path.write_text(json.dumps(report(rate)))
+        paths.append(str(path))
+    assert shared.main(paths) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["results"]
+    assert entry["processes"] == 3 and entry["tasks_per_second_total"] == pytest.approx(100.0)
+    assert entry["genotype_device_hours_paper_schedule"] == pytest.approx(225_000 / 100.0 / 3600)
+    assert entry["protocol_device_hours_600_genotypes"] == pytest.approx(600 * 225_000 / 100.0 / 3600)
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    assert shared.main([str(bad)]) == 2
+    assert "bad.json" in capsys.readouterr().err
