@@ -101,3 +101,55 @@ def test_torchrun_search_with_two_ranks_matches_one_process(tmp_path):
     assert one["history"][0]["train_accuracy"] == pytest.approx(two["history"][0]["train_accuracy"], abs=1e-6)
     assert (tmp_path / "two" / "rank1" / "log.txt").is_file()
     assert not (tmp_path / "two" / "rank1" / "last.pt").exists()
+
+
+class FakeCuda:
+    """Stands in for ``torch.cuda`` and ``dist.init_process_group`` on a machine with ``gpus`` GPUs."""
+
+    def __init__(self, monkeypatch, gpus, local_rank, world_size=8):
+        self.current, self.backend = None, None
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        monkeypatch.setenv("RANK", str(local_rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda index: setattr(self, "current", index))
+        monkeypatch.setattr(dist, "is_initialized", lambda: False)
+        monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: setattr(self, "backend", backend))
+
+
+def test_meta_training_needs_a_gpu_per_process(monkeypatch):
+    fake = FakeCuda(monkeypatch, gpus=2, local_rank=3)
+    with pytest.raises(distributed.TnasError, match=r"process 3 .* 2 GPU\(s\).*--nproc_per_node=2"):
+        distributed.init_distributed(torch.device("cuda"))
+    assert fake.backend is None
+    fake = FakeCuda(monkeypatch, gpus=2, local_rank=1)
+    info = distributed.init_distributed(torch.device("cuda"))
+    assert (fake.backend, fake.current) == ("nccl", 1)
+    assert distributed.local_device(torch.device("cuda"), info) == torch.device("cuda", 1)
+
+
+def test_shared_gpus_deal_processes_round_robin_over_gloo(monkeypatch):
+    for local_rank, gpu in ((0, 0), (1, 1), (2, 0), (5, 1)):
+        fake = FakeCuda(monkeypatch, gpus=2, local_rank=local_rank)
+        info = distributed.init_distributed(torch.device("cuda"), share_gpus=True)
+        assert (fake.backend, fake.current) == ("gloo", gpu)
+        assert distributed.local_device(torch.device("cuda"), info) == torch.device("cuda", gpu)
+
+
+def test_the_protocol_lets_processes_share_gpus(monkeypatch, tmp_path):
+    from tnas.stages import protocol
+
+    seen = {}
+
+    class Joined(Exception):
+        pass
+
+    def fake_init(device, **kwargs):
+        seen.update(kwargs)
+        raise Joined
+
+    monkeypatch.setattr(distributed, "init_distributed", fake_init)
+    args = protocol.build_parser().parse_args(["--checkpoint", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(Joined):
+        protocol.run(args)
+    assert seen["share_gpus"] is True

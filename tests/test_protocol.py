@@ -134,6 +134,21 @@ def _protocol_args(*argv):
     return args
 
 
+def test_cost_counts_gpus_shared_by_processes_once():
+    def part(rank, gpu):
+        return {"rank": rank, "seconds": {"decode": 10.0, "train": 3600.0, "evaluate": 20.0}, "device": "H100",
+                "device_type": "cuda", "device_id": f"node:cuda:{gpu}", "runs": {}}
+
+    runs = {"g0000": {"rank": 0, "status": "trained", "wall_time_s": 3600.0, "total_train_wall_time_s": 3600.0}}
+    schedule = {"epochs": 1, "tasks_per_epoch": 1000}
+    parts = [part(rank, rank % 2) for rank in range(8)]  # 8 processes on 2 GPUs
+    cost = protocol.cost_record(parts, runs, 7200.0, schedule, decode_cached=False)
+    assert cost["world_size"] == 8 and cost["devices"] == 2 and cost["processes_per_device"] == 4
+    assert cost["allocated_device_hours"] == pytest.approx(2 * 7200.0 / 3600)
+    assert cost["stages"]["train"]["device_hours"] == pytest.approx(8.0)  # process-hours
+    assert cost["extrapolation"]["seconds_per_task"] == pytest.approx(3.6)
+
+
 def test_from_scratch_settings_budget_config_and_flags(tmp_path):
     search_summary = {"model": {"C": 4, "layers": 1}}
     train = lambda args: protocol.parse_train_args(protocol.train_argv(args, search_summary, torch.device("cpu")))
@@ -225,6 +240,7 @@ def test_results_fields_and_genotypes_match_the_decode_stage(single, search_run,
 
     cost = record["cost"]
     assert cost["world_size"] == 1 and cost["device"].startswith("cpu") and cost["wall_time_s"] > 0
+    assert cost["devices"] == 1 and cost["allocated_device_hours"] == pytest.approx(cost["wall_time_s"] / 3600)
     for stage in ("decode", "train", "evaluate"):
         assert cost["stages"][stage]["wall_time_s"] >= 0 and cost["stages"][stage]["device_hours"] >= 0
     per_genotype = cost["stages"]["train"]["per_genotype"]

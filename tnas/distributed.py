@@ -72,11 +72,16 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: torch.device, timeout: Optional[timedelta] = None) -> DistInfo:
+def init_distributed(device: torch.device, timeout: Optional[timedelta] = None,
+                     share_gpus: bool = False) -> DistInfo:
     """Join the process group when launched by torchrun; a no-op for a single process.
 
-    The backend is NCCL for CUDA devices and gloo otherwise. On CUDA each process uses
-    ``cuda:LOCAL_RANK``; the returned device must be used instead of the one asked for.
+    On CUDA each process uses ``cuda:LOCAL_RANK`` (see :func:`local_device`); the returned
+    device must be used instead of the one asked for. The backend is NCCL for CUDA devices
+    and gloo otherwise. NCCL needs a GPU of its own per process, so more processes per
+    machine than GPUs is a one-line error, unless ``share_gpus``: then the processes are
+    dealt to the GPUs round robin and talk over gloo (for jobs whose collectives only move
+    small Python objects, such as the T-NAS protocol's independent genotype trainings).
     ``timeout`` bounds every collective (torch's default when None); jobs whose ranks wait
     hours for each other (the protocol's final gather) need a long one.
     """
@@ -86,17 +91,21 @@ def init_distributed(device: torch.device, timeout: Optional[timedelta] = None) 
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" and not share_gpus else "gloo"
         if device.type == "cuda":
-            torch.cuda.set_device(local_rank)
+            gpus = torch.cuda.device_count()
+            if local_rank >= gpus and not share_gpus:
+                raise TnasError(f"torchrun started process {local_rank} on a machine with {gpus} GPU(s); "
+                                f"meta-training needs one GPU per process: use --nproc_per_node={gpus} or fewer")
+            torch.cuda.set_device(local_rank % gpus)
         dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout is not None else {}))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
 def local_device(device: torch.device, info: DistInfo) -> torch.device:
-    """The device of this rank: ``cuda:LOCAL_RANK`` under torchrun with CUDA, else ``device``."""
+    """The device of this rank: ``cuda:(LOCAL_RANK mod GPUs)`` under torchrun with CUDA, else ``device``."""
     if info.enabled and device.type == "cuda":
-        return torch.device("cuda", info.local_rank)
+        return torch.device("cuda", info.local_rank % max(1, torch.cuda.device_count()))
     return device
 
 

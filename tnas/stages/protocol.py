@@ -33,6 +33,9 @@ number of processes: decoding batches are the same as in one process, and each g
 trained from the same seed wherever it runs. The process group is joined with a long collective
 timeout (``--dist_timeout_hours``), since ranks that finish their genotypes early wait at the gather.
 ``--train_only`` stops after training (``OUT/genotypes.json`` indexes the runs, no results.json).
+Since the ranks only exchange small Python objects, they talk over gloo and may outnumber the
+GPUs: ``--nproc_per_node`` larger than the GPU count deals the processes to the GPUs round robin,
+so several small genotype trainings share each GPU.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ import json
 import os
 import platform
 import shlex
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -452,6 +456,14 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine() or 'unknown'}, {torch.get_num_threads()} thread(s))"
 
 
+def device_id(device: torch.device) -> str:
+    """Which physical device this process computes on: ``host:cuda:N``, or ``host:cpu:RANK`` (CPU
+    processes are counted as one device each)."""
+    where = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}" \
+        if device.type == "cuda" else f"{device.type}:{distributed.current_info().rank}"
+    return f"{socket.gethostname()}:{where}"
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -459,8 +471,13 @@ def _synchronize(device: torch.device) -> None:
 
 def cost_record(parts: List[Dict[str, Any]], runs: Dict[str, Dict[str, Any]], wall_time_s: float,
                 schedule: Dict[str, Any], decode_cached: bool) -> Dict[str, Any]:
-    """Wall time (slowest rank) and device-hours (sum over ranks) of each stage, per genotype for training."""
+    """Wall time (slowest rank) and device-hours (sum over ranks) of each stage, per genotype for training.
+
+    Where processes share a GPU (``devices`` < ``world_size``), the summed device-hours are
+    process-hours; ``allocated_device_hours`` (wall time x devices) is what the GPUs were held.
+    """
     world = len(parts)
+    devices = len({part.get("device_id", part["rank"]) for part in parts})
     stages: Dict[str, Dict[str, Any]] = {}
     for stage in ("decode", "train", "evaluate"):
         times = [part["seconds"].get(stage, 0.0) for part in parts]
@@ -484,9 +501,10 @@ def cost_record(parts: List[Dict[str, Any]], runs: Dict[str, Dict[str, Any]], wa
     names = sorted({part["device"] for part in parts})
     return {
         "device": names[0] if len(names) == 1 else names, "device_type": parts[0]["device_type"],
-        "world_size": world, "wall_time_s": wall_time_s,
+        "world_size": world, "devices": devices, "processes_per_device": world / devices,
+        "wall_time_s": wall_time_s,
         "device_hours": sum(stage["device_hours"] for stage in stages.values()),
-        "allocated_device_hours": wall_time_s * world / 3600.0,
+        "allocated_device_hours": wall_time_s * devices / 3600.0,
         "stages": stages,
         "extrapolation": {
             "distinct_genotypes": len(runs), "tasks_per_genotype": tasks, "seconds_per_task": seconds_per_task,
@@ -533,7 +551,7 @@ def run(args) -> Optional[Dict[str, object]]:
     if not args.checkpoint:
         raise TnasError("--checkpoint PATH is required (a T-NAS search run directory or its .pt file)")
     device = resolve_device(args.device)
-    info = distributed.init_distributed(device, timeout=timedelta(hours=args.dist_timeout_hours))
+    info = distributed.init_distributed(device, timeout=timedelta(hours=args.dist_timeout_hours), share_gpus=True)
     device = distributed.local_device(device, info)
     args.device = str(device)
     seconds: Dict[str, float] = {}
@@ -606,7 +624,8 @@ def run(args) -> Optional[Dict[str, object]]:
 
         # e. gather on rank 0 and aggregate
         part = {"rank": info.rank, "seconds": seconds, "accuracies": accuracies, "device": device_name(device),
-                "device_type": device.type, "runs": {r.id: r.record(info.rank) for r in mine}}
+                "device_type": device.type, "device_id": device_id(device),
+                "runs": {r.id: r.record(info.rank) for r in mine}}
         parts = distributed.gather_to_main(part, info)
         if not info.is_main:
             return None
