@@ -4,6 +4,7 @@ adaptation and from-scratch training of a derived network.
 
     python benchmarks/bench_meta_iter.py                                  # paper setting, every case
     python benchmarks/bench_meta_iter.py --cases tnas_1shot_T4 --amp      # bf16 autocast fast path
+    python benchmarks/bench_meta_iter.py --cuda_graph                     # each iteration one CUDA graph
     python benchmarks/bench_meta_iter.py --tiny --device cpu              # a smoke run on a CPU
 
 Paper setting: 5-way, 84x84 RGB, C 16, layers 2, 15 queries per class, 5 inner steps
@@ -38,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tnas.genotypes import PUBLISHED  # noqa: E402
+from tnas.meta.cuda_graph import GraphedStep, make_optimizers_capturable  # noqa: E402
 from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus  # noqa: E402
 from tnas.meta.tnas import TNAS, TNASConfig  # noqa: E402
 from tnas.models.network import Network  # noqa: E402
@@ -50,6 +52,8 @@ spread over the 225,000 tasks of the paper schedule."""
 PAPER_SCHEDULE_TASKS = 15 * 15_000
 """Tasks seen while training one genotype from scratch at the paper schedule (15 epochs x 15,000)."""
 PROTOCOL_GENOTYPES = 600
+GRAPH_WARMUP = 2
+"""Eager calls of each step before its CUDA graph is captured (with --cuda_graph)."""
 
 CASES: Dict[str, Dict[str, object]] = {
     "tnas_1shot_T4": dict(kind="tnas", k_shot=1, tasks=4),
@@ -107,16 +111,25 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
     learner = build_learner(spec, args, device)
     batch = synthetic_batch(tasks, args.n_way, int(spec["k_shot"]), args.q_query, 3, args.img_size, device)
 
-    def one_iteration(iteration: int) -> None:
-        if kind in ("tnas", "scratch"):
-            learner.meta_step(batch)
-        elif kind == "auto_maml":  # the weights step and the alpha step alternate; both adapt w only
-            group = "weights" if iteration % 2 == 0 else "alphas"
-            learner.meta_step(batch, adapt_groups=["weights"], update_groups=[group])
-        else:
-            learner.evaluate(batch, steps=args.inner_steps_test)
+    steps = {  # (kind, iteration parity) -> one call of the learner on a batch
+        "tnas": lambda b: learner.meta_step(b),
+        "scratch": lambda b: learner.meta_step(b),
+        # auto-MAML: the weights step and the alpha step alternate; both adapt w only
+        "weights": lambda b: learner.meta_step(b, adapt_groups=["weights"], update_groups=["weights"]),
+        "alphas": lambda b: learner.meta_step(b, adapt_groups=["weights"], update_groups=["alphas"]),
+        "adapt": lambda b: learner.evaluate(b, steps=args.inner_steps_test),
+    }
+    warmup = args.warmup
+    if args.cuda_graph:
+        make_optimizers_capturable(learner.optimizers.values())
+        steps = {key: GraphedStep(step, warmup=GRAPH_WARMUP) for key, step in steps.items()}
+        warmup = max(warmup, (GRAPH_WARMUP + 1) * (2 if kind == "auto_maml" else 1))  # capture before timing
 
-    for iteration in range(args.warmup):
+    def one_iteration(iteration: int) -> None:
+        key = ("weights" if iteration % 2 == 0 else "alphas") if kind == "auto_maml" else kind
+        steps[key](batch)
+
+    for iteration in range(warmup):
         one_iteration(iteration)
     synchronize(device)
     if args.start_at is not None:  # line up the timed loops of processes sharing one GPU
@@ -152,6 +165,8 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--cuda_graph", action="store_true",
+                        help="replay each meta-iteration as a CUDA graph (tnas.meta.cuda_graph)")
     parser.add_argument("--tiny", action="store_true", help="C 4, layers 1, 16x16, 2 queries: a CPU smoke run")
     parser.add_argument("--start_at", type=float, default=None,
                         help="Unix time to start the timed iterations at (after warm-up), so that several "
@@ -163,14 +178,24 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         args.C, args.layers, args.img_size, args.q_query = 4, 1, 16, 2
         args.inner_steps, args.inner_steps_test = 1, 2
     device = torch.device(args.device)
-    results = [run_case(name, CASES[name], args, device) for name in args.cases]
+    if args.cuda_graph and device.type != "cuda":
+        parser.error("--cuda_graph needs --device cuda")
+    results = []
+    for name in args.cases:
+        try:
+            results.append(run_case(name, CASES[name], args, device))
+        except Exception as error:  # one failing case (e.g. out of memory) must not hide the others
+            results.append({"case": name, "error": f"{type(error).__name__}: {error}"})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     report = {
         "benchmark": "meta_iteration",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "setting": {k: getattr(args, k) for k in ("n_way", "C", "layers", "img_size", "q_query", "inner_steps",
-                                                  "inner_steps_test", "amp", "channels_last", "tiny")},
+                                                  "inner_steps_test", "amp", "channels_last", "cuda_graph",
+                                                  "tiny")},
         "results": results,
     }
     print(json.dumps(report, indent=1))

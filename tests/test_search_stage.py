@@ -112,6 +112,7 @@ def test_non_finite_loss_stops_naming_the_iteration(tmp_path):
     (["--n_way", "500"], "n_way=500"),
     (["--bogus_flag", "1"], "--bogus_flag"),
     (["--device", "cuda"], "--device cuda"),
+    (["--device", "cpu", "--cuda_graph"], "--cuda_graph needs a CUDA device; --device cpu"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, flags, message):
     if flags[0] == "--device" and torch.cuda.is_available():
@@ -141,3 +142,17 @@ def test_only_the_main_rank_writes_genotype_files(tmp_path):
             assert {"genotype.json", "normal.png", "reduce.png", "normal.dot", "reduce.dot"} <= set(written)
         else:
             assert written == []
+
+
+def test_graph_untracked_leaves_tracked_steps_eager():
+    from tnas.stages.search import graph_untracked
+
+    calls = []
+
+    def call(batch, track):
+        calls.append((batch, track))
+        return track
+
+    assert graph_untracked(call, False) is call
+    step = graph_untracked(call, True)
+    assert step("batch", True) is True and calls == [("batch", True)]

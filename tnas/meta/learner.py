@@ -86,7 +86,9 @@ class MetaLearner:
     def _autocast(self, device: torch.device):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+        # No cast cache: it would outlive a CUDA graph capture (tnas.meta.cuda_graph), and the
+        # inner loop makes new weight tensors every step, so it would rarely hit anyway.
+        return torch.autocast(device_type=device.type, dtype=self.amp_dtype, cache_enabled=False)
 
     # -- adaptation ---------------------------------------------------------------------
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None,
