@@ -125,12 +125,12 @@ class GraphedStep:
         return self._side_stream
 
     def _eager_on_side_stream(self, batch) -> Any:
-        self._stream(batch.support_x.device)
+        side = self._stream(batch.support_x.device)
         current = torch.cuda.current_stream(batch.support_x.device)
-        self._side_stream.wait_stream(current)
-        with torch.cuda.stream(self._side_stream):
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
             output = self.step(batch)
-        current.wait_stream(self._side_stream)
+        current.wait_stream(side)
         return output
 
     def _capture(self, batch) -> None:

@@ -42,6 +42,15 @@ def add_network_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layers", type=int, default=2, help="cells (2: normal + reduction, the paper)")
 
 
+def add_meta_learning_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "meta-learning" flag group with the inner-step counts every meta-training stage takes;
+    returns the group so a stage adds its own learning rates to it."""
+    group = parser.add_argument_group("meta-learning")
+    group.add_argument("--inner_steps", type=int, default=5, help="inner SGD steps in meta-training")
+    group.add_argument("--inner_steps_test", type=int, default=10, help="inner SGD steps at validation/test")
+    return group
+
+
 def schedule_from_args(args) -> Schedule:
     return Schedule(epochs=args.epochs, tasks_per_epoch=args.tasks_per_epoch, tasks_per_batch=args.tasks_per_batch,
                     log_every=args.log_every, checkpoint_every=args.checkpoint_every,
