@@ -4,7 +4,8 @@ Every op maps ``[B, C, H, W]`` to ``[B, C, H/stride, W/stride]``. BatchNorm is
 *transductive*, as MAML uses it: statistics of the current batch, no running statistics
 (``track_running_stats=False``), so a forward pass is a pure function of (parameters,
 input) and works under ``torch.func.vmap``. ``affine=False`` in the supernet,
-``affine=True`` in the derived network.
+``affine=True`` in the derived network. Convolutions, BatchNorm and concatenation come from
+:mod:`tnas.task_folding`, so every op also runs T tasks at once with per-task weights.
 """
 from __future__ import annotations
 
@@ -15,20 +16,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tnas.genotypes import PRIMITIVES
+from tnas.task_folding import BatchNorm2d, Conv2d, cat_channels
 
 
 def batch_norm(channels: int, affine: bool) -> nn.BatchNorm2d:
     """BatchNorm that always normalises with the current batch's statistics."""
-    return nn.BatchNorm2d(channels, affine=affine, track_running_stats=False)
+    return BatchNorm2d(channels, affine=affine)
 
 
 class ReLUConvBN(nn.Sequential):
     """ReLU -> conv (no bias) -> BN: the 1x1 preprocessing of cell inputs."""
 
+    supports_task_folding = True
+
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False),
+            Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False),
             batch_norm(c_out, affine),
         )
 
@@ -36,19 +40,23 @@ class ReLUConvBN(nn.Sequential):
 class DilConv(nn.Sequential):
     """ReLU -> depthwise (dilated) conv -> pointwise conv -> BN."""
 
+    supports_task_folding = True
+
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, dilation: int,
                  affine: bool):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_in, kernel_size, stride=stride, padding=padding, dilation=dilation,
+            Conv2d(c_in, c_in, kernel_size, stride=stride, padding=padding, dilation=dilation,
                       groups=c_in, bias=False),
-            nn.Conv2d(c_in, c_out, 1, bias=False),
+            Conv2d(c_in, c_out, 1, bias=False),
             batch_norm(c_out, affine),
         )
 
 
 class SepConv(nn.Sequential):
     """Two stacked separable convs (the first carries the stride), as in DARTS."""
+
+    supports_task_folding = True
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool):
         super().__init__(
@@ -60,12 +68,16 @@ class SepConv(nn.Sequential):
 class Identity(nn.Module):
     """skip_connect at stride 1."""
 
+    supports_task_folding = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
 class Zero(nn.Module):
     """The `none` op: zeros of the output shape (the supernet skips it; see MixedOp)."""
+
+    supports_task_folding = True
 
     def __init__(self, stride: int):
         super().__init__()
@@ -80,18 +92,20 @@ class Zero(nn.Module):
 class FactorizedReduce(nn.Module):
     """skip_connect at stride 2: two offset 1x1 stride-2 convs, concatenated, then BN."""
 
+    supports_task_folding = True
+
     def __init__(self, c_in: int, c_out: int, affine: bool):
         super().__init__()
         if c_out % 2:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
-        self.conv_even = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
-        self.conv_odd = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_even = Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_odd = Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
         self.bn = batch_norm(c_out, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(x)
         shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        return self.bn(torch.cat([self.conv_even(x), self.conv_odd(shifted)], dim=1))
+        return self.bn(cat_channels([self.conv_even(x), self.conv_odd(shifted)]))
 
 
 class Pool(nn.Module):
@@ -100,6 +114,8 @@ class Pool(nn.Module):
     The supernet follows pools with a BN (affine=False) so that their scale matches the
     conv ops' under the mixed-op weighting; the derived network uses the bare pool.
     """
+
+    supports_task_folding = True
 
     def __init__(self, kind: str, channels: int, stride: int, with_bn: bool):
         super().__init__()

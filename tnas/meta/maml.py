@@ -17,24 +17,38 @@ over tasks. Nothing in the loop reads a value back to the host.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Optional, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
+from tnas import task_folding
+
 Params = Dict[str, torch.Tensor]
 LearningRate = Union[float, torch.Tensor]
 ForwardFn = Callable[[Params, torch.Tensor, int], torch.Tensor]
 """``forward(params, x, step) -> logits`` for ONE task: ``x`` [N, C, H, W] -> [N, n_way].
-``step`` is the inner step (0..S); models without per-step state ignore it."""
+``step`` is the inner step (0..S); models without per-step state ignore it. A forward with
+the attribute ``folds_tasks = True`` also accepts, inside :func:`tnas.task_folding.folded`,
+per-task parameters ``[T, *shape]`` and folded images ``[N, T*C, H, W]``, giving ``[N, T*n_way]``."""
 
 
-def model_forward(model: nn.Module) -> ForwardFn:
-    """The functional forward of an ``nn.Module`` whose ``forward(x)`` gives logits."""
+def model_forward(model: nn.Module, fold_tasks: Optional[bool] = None) -> ForwardFn:
+    """The functional forward of an ``nn.Module`` whose ``forward(x)`` gives logits.
+
+    ``fold_tasks``: batch tasks by folding (:mod:`tnas.task_folding`) or by ``vmap``;
+    default: fold when the model supports it. ``True`` for a model that does not is a ValueError.
+    """
+    supported = task_folding.supports_folding(model)
+    if fold_tasks and not supported:
+        raise ValueError(f"{type(model).__name__} is not built from task-folding layers; use fold_tasks=False")
+
     def forward(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
         return functional_call(model, params, (x,))
+
+    forward.folds_tasks = supported if fold_tasks is None else bool(fold_tasks)
     return forward
 
 
@@ -46,6 +60,12 @@ def batched_forward(forward: ForwardFn, task_params: Params, shared_params: Para
     name -> ``[*shape]`` (the same for all tasks); ``x``: ``[T, N, C, H, W]``.
     Returns logits ``[T, N, n_way]``.
     """
+    if getattr(forward, "folds_tasks", False):
+        tasks = x.shape[0]
+        with task_folding.folded(tasks):
+            logits = forward({**shared_params, **task_params}, task_folding.fold_images(x), step)
+        return task_folding.unfold_logits(logits, tasks)
+
     def one_task(params: Params, images: torch.Tensor) -> torch.Tensor:
         return forward({**shared_params, **params}, images, step)
     return vmap(one_task, randomness="different")(task_params, x)
@@ -94,6 +114,27 @@ def _step_lr(lr: LearningRate, step: int) -> LearningRate:
     if isinstance(lr, torch.Tensor) and lr.dim() > 0:
         return lr[step]
     return lr
+
+
+def sgd_update(params: Params, names: Sequence[str], grads: Sequence[Optional[torch.Tensor]],
+               learning_rates: Mapping[str, LearningRate], step: int) -> Params:
+    """``params[name] - lr * grad`` for each name, differentiable; the parameters sharing a float
+    learning rate in one ``torch._foreach_add`` (one dispatch instead of two per tensor). A
+    ``None`` gradient (a parameter the model did not use) leaves the parameter as it is."""
+    updated: Params = {}
+    by_rate: Dict[float, list] = {}
+    for name, grad in zip(names, grads):
+        lr = _step_lr(learning_rates[name], step)
+        if grad is None:
+            updated[name] = params[name]
+        elif isinstance(lr, torch.Tensor):
+            updated[name] = params[name] - lr * grad
+        else:
+            by_rate.setdefault(float(lr), []).append((name, grad))
+    for lr, items in by_rate.items():
+        stepped = torch._foreach_add([params[name] for name, _ in items], [grad for _, grad in items], alpha=-lr)
+        updated.update((name, value) for (name, _), value in zip(items, stepped))
+    return {name: updated[name] for name in names}
 
 
 def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_rates: Mapping[str, LearningRate],
@@ -147,14 +188,9 @@ def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_
             grads = torch.autograd.grad(losses.sum(), [task_params[n] for n in names], create_graph=create_graph,
                                         allow_unused=True)
         support_losses.append(losses.detach())
-        updated = {}
-        for name, grad in zip(names, grads):
-            if grad is None:  # a parameter this model does not use (e.g. alpha_normal with layers=1)
-                updated[name] = task_params[name]
-                continue
-            lr = _step_lr(learning_rates[name], step)
-            new = task_params[name] - lr * grad
-            updated[name] = new if meta_gradient else new.detach().requires_grad_(True)
+        updated = sgd_update(task_params, names, grads, learning_rates, step)
+        if not meta_gradient:
+            updated = {n: p.detach().requires_grad_(True) for n, p in updated.items()}
         task_params = updated
         if on_step is not None:
             on_step(step + 1, task_params)

@@ -200,6 +200,7 @@ class MAMLPlusPlus(MetaLearner):
         def forward(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
             return functional_call(model, select_batch_norm_set(params, names, self.batch_norm_set(step, steps)), (x,))
 
+        forward.folds_tasks = getattr(self.forward, "folds_tasks", False)
         return forward
 
     def learning_rates(self, adapt_groups: Optional[Iterable[str]] = None, steps: Optional[int] = None):

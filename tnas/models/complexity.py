@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,17 +36,30 @@ def conv_linear_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> int:
     return int(sum(totals))
 
 
+def _subclass_hooks(model: nn.Module, mapping: Dict[type, Any]) -> Dict[type, Any]:
+    """ptflops hooks for subclasses of the layers it knows (it matches exact types), such as
+    the task-folding ``Conv2d`` / ``BatchNorm2d`` / ``Linear``: each gets its parent's hook."""
+    hooks = {}
+    for kind in {type(module) for module in model.modules()} - set(mapping):
+        parent = next((base for base in kind.__mro__[1:] if base in mapping), None)
+        if parent is not None:
+            hooks[kind] = mapping[parent]
+    return hooks
+
+
 def ptflops_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> Optional[int]:
     """ptflops' MAC count per image (its output silenced); None when ptflops is missing or fails."""
     try:
         from ptflops import get_model_complexity_info
+        from ptflops.pytorch_ops import MODULES_MAPPING
     except ImportError:
         return None
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             macs, _ = get_model_complexity_info(model, tuple(input_shape), as_strings=False,
-                                                print_per_layer_stat=False, ost=sink, verbose=False)
+                                                print_per_layer_stat=False, ost=sink, verbose=False,
+                                                custom_modules_hooks=_subclass_hooks(model, MODULES_MAPPING))
     except Exception:  # ptflops reports its own failures by returning None; be as lenient with raises
         return None
     return int(macs) if macs else None

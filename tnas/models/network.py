@@ -7,17 +7,20 @@ import torch.nn as nn
 from tnas.genotypes import Genotype, validate_genotype
 from tnas.models.skeleton import build_cells, make_stem
 from tnas.ops import FactorizedReduce, Identity, ReLUConvBN, make_op
+from tnas.task_folding import Linear, cat_channels, sample_mask
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """Zero whole samples with probability ``drop_prob`` and rescale the rest (``x``: [B, C, H, W])."""
+    """Zero whole samples with probability ``drop_prob`` and rescale the rest (``x``: [B, C, H, W];
+    folded, each task draws its own mask)."""
     keep = 1.0 - drop_prob
-    mask = torch.bernoulli(torch.full((x.shape[0], 1, 1, 1), keep, device=x.device, dtype=x.dtype))
-    return x * mask / keep
+    return x * sample_mask(x, keep) / keep
 
 
 class DerivedCell(nn.Module):
     """A cell of a genotype: each node sums two ops applied to two earlier states."""
+
+    supports_task_folding = True
 
     def __init__(self, genotype: Genotype, c_prev_prev: int, c_prev: int, channels: int, reduction: bool,
                  reduction_prev: bool):
@@ -44,15 +47,18 @@ class DerivedCell(nn.Module):
                     h = drop_path(h, drop_prob)
                 total = total + h
             states.append(total)
-        return torch.cat([states[i] for i in self.concat], dim=1)
+        return cat_channels([states[i] for i in self.concat])
 
 
 class Network(nn.Module):
     """Few-shot classifier built from ``genotype`` (affine BN, batch statistics).
 
     Input ``[B, in_channels, H, W]``, output logits ``[B, n_way]``. ``drop_path_prob``
-    applies in training mode to every op but identities.
+    applies in training mode to every op but identities. Runs T tasks at once with per-task
+    parameters under :func:`tnas.task_folding.folded`.
     """
+
+    supports_task_folding = True
 
     def __init__(self, genotype: Genotype, n_way: int = 5, C: int = 16, layers: int = 2, in_channels: int = 3,
                  stem_multiplier: int = 3, drop_path_prob: float = 0.0):
@@ -68,7 +74,7 @@ class Network(nn.Module):
             lambda c_pp, c_p, channels, reduction, reduction_prev: DerivedCell(
                 genotype, c_pp, c_p, channels, reduction, reduction_prev),
             stem_channels, C, layers)
-        self.classifier = nn.Linear(c_prev, n_way)
+        self.classifier = Linear(c_prev, n_way)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s0 = s1 = self.stem(x)

@@ -41,8 +41,9 @@ def make_per_step_batch_norm(model: nn.Module, sets: int) -> List[str]:
 
 
 def select_batch_norm_set(params: Mapping[str, torch.Tensor], names: Sequence[str], index: int) -> Dict[str, torch.Tensor]:
-    """``params`` with each per-step BN tensor ``[sets, C]`` (named in ``names``) replaced by its row ``index``."""
+    """``params`` with each per-step BN tensor ``[sets, C]`` (named in ``names``) replaced by its row
+    ``index``; a per-task ``[T, sets, C]`` one (task folding) by ``[T, C]``."""
     selected = dict(params)
     for name in names:
-        selected[name] = params[name][index]
+        selected[name] = params[name].select(-2, index)
     return selected

@@ -11,17 +11,18 @@ from typing import Callable, List, Tuple
 import torch.nn as nn
 
 from tnas.ops import batch_norm
+from tnas.task_folding import Conv2d
 
 
 def make_stem(in_channels: int, stem_channels: int, affine: bool) -> nn.Sequential:
     """The two-conv stem; ``[B, in_channels, H, W] -> [B, stem_channels, H//4, W//4]``."""
     half = stem_channels // 2
     return nn.Sequential(
-        nn.Conv2d(in_channels, half, 3, padding=1, bias=False),
+        Conv2d(in_channels, half, 3, padding=1, bias=False),
         batch_norm(half, affine),
         nn.MaxPool2d(2, 2),
         nn.ReLU(inplace=False),
-        nn.Conv2d(half, stem_channels, 3, padding=1, bias=False),
+        Conv2d(half, stem_channels, 3, padding=1, bias=False),
         batch_norm(stem_channels, affine),
         nn.MaxPool2d(2, 2),
     )

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tnas.genotypes import PRIMITIVES, Genotype, decode_genotype, edge_inputs, num_edges
 from tnas.models.skeleton import build_cells, make_stem
 from tnas.ops import FactorizedReduce, ReLUConvBN, make_op
+from tnas.task_folding import Linear, cat_channels, weighted_sum
 
 ALPHA_NAMES = ("alpha_normal", "alpha_reduce")
 
@@ -23,20 +24,22 @@ ALPHA_NAMES = ("alpha_normal", "alpha_reduce")
 class MixedOp(nn.Module):
     """One edge: ``sum_o w_o * o(x)`` over the primitives except `none` (whose output is 0)."""
 
+    supports_task_folding = True
+
     def __init__(self, channels: int, stride: int):
         super().__init__()
         self.ops = nn.ModuleList(make_op(name, channels, stride, affine=False) for name in PRIMITIVES[1:])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``x``: [B, C, H, W]; ``weights``: [len(PRIMITIVES)] softmax weights, `none` first."""
-        out = weights[1] * self.ops[0](x)
-        for index, op in enumerate(self.ops[1:], start=2):
-            out = out + weights[index] * op(x)
-        return out
+        """``x``: [B, C, H, W]; ``weights``: [len(PRIMITIVES) - 1] softmax weights of the ops after
+        `none` (folded: ``[T, len(PRIMITIVES) - 1]`` for per-task alphas)."""
+        return weighted_sum(torch.stack([op(x) for op in self.ops]), weights)
 
 
 class SearchCell(nn.Module):
     """A cell of the supernet: two preprocessed inputs, ``steps`` nodes, every node fed by all earlier ones."""
+
+    supports_task_folding = True
 
     def __init__(self, steps: int, multiplier: int, c_prev_prev: int, c_prev: int, channels: int,
                  reduction: bool, reduction_prev: bool):
@@ -52,16 +55,18 @@ class SearchCell(nn.Module):
             MixedOp(channels, 2 if reduction and source < 2 else 1) for _, source in edge_inputs(steps))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``weights``: [num_edges, len(PRIMITIVES)]; returns the concatenation of the last ``multiplier`` nodes."""
+        """``weights``: [num_edges, len(PRIMITIVES)] softmax weights (folded: [T, ...] for per-task
+        alphas); returns the concatenation of the last ``multiplier`` nodes."""
+        edge_weights = weights[..., 1:].unbind(-2)  # `none` contributes zero; one view per edge
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         edge = 0
         for _ in range(self.steps):
-            node = self.edges[edge](states[0], weights[edge])
+            node = self.edges[edge](states[0], edge_weights[edge])
             for source in range(1, len(states)):
-                node = node + self.edges[edge + source](states[source], weights[edge + source])
+                node = node + self.edges[edge + source](states[source], edge_weights[edge + source])
             edge += len(states)
             states.append(node)
-        return torch.cat(states[-self.multiplier:], dim=1)
+        return cat_channels(states[-self.multiplier:])
 
 
 class Supernet(nn.Module):
@@ -75,7 +80,10 @@ class Supernet(nn.Module):
         in_channels: 3 for RGB, 1 for grayscale.
         stem_multiplier: stem width is ``stem_multiplier * C``.
     Input ``[B, in_channels, H, W]`` with ``H, W >= min_image_size(layers)``; output logits ``[B, n_way]``.
+    Runs T tasks at once with per-task parameters under :func:`tnas.task_folding.folded`.
     """
+
+    supports_task_folding = True
 
     def __init__(self, n_way: int = 5, C: int = 16, layers: int = 2, steps: int = 4, multiplier: int = 4,
                  in_channels: int = 3, stem_multiplier: int = 3):
@@ -89,7 +97,7 @@ class Supernet(nn.Module):
             lambda c_pp, c_p, channels, reduction, reduction_prev: SearchCell(
                 steps, multiplier, c_pp, c_p, channels, reduction, reduction_prev),
             stem_channels, C, layers)
-        self.classifier = nn.Linear(c_prev, n_way)
+        self.classifier = Linear(c_prev, n_way)
         shape = (num_edges(steps), len(PRIMITIVES))
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape))
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(shape))

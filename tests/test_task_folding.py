@@ -1,0 +1,145 @@
+"""Task folding (tnas/task_folding.py): T tasks as channel groups of one plain-autograd forward.
+
+Checked in float64 against ``torch.func.vmap`` over tasks and the per-task reference: logits,
+first- and second-order meta-gradients (supernet with normal and reduction cells, derived
+network), MAML++ with every component, shared (non-adapted) parameters, and the helpers.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from tnas import task_folding
+from tnas.genotypes import PUBLISHED
+from tnas.meta import reference
+from tnas.meta.maml import batched_forward, expand_to_tasks, model_forward
+from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
+from tnas.models.network import Network
+
+from test_maml import assert_close_relative, batched_meta_gradient, make_batch, tiny_supernet
+
+TASKS = 2
+
+
+def per_task_params(model, seed=1):
+    """Every parameter as ``[T, *shape]``, each task's copy perturbed differently."""
+    generator = torch.Generator().manual_seed(seed)
+    params = expand_to_tasks(dict(model.named_parameters()), TASKS, meta_gradient=False)
+    with torch.no_grad():
+        for value in params.values():
+            value.add_(0.1 * torch.randn(value.shape, generator=generator, dtype=value.dtype))
+    return params
+
+
+def tiny_network():
+    torch.manual_seed(0)
+    return Network(PUBLISHED["auto_maml_1shot"], n_way=3, C=4, layers=2, in_channels=1).double()
+
+
+@pytest.mark.parametrize("make_model", [lambda: tiny_supernet(layers=2), tiny_network], ids=["supernet", "network"])
+def test_folded_logits_equal_vmap_with_per_task_and_shared_parameters(make_model):
+    model = make_model()
+    x = make_batch().query_x
+    every = per_task_params(model)
+    names = list(every)
+    half = {n: every[n] for n in names[::2]}  # half per task, half shared
+    shared = {n: p.detach() for n, p in model.named_parameters() if n not in half}
+    for task_params, shared_params in ((every, {}), (half, shared)):
+        folded = batched_forward(model_forward(model, fold_tasks=True), task_params, shared_params, x)
+        vmapped = batched_forward(model_forward(model, fold_tasks=False), task_params, shared_params, x)
+        assert folded.shape == (TASKS, x.shape[1], 3)
+        torch.testing.assert_close(folded, vmapped, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("first_order", [True, False], ids=["first_order", "second_order"])
+def test_folded_meta_gradient_equals_vmap_and_reference(first_order):
+    model = tiny_supernet(layers=2)
+    params = dict(model.named_parameters())
+    rates = {n: 0.1 for n, _ in model.named_weights()}
+    rates.update({n: 3.0 for n, _ in model.named_alphas()})
+    batch = make_batch()
+    got = {fold: batched_meta_gradient(model_forward(model, fold_tasks=fold), params, rates, batch, 2, first_order)
+           for fold in (True, False)}
+    want = reference.meta_gradient(model_forward(model), params, rates, batch.support_x, batch.support_y,
+                                   batch.query_x, batch.query_y, steps=2, first_order=first_order)
+    assert_close_relative(got[True], want)
+    assert_close_relative(got[True], got[False], tol=1e-10)
+
+
+def test_maml_plus_plus_meta_step_is_the_same_folded_and_vmapped():
+    """Second order, per-step BN, learned per-step learning rates, multi-step loss: one meta-step."""
+    config = MAMLConfig(inner_steps=2, inner_steps_test=3, first_order=False, per_step_bn=True, learn_inner_lr=True,
+                        multi_step_loss=True, cosine_lr=True)
+    learners = {}
+    for fold in (True, False):
+        model = tiny_network()
+        learner = MAMLPlusPlus(model, config)
+        learner.forward = model_forward(model, fold_tasks=fold)
+        learner.meta_step(make_batch())
+        learners[fold] = learner
+    folded, vmapped = (dict(learners[f].model.named_parameters()) for f in (True, False))
+    assert_close_relative(folded, vmapped, tol=1e-10)
+    for name, lr in learners[True].learned_lrs.items():
+        assert_close_relative({name: lr}, {name: learners[False].learned_lrs[name]}, tol=1e-10)
+    evaluated = [learners[f].evaluate(make_batch(seed=3)).query_loss for f in (True, False)]
+    torch.testing.assert_close(evaluated[0], evaluated[1], rtol=1e-10, atol=1e-12)
+
+
+def test_models_of_the_package_fold_and_others_fall_back_to_vmap():
+    assert task_folding.supports_folding(tiny_supernet()) and task_folding.supports_folding(tiny_network())
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(3))
+    assert not task_folding.supports_folding(plain)
+    assert model_forward(plain).folds_tasks is False
+    assert model_forward(tiny_network()).folds_tasks is True
+    with pytest.raises(ValueError, match="Sequential is not built from task-folding layers"):
+        model_forward(plain, fold_tasks=True)
+
+
+def test_layers_behave_as_their_parents_outside_a_folded_block():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    for ours, parent in ((task_folding.Conv2d(3, 5, 3, padding=1, groups=1), nn.Conv2d(3, 5, 3, padding=1)),
+                         (task_folding.BatchNorm2d(3, affine=True), nn.BatchNorm2d(3, track_running_stats=False))):
+        parent.load_state_dict(ours.state_dict())
+        torch.testing.assert_close(ours(x), parent(x), rtol=0, atol=0)
+    linear, reference_linear = task_folding.Linear(3, 2), nn.Linear(3, 2)
+    reference_linear.load_state_dict(linear.state_dict())
+    torch.testing.assert_close(linear(x[:, :, 0, 0]), reference_linear(x[:, :, 0, 0]), rtol=0, atol=0)
+
+
+def test_helpers_keep_each_task_channels_together():
+    tasks, count, channels = 3, 2, 4
+    x = torch.arange(tasks * count * channels * 4, dtype=torch.float64).view(tasks, count, channels, 2, 2)
+    folded = task_folding.fold_images(x)
+    assert folded.shape == (count, tasks * channels, 2, 2)
+    assert torch.equal(folded[:, channels:2 * channels], x[1])
+    assert torch.equal(task_folding.unfold_logits(folded.flatten(1), tasks).reshape(x.shape), x)
+    with task_folding.folded(tasks):
+        assert task_folding.task_count() == tasks
+        joined = task_folding.cat_channels([folded, 10 * folded])
+        assert torch.equal(joined.view(count, tasks, 2 * channels, 2, 2)[:, 1],
+                           torch.cat([x[1], 10 * x[1]], dim=1))
+        weights = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)  # [T, K]
+        mixed = task_folding.weighted_sum(torch.stack([folded, -folded]), weights)
+        for task in range(tasks):
+            expected = (weights[task, 0] - weights[task, 1]) * x[task]
+            assert torch.equal(mixed[:, task * channels:(task + 1) * channels], expected)
+        scaled = task_folding.scale_channels(folded, torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+        assert torch.equal(scaled[:, 2 * channels:], 2 * x[2])
+    assert task_folding.task_count() is None
+    with pytest.raises(ValueError, match="does not match 3 folded tasks"):
+        task_folding.fold_parameter(torch.zeros(2, 5, 4), tasks=3, dims=2)
+    with pytest.raises(ValueError, match="need a folded block"):
+        task_folding.weighted_sum(torch.zeros(2, 1, 4, 1, 1), torch.zeros(3, 2))
+
+
+def test_drop_path_masks_are_drawn_per_task_and_zero_whole_samples():
+    torch.manual_seed(0)
+    tasks, count, channels = 8, 16, 3
+    x = torch.ones(count, tasks * channels, 2, 2)
+    with task_folding.folded(tasks):
+        mask = task_folding.sample_mask(x, keep=0.5)
+    per_sample = mask.view(count, tasks, channels * 4)
+    assert ((per_sample == per_sample[..., :1]).all())  # one value per (sample, task)
+    assert not (per_sample[:, :1, 0] == per_sample[:, :, 0]).all()  # tasks draw their own masks
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+

@@ -1,0 +1,195 @@
+"""Task folding: one forward pass of a network for T tasks at once, each task with its own parameters.
+
+MAML adapts a copy of the parameters per task, so a meta-batch of T tasks runs T different
+networks on T image batches of the same shape. Folding runs them as ONE network: the
+activations of the T tasks are stacked as channel groups, ``[N, T*C, H, W]`` (task t owns
+channels ``t*C .. (t+1)*C-1``), and
+
+- a convolution with per-task weights ``[T, C_out, C_in/g, kh, kw]`` is one grouped
+  convolution with ``g*T`` groups (the weights reshaped to ``[T*C_out, C_in/g, kh, kw]``);
+- BatchNorm over ``T*C`` channels computes each task's own batch statistics (statistics are
+  per channel), with per-task affine parameters ``[T, C]`` flattened to ``[T*C]``;
+- elementwise ops and pooling act per channel and need nothing;
+- concatenation of cell states, the mixed-op weighting by per-task alphas and the
+  classifier (a batched matrix product) are task-aware (:func:`cat_channels`,
+  :func:`scale_channels`, :class:`Linear`).
+
+Parameters without a task dimension (shared by all tasks, e.g. the alphas of auto-MAML's
+weight-only inner loop) are repeated across the groups. Everything is plain autograd, so
+first- and second-order meta-gradients, CUDA graphs and ``torch.compile`` work as for a
+single network; it dispatches far fewer (and no per-op batching-rule) operations than
+``torch.func.vmap`` over tasks, whose result it equals (see ``tests/test_task_folding.py``).
+
+Modules take part through the layers below (drop-in subclasses of ``nn.Conv2d``,
+``nn.BatchNorm2d``, ``nn.Linear`` that behave exactly as their parents outside a
+:func:`folded` block) and the helpers; :func:`supports_folding` says whether a whole model
+does. The models of :mod:`tnas.models` all do.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["folded", "task_count", "fold_images", "unfold_logits", "fold_parameter", "cat_channels",
+           "scale_channels", "weighted_sum", "sample_mask", "Conv2d", "BatchNorm2d", "Linear", "supports_folding"]
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def folded(tasks: int) -> Iterator[None]:
+    """Within the block, task-aware layers read activations as ``tasks`` channel groups."""
+    if tasks < 1:
+        raise ValueError(f"tasks must be >= 1, got {tasks}")
+    previous = getattr(_state, "tasks", None)
+    _state.tasks = int(tasks)
+    try:
+        yield
+    finally:
+        _state.tasks = previous
+
+
+def task_count() -> Optional[int]:
+    """T inside a :func:`folded` block, else None (plain, single-network behaviour)."""
+    return getattr(_state, "tasks", None)
+
+
+def fold_images(x: torch.Tensor) -> torch.Tensor:
+    """``[T, N, C, H, W] -> [N, T*C, H, W]`` (one copy)."""
+    tasks, count, channels = x.shape[:3]
+    return x.transpose(0, 1).reshape(count, tasks * channels, *x.shape[3:])
+
+
+def unfold_logits(logits: torch.Tensor, tasks: int) -> torch.Tensor:
+    """``[N, T*n] -> [T, N, n]`` (a view)."""
+    return logits.view(logits.shape[0], tasks, -1).transpose(0, 1)
+
+
+def fold_parameter(value: Optional[torch.Tensor], tasks: int, dims: int) -> Optional[torch.Tensor]:
+    """A layer parameter of ``dims`` dimensions for the folded layer: ``[T, d0, ...]`` (per task)
+    becomes ``[T*d0, ...]``; ``[d0, ...]`` (shared) is repeated ``T`` times along d0."""
+    if value is None:
+        return None
+    if value.dim() == dims + 1:
+        if value.shape[0] != tasks:
+            raise ValueError(f"a per-task parameter of shape {tuple(value.shape)} does not match {tasks} folded tasks")
+        return value.reshape(tasks * value.shape[1], *value.shape[2:])
+    if value.dim() != dims:
+        raise ValueError(f"expected a parameter of {dims} (shared) or {dims + 1} (per-task) dimensions, "
+                         f"got shape {tuple(value.shape)}")
+    return value.repeat(tasks, *([1] * (dims - 1)))
+
+
+def _grouped(x: torch.Tensor, tasks: int) -> torch.Tensor:
+    """``[N, T*C, ...] -> [N, T, C, ...]`` (a view)."""
+    return x.view(x.shape[0], tasks, x.shape[1] // tasks, *x.shape[2:])
+
+
+def cat_channels(states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(states, dim=1)``, per task when folded (task t's channels stay together)."""
+    tasks = task_count()
+    if tasks is None:
+        return torch.cat(list(states), dim=1)
+    first = states[0]
+    joined = torch.cat([_grouped(state, tasks) for state in states], dim=2)
+    return joined.view(first.shape[0], -1, *first.shape[2:])
+
+
+def scale_channels(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight * x`` for a scalar ``weight``, or task t's channels times ``weight[t]`` for ``weight`` [T]."""
+    if weight.dim() == 0:
+        return weight * x
+    tasks = task_count()
+    if tasks is None or weight.shape != (tasks,):
+        raise ValueError(f"a per-task weight of shape {tuple(weight.shape)} needs a folded block of as many tasks "
+                         f"(folded tasks: {tasks})")
+    scale = weight.view(1, tasks, *([1] * (x.dim() - 1)))
+    return (_grouped(x, tasks) * scale).view(x.shape)
+
+
+def weighted_sum(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_k weights[k] * stacked[k]`` for ``stacked`` [K, N, C, H, W] and ``weights`` [K], or
+    (folded) per task: task t's channels weighted by ``weights[t]`` of ``weights`` [T, K].
+    One multiply and one reduction, whatever K (a chain of K multiply-adds is 2K kernels)."""
+    trailing = [1] * (stacked.dim() - 2)
+    if weights.dim() == 1:
+        return (stacked * weights.view(-1, 1, *trailing)).sum(0)
+    tasks = task_count()
+    if tasks is None or weights.shape != (tasks, stacked.shape[0]):
+        raise ValueError(f"per-task weights of shape {tuple(weights.shape)} need a folded block of as many tasks "
+                         f"(folded tasks: {tasks}) and {stacked.shape[0]} terms")
+    grouped = stacked.view(stacked.shape[0], stacked.shape[1], tasks, -1, *stacked.shape[3:])
+    return (grouped * weights.t().reshape(stacked.shape[0], 1, tasks, *trailing)).sum(0).view(stacked.shape[1:])
+
+
+def sample_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
+    """A Bernoulli(``keep``) mask that zeroes whole samples of ``x``, drawn per task when folded,
+    shaped to multiply ``x`` (``[N, C, H, W]``, or ``[N, T*C, H, W]`` folded)."""
+    tasks = task_count()
+    shape = (x.shape[0], 1, 1, 1) if tasks is None else (x.shape[0], tasks, 1, 1, 1)
+    mask = torch.bernoulli(torch.full(shape, keep, device=x.device, dtype=x.dtype))
+    if tasks is None:
+        return mask
+    return mask.expand(x.shape[0], tasks, x.shape[1] // tasks, *x.shape[2:]).reshape(x.shape)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that, folded, runs per-task weights ``[T, C_out, C_in/g, kh, kw]`` as one grouped conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tasks = task_count()
+        if tasks is None:
+            return super().forward(x)
+        if self.padding_mode != "zeros":
+            raise NotImplementedError("task folding supports zero padding only")
+        return F.conv2d(x, fold_parameter(self.weight, tasks, 4), fold_parameter(self.bias, tasks, 1), self.stride,
+                        self.padding, self.dilation, self.groups * tasks)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with batch statistics only (no running state) that folds per-task affine parameters."""
+
+    def __init__(self, num_features: int, affine: bool = True, eps: float = 1e-5):
+        super().__init__(num_features, eps=eps, affine=affine, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tasks = task_count()
+        if tasks is None:
+            return super().forward(x)
+        return F.batch_norm(x, None, None, fold_parameter(self.weight, tasks, 1), fold_parameter(self.bias, tasks, 1),
+                            True, 0.0, self.eps)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that, folded, maps ``[N, T*C_in]`` to ``[N, T*C_out]`` with per-task weights ``[T, C_out, C_in]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tasks = task_count()
+        if tasks is None:
+            return super().forward(x)
+        weight = self.weight if self.weight.dim() == 3 else self.weight.expand(tasks, *self.weight.shape)
+        out = torch.bmm(x.view(x.shape[0], tasks, -1).transpose(0, 1), weight.transpose(1, 2))  # [T, N, C_out]
+        if self.bias is not None:
+            bias = self.bias if self.bias.dim() == 2 else self.bias.expand(tasks, -1)
+            out = out + bias.unsqueeze(1)
+        return out.transpose(0, 1).reshape(x.shape[0], -1)
+
+
+_FOLD_NEUTRAL = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def supports_folding(model: nn.Module) -> bool:
+    """True when every module of ``model`` is a folding-aware layer, a per-channel layer
+    (ReLU, pooling, containers) or declares ``supports_task_folding = True``; otherwise a
+    meta-learner falls back to ``torch.func.vmap`` over tasks."""
+    for module in model.modules():
+        if type(module) in (Conv2d, BatchNorm2d, Linear) or type(module) in _FOLD_NEUTRAL:
+            continue
+        if not type(module).__dict__.get("supports_task_folding", False):
+            return False
+    return True
