@@ -5,6 +5,7 @@ adaptation and from-scratch training of a derived network.
     python benchmarks/bench_meta_iter.py                                  # paper setting, every case
     python benchmarks/bench_meta_iter.py --cases tnas_1shot_T4 --amp      # bf16 autocast fast path
     python benchmarks/bench_meta_iter.py --cuda_graph                     # each iteration one CUDA graph
+    python benchmarks/bench_meta_iter.py --batching vmap                  # tasks through torch.func.vmap
     python benchmarks/bench_meta_iter.py --tiny --device cpu              # a smoke run on a CPU
 
 Paper setting: 5-way, 84x84 RGB, C 16, layers 2, 15 queries per class, 5 inner steps
@@ -40,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tnas.genotypes import PUBLISHED  # noqa: E402
 from tnas.meta.cuda_graph import GraphedStep, make_optimizers_capturable  # noqa: E402
+from tnas.meta.maml import model_forward  # noqa: E402
 from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus  # noqa: E402
 from tnas.meta.tnas import TNAS, TNASConfig  # noqa: E402
 from tnas.models.network import Network  # noqa: E402
@@ -102,7 +104,9 @@ def build_learner(spec: Dict[str, object], args, device: torch.device):
     model = model.to(device)
     if args.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return learner_class(model, config)
+    learner = learner_class(model, config)
+    learner.forward = model_forward(model, fold_tasks=args.batching == "fold")
+    return learner
 
 
 def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> Dict[str, object]:
@@ -167,6 +171,8 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--cuda_graph", action="store_true",
                         help="replay each meta-iteration as a CUDA graph (tnas.meta.cuda_graph)")
+    parser.add_argument("--batching", choices=("fold", "vmap"), default="fold",
+                        help="tasks folded into channel groups (the default everywhere) or torch.func.vmap")
     parser.add_argument("--tiny", action="store_true", help="C 4, layers 1, 16x16, 2 queries: a CPU smoke run")
     parser.add_argument("--start_at", type=float, default=None,
                         help="Unix time to start the timed iterations at (after warm-up), so that several "
@@ -195,7 +201,7 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         "torch": torch.__version__,
         "setting": {k: getattr(args, k) for k in ("n_way", "C", "layers", "img_size", "q_query", "inner_steps",
                                                   "inner_steps_test", "amp", "channels_last", "cuda_graph",
-                                                  "tiny")},
+                                                  "batching", "tiny")},
         "results": results,
     }
     print(json.dumps(report, indent=1))

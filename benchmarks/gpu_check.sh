@@ -49,6 +49,10 @@ if [ "$part" != tests ]; then
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
   python benchmarks/shared_gpu.py "$out"/shared_?.json > "$out/bench_shared_gpu.json" || status=1
   mark "shared GPU"
+  # The same two cases with the tasks batched by torch.func.vmap instead of folded (for comparison)
+  timeout 60 python benchmarks/bench_meta_iter.py --iterations 3 --batching vmap --cases tnas_1shot_T4 scratch_1shot_T4 \
+    > "$out/bench_meta_iter_fp32_vmap.json" || status=1
+  mark "meta-iteration fp32, vmap"
   cat "$out"/bench_*.json
 fi
 exit $status

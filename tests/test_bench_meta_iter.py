@@ -45,11 +45,14 @@ def test_scratch_learner_is_the_derived_network(bench):
     from tnas.models.network import Network
 
     args = SimpleNamespace(n_way=5, C=4, layers=1, inner_steps=1, inner_steps_test=2, amp=False,
-                           channels_last=False)
+                           channels_last=False, batching="fold")
     learner = bench.build_learner(bench.CASES["scratch_pp_1shot_T4"], args, torch.device("cpu"))
     assert isinstance(learner.model, Network)
     assert learner.model.genotype == PUBLISHED["auto_maml_1shot"]
     assert learner.config.per_step_bn and learner.config.learn_inner_lr and not learner.config.first_order
+    assert learner.forward_for(1).folds_tasks
+    args.batching = "vmap"
+    assert not bench.build_learner(bench.CASES["tnas_1shot_T4"], args, torch.device("cpu")).forward.folds_tasks
 
 
 def test_shared_gpu_sums_throughput_and_rescales_the_cost(tmp_path, capsys):

@@ -47,10 +47,15 @@ class DilConv(nn.Sequential):
         super().__init__(
             nn.ReLU(inplace=False),
             Conv2d(c_in, c_in, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                      groups=c_in, bias=False),
+                   groups=c_in, bias=False),
             Conv2d(c_in, c_out, 1, bias=False),
             batch_norm(c_out, affine),
         )
+
+    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        """The op given ``relu(x)`` (the supernet computes it once per edge for every op that starts with it)."""
+        depthwise, pointwise, norm = self[1], self[2], self[3]
+        return norm(pointwise(depthwise(rectified)))
 
 
 class SepConv(nn.Sequential):
@@ -63,6 +68,10 @@ class SepConv(nn.Sequential):
             DilConv(c_in, c_in, kernel_size, stride, padding, 1, affine),
             DilConv(c_in, c_out, kernel_size, 1, padding, 1, affine),
         )
+
+    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        """The op given ``relu(x)``."""
+        return self[1](self[0].after_relu(rectified))
 
 
 class Identity(nn.Module):
@@ -103,9 +112,12 @@ class FactorizedReduce(nn.Module):
         self.bn = batch_norm(c_out, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(x)
-        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        return self.bn(cat_channels([self.conv_even(x), self.conv_odd(shifted)]))
+        return self.after_relu(F.relu(x))
+
+    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        """The op given ``relu(x)``."""
+        shifted = F.pad(rectified[:, :, 1:, 1:], (0, 1, 0, 1))
+        return self.bn(cat_channels([self.conv_even(rectified), self.conv_odd(shifted)]))
 
 
 class Pool(nn.Module):

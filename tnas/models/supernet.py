@@ -33,7 +33,9 @@ class MixedOp(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``x``: [B, C, H, W]; ``weights``: [len(PRIMITIVES) - 1] softmax weights of the ops after
         `none` (folded: ``[T, len(PRIMITIVES) - 1]`` for per-task alphas)."""
-        return weighted_sum(torch.stack([op(x) for op in self.ops]), weights)
+        rectified = F.relu(x)  # shared by the ops that start with a ReLU (convs, factorized reduce)
+        outputs = [op.after_relu(rectified) if hasattr(op, "after_relu") else op(x) for op in self.ops]
+        return weighted_sum(torch.stack(outputs), weights)
 
 
 class SearchCell(nn.Module):
