@@ -1,4 +1,5 @@
-"""CUDA checks (marked gpu; skipped without a GPU): the batched engine on cuDNN, bf16, a GPU search run."""
+"""CUDA checks (marked gpu; skipped without a GPU): the batched engine (folded and vmap) on cuDNN, bf16, CUDA
+graphs, GPU search runs."""
 import os
 import subprocess
 import sys
@@ -24,8 +25,9 @@ def batch_on(device, dtype, tasks=3, n_way=3, k_shot=1, q_query=2, side=16, seed
                            query_x=images(n_way * q_query), query_y=labels(q_query))
 
 
+@pytest.mark.parametrize("fold_tasks", [True, False], ids=["folded", "vmap"])
 @pytest.mark.parametrize("first_order", [True, False])
-def test_vmap_on_cudnn_matches_cpu_reference(first_order):
+def test_batched_engine_on_cudnn_matches_cpu_reference(first_order, fold_tasks):
     torch.manual_seed(0)
     model = Supernet(n_way=3, C=4, layers=2, in_channels=1).double()
     rates = {n: 0.1 for n, _ in model.named_weights()}
@@ -37,10 +39,10 @@ def test_vmap_on_cudnn_matches_cpu_reference(first_order):
     model = model.cuda()
     params = dict(model.named_parameters())
     batch = batch_on("cuda", torch.float64)
-    result = inner_loop(model_forward(model), params, rates, batch.support_x, batch.support_y, 2,
-                        first_order=first_order)
+    forward = model_forward(model, fold_tasks=fold_tasks)
+    result = inner_loop(forward, params, rates, batch.support_x, batch.support_y, 2, first_order=first_order)
     shared = {n: p for n, p in params.items() if n not in rates}
-    loss, _ = query_loss_and_accuracy(model_forward(model), result.task_params, shared, batch.query_x, batch.query_y)
+    loss, _ = query_loss_and_accuracy(forward, result.task_params, shared, batch.query_x, batch.query_y)
     names = list(params)
     grads = torch.autograd.grad(loss.mean(), [params[n] for n in names])
     for name, grad in zip(names, grads):

@@ -37,8 +37,8 @@ __all__ = ["EpisodeBatch", "EpisodeSampler", "FixedEpisodes", "sample_episode_in
 AUGMENT_MODES = {False: (), None: (), True: ("flip", "shift"), "none": (), "flip": ("flip",), "shift": ("shift",),
                  "flip+shift": ("flip", "shift")}
 _MAX_SAMPLING_KEYS = 1 << 22  # random keys drawn at once when choosing images within classes
-_CHANNELS_FIRST_COPY_MAX_BYTES = 4 << 30
-_CPU_BLOCK_BYTES = 2 << 20  # float32 bytes normalised per step on CPU  # keep a (N, C, H, W) copy of RGB splits up to this size
+_CHANNELS_FIRST_COPY_MAX_BYTES = 4 << 30  # keep a (N, C, H, W) copy of RGB splits up to this size
+_CPU_BLOCK_BYTES = 4 << 20  # float32 bytes normalised per step on CPU (fits the L3 cache; 2 MiB was ~10% slower)
 
 
 @dataclass

@@ -2,10 +2,13 @@
 
 Parameters live in dicts ``name -> tensor``. A meta-batch holds ``T`` tasks:
 ``support_x [T, n*k, C, H, W]``, ``support_y [T, n*k]``. The adapted ("fast") parameters
-carry a leading task dimension ``[T, *shape]`` and the model runs on all tasks in one call
-through ``torch.func.vmap`` over ``torch.func.functional_call`` (a conv with per-task
-weights becomes one grouped conv). Parameters that are not adapted are shared by all
-tasks and enter unbatched.
+carry a leading task dimension ``[T, *shape]`` and the model runs on all tasks in one call.
+Models built from :mod:`tnas.task_folding` layers (every model of :mod:`tnas.models`) fold
+the tasks into channel groups: one plain-autograd forward in which a conv with per-task
+weights is one grouped conv. Any other model runs through ``torch.func.vmap`` over
+``torch.func.functional_call``. Both give the same result; folding dispatches about a third
+as many operations (the GPU is host-bound at the paper setting, DESIGN.md section 3).
+Parameters that are not adapted are shared by all tasks and enter unbatched.
 
 The inner gradient is plain ``torch.autograd.grad`` of the sum of the per-task mean
 losses, whose gradient with respect to the ``[T, ...]`` fast tensor is, slice by slice,
