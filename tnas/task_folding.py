@@ -12,7 +12,7 @@ channels ``t*C .. (t+1)*C-1``), and
 - elementwise ops and pooling act per channel and need nothing;
 - concatenation of cell states, the mixed-op weighting by per-task alphas and the
   classifier (a batched matrix product) are task-aware (:func:`cat_channels`,
-  :func:`scale_channels`, :class:`Linear`).
+  :func:`weighted_sum`, :class:`Linear`).
 
 Parameters without a task dimension (shared by all tasks, e.g. the alphas of auto-MAML's
 weight-only inner loop) are repeated across the groups. Everything is plain autograd, so
@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["folded", "task_count", "fold_images", "unfold_logits", "fold_parameter", "cat_channels",
-           "scale_channels", "weighted_sum", "sample_mask", "Conv2d", "BatchNorm2d", "Linear", "supports_folding"]
+           "weighted_sum", "sample_mask", "Conv2d", "BatchNorm2d", "Linear", "supports_folding"]
 
 _state = threading.local()
 
@@ -100,18 +100,6 @@ def cat_channels(states: Sequence[torch.Tensor]) -> torch.Tensor:
     return joined.view(first.shape[0], -1, *first.shape[2:])
 
 
-def scale_channels(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``weight * x`` for a scalar ``weight``, or task t's channels times ``weight[t]`` for ``weight`` [T]."""
-    if weight.dim() == 0:
-        return weight * x
-    tasks = task_count()
-    if tasks is None or weight.shape != (tasks,):
-        raise ValueError(f"a per-task weight of shape {tuple(weight.shape)} needs a folded block of as many tasks "
-                         f"(folded tasks: {tasks})")
-    scale = weight.view(1, tasks, *([1] * (x.dim() - 1)))
-    return (_grouped(x, tasks) * scale).view(x.shape)
-
-
 def weighted_sum(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_k weights[k] * stacked[k]`` for ``stacked`` [K, N, C, H, W] and ``weights`` [K], or
     (folded) per task: task t's channels weighted by ``weights[t]`` of ``weights`` [T, K].
@@ -141,6 +129,8 @@ def sample_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that, folded, runs per-task weights ``[T, C_out, C_in/g, kh, kw]`` as one grouped conv."""
 
+    supports_task_folding = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tasks = task_count()
         if tasks is None:
@@ -154,6 +144,8 @@ class Conv2d(nn.Conv2d):
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with batch statistics only (no running state) that folds per-task affine parameters."""
 
+    supports_task_folding = True
+
     def __init__(self, num_features: int, affine: bool = True, eps: float = 1e-5):
         super().__init__(num_features, eps=eps, affine=affine, track_running_stats=False)
 
@@ -166,7 +158,10 @@ class BatchNorm2d(nn.BatchNorm2d):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that, folded, maps ``[N, T*C_in]`` to ``[N, T*C_out]`` with per-task weights ``[T, C_out, C_in]``."""
+    """``nn.Linear`` that, folded, maps ``[N, T*C_in]`` to ``[N, T*C_out]`` with per-task weights
+    ``[T, C_out, C_in]``."""
+
+    supports_task_folding = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tasks = task_count()
@@ -184,11 +179,11 @@ _FOLD_NEUTRAL = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Sequential, nn.ModuleLi
 
 
 def supports_folding(model: nn.Module) -> bool:
-    """True when every module of ``model`` is a folding-aware layer, a per-channel layer
-    (ReLU, pooling, containers) or declares ``supports_task_folding = True``; otherwise a
-    meta-learner falls back to ``torch.func.vmap`` over tasks."""
+    """True when every module of ``model`` is a per-channel layer (ReLU, pooling, containers)
+    or its class declares ``supports_task_folding = True`` (the layers above, the ops and
+    models of tnas); otherwise a meta-learner falls back to ``torch.func.vmap`` over tasks."""
     for module in model.modules():
-        if type(module) in (Conv2d, BatchNorm2d, Linear) or type(module) in _FOLD_NEUTRAL:
+        if type(module) in _FOLD_NEUTRAL:
             continue
         if not type(module).__dict__.get("supports_task_folding", False):
             return False

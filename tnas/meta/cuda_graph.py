@@ -4,8 +4,9 @@ A meta-iteration at the paper setting is tens of thousands of small kernels (DES
 section 3): the GPU waits on the host that launches them. A CUDA graph records the
 kernels of one call once and replays them with a single launch, so the host cost goes
 away. Everything a meta-step does is capturable: the batched inner loop (tasks folded
-into channel groups, or vmap; ``torch.autograd.grad``), the backward pass and Adam, provided the optimisers are made
-capturable (:func:`make_optimizers_capturable`) and nothing syncs with the host.
+into channel groups, or vmap; ``torch.autograd.grad``), the backward pass and Adam,
+provided the optimisers are made capturable (:func:`make_optimizers_capturable`) and
+nothing syncs with the host.
 
 Use::
 
