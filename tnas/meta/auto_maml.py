@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-import torch
-
 from tnas.genotypes import Genotype
 from tnas.meta.learner import MetaLearner, StepStats
 from tnas.meta.tnas import SupernetSearchConfig
@@ -48,16 +46,10 @@ class AutoMAML(MetaLearner):
     def __init__(self, model: Supernet, config: Optional[AutoMAMLConfig] = None):
         config = config or AutoMAMLConfig()
         self.config = config
-        weights = [name for name, _ in model.named_weights()]
-        alphas = [name for name, _ in model.named_alphas()]
-        optimizers = {
-            WEIGHT_STEP: torch.optim.Adam(model.weights(), lr=config.meta_lr_weights),
-            ALPHA_STEP: torch.optim.Adam(model.alphas(), lr=config.meta_lr_alphas, betas=tuple(config.alpha_betas),
-                                         weight_decay=config.alpha_weight_decay),
-        }
+        groups, optimizers = config.groups_and_optimizers(model)  # keys: WEIGHT_STEP, ALPHA_STEP
         # Only the weights have an inner learning rate: every adaptation adapts w alone.
-        super().__init__(model, {WEIGHT_STEP: weights, ALPHA_STEP: alphas}, {WEIGHT_STEP: config.inner_lr_weights},
-                         optimizers, inner_steps=config.inner_steps, inner_steps_test=config.inner_steps_test,
+        super().__init__(model, groups, {WEIGHT_STEP: config.inner_lr_weights}, optimizers,
+                         inner_steps=config.inner_steps, inner_steps_test=config.inner_steps_test,
                          first_order=config.first_order, amp_dtype=config.amp_dtype)
 
     def weight_step(self, batch, track_steps: bool = False, loss_scale: float = 1.0) -> StepStats:

@@ -49,6 +49,18 @@ class SupernetSearchConfig:
             config["alpha_betas"] = tuple(config["alpha_betas"])
         return cls(**{**config, **overrides})
 
+    def groups_and_optimizers(self, model: Supernet):
+        """The supernet's parameter groups ``{"weights", "alphas"}`` (names) and their outer
+        optimisers: Adam for w, Adam with ``alpha_betas`` and ``alpha_weight_decay`` for alpha."""
+        groups = {"weights": [name for name, _ in model.named_weights()],
+                  "alphas": [name for name, _ in model.named_alphas()]}
+        optimizers = {
+            "weights": torch.optim.Adam(model.weights(), lr=self.meta_lr_weights),
+            "alphas": torch.optim.Adam(model.alphas(), lr=self.meta_lr_alphas, betas=tuple(self.alpha_betas),
+                                       weight_decay=self.alpha_weight_decay),
+        }
+        return groups, optimizers
+
 
 @dataclass
 class TNASConfig(SupernetSearchConfig):
@@ -68,16 +80,9 @@ class TNAS(MetaLearner):
     def __init__(self, model: Supernet, config: Optional[TNASConfig] = None):
         config = config or TNASConfig()
         self.config = config
-        weights = [name for name, _ in model.named_weights()]
-        alphas = [name for name, _ in model.named_alphas()]
-        optimizers = {
-            "weights": torch.optim.Adam(model.weights(), lr=config.meta_lr_weights),
-            "alphas": torch.optim.Adam(model.alphas(), lr=config.meta_lr_alphas, betas=tuple(config.alpha_betas),
-                                       weight_decay=config.alpha_weight_decay),
-        }
-        super().__init__(model, {"weights": weights, "alphas": alphas},
-                         {"weights": config.inner_lr_weights, "alphas": config.inner_lr_alphas}, optimizers,
-                         inner_steps=config.inner_steps, inner_steps_test=config.inner_steps_test,
+        groups, optimizers = config.groups_and_optimizers(model)
+        super().__init__(model, groups, {"weights": config.inner_lr_weights, "alphas": config.inner_lr_alphas},
+                         optimizers, inner_steps=config.inner_steps, inner_steps_test=config.inner_steps_test,
                          first_order=config.first_order, amp_dtype=config.amp_dtype)
 
     def alpha_optimizer_settings(self):
