@@ -20,6 +20,14 @@ from test_maml import assert_close_relative, batched_meta_gradient, make_batch, 
 TASKS = 2
 
 
+@pytest.fixture(params=["conv", "matmul"])
+def pointwise(request):
+    """Run a test with folded 1x1 convolutions as grouped convs, then as batched matmuls."""
+    task_folding.set_pointwise_mode(request.param)
+    yield request.param
+    task_folding.set_pointwise_mode("auto")
+
+
 def per_task_params(model, seed=1):
     """Every parameter as ``[T, *shape]``, each task's copy perturbed differently."""
     generator = torch.Generator().manual_seed(seed)
@@ -36,7 +44,7 @@ def tiny_network():
 
 
 @pytest.mark.parametrize("make_model", [lambda: tiny_supernet(layers=2), tiny_network], ids=["supernet", "network"])
-def test_folded_logits_equal_vmap_with_per_task_and_shared_parameters(make_model):
+def test_folded_logits_equal_vmap_with_per_task_and_shared_parameters(make_model, pointwise):
     model = make_model()
     x = make_batch().query_x
     every = per_task_params(model)
@@ -51,7 +59,7 @@ def test_folded_logits_equal_vmap_with_per_task_and_shared_parameters(make_model
 
 
 @pytest.mark.parametrize("first_order", [True, False], ids=["first_order", "second_order"])
-def test_folded_meta_gradient_equals_vmap_and_reference(first_order):
+def test_folded_meta_gradient_equals_vmap_and_reference(first_order, pointwise):
     model = tiny_supernet(layers=2)
     params = dict(model.named_parameters())
     rates = {n: 0.1 for n, _ in model.named_weights()}
@@ -65,7 +73,7 @@ def test_folded_meta_gradient_equals_vmap_and_reference(first_order):
     assert_close_relative(got[True], got[False], tol=1e-10)
 
 
-def test_maml_plus_plus_meta_step_is_the_same_folded_and_vmapped():
+def test_maml_plus_plus_meta_step_is_the_same_folded_and_vmapped(pointwise):
     """Second order, per-step BN, learned per-step learning rates, multi-step loss: one meta-step."""
     config = MAMLConfig(inner_steps=2, inner_steps_test=3, first_order=False, per_step_bn=True, learn_inner_lr=True,
                         multi_step_loss=True, cosine_lr=True)
@@ -141,3 +149,30 @@ def test_drop_path_masks_are_drawn_per_task_and_zero_whole_samples():
     assert not (per_sample[:, :1, 0] == per_sample[:, :, 0]).all()  # tasks draw their own masks
     assert set(mask.unique().tolist()) == {0.0, 1.0}
 
+
+
+@pytest.mark.parametrize("per_task", [True, False], ids=["per_task", "shared"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_pointwise_matmul_equals_grouped_conv(monkeypatch, per_task, bias):
+    torch.manual_seed(0)
+    conv = task_folding.Conv2d(3, 5, 1, bias=bias).double()
+    weight = torch.randn(TASKS, 5, 3, 1, 1, dtype=torch.float64) if per_task else conv.weight
+    bias_value = (torch.randn(TASKS, 5, dtype=torch.float64) if per_task else conv.bias) if bias else None
+    x = torch.randn(4, TASKS * 3, 6, 7, dtype=torch.float64).to(memory_format=torch.channels_last)
+    want = nn.functional.conv2d(x, task_folding.fold_parameter(weight, TASKS, 4),
+                                task_folding.fold_parameter(bias_value, TASKS, 1), groups=TASKS)
+    got = task_folding._pointwise_matmul(x, weight, bias_value, TASKS)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    assert task_folding.pointwise_mode() == "auto"  # the default: matmul on a CPU
+    monkeypatch.setattr(task_folding.F, "conv2d", lambda *a, **k: pytest.fail("1x1 conv went to F.conv2d"))
+    with task_folding.folded(TASKS):
+        torch.testing.assert_close(conv(x), task_folding._pointwise_matmul(x, conv.weight, conv.bias, TASKS))
+    task_folding.set_pointwise_mode("conv")
+    try:
+        with task_folding.folded(TASKS), pytest.raises(pytest.fail.Exception, match="went to F.conv2d"):
+            conv(x)
+    finally:
+        task_folding.set_pointwise_mode("auto")
+    with pytest.raises(ValueError, match="pointwise mode"):
+        task_folding.set_pointwise_mode("einsum")

@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["folded", "task_count", "fold_images", "unfold_logits", "fold_parameter", "cat_channels",
-           "weighted_sum", "sample_mask", "Conv2d", "BatchNorm2d", "Linear", "supports_folding"]
+           "weighted_sum", "sample_mask", "set_pointwise_mode", "pointwise_mode", "Conv2d", "BatchNorm2d", "Linear",
+           "supports_folding"]
 
 _state = threading.local()
 
@@ -126,8 +127,46 @@ def sample_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
     return mask.expand(x.shape[0], tasks, x.shape[1] // tasks, *x.shape[2:]).reshape(x.shape)
 
 
+POINTWISE_MODES = ("auto", "conv", "matmul")
+_pointwise_mode = "auto"
+
+
+def set_pointwise_mode(mode: str) -> None:
+    """How folded 1x1 convolutions (stride 1, no padding, one group per task) run.
+
+    ``"conv"``: one grouped convolution like every other conv. ``"matmul"``: one batched
+    matrix product ``[T, C_out, C_in] @ [N, T, C_in, H*W]``, which avoids the layout
+    transposes cuDNN adds around grouped fp32 convolutions in NCHW (a third of the GPU time
+    of a T-NAS meta-iteration in a profile on an H200) and oneDNN's slow grouped 1x1
+    backward (a T-NAS meta-iteration at the paper setting: 24 s against 57 s on a 2-core
+    CPU). ``"auto"`` (default): matmul on a CPU, conv elsewhere until the GPU is measured
+    (``benchmarks/bench_meta_iter.py --pointwise``). The results are the same either way.
+    """
+    global _pointwise_mode
+    if mode not in POINTWISE_MODES:
+        raise ValueError(f"pointwise mode must be one of {POINTWISE_MODES}, got {mode!r}")
+    _pointwise_mode = mode
+
+
+def pointwise_mode() -> str:
+    return _pointwise_mode
+
+
+def _pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      tasks: int) -> torch.Tensor:
+    """Folded 1x1 conv as a batched matmul: ``x [N, T*C_in, H, W]``, ``weight [T, C_out, C_in, 1, 1]``
+    (per task) or ``[C_out, C_in, 1, 1]`` (shared) -> ``[N, T*C_out, H, W]``."""
+    n, _, height, width = x.shape
+    matrix = weight.flatten(-3)  # [T, C_out, C_in] or [C_out, C_in]
+    out = torch.matmul(matrix, x.reshape(n, tasks, -1, height * width))  # [N, T, C_out, H*W]
+    if bias is not None:
+        out = out + bias.reshape(-1, out.shape[2], 1)  # [T, C_out, 1] or [1, C_out, 1]
+    return out.view(n, -1, height, width)
+
+
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that, folded, runs per-task weights ``[T, C_out, C_in/g, kh, kw]`` as one grouped conv."""
+    """``nn.Conv2d`` that, folded, runs per-task weights ``[T, C_out, C_in/g, kh, kw]`` as one grouped
+    conv (1x1 ones optionally as a batched matmul, :func:`set_pointwise_mode`)."""
 
     supports_task_folding = True
 
@@ -137,8 +176,15 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         if self.padding_mode != "zeros":
             raise NotImplementedError("task folding supports zero padding only")
+        if self._is_pointwise() and (_pointwise_mode == "matmul" or (_pointwise_mode == "auto"
+                                                                    and x.device.type == "cpu")):
+            return _pointwise_matmul(x, self.weight, self.bias, tasks)
         return F.conv2d(x, fold_parameter(self.weight, tasks, 4), fold_parameter(self.bias, tasks, 1), self.stride,
                         self.padding, self.dilation, self.groups * tasks)
+
+    def _is_pointwise(self) -> bool:
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+                and self.groups == 1)
 
 
 class BatchNorm2d(nn.BatchNorm2d):
