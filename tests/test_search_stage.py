@@ -145,7 +145,7 @@ def test_only_the_main_rank_writes_genotype_files(tmp_path):
 
 
 def test_graph_untracked_leaves_tracked_steps_eager():
-    from tnas.stages.search import graph_untracked
+    from tnas.stages.common import graph_untracked
 
     calls = []
 

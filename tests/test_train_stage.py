@@ -199,3 +199,32 @@ def test_count_macs_matches_convolutions_and_linear():
                         (1, 16, 16))["macs"]
     assert bigger > macs
     assert model.training  # untouched
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "cpu", "--cuda_graph"], "--cuda_graph needs a CUDA device; --device cpu"),
+    (["--cuda_graph", "--method", "maml++", "--cosine_unit", "iteration"], "--cuda_graph needs --cosine_unit epoch"),
+], ids=["cpu", "cosine_per_iteration"])
+def test_cuda_graph_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, flags, message):
+    if "--device" not in flags:  # pass the device check on a CPU machine; the schedule check follows it
+        from tnas.stages import common
+        monkeypatch.setattr(common, "resolve_device", lambda name: torch.device("cuda"))
+    code, err = run_in_process(["--genotype", "auto_maml_1shot", "--out", str(tmp_path / "run"), *flags],
+                               monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_cuda_graph_is_refused_when_torchrun_splits_meta_batches(monkeypatch):
+    from tnas import distributed
+    from tnas.errors import TnasError
+    from tnas.stages import common
+
+    monkeypatch.setattr(common, "resolve_device", lambda name: torch.device("cuda"))
+    args = train.build_parser().parse_args(["--genotype", "auto_maml_1shot", "--cuda_graph"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TnasError, match="drop it under torchrun"):
+        common.check_cuda_graph(args)
+    with distributed.local_process():  # the protocol: each rank trains its own genotypes alone
+        common.check_cuda_graph(args)

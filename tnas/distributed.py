@@ -54,6 +54,13 @@ def local_process():
         _local_depth -= 1
 
 
+def splits_meta_batches() -> bool:
+    """True when this process was launched by torchrun with other ranks and is not inside
+    :func:`local_process`, i.e. its meta-batches will be shared across ranks (also before the
+    process group is initialised)."""
+    return _local_depth == 0 and launched_world_size() > 1
+
+
 def _group_active() -> bool:
     return _local_depth == 0 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

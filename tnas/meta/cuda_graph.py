@@ -20,13 +20,15 @@ the next one captures and replays, every later one copies the batch into the cap
 input tensors and replays. Every call is a real step on its own batch, so a graphed run
 takes the same steps as an eager one. A batch of other shapes runs eagerly. Python-side
 values the step reads (an epoch-dependent loss weight or learning rate) are frozen at
-capture: graph only steps whose settings do not change between calls.
+capture: graph only steps whose settings do not change between calls, or use
+:class:`KeyedGraphedStep`, which captures again whenever a key of those settings changes
+(MAML++'s per-epoch schedules).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable, Iterable, Optional, Tuple
+from typing import Any, Callable, Hashable, Iterable, Optional, Tuple
 
 import torch
 
@@ -143,3 +145,28 @@ class GraphedStep:
         with torch.cuda.graph(graph, stream=self._stream(batch.support_x.device)):
             self.static_output = self.step(static)
         self.static_batch, self.graph, self._shapes = static, graph, _shapes(batch)
+
+
+class KeyedGraphedStep:
+    """A :class:`GraphedStep` that starts over (warm-up, capture) whenever ``key()`` changes.
+
+    For steps whose Python-side settings change now and then, e.g. MAML++ per epoch (the
+    derivative order, the multi-step loss weights, a cosine learning rate): ``key()`` returns
+    those settings, and each new value gets a graph of its own; the previous graph is
+    released. Re-capturing once per epoch costs a few eager iterations out of thousands.
+    """
+
+    def __init__(self, step: Callable[[Any], Any], key: Callable[[], Hashable], warmup: int = 3):
+        self.step, self.key, self.warmup = step, key, warmup
+        self.current: Optional[GraphedStep] = None
+        self._key: Any = None
+        self.graphs = 0  # graphs started so far (one per distinct run of equal keys)
+
+    def __call__(self, batch) -> Any:
+        key = self.key()
+        if self.current is None or key != self._key:
+            self.current = None  # release the old graph and its memory pool before recording anew
+            self.current = GraphedStep(self.step, warmup=self.warmup)
+            self._key = key
+            self.graphs += 1
+        return self.current(batch)

@@ -184,6 +184,15 @@ class MAMLPlusPlus(MetaLearner):
     def multi_step_loss_active(self) -> bool:
         return self.config.multi_step_loss and self.epoch < self.config.msl_epochs
 
+    def settings_key(self) -> tuple:
+        """The Python-side settings a meta-step reads that :meth:`set_progress` changes: the
+        derivative order, the multi-step loss weights (through the epoch while they anneal)
+        and the outer learning rates. A CUDA graph of ``meta_step`` stays valid while this
+        key does (:class:`tnas.meta.cuda_graph.KeyedGraphedStep`)."""
+        annealing = self.epoch if self.multi_step_loss_active() else None
+        rates = tuple(group["lr"] for optimizer in self.optimizers.values() for group in optimizer.param_groups)
+        return self.first_order, annealing, rates
+
     # -- functional pieces ------------------------------------------------------------------
     def batch_norm_set(self, step: int, steps: int) -> int:
         """The BN set used by parameters adapted ``step`` times in a run of ``steps`` steps."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
@@ -49,7 +49,45 @@ def add_meta_learning_args(parser: argparse.ArgumentParser) -> argparse._Argumen
     group = parser.add_argument_group("meta-learning")
     group.add_argument("--inner_steps", type=int, default=5, help="inner SGD steps in meta-training")
     group.add_argument("--inner_steps_test", type=int, default=10, help="inner SGD steps at validation/test")
+    group.add_argument("--cuda_graph", action="store_true",
+                       help="replay each untracked meta-iteration as one CUDA graph (one GPU; not with a "
+                            "meta-batch split across torchrun ranks)")
     return group
+
+
+def check_cuda_graph(args) -> None:
+    """``--cuda_graph`` needs a CUDA device and a process that keeps its meta-batches to itself
+    (one-line errors otherwise). Call before :func:`prepare_run`, so nothing is written."""
+    if not getattr(args, "cuda_graph", False):
+        return
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        raise TnasError(f"--cuda_graph needs a CUDA device; --device {args.device} is {device}")
+    if distributed.splits_meta_batches():
+        raise TnasError("--cuda_graph runs each meta-batch in one process; drop it under torchrun")
+
+
+def graph_untracked(call: Callable[[Any, bool], Any], enabled: bool,
+                    key: Optional[Callable[[], Hashable]] = None) -> Callable[[Any, bool], Any]:
+    """``call(batch, track)`` with its untracked calls replayed as a CUDA graph when ``enabled``.
+
+    Tracked calls (per-step statistics at ``--log_every``) take extra forwards, so they run
+    eagerly; they update the same parameter and optimiser tensors that the graph reads.
+    ``key()``, if given, returns the Python-side settings the call reads (a schedule's
+    learning rate, say); the graph is captured again whenever they change.
+    """
+    if not enabled:
+        return call
+    from tnas.meta.cuda_graph import GraphedStep, KeyedGraphedStep
+
+    untracked = lambda batch: call(batch, False)  # noqa: E731
+    graphed = GraphedStep(untracked) if key is None else KeyedGraphedStep(untracked, key)
+
+    def step(batch, track: bool):
+        return call(batch, True) if track else graphed(batch)
+
+    step.graphed = graphed
+    return step
 
 
 def schedule_from_args(args) -> Schedule:

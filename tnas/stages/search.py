@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from tnas import distributed
-from tnas.config import add_common_args, resolve_device
+from tnas.config import add_common_args
 from tnas.engine import MetaTrainer
 from tnas.genotypes import PRIMITIVES, edge_inputs, save_genotype
 from tnas.errors import TnasError
@@ -43,27 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--meta_lr_alphas", type=float, default=1e-3)
     group.add_argument("--alpha_weight_decay", type=float, default=1e-3)
     group.add_argument("--second_order", action="store_true", help="exact MAML (default: first order)")
-    group.add_argument("--cuda_graph", action="store_true",
-                       help="replay each untracked meta-iteration as one CUDA graph (one GPU, one process)")
     return parser
-
-
-def graph_untracked(call: Callable[[Any, bool], Any], enabled: bool) -> Callable[[Any, bool], Any]:
-    """``call(batch, track)`` with its untracked calls replayed as a CUDA graph when ``enabled``.
-
-    Tracked calls (per-step statistics at ``--log_every``) take extra forwards, so they run
-    eagerly; they update the same parameter and optimiser tensors that the graph reads.
-    """
-    if not enabled:
-        return call
-    from tnas.meta.cuda_graph import GraphedStep
-
-    graphed = GraphedStep(lambda batch: call(batch, False))
-
-    def step(batch, track: bool):
-        return call(batch, True) if track else graphed(batch)
-
-    return step
 
 
 def build_supernet(args, in_channels: int) -> Supernet:
@@ -144,10 +124,10 @@ def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
             raise TnasError(f"auto-MAML halves the images of each class: {error}") from None
 
     cuda_graph = getattr(args, "cuda_graph", False)
-    calls = {WEIGHT_STEP: graph_untracked(lambda batch, track: learner.weight_step(batch, track_steps=track),
-                                          cuda_graph),
-             ALPHA_STEP: graph_untracked(lambda batch, track: learner.alpha_step(batch, track_steps=track),
-                                         cuda_graph)}
+    calls = {WEIGHT_STEP: common.graph_untracked(
+                 lambda batch, track: learner.weight_step(batch, track_steps=track), cuda_graph),
+             ALPHA_STEP: common.graph_untracked(
+                 lambda batch, track: learner.alpha_step(batch, track_steps=track), cuda_graph)}
 
     def step(iteration: int, track: bool):
         kind = AutoMAML.step_kind(iteration)
@@ -156,23 +136,13 @@ def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
     return learner, samplers, step
 
 
-def check_cuda_graph(args) -> None:
-    """``--cuda_graph`` needs one process on a CUDA device (one-line errors otherwise)."""
-    device = resolve_device(args.device)
-    if device.type != "cuda":
-        raise TnasError(f"--cuda_graph needs a CUDA device; --device {args.device} is {device}")
-    if distributed.launched_world_size() > 1:
-        raise TnasError("--cuda_graph runs in a single process; drop it under torchrun")
-
-
 def run(args) -> Dict[str, object]:
     """Run the search stage described by ``args`` (the parsed flags); returns the summary."""
     common.check_positive(args, "n_way", "k_shot", "q_query", "tasks_per_batch", "epochs", "tasks_per_epoch",
                           "inner_steps", "inner_steps_test", "C", "layers", "val_episodes", "val_batch_size")
     from tnas.data import EpisodeSampler, FixedEpisodes
 
-    if args.cuda_graph:
-        check_cuda_graph(args)
+    common.check_cuda_graph(args)
     run_dir, logger, device = common.prepare_run(args, "search")
     is_main = distributed.current_info().is_main
     splits = common.load_splits(args, ("train", "val"))
@@ -194,7 +164,7 @@ def run(args) -> Dict[str, object]:
                                  task_slice=common.data_parallel(learner, args.tasks_per_batch))
         samplers = {"train": sampler}
 
-        meta_step = graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
+        meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
                                     args.cuda_graph)
 
         def step(iteration: int, track: bool):

@@ -153,6 +153,10 @@ def run(args) -> Dict[str, object]:
         raise TnasError(f"--drop_path_prob must be in [0, 1), got {args.drop_path_prob}")
     if args.msl_epochs < 0 or (args.first_order_epochs is not None and args.first_order_epochs < 0):
         raise TnasError("--msl_epochs and --first_order_epochs must be >= 0")
+    common.check_cuda_graph(args)
+    if args.cuda_graph and maml_config(args).cosine_lr and args.cosine_unit != "epoch":
+        raise TnasError(f"--cuda_graph needs --cosine_unit epoch (a graph freezes the learning rate until the "
+                        f"next capture), got --cosine_unit {args.cosine_unit}")
     genotype = resolve_genotype(args.genotype)
     from tnas.data import EpisodeSampler, FixedEpisodes
 
@@ -189,9 +193,12 @@ def run(args) -> Dict[str, object]:
         schedule = common.schedule_from_args(args)
         per_epoch = schedule.iterations_per_epoch
 
+        meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
+                                           args.cuda_graph, key=learner.settings_key)
+
         def step(iteration: int, track: bool):
             learner.set_progress(iteration, per_epoch, schedule.epochs)
-            return learner.meta_step(sampler.sample(), track_steps=track)
+            return meta_step(sampler.sample(), track)
 
         def epoch_hook(epoch: int, record: Dict[str, object]) -> Dict[str, object]:
             return {"meta_lr": learner.optimizers["weights"].param_groups[0]["lr"],
@@ -203,11 +210,17 @@ def run(args) -> Dict[str, object]:
                               is_main=is_main)
         if args.resume:
             trainer.resume()
+        if args.cuda_graph:  # after resume: a checkpoint's optimiser settings replace ours
+            from tnas.meta.cuda_graph import make_optimizers_capturable
+
+            make_optimizers_capturable(learner.optimizers.values())
         switches = [name for name in MAML_PP_SWITCHES if getattr(config, name)]
         if config.first_order_epochs is not None:
             switches.append(f"first order for {config.first_order_epochs} epoch(s), then second order")
         else:
             switches.append(f"{'first' if config.first_order else 'second'} order")
+        if args.cuda_graph:
+            switches.append("CUDA graphs, captured again when an epoch changes the settings")
         logger.log(f"train ({args.method}: {', '.join(switches)}) of genotype {args.genotype} on "
                    f"{args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}; {parameters:,} parameters, "
                    f"{macs / 1e6:.2f}M MACs per image ({macs_source}); run directory {run_dir}")
