@@ -46,6 +46,7 @@ from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus  # noqa: E402
 from tnas.meta.tnas import TNAS, TNASConfig  # noqa: E402
 from tnas.models.network import Network  # noqa: E402
 from tnas.models.supernet import Supernet  # noqa: E402
+from tnas.task_folding import POINTWISE_MODES, set_pointwise_mode  # noqa: E402
 
 ORIGINAL_SECONDS = {"tnas": 3.68 / 4, "auto_maml": 6.17 / 4, "adapt": 1.61, "scratch": 6 * 3600 / 225_000}
 """The original code's seconds per task (meta-training: per task of a 4-task meta-batch): search and
@@ -109,7 +110,8 @@ def build_learner(spec: Dict[str, object], args, device: torch.device):
     return learner
 
 
-def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> Dict[str, object]:
+def prepare_case(spec: Dict[str, object], args, device: torch.device):
+    """Build a case's learner and batch: returns (one_iteration(i), warm-up iterations, tasks)."""
     torch.manual_seed(0)
     kind, tasks = spec["kind"], int(spec["tasks"])
     learner = build_learner(spec, args, device)
@@ -133,6 +135,12 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
         key = ("weights" if iteration % 2 == 0 else "alphas") if kind == "auto_maml" else kind
         steps[key](batch)
 
+    return one_iteration, warmup, tasks
+
+
+def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> Dict[str, object]:
+    kind = spec["kind"]
+    one_iteration, warmup, tasks = prepare_case(spec, args, device)
     for iteration in range(warmup):
         one_iteration(iteration)
     synchronize(device)
@@ -161,7 +169,8 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
     return record
 
 
-def main(argv: List[str] = None) -> Dict[str, object]:
+def parse_args(argv: List[str] = None) -> argparse.Namespace:
+    """The command line, with the paper setting (or ``--tiny``) filled in."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -173,6 +182,9 @@ def main(argv: List[str] = None) -> Dict[str, object]:
                         help="replay each meta-iteration as a CUDA graph (tnas.meta.cuda_graph)")
     parser.add_argument("--batching", choices=("fold", "vmap"), default="fold",
                         help="tasks folded into channel groups (the default everywhere) or torch.func.vmap")
+    parser.add_argument("--pointwise", choices=POINTWISE_MODES, default="auto",
+                        help="folded 1x1 convolutions as grouped convs or batched matmuls (auto: matmul on a "
+                             "CPU, conv on a GPU; tnas.task_folding.set_pointwise_mode)")
     parser.add_argument("--tiny", action="store_true", help="C 4, layers 1, 16x16, 2 queries: a CPU smoke run")
     parser.add_argument("--start_at", type=float, default=None,
                         help="Unix time to start the timed iterations at (after warm-up), so that several "
@@ -186,12 +198,20 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     device = torch.device(args.device)
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda_graph needs --device cuda")
+    set_pointwise_mode(args.pointwise)
+    return args
+
+
+def main(argv: List[str] = None) -> Dict[str, object]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
     results = []
     for name in args.cases:
         try:
             results.append(run_case(name, CASES[name], args, device))
         except Exception as error:  # one failing case (e.g. out of memory) must not hide the others
             results.append({"case": name, "error": f"{type(error).__name__}: {error}"})
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # each case as it ends, for cut runs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report = {
@@ -201,7 +221,7 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         "torch": torch.__version__,
         "setting": {k: getattr(args, k) for k in ("n_way", "C", "layers", "img_size", "q_query", "inner_steps",
                                                   "inner_steps_test", "amp", "channels_last", "cuda_graph",
-                                                  "batching", "tiny")},
+                                                  "batching", "pointwise", "tiny")},
         "results": results,
     }
     print(json.dumps(report, indent=1))

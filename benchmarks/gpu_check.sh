@@ -1,58 +1,97 @@
 #!/usr/bin/env bash
 # GPU checks in one go: the GPU tests, then the speed benchmarks, each printing JSON.
-# Results land in $OUT (or ./gpu_check_out) as they come, so a run cut short still reports.
-#   bash benchmarks/gpu_check.sh            # everything, most important first (about 8 minutes)
+#   bash benchmarks/gpu_check.sh            # everything, most important first (under 8 minutes)
 #   bash benchmarks/gpu_check.sh tests      # only the GPU tests
 #   bash benchmarks/gpu_check.sh speed      # only the benchmarks
+# Every step is cut to fit GPU_CHECK_SECONDS (default 450) in all. After each step the
+# results so far are packed into $OUT/gpu_check.tar.gz (or ./gpu_check_out), beside
+# timeline.txt and gpu_tests.txt, so a run cut short still reports and the outputs stay
+# few files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part="${1:-all}"
 case "$part" in all|tests|speed) ;; *) echo "usage: $0 [all|tests|speed]" >&2; exit 2 ;; esac
 out="${OUT:-gpu_check_out}"
 mkdir -p "$out"
+work="$(mktemp -d)"
+py="$(command -v python3 || command -v python)"
 export PYTHONUNBUFFERED=1 TNAS_PROGRESS=0
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install needed (the GPU box may be offline)
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt" || echo "no nvidia-smi" | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$work/gpu.txt" \
+  || echo "no nvidia-smi" | tee "$work/gpu.txt"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$work/gpu.txt"
 status=0
 started=$(date +%s)
-mark() { echo "[gpu_check] $1 done at +$(( $(date +%s) - started )) s" | tee -a "$out/timeline.txt"; }
+deadline=$(( started + ${GPU_CHECK_SECONDS:-450} ))
+# limit N: the seconds a step may take, N at most and never past the deadline
+limit() { local left=$(( deadline - $(date +%s) )); echo $(( left < $1 ? left : $1 )); }
+pack() { tar czf "$out/gpu_check.tar.gz" -C "$work" . ; cp "$work/timeline.txt" "$out/" 2>/dev/null; }
+mark() { echo "[gpu_check] $1 at +$(( $(date +%s) - started )) s" | tee -a "$work/timeline.txt"; pack; }
+# step NAME SECONDS OUTPUT CMD...: run CMD with stdout into $work/OUTPUT, within limit SECONDS
+step() {
+  local name="$1" seconds; seconds=$(limit "$2"); local output="$3"; shift 3
+  if [ "$seconds" -lt 20 ]; then mark "$name skipped (no time left)"; status=1; return; fi
+  timeout "$seconds" "$@" > "$work/$output" || { status=1; mark "$name FAILED or cut at ${seconds} s"; return; }
+  mark "$name done"
+}
 
 if [ "$part" != speed ]; then
-  timeout 200 python -m pytest -m gpu -q tests/test_gpu.py tests/test_data_episodes.py 2>&1 | tee "$out/gpu_tests.txt" || status=1
+  timeout "$(limit 110)" "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_data_episodes.py 2>&1 \
+    | tee "$work/gpu_tests.txt" || status=1
+  cp "$work/gpu_tests.txt" "$out/"
   mark "GPU tests"
 fi
 if [ "$part" != tests ]; then
-  key_cases="tnas_1shot_T4 tnas_1shot_T16 auto_maml_1shot_T4 adapt_1shot_T100 scratch_1shot_T4"
-  timeout 150 python benchmarks/bench_meta_iter.py --iterations 5 > "$out/bench_meta_iter_fp32.json" || status=1
-  mark "meta-iteration fp32"
-  timeout 120 python benchmarks/bench_meta_iter.py --iterations 5 --cuda_graph --cases $key_cases \
-    > "$out/bench_meta_iter_fp32_graph.json" || status=1
-  mark "meta-iteration fp32 + CUDA graph"
-  timeout 150 python benchmarks/bench_meta_iter.py --iterations 5 --amp --channels_last \
-    > "$out/bench_meta_iter_bf16.json" || status=1
-  mark "meta-iteration bf16"
-  timeout 120 python benchmarks/bench_meta_iter.py --iterations 5 --amp --channels_last --cuda_graph --cases $key_cases \
-    > "$out/bench_meta_iter_bf16_graph.json" || status=1
-  mark "meta-iteration bf16 + CUDA graph"
-  timeout 60 python benchmarks/bench_episodes.py --seconds 1 > "$out/bench_episodes.json" || status=1
-  mark "episodes"
+  bench="$py benchmarks/bench_meta_iter.py"
+  search="tnas_1shot_T4 tnas_1shot_T16 auto_maml_1shot_T4"
+  step "meta-iteration fp32" 90 bench_meta_iter_fp32.json $bench --iterations 5 --cases tnas_1shot_T4 tnas_1shot_T16 \
+    tnas_5shot_T4 tnas_5shot_T16 auto_maml_1shot_T4 auto_maml_1shot_T16 scratch_1shot_T4 scratch_5shot_T4 scratch_pp_1shot_T4
+  step "meta-iteration fp32 + CUDA graph" 60 bench_meta_iter_fp32_graph.json $bench --iterations 3 --cuda_graph \
+    --cases $search scratch_1shot_T4 scratch_pp_1shot_T4
+  step "meta-iteration fp32 + CUDA graph, 1x1 convs as matmuls" 50 bench_meta_iter_fp32_graph_matmul.json \
+    $bench --iterations 3 --cuda_graph --pointwise matmul --cases $search scratch_1shot_T4
+  step "adaptation fp32" 35 bench_meta_iter_adapt.json $bench --iterations 1 --warmup 1 --cases adapt_1shot_T100
+  step "adaptation fp32 + CUDA graph" 45 bench_meta_iter_adapt_graph.json $bench --iterations 2 --cuda_graph \
+    --cases adapt_1shot_T100
+  step "episodes" 30 bench_episodes.json "$py" benchmarks/bench_episodes.py --seconds 1
+  step "meta-iteration bf16 + CUDA graph, 1x1 convs as matmuls" 45 bench_meta_iter_bf16_graph_matmul.json \
+    $bench --iterations 3 --amp --channels_last --cuda_graph --pointwise matmul --cases $search
   # Four from-scratch trainings sharing the GPU (the protocol with more processes than GPUs):
-  # each warms up, then all start their 150 timed iterations at the same moment; the summed
+  # each warms up, then all start their 100 timed iterations at the same moment; the summed
   # tasks/s is what one GPU delivers to four genotype trainings at once.
-  start_at=$(( $(date +%s) + 45 ))
-  pids=()
-  for i in 1 2 3 4; do
-    timeout 100 python benchmarks/bench_meta_iter.py --cases scratch_1shot_T4 --iterations 150 --warmup 3 \
-      --start_at "$start_at" > "$out/shared_$i.json" &
-    pids+=($!)
-  done
-  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-  python benchmarks/shared_gpu.py "$out"/shared_?.json > "$out/bench_shared_gpu.json" || status=1
-  mark "shared GPU"
+  seconds=$(limit 70)
+  if [ "$seconds" -ge 60 ]; then
+    start_at=$(( $(date +%s) + 35 ))
+    pids=()
+    for i in 1 2 3 4; do
+      timeout "$seconds" "$py" benchmarks/bench_meta_iter.py --cases scratch_1shot_T4 --iterations 100 --warmup 3 \
+        --start_at "$start_at" > "$work/shared_$i.json" &
+      pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    "$py" benchmarks/shared_gpu.py "$work"/shared_?.json > "$work/bench_shared_gpu.json" || status=1
+    mark "shared GPU"
+  else
+    mark "shared GPU skipped (no time left)"; status=1
+  fi
   # The same two cases with the tasks batched by torch.func.vmap instead of folded (for comparison)
-  timeout 60 python benchmarks/bench_meta_iter.py --iterations 3 --batching vmap --cases tnas_1shot_T4 scratch_1shot_T4 \
-    > "$out/bench_meta_iter_fp32_vmap.json" || status=1
-  mark "meta-iteration fp32, vmap"
-  cat "$out"/bench_*.json
+  step "meta-iteration fp32, vmap" 40 bench_meta_iter_fp32_vmap.json \
+    "$py" benchmarks/bench_meta_iter.py --iterations 3 --batching vmap --cases tnas_1shot_T4 scratch_1shot_T4
+  "$py" - "$work" <<'PY' || true
+import glob, json, os, sys
+# One line per measurement, so the end of the log carries every figure.
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_meta_iter_*.json"))):
+    try:
+        report = json.load(open(path))
+    except Exception as error:  # a step cut short leaves an empty or partial file
+        print(os.path.basename(path), "unreadable:", error); continue
+    for r in report.get("results", []):
+        print(os.path.basename(path)[16:-5], r.get("case"), "s/iter", r.get("seconds_per_iteration"),
+              "tasks/s", r.get("tasks_per_second"), "t_g h", r.get("genotype_hours_paper_schedule"),
+              "x orig", r.get("speedup_vs_original"), "GiB", r.get("peak_gpu_memory_gib"), "error", r.get("error"))
+PY
+  cat "$work/bench_episodes.json" "$work/bench_shared_gpu.json" 2>/dev/null
 fi
+pack
+rm -rf "$work"
 exit $status
