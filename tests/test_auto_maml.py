@@ -113,6 +113,8 @@ def test_alpha_gradient_is_the_query_gradient_at_the_adapted_weights():
     for param, want in zip(alphas.values(), expected):
         assert want.abs().max() > 1e-8
         assert torch.allclose(seen[id(param)], want, rtol=1e-10, atol=1e-14)
+    # the outer backward computed no weight gradients (they would only be thrown away)
+    assert all(p.grad is None for _, p in model.named_weights())
 
 
 def test_config_round_trip_and_rebuild():

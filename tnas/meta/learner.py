@@ -138,8 +138,11 @@ class MetaLearner:
             loss, accuracy = query_loss_and_accuracy(self.forward, result.task_params,
                                                      self.shared_params(result.task_params), batch.query_x,
                                                      batch.query_y, self.inner_steps)
-        (loss.float().mean() * (loss_scale * self.loss_scale)).backward()
-        stepped = [p for group in update_groups for p in self.optimizers[group].param_groups[0]["params"]]
+        stepped = [p for group in update_groups for param_group in self.optimizers[group].param_groups
+                   for p in param_group["params"] if p.requires_grad]
+        # Only the stepped groups' gradients: auto-MAML's alpha step then skips the weight gradients
+        # of every convolution (autograd prunes what no requested input needs).
+        (loss.float().mean() * (loss_scale * self.loss_scale)).backward(inputs=stepped)
         if self.gradient_hook is not None:
             self.gradient_hook(stepped)
         for group in update_groups:
