@@ -244,6 +244,16 @@ def test_error_n_way(runs, evaluate, sentinel):
     _untouched(sentinel)
 
 
+def test_error_cuda_graph_without_gpu(runs, evaluate, sentinel):
+    result = evaluate("--checkpoint", str(runs["search"]), "--cuda_graph", "--device", "cpu", "--out", str(sentinel),
+                      *FAST)
+    assert_one_line_error(result, "--cuda_graph needs a CUDA device", "--device cpu")
+    _untouched(sentinel)
+    from tnas.evaluate import evaluate_episodes
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        evaluate_episodes(None, [], 4, "cpu", cuda_graph=True)
+
+
 def test_error_img_size(runs, evaluate, sentinel):
     result = evaluate("--checkpoint", str(runs["search"]), "--img_size", "32", "--out", str(sentinel), *FAST)
     assert_one_line_error(result, "--img_size 32", "16x16", "[1, 16, 16]")

@@ -183,3 +183,26 @@ def test_train_from_scratch_runs_with_cuda_graphs(tmp_path):
     assert summary["epochs_done"] == 3
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert all(torch.isfinite(value).all() for value in state["learner"]["model"].values())
+
+
+def test_evaluation_with_cuda_graph_equals_eager():
+    """15 episodes in batches of 4: warm-up, capture, replay, then a smaller batch eagerly (float64)."""
+    from tnas.evaluate import evaluate_episodes
+    from tnas.meta.tnas import TNAS, TNASConfig
+
+    class Episodes:
+        def __len__(self):
+            return 15
+
+        def batches(self, size, device):
+            for start in range(0, 15, size):
+                yield batch_on(device, torch.float64, tasks=min(size, 15 - start), seed=start)
+
+    torch.manual_seed(0)
+    learner = TNAS(Supernet(n_way=3, C=4, layers=1, in_channels=1).double().cuda(), TNASConfig(inner_steps_test=3))
+    eager = evaluate_episodes(learner, Episodes(), 4, "cuda", steps=3, desc=None)
+    graphed = evaluate_episodes(learner, Episodes(), 4, "cuda", steps=3, desc=None, cuda_graph=True)
+    assert graphed["accuracy"].shape == (15,)
+    for key in ("accuracy", "loss"):
+        torch.testing.assert_close(torch.from_numpy(graphed[key]), torch.from_numpy(eager[key]), rtol=1e-9,
+                                   atol=1e-12)

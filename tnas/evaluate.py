@@ -26,17 +26,27 @@ def mean_ci95(accuracies: Sequence[float]) -> Dict[str, float]:
 
 
 def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optional[int] = None,
-                      desc: Optional[str] = "evaluate", track_steps: bool = False) -> Dict[str, np.ndarray]:
+                      desc: Optional[str] = "evaluate", track_steps: bool = False,
+                      cuda_graph: bool = False) -> Dict[str, np.ndarray]:
     """Adapt and score every fixed episode, ``batch_size`` tasks per batched call.
 
     Returns ``{"accuracy": [E] percent, "loss": [E]}`` and, with ``track_steps``,
-    ``"accuracy_per_step": [S+1, E]`` percent (step 0 = before adaptation).
+    ``"accuracy_per_step": [S+1, E]`` percent (step 0 = before adaptation). ``cuda_graph``
+    (CUDA only) records the adaptation of the first full batch as a CUDA graph and replays
+    it for the next ones (a last, smaller batch runs eagerly); the results are the same.
     """
+    evaluate = lambda batch: learner.evaluate(batch, steps=steps, track_steps=track_steps)  # noqa: E731
+    if cuda_graph:
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
+        from tnas.meta.cuda_graph import GraphedStep
+
+        evaluate = GraphedStep(evaluate, warmup=1)
     accuracies, losses, per_step = [], [], []
     batches = episodes.batches(batch_size, device)
     total = math.ceil(len(episodes) / batch_size)
     for batch in progress(batches, total=total, desc=desc):
-        stats = learner.evaluate(batch, steps=steps, track_steps=track_steps)
+        stats = evaluate(batch)
         accuracies.append(stats.query_accuracy.detach())
         losses.append(stats.query_loss.detach())
         if track_steps and stats.per_step_accuracy is not None:

@@ -29,7 +29,7 @@ import torch
 
 from tnas.config import add_common_args, resolve_device, seed_everything, set_threads
 from tnas.errors import TnasError
-from tnas.stages import restore
+from tnas.stages import common, restore
 
 RESULTS_FILE = "results.json"
 
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check that the checkpoint's architecture is this genotype (published name, JSON "
                              "file, run directory with genotype.json, or an inline JSON object)")
     _set_flag(parser, "out", help="directory for results.json (default: the checkpoint's run directory)")
+    parser.add_argument("--cuda_graph", action="store_true",
+                        help="replay the adaptation of each batch of episodes as one CUDA graph (GPU only)")
     return parser
 
 
@@ -245,13 +247,15 @@ def run(args) -> Dict[str, object]:
     from tnas.runlog import atomic_write_json
 
     started = time.time()
+    common.check_cuda_graph(args)
     prepared = prepare(args)
     summary, learner = prepared.summary, prepared.learner
     out_dir = default_out_dir(args, prepared.checkpoint)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TnasError(f"--out {out_dir} is a file, not a directory")
     result = evaluate_episodes(learner, prepared.episodes, args.batch_size, prepared.device,
-                               steps=args.update_step_test, desc="evaluate")
+                               steps=args.update_step_test, desc="evaluate",
+                               cuda_graph=getattr(args, "cuda_graph", False))
     genotype = restore.checkpoint_genotype(learner, summary).to_dict()
     extra = {
         "q_query": args.q_query,
