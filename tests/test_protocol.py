@@ -342,7 +342,7 @@ def test_two_ranks_with_one_genotype_and_a_new_episodes_file(search_run, tmp_pat
 
 
 # --------------------------------------------------------------------------- bad input
-def test_a_train_checkpoint_is_a_one_line_error(single, capsys, tmp_path):
+def test_a_train_checkpoint_is_a_one_line_error(single, search_run, capsys, tmp_path):
     train_checkpoint = single["out"] / "genotypes" / "g0000"
     code, _, err = run_script(["--checkpoint", str(train_checkpoint), "--out", str(tmp_path / "x"), *FAST], capsys)
     assert_one_line_error(code, err, "T-NAS search checkpoint", "'train' checkpoint of method 'maml'")
@@ -351,6 +351,11 @@ def test_a_train_checkpoint_is_a_one_line_error(single, capsys, tmp_path):
     assert_one_line_error(code, err, "checkpoint not found")
     code, _, err = run_script([*FAST], capsys)
     assert_one_line_error(code, err, "--checkpoint")
+    # a from-scratch setting the training would refuse, refused before decoding and writing anything
+    code, _, err = run_script(["--checkpoint", str(search_run), "--out", str(tmp_path / "y"), *FAST,
+                               "--train_args=--cuda_graph"], capsys)
+    assert_one_line_error(code, err, "from-scratch settings: --cuda_graph needs a CUDA device")
+    assert not (tmp_path / "y").exists()
 
 
 def test_wrappers_without_a_demo_search_say_what_to_run(tmp_path):

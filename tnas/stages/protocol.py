@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{BUDGET_SCHEDULE['tasks_per_epoch']:,} tasks (labelled \"budget\" in results.json)")
     group.add_argument("--train_seed", type=int, default=None, help="seed of every from-scratch run (default: --seed)")
     group.add_argument("--train_args", default=None, metavar="'FLAGS'",
-                       help="more train-stage flags, quoted, e.g. '--msl_epochs 3 --no-cosine_lr'")
+                       help="more train-stage flags, quoted, e.g. '--msl_epochs 3 --no-cosine_lr' "
+                            "(one flag alone with '=': --train_args=--cuda_graph)")
     for name, kind, text in (("epochs", int, "from-scratch epochs"),
                              ("tasks_per_epoch", int, "meta-training tasks per epoch"),
                              ("tasks_per_batch", int, "tasks per meta-batch"),
@@ -189,6 +190,19 @@ def train_argv(args, search_summary: Dict[str, Any], device: torch.device) -> Li
         if value is not None:
             argv += [f"--{name}", str(value)]
     return argv
+
+
+def check_train_settings(train_args: argparse.Namespace) -> None:
+    """What the from-scratch stage would refuse only after decoding (``--train_args=--cuda_graph``
+    without a GPU, say), refused up front. Each genotype trains in a process
+    of its own (``local_process``), so torchrun ranks may use CUDA graphs."""
+    from tnas.stages import train
+
+    try:
+        with distributed.local_process():
+            train.check_cuda_graph(train_args)
+    except TnasError as error:
+        raise TnasError(f"from-scratch settings: {error}") from None
 
 
 def parse_train_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -570,7 +584,9 @@ def run(args) -> Optional[Dict[str, object]]:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TnasError(f"--out {out_dir} is a file, not a directory")
     base_argv = train_argv(args, prepared.summary, device)
-    schedule = schedule_record(parse_train_args(base_argv + ["--genotype", "auto_maml_1shot"]), args)
+    probe = parse_train_args(base_argv + ["--genotype", "auto_maml_1shot"])
+    check_train_settings(probe)
+    schedule = schedule_record(probe, args)
     if info.is_main:
         os.makedirs(os.path.join(out_dir, GENOTYPES_DIR), exist_ok=True)
         save_config({k: v for k, v in vars(args).items() if k != "episodes_given"},

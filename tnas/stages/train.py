@@ -91,6 +91,16 @@ def maml_config(args, device: Optional[torch.device] = None) -> MAMLConfig:
                       **switches)
 
 
+def check_cuda_graph(args) -> None:
+    """One-line errors for a ``--cuda_graph`` this stage cannot honour: no CUDA device, a
+    meta-batch split across torchrun ranks, or a cosine learning rate that changes every
+    iteration (a graph freezes it until the next capture, once per epoch)."""
+    common.check_cuda_graph(args)
+    if args.cuda_graph and maml_config(args).cosine_lr and args.cosine_unit != "epoch":
+        raise TnasError(f"--cuda_graph needs --cosine_unit epoch (a graph freezes the learning rate until the "
+                        f"next capture), got --cosine_unit {args.cosine_unit}")
+
+
 # -- models and learners from a summary ------------------------------------------------------
 def network_from_config(config: Mapping[str, object], drop_path_prob: float = 0.0) -> Network:
     """``Network(**config)`` with the genotype given as a dict (as in ``Network.config``)."""
@@ -153,10 +163,7 @@ def run(args) -> Dict[str, object]:
         raise TnasError(f"--drop_path_prob must be in [0, 1), got {args.drop_path_prob}")
     if args.msl_epochs < 0 or (args.first_order_epochs is not None and args.first_order_epochs < 0):
         raise TnasError("--msl_epochs and --first_order_epochs must be >= 0")
-    common.check_cuda_graph(args)
-    if args.cuda_graph and maml_config(args).cosine_lr and args.cosine_unit != "epoch":
-        raise TnasError(f"--cuda_graph needs --cosine_unit epoch (a graph freezes the learning rate until the "
-                        f"next capture), got --cosine_unit {args.cosine_unit}")
+    check_cuda_graph(args)
     genotype = resolve_genotype(args.genotype)
     from tnas.data import EpisodeSampler, FixedEpisodes
 
