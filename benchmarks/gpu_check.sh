@@ -77,6 +77,9 @@ if [ "$part" != tests ]; then
   # The same two cases with the tasks batched by torch.func.vmap instead of folded (for comparison)
   step "meta-iteration fp32, vmap" 40 bench_meta_iter_fp32_vmap.json \
     "$py" benchmarks/bench_meta_iter.py --iterations 3 --batching vmap --cases tnas_1shot_T4 scratch_1shot_T4
+  # Where the graphed time goes with 1x1 convs as matmuls (if time is left)
+  step "profile, CUDA graph, 1x1 convs as matmuls" 35 profile_tnas_graph_matmul.txt \
+    "$py" benchmarks/profile_meta_iter.py --cases tnas_1shot_T4 --cuda_graph --pointwise matmul --rows 30
   "$py" - "$work" <<'PY' || true
 import glob, json, os, sys
 # One line per measurement, so the end of the log carries every figure.
@@ -91,6 +94,7 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_meta_iter_*.json")
               "x orig", r.get("speedup_vs_original"), "GiB", r.get("peak_gpu_memory_gib"), "error", r.get("error"))
 PY
   cat "$work/bench_episodes.json" "$work/bench_shared_gpu.json" 2>/dev/null
+  grep -h '^{"case"' "$work"/profile_*.txt 2>/dev/null
 fi
 pack
 rm -rf "$work"
