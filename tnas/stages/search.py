@@ -165,7 +165,7 @@ def run(args) -> Dict[str, object]:
         samplers = {"train": sampler}
 
         meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                    args.cuda_graph)
+                                           args.cuda_graph)
 
         def step(iteration: int, track: bool):
             return meta_step(sampler.sample(), track)
