@@ -183,8 +183,10 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
     parser.add_argument("--batching", choices=("fold", "vmap"), default="fold",
                         help="tasks folded into channel groups (the default everywhere) or torch.func.vmap")
     parser.add_argument("--pointwise", choices=POINTWISE_MODES, default="auto",
-                        help="folded 1x1 convolutions as grouped convs or batched matmuls (auto: matmul on a "
-                             "CPU, conv on a GPU; tnas.task_folding.set_pointwise_mode)")
+                        help="folded 1x1 convolutions as batched matmuls (auto, matmul) or grouped convs "
+                             "(tnas.task_folding.set_pointwise_mode)")
+    parser.add_argument("--cudnn_benchmark", action="store_true",
+                        help="let cuDNN time its algorithms for each new shape (torch.backends.cudnn.benchmark)")
     parser.add_argument("--tiny", action="store_true", help="C 4, layers 1, 16x16, 2 queries: a CPU smoke run")
     parser.add_argument("--start_at", type=float, default=None,
                         help="Unix time to start the timed iterations at (after warm-up), so that several "
@@ -199,6 +201,7 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda_graph needs --device cuda")
     set_pointwise_mode(args.pointwise)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     return args
 
 
@@ -221,7 +224,7 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         "torch": torch.__version__,
         "setting": {k: getattr(args, k) for k in ("n_way", "C", "layers", "img_size", "q_query", "inner_steps",
                                                   "inner_steps_test", "amp", "channels_last", "cuda_graph",
-                                                  "batching", "pointwise", "tiny")},
+                                                  "batching", "pointwise", "cudnn_benchmark", "tiny")},
         "results": results,
     }
     print(json.dumps(report, indent=1))

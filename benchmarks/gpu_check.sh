@@ -43,19 +43,21 @@ if [ "$part" != speed ]; then
 fi
 if [ "$part" != tests ]; then
   bench="$py benchmarks/bench_meta_iter.py"
-  search="tnas_1shot_T4 tnas_1shot_T16 auto_maml_1shot_T4"
-  step "meta-iteration fp32" 90 bench_meta_iter_fp32.json $bench --iterations 3 --cases tnas_1shot_T4 tnas_1shot_T16 \
-    tnas_5shot_T4 tnas_5shot_T16 auto_maml_1shot_T4 auto_maml_1shot_T16 scratch_1shot_T4 scratch_5shot_T4 scratch_pp_1shot_T4
-  step "meta-iteration fp32 + CUDA graph" 60 bench_meta_iter_fp32_graph.json $bench --iterations 3 --cuda_graph \
-    --cases $search scratch_1shot_T4 scratch_pp_1shot_T4
-  step "meta-iteration fp32 + CUDA graph, 1x1 convs as matmuls" 50 bench_meta_iter_fp32_graph_matmul.json \
-    $bench --iterations 3 --cuda_graph --pointwise matmul --cases $search scratch_1shot_T4
-  # (eager adaptation, 10 s per 100 tasks on an H200, is left out for time)
-  step "adaptation fp32 + CUDA graph, 1x1 convs as matmuls" 70 bench_meta_iter_adapt_graph_matmul.json \
-    $bench --iterations 2 --cuda_graph --pointwise matmul --cases adapt_1shot_T100
+  # The targets first: every search case and adaptation as CUDA graphs (1x1 convs as matmuls, the default)
+  step "meta-iteration fp32 + CUDA graph" 90 bench_meta_iter_fp32_graph.json $bench --iterations 5 --cuda_graph \
+    --cases tnas_1shot_T4 auto_maml_1shot_T4 tnas_1shot_T16 tnas_5shot_T4 scratch_1shot_T4 scratch_pp_1shot_T4
+  step "adaptation fp32 + CUDA graph" 45 bench_meta_iter_adapt_graph.json $bench --iterations 2 --cuda_graph \
+    --cases adapt_1shot_T100
+  step "meta-iteration fp32 + CUDA graph + cuDNN autotuning" 45 bench_meta_iter_fp32_graph_cudnn_benchmark.json \
+    $bench --iterations 5 --cuda_graph --cudnn_benchmark --cases tnas_1shot_T4 auto_maml_1shot_T4
+  step "meta-iteration fp32, eager" 90 bench_meta_iter_fp32.json $bench --iterations 3 --cases tnas_1shot_T4 \
+    auto_maml_1shot_T4 tnas_5shot_T4 scratch_1shot_T4 scratch_5shot_T4 scratch_pp_1shot_T4
+  # The same graphed case with 1x1 convs as grouped cuDNN convs, and in bf16 (for comparison)
+  step "meta-iteration fp32 + CUDA graph, 1x1 convs as grouped convs" 30 bench_meta_iter_fp32_graph_conv.json \
+    $bench --iterations 5 --cuda_graph --pointwise conv --cases tnas_1shot_T4
+  step "meta-iteration bf16 + CUDA graph" 35 bench_meta_iter_bf16_graph.json \
+    $bench --iterations 5 --amp --cuda_graph --cases tnas_1shot_T4 auto_maml_1shot_T4
   step "episodes" 30 bench_episodes.json "$py" benchmarks/bench_episodes.py --seconds 1
-  step "meta-iteration bf16 + CUDA graph, 1x1 convs as matmuls" 45 bench_meta_iter_bf16_graph_matmul.json \
-    $bench --iterations 3 --amp --channels_last --cuda_graph --pointwise matmul --cases $search
   # Four from-scratch trainings sharing the GPU (the protocol with more processes than GPUs):
   # each warms up, then all start their 100 timed iterations at the same moment; the summed
   # tasks/s is what one GPU delivers to four genotype trainings at once.
@@ -77,9 +79,9 @@ if [ "$part" != tests ]; then
   # The same two cases with the tasks batched by torch.func.vmap instead of folded (for comparison)
   step "meta-iteration fp32, vmap" 40 bench_meta_iter_fp32_vmap.json \
     "$py" benchmarks/bench_meta_iter.py --iterations 3 --batching vmap --cases tnas_1shot_T4 scratch_1shot_T4
-  # Where the graphed time goes with 1x1 convs as matmuls (if time is left)
-  step "profile, CUDA graph, 1x1 convs as matmuls" 35 profile_tnas_graph_matmul.txt \
-    "$py" benchmarks/profile_meta_iter.py --cases tnas_1shot_T4 --cuda_graph --pointwise matmul --rows 30
+  # Where the graphed time goes (if time is left)
+  step "profile, CUDA graph" 35 profile_tnas_graph.txt \
+    "$py" benchmarks/profile_meta_iter.py --cases tnas_1shot_T4 --cuda_graph --rows 30
   "$py" - "$work" <<'PY' || true
 import glob, json, os, sys
 # One line per measurement, so the end of the log carries every figure.

@@ -26,9 +26,13 @@ def batch_on(device, dtype, tasks=3, n_way=3, k_shot=1, q_query=2, side=16, seed
                            query_x=images(n_way * q_query), query_y=labels(q_query))
 
 
-@pytest.mark.parametrize("fold_tasks", [True, False], ids=["folded", "vmap"])
+@pytest.mark.parametrize("fold_tasks,pointwise", [(True, "matmul"), (True, "conv"), (False, "auto")],
+                         ids=["folded", "folded_1x1_conv", "vmap"])
 @pytest.mark.parametrize("first_order", [True, False])
-def test_batched_engine_on_cudnn_matches_cpu_reference(first_order, fold_tasks):
+def test_batched_engine_on_cudnn_matches_cpu_reference(first_order, fold_tasks, pointwise, monkeypatch):
+    from tnas import task_folding
+
+    monkeypatch.setattr(task_folding, "_pointwise_mode", pointwise)
     torch.manual_seed(0)
     model = Supernet(n_way=3, C=4, layers=2, in_channels=1).double()
     rates = {n: 0.1 for n, _ in model.named_weights()}

@@ -323,3 +323,36 @@ def test_vmap_with_passed_alphas(functional_models):
     looped = torch.stack([model(inputs[t], alpha_normal=alpha_normal[t], alpha_reduce=alpha_reduce[t])
                           for t in range(TASKS)])
     torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("tasks", [None, 3], ids=["plain", "folded"])
+def test_mixed_op_one_batchnorm_equals_each_op_with_its_own(stride, tasks):
+    """The edge normalises every op's output with one BN over the stacked channels; that must be
+    the DARTS sum of the ops as modules, each with its own BN, in value and in gradient."""
+    from tnas import task_folding
+    from tnas.models.supernet import MixedOp
+
+    torch.manual_seed(0)
+    edge = MixedOp(channels=4, stride=stride).double()
+    assert len(edge.normalized) == (6 if stride == 1 else 7)  # all but the stride-1 identity
+    count = tasks or 1
+    x = torch.randn(5, count * 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    weights = torch.softmax(torch.randn(count, len(edge.ops), dtype=torch.float64), -1).requires_grad_(True)
+
+    def reference(x_task, w_task):
+        return sum(w * op(x_task) for w, op in zip(w_task, edge.ops))
+
+    if tasks is None:
+        got = edge(x, weights[0])
+        want = reference(x, weights[0])
+    else:
+        with task_folding.folded(tasks):
+            got = edge(x, weights)
+        want = torch.cat([reference(x[:, t * 4:(t + 1) * 4], weights[t]) for t in range(tasks)], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    probe = torch.randn_like(want)
+    got_grads = torch.autograd.grad((got * probe).sum(), [x, weights])
+    want_grads = torch.autograd.grad((want * probe).sum(), [x, weights])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

@@ -127,15 +127,19 @@ def test_helpers_keep_each_task_channels_together():
         assert torch.equal(joined.view(count, tasks, 2 * channels, 2, 2)[:, 1],
                            torch.cat([x[1], 10 * x[1]], dim=1))
         weights = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)  # [T, K]
-        mixed = task_folding.weighted_sum(torch.stack([folded, -folded]), weights)
+        mixed = task_folding.weighted_sum(torch.stack([folded, -folded], dim=1), weights)
+        scaled = task_folding.scale_per_task(folded, weights[:, 1])
         for task in range(tasks):
             expected = (weights[task, 0] - weights[task, 1]) * x[task]
             assert torch.equal(mixed[:, task * channels:(task + 1) * channels], expected)
+            assert torch.equal(scaled[:, task * channels:(task + 1) * channels], weights[task, 1] * x[task])
     assert task_folding.task_count() is None
     with pytest.raises(ValueError, match="does not match 3 folded tasks"):
         task_folding.fold_parameter(torch.zeros(2, 5, 4), tasks=3, dims=2)
     with pytest.raises(ValueError, match="need a folded block"):
-        task_folding.weighted_sum(torch.zeros(2, 1, 4, 1, 1), torch.zeros(3, 2))
+        task_folding.weighted_sum(torch.zeros(1, 2, 4, 1, 1), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="need a folded block"):
+        task_folding.scale_per_task(torch.zeros(1, 6, 1, 1), torch.zeros(3))
 
 
 def test_drop_path_masks_are_drawn_per_task_and_zero_whole_samples():
@@ -153,21 +157,24 @@ def test_drop_path_masks_are_drawn_per_task_and_zero_whole_samples():
 
 @pytest.mark.parametrize("per_task", [True, False], ids=["per_task", "shared"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_pointwise_matmul_equals_grouped_conv(monkeypatch, per_task, bias):
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+def test_pointwise_matmul_equals_grouped_conv(monkeypatch, per_task, bias, stride):
     torch.manual_seed(0)
-    conv = task_folding.Conv2d(3, 5, 1, bias=bias).double()
+    conv = task_folding.Conv2d(3, 5, 1, stride=stride, bias=bias).double()
     weight = torch.randn(TASKS, 5, 3, 1, 1, dtype=torch.float64) if per_task else conv.weight
     bias_value = (torch.randn(TASKS, 5, dtype=torch.float64) if per_task else conv.bias) if bias else None
     x = torch.randn(4, TASKS * 3, 6, 7, dtype=torch.float64).to(memory_format=torch.channels_last)
     want = nn.functional.conv2d(x, task_folding.fold_parameter(weight, TASKS, 4),
-                                task_folding.fold_parameter(bias_value, TASKS, 1), groups=TASKS)
-    got = task_folding._pointwise_matmul(x, weight, bias_value, TASKS)
+                                task_folding.fold_parameter(bias_value, TASKS, 1), stride=stride, groups=TASKS)
+    got = task_folding._pointwise_matmul(x, weight, bias_value, TASKS, conv.stride)
+    assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
-    assert task_folding.pointwise_mode() == "auto"  # the default: matmul on a CPU
+    assert task_folding.pointwise_mode() == "auto"  # the default: matmul
     monkeypatch.setattr(task_folding.F, "conv2d", lambda *a, **k: pytest.fail("1x1 conv went to F.conv2d"))
     with task_folding.folded(TASKS):
-        torch.testing.assert_close(conv(x), task_folding._pointwise_matmul(x, conv.weight, conv.bias, TASKS))
+        torch.testing.assert_close(conv(x), task_folding._pointwise_matmul(x, conv.weight, conv.bias, TASKS,
+                                                                         conv.stride))
     task_folding.set_pointwise_mode("conv")
     try:
         with task_folding.folded(TASKS), pytest.raises(pytest.fail.Exception, match="went to F.conv2d"):

@@ -9,7 +9,7 @@ input) and works under ``torch.func.vmap``. ``affine=False`` in the supernet,
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -54,8 +54,16 @@ class DilConv(nn.Sequential):
 
     def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
         """The op given ``relu(x)`` (the supernet computes it once per edge for every op that starts with it)."""
-        depthwise, pointwise, norm = self[1], self[2], self[3]
-        return norm(pointwise(depthwise(rectified)))
+        return self.final_norm(self.pre_norm_after_relu(rectified))
+
+    def pre_norm_after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        """The op given ``relu(x)``, without its final BN (the supernet normalises all ops of an edge at once)."""
+        depthwise, pointwise = self[1], self[2]
+        return pointwise(depthwise(rectified))
+
+    @property
+    def final_norm(self) -> nn.BatchNorm2d:
+        return self[3]
 
 
 class SepConv(nn.Sequential):
@@ -72,6 +80,14 @@ class SepConv(nn.Sequential):
     def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
         """The op given ``relu(x)``."""
         return self[1](self[0].after_relu(rectified))
+
+    def pre_norm_after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        """The op given ``relu(x)``, without its final BN."""
+        return self[1].pre_norm_after_relu(F.relu(self[0].after_relu(rectified)))
+
+    @property
+    def final_norm(self) -> nn.BatchNorm2d:
+        return self[1].final_norm
 
 
 class Identity(nn.Module):
@@ -116,8 +132,16 @@ class FactorizedReduce(nn.Module):
 
     def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
         """The op given ``relu(x)``."""
+        return self.bn(self.pre_norm_after_relu(rectified))
+
+    def pre_norm_after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        """The op given ``relu(x)``, without its final BN."""
         shifted = F.pad(rectified[:, :, 1:, 1:], (0, 1, 0, 1))
-        return self.bn(cat_channels([self.conv_even(rectified), self.conv_odd(shifted)]))
+        return cat_channels([self.conv_even(rectified), self.conv_odd(shifted)])
+
+    @property
+    def final_norm(self) -> nn.BatchNorm2d:
+        return self.bn
 
 
 class Pool(nn.Module):
@@ -140,6 +164,14 @@ class Pool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pool(x)
         return self.bn(out) if self.bn is not None else out
+
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The pool without its BN."""
+        return self.pool(x)
+
+    @property
+    def final_norm(self) -> Optional[nn.BatchNorm2d]:
+        return self.bn
 
 
 OpBuilder = Callable[[int, int, bool], nn.Module]

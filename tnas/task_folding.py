@@ -36,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["folded", "task_count", "fold_images", "unfold_logits", "fold_parameter", "cat_channels",
-           "weighted_sum", "sample_mask", "set_pointwise_mode", "pointwise_mode", "Conv2d", "BatchNorm2d", "Linear",
-           "supports_folding"]
+           "weighted_sum", "scale_per_task", "sample_mask", "set_pointwise_mode", "pointwise_mode", "Conv2d",
+           "BatchNorm2d", "Linear", "supports_folding"]
 
 _state = threading.local()
 
@@ -102,18 +102,33 @@ def cat_channels(states: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def weighted_sum(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_k weights[k] * stacked[k]`` for ``stacked`` [K, N, C, H, W] and ``weights`` [K], or
+    """``sum_k weights[k] * stacked[:, k]`` for ``stacked`` [N, K, C, H, W] and ``weights`` [K], or
     (folded) per task: task t's channels weighted by ``weights[t]`` of ``weights`` [T, K].
-    One multiply and one reduction, whatever K (a chain of K multiply-adds is 2K kernels)."""
-    trailing = [1] * (stacked.dim() - 2)
+    One multiply and one reduction, whatever K (a chain of K multiply-adds is 2K kernels).
+    The terms sit on dim 1 so that the stack also reads as ``[N, K*C, H, W]``, one BatchNorm
+    input for all K terms (see :class:`tnas.models.supernet.MixedOp`)."""
+    trailing = [1] * (stacked.dim() - 3)
     if weights.dim() == 1:
-        return (stacked * weights.view(-1, 1, *trailing)).sum(0)
+        return (stacked * weights.view(1, -1, 1, *trailing)).sum(1)
     tasks = task_count()
-    if tasks is None or weights.shape != (tasks, stacked.shape[0]):
+    if tasks is None or weights.shape != (tasks, stacked.shape[1]):
         raise ValueError(f"per-task weights of shape {tuple(weights.shape)} need a folded block of as many tasks "
-                         f"(folded tasks: {tasks}) and {stacked.shape[0]} terms")
+                         f"(folded tasks: {tasks}) and {stacked.shape[1]} terms")
     grouped = stacked.view(stacked.shape[0], stacked.shape[1], tasks, -1, *stacked.shape[3:])
-    return (grouped * weights.t().reshape(stacked.shape[0], 1, tasks, *trailing)).sum(0).view(stacked.shape[1:])
+    return (grouped * weights.t().reshape(1, stacked.shape[1], tasks, 1, *trailing)).sum(1).view(
+        stacked.shape[0], *stacked.shape[2:])
+
+
+def scale_per_task(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight * x`` for a scalar ``weight`` [], or (folded) task t's channels of ``x``
+    [N, T*C, ...] times ``weight[t]`` of ``weight`` [T]."""
+    if weight.dim() == 0:
+        return x * weight
+    tasks = task_count()
+    if tasks is None or weight.shape != (tasks,):
+        raise ValueError(f"per-task weights of shape {tuple(weight.shape)} need a folded block of as many tasks "
+                         f"(folded tasks: {tasks})")
+    return (_grouped(x, tasks) * weight.view(1, tasks, *([1] * (x.dim() - 1)))).view(x.shape)
 
 
 def sample_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
@@ -132,14 +147,14 @@ _pointwise_mode = "auto"
 
 
 def set_pointwise_mode(mode: str) -> None:
-    """How folded 1x1 convolutions (stride 1, no padding, one group per task) run.
+    """How folded 1x1 convolutions (any stride, no padding, one group per task) run.
 
-    ``"conv"``: one grouped convolution like every other conv. ``"matmul"``: one batched
-    matrix product ``[T, C_out, C_in] @ [N, T, C_in, H*W]``, which avoids the layout
-    transposes cuDNN adds around grouped fp32 convolutions in NCHW (a third of the GPU time
-    of a T-NAS meta-iteration in a profile on an H200) and oneDNN's slow grouped 1x1
-    backward (a T-NAS meta-iteration at the paper setting: 24 s against 57 s on a 2-core
-    CPU). ``"auto"`` (default): matmul on a CPU, conv elsewhere until the GPU is measured
+    ``"matmul"``: one batched matrix product ``[T, C_out, C_in] @ [N, T, C_in, H*W]``.
+    ``"conv"``: one grouped convolution like every other conv; cuDNN wraps grouped fp32
+    convolutions in NCHW in layout transposes, and oneDNN's grouped 1x1 backward is slow.
+    ``"auto"`` (default): matmul, the faster on both kinds of device measured: a T-NAS
+    meta-iteration at the paper setting (4 tasks, 1-shot) took 0.138 s instead of 0.210 s as a
+    CUDA graph on an H200, and 24 s instead of 57 s on a 2-core CPU
     (``benchmarks/bench_meta_iter.py --pointwise``). The results are the same either way.
     """
     global _pointwise_mode
@@ -153,9 +168,12 @@ def pointwise_mode() -> str:
 
 
 def _pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      tasks: int) -> torch.Tensor:
+                      tasks: int, stride: Sequence[int] = (1, 1)) -> torch.Tensor:
     """Folded 1x1 conv as a batched matmul: ``x [N, T*C_in, H, W]``, ``weight [T, C_out, C_in, 1, 1]``
-    (per task) or ``[C_out, C_in, 1, 1]`` (shared) -> ``[N, T*C_out, H, W]``."""
+    (per task) or ``[C_out, C_in, 1, 1]`` (shared) -> ``[N, T*C_out, H', W']``. A stride s (no
+    padding) keeps every s-th pixel first, which is all a strided 1x1 conv does."""
+    if tuple(stride) != (1, 1):
+        x = x[:, :, :: stride[0], :: stride[1]]
     n, _, height, width = x.shape
     matrix = weight.flatten(-3)  # [T, C_out, C_in] or [C_out, C_in]
     out = torch.matmul(matrix, x.reshape(n, tasks, -1, height * width))  # [N, T, C_out, H*W]
@@ -176,15 +194,13 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         if self.padding_mode != "zeros":
             raise NotImplementedError("task folding supports zero padding only")
-        if self._is_pointwise() and (_pointwise_mode == "matmul" or (_pointwise_mode == "auto"
-                                                                    and x.device.type == "cpu")):
-            return _pointwise_matmul(x, self.weight, self.bias, tasks)
+        if self._is_pointwise() and _pointwise_mode != "conv":
+            return _pointwise_matmul(x, self.weight, self.bias, tasks, self.stride)
         return F.conv2d(x, fold_parameter(self.weight, tasks, 4), fold_parameter(self.bias, tasks, 1), self.stride,
                         self.padding, self.dilation, self.groups * tasks)
 
     def _is_pointwise(self) -> bool:
-        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-                and self.groups == 1)
+        return self.kernel_size == (1, 1) and self.padding == (0, 0) and self.groups == 1
 
 
 class BatchNorm2d(nn.BatchNorm2d):

@@ -16,26 +16,61 @@ import torch.nn.functional as F
 from tnas.genotypes import PRIMITIVES, Genotype, decode_genotype, edge_inputs, num_edges
 from tnas.models.skeleton import build_cells, make_stem
 from tnas.ops import FactorizedReduce, ReLUConvBN, make_op
-from tnas.task_folding import Linear, cat_channels, weighted_sum
+from tnas.task_folding import Linear, cat_channels, scale_per_task, weighted_sum
 
 ALPHA_NAMES = ("alpha_normal", "alpha_reduce")
 
 
 class MixedOp(nn.Module):
-    """One edge: ``sum_o w_o * o(x)`` over the primitives except `none` (whose output is 0)."""
+    """One edge: ``sum_o w_o * o(x)`` over the primitives except `none` (whose output is 0).
+
+    Every supernet op but the identity ends in a parameter-free BatchNorm (``affine=False``).
+    Those ops' outputs before that BN are stacked as ``[B, K, C, H, W]`` and normalised by ONE
+    BatchNorm over ``K*C`` channels (per-channel statistics, so the same numbers as K separate
+    BNs), then weighted: a few kernels per edge instead of a BN forward and backward per op,
+    which is what a meta-iteration at the paper setting spends its GPU time on.
+    """
 
     supports_task_folding = True
 
     def __init__(self, channels: int, stride: int):
         super().__init__()
         self.ops = nn.ModuleList(make_op(name, channels, stride, affine=False) for name in PRIMITIVES[1:])
+        norms = [getattr(op, "final_norm", None) for op in self.ops]
+        normalized = [i for i, norm in enumerate(norms) if norm is not None and not norm.affine]
+        self.plain = [i for i in range(len(self.ops)) if i not in normalized]
+        self.normalized = normalized
+        epsilons = {norms[i].eps for i in normalized}
+        if len(epsilons) > 1:
+            raise ValueError(f"the ops of an edge normalise with different eps {sorted(epsilons)}")
+        self.eps = epsilons.pop() if epsilons else 1e-5
+        # the normalised ops' weights as runs of consecutive columns: slices and one cat, no index tensor
+        self.normalized_runs = []
+        for i in normalized:
+            if self.normalized_runs and sum(self.normalized_runs[-1]) == i:
+                self.normalized_runs[-1] = (self.normalized_runs[-1][0], self.normalized_runs[-1][1] + 1)
+            else:
+                self.normalized_runs.append((i, 1))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``x``: [B, C, H, W]; ``weights``: [len(PRIMITIVES) - 1] softmax weights of the ops after
         `none` (folded: ``[T, len(PRIMITIVES) - 1]`` for per-task alphas)."""
         rectified = F.relu(x)  # shared by the ops that start with a ReLU (convs, factorized reduce)
-        outputs = [op.after_relu(rectified) if hasattr(op, "after_relu") else op(x) for op in self.ops]
-        return weighted_sum(torch.stack(outputs), weights)
+        before_norm = [self._pre_norm(self.ops[i], x, rectified) for i in self.normalized]
+        stacked = torch.stack(before_norm, dim=1)  # [B, K, C, H, W]
+        normalized = F.batch_norm(stacked.view(stacked.shape[0], -1, *stacked.shape[3:]), None, None,
+                                  training=True, momentum=0.0, eps=self.eps).view(stacked.shape)
+        runs = [weights.narrow(-1, start, length) for start, length in self.normalized_runs]
+        out = weighted_sum(normalized, runs[0] if len(runs) == 1 else torch.cat(runs, dim=-1))
+        for i in self.plain:
+            op = self.ops[i]
+            value = op.after_relu(rectified) if hasattr(op, "after_relu") else op(x)
+            out = out + scale_per_task(value, weights[..., i])
+        return out
+
+    @staticmethod
+    def _pre_norm(op: nn.Module, x: torch.Tensor, rectified: torch.Tensor) -> torch.Tensor:
+        return op.pre_norm_after_relu(rectified) if hasattr(op, "pre_norm_after_relu") else op.pre_norm(x)
 
 
 class SearchCell(nn.Module):
