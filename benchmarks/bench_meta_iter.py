@@ -44,6 +44,7 @@ from tnas.meta.cuda_graph import GraphedStep, make_optimizers_capturable  # noqa
 from tnas.meta.maml import model_forward  # noqa: E402
 from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus  # noqa: E402
 from tnas.meta.tnas import TNAS, TNASConfig  # noqa: E402
+from tnas.models import branches  # noqa: E402
 from tnas.models.network import Network  # noqa: E402
 from tnas.models.supernet import Supernet  # noqa: E402
 from tnas.task_folding import POINTWISE_MODES, set_pointwise_mode  # noqa: E402
@@ -185,8 +186,11 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
     parser.add_argument("--pointwise", choices=POINTWISE_MODES, default="auto",
                         help="folded 1x1 convolutions as batched matmuls (auto, matmul) or grouped convs "
                              "(tnas.task_folding.set_pointwise_mode)")
-    parser.add_argument("--cudnn_benchmark", action="store_true",
-                        help="let cuDNN time its algorithms for each new shape (torch.backends.cudnn.benchmark)")
+    parser.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=True,
+                        help="let cuDNN time its algorithms for each new shape (torch.backends.cudnn.benchmark; "
+                             "on by default, as in the stage scripts)")
+    parser.add_argument("--branch_streams", type=int, default=branches.DEFAULT_STREAMS,
+                        help="side CUDA streams for the ops of a supernet edge (tnas.models.branches; 0: one stream)")
     parser.add_argument("--tiny", action="store_true", help="C 4, layers 1, 16x16, 2 queries: a CPU smoke run")
     parser.add_argument("--start_at", type=float, default=None,
                         help="Unix time to start the timed iterations at (after warm-up), so that several "
@@ -202,6 +206,7 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
         parser.error("--cuda_graph needs --device cuda")
     set_pointwise_mode(args.pointwise)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    branches.set_branch_streams(args.branch_streams)
     return args
 
 
@@ -224,7 +229,8 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         "torch": torch.__version__,
         "setting": {k: getattr(args, k) for k in ("n_way", "C", "layers", "img_size", "q_query", "inner_steps",
                                                   "inner_steps_test", "amp", "channels_last", "cuda_graph",
-                                                  "batching", "pointwise", "cudnn_benchmark", "tiny")},
+                                                  "batching", "pointwise", "cudnn_benchmark", "branch_streams",
+                                                  "tiny")},
         "results": results,
     }
     print(json.dumps(report, indent=1))

@@ -36,7 +36,8 @@ step() {
 }
 
 if [ "$part" != speed ]; then
-  timeout "$(limit 130)" "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_data_episodes.py 2>&1 \
+  timeout "$(limit 130)" "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_branches.py \
+    tests/test_data_episodes.py 2>&1 \
     | tee "$work/gpu_tests.txt" || status=1
   cp "$work/gpu_tests.txt" "$out/"
   mark "GPU tests"
@@ -48,8 +49,9 @@ if [ "$part" != tests ]; then
     --cases tnas_1shot_T4 auto_maml_1shot_T4 tnas_1shot_T16 tnas_5shot_T4 scratch_1shot_T4 scratch_pp_1shot_T4
   step "adaptation fp32 + CUDA graph" 45 bench_meta_iter_adapt_graph.json $bench --iterations 2 --cuda_graph \
     --cases adapt_1shot_T100
-  step "meta-iteration fp32 + CUDA graph + cuDNN autotuning" 45 bench_meta_iter_fp32_graph_cudnn_benchmark.json \
-    $bench --iterations 5 --cuda_graph --cudnn_benchmark --cases tnas_1shot_T4 auto_maml_1shot_T4
+  # The supernet's edge ops on one stream instead of side by side (tnas.models.branches), for comparison
+  step "meta-iteration fp32 + CUDA graph, one stream" 45 bench_meta_iter_fp32_graph_one_stream.json \
+    $bench --iterations 5 --cuda_graph --branch_streams 0 --cases tnas_1shot_T4 auto_maml_1shot_T4
   step "meta-iteration fp32, eager" 90 bench_meta_iter_fp32.json $bench --iterations 3 --cases tnas_1shot_T4 \
     auto_maml_1shot_T4 tnas_5shot_T4 scratch_1shot_T4 scratch_5shot_T4 scratch_pp_1shot_T4
   # The same graphed case with 1x1 convs as grouped cuDNN convs, and in bf16 (for comparison)

@@ -7,13 +7,14 @@ of (parameters, input): BatchNorm uses batch statistics and keeps no running sta
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tnas.genotypes import PRIMITIVES, Genotype, decode_genotype, edge_inputs, num_edges
+from tnas.models.branches import assign_lanes, run_branches
 from tnas.models.skeleton import build_cells, make_stem
 from tnas.ops import FactorizedReduce, ReLUConvBN, make_op
 from tnas.task_folding import Linear, cat_channels, scale_per_task, weighted_sum
@@ -27,8 +28,9 @@ class MixedOp(nn.Module):
     Every supernet op but the identity ends in a parameter-free BatchNorm (``affine=False``).
     Those ops' outputs before that BN are stacked as ``[B, K, C, H, W]`` and normalised by ONE
     BatchNorm over ``K*C`` channels (per-channel statistics, so the same numbers as K separate
-    BNs), then weighted: a few kernels per edge instead of a BN forward and backward per op,
-    which is what a meta-iteration at the paper setting spends its GPU time on.
+    BNs), then weighted: a few kernels per edge instead of a BN forward and backward per op.
+    On a GPU the ops with convolutions run side by side on CUDA streams
+    (:mod:`tnas.models.branches`).
     """
 
     supports_task_folding = True
@@ -37,40 +39,61 @@ class MixedOp(nn.Module):
         super().__init__()
         self.ops = nn.ModuleList(make_op(name, channels, stride, affine=False) for name in PRIMITIVES[1:])
         norms = [getattr(op, "final_norm", None) for op in self.ops]
-        normalized = [i for i, norm in enumerate(norms) if norm is not None and not norm.affine]
-        self.plain = [i for i in range(len(self.ops)) if i not in normalized]
-        self.normalized = normalized
-        epsilons = {norms[i].eps for i in normalized}
+        self.normalized = [i for i, norm in enumerate(norms) if norm is not None and not norm.affine]
+        self.plain = [i for i in range(len(self.ops)) if i not in self.normalized]
+        epsilons = {norms[i].eps for i in self.normalized}
         if len(epsilons) > 1:
             raise ValueError(f"the ops of an edge normalise with different eps {sorted(epsilons)}")
         self.eps = epsilons.pop() if epsilons else 1e-5
-        # the normalised ops' weights as runs of consecutive columns: slices and one cat, no index tensor
-        self.normalized_runs = []
-        for i in normalized:
-            if self.normalized_runs and sum(self.normalized_runs[-1]) == i:
-                self.normalized_runs[-1] = (self.normalized_runs[-1][0], self.normalized_runs[-1][1] + 1)
-            else:
-                self.normalized_runs.append((i, 1))
+        # convolutions per op: ops with some go to side streams, balanced by that count
+        self.lanes = assign_lanes([sum(isinstance(m, nn.Conv2d) for m in op.modules()) for op in self.ops])
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def normalized_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The columns of ``weights`` ``[..., len(PRIMITIVES) - 1]`` for the ops normalised together
+        (slices and at most one cat; :class:`SearchCell` does it once for all its edges)."""
+        return gather_columns(weights, self.normalized)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor,
+                normalized_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x``: [B, C, H, W]; ``weights``: [len(PRIMITIVES) - 1] softmax weights of the ops after
-        `none` (folded: ``[T, len(PRIMITIVES) - 1]`` for per-task alphas)."""
+        `none` (folded: ``[T, len(PRIMITIVES) - 1]`` for per-task alphas); ``normalized_weights``:
+        :meth:`normalized_weights` of them, if already at hand."""
         rectified = F.relu(x)  # shared by the ops that start with a ReLU (convs, factorized reduce)
-        before_norm = [self._pre_norm(self.ops[i], x, rectified) for i in self.normalized]
-        stacked = torch.stack(before_norm, dim=1)  # [B, K, C, H, W]
+        branches = [self._branch(i, x, rectified) for i in range(len(self.ops))]
+        outputs = run_branches(branches, self.lanes, [x, rectified])
+        stacked = torch.stack([outputs[i] for i in self.normalized], dim=1)  # [B, K, C, H, W]
         normalized = F.batch_norm(stacked.view(stacked.shape[0], -1, *stacked.shape[3:]), None, None,
                                   training=True, momentum=0.0, eps=self.eps).view(stacked.shape)
-        runs = [weights.narrow(-1, start, length) for start, length in self.normalized_runs]
-        out = weighted_sum(normalized, runs[0] if len(runs) == 1 else torch.cat(runs, dim=-1))
+        if normalized_weights is None:
+            normalized_weights = self.normalized_weights(weights)
+        out = weighted_sum(normalized, normalized_weights)
         for i in self.plain:
-            op = self.ops[i]
-            value = op.after_relu(rectified) if hasattr(op, "after_relu") else op(x)
-            out = out + scale_per_task(value, weights[..., i])
+            out = out + scale_per_task(outputs[i], weights[..., i])
         return out
 
-    @staticmethod
-    def _pre_norm(op: nn.Module, x: torch.Tensor, rectified: torch.Tensor) -> torch.Tensor:
-        return op.pre_norm_after_relu(rectified) if hasattr(op, "pre_norm_after_relu") else op.pre_norm(x)
+    def _branch(self, index: int, x: torch.Tensor, rectified: torch.Tensor):
+        """Op ``index`` as a call: its output before its final BN if normalised with the others."""
+        op = self.ops[index]
+        if index in self.normalized:
+            if hasattr(op, "pre_norm_after_relu"):
+                return lambda: op.pre_norm_after_relu(rectified)
+            return lambda: op.pre_norm(x)
+        if hasattr(op, "after_relu"):
+            return lambda: op.after_relu(rectified)
+        return lambda: op(x)
+
+
+def gather_columns(weights: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
+    """``weights[..., columns]`` for increasing ``columns``, as slices of consecutive runs and one
+    cat (an index tensor would be a host-to-device copy on every call)."""
+    runs: List[List[int]] = []
+    for column in columns:
+        if runs and runs[-1][0] + runs[-1][1] == column:
+            runs[-1][1] += 1
+        else:
+            runs.append([column, 1])
+    pieces = [weights.narrow(-1, start, length) for start, length in runs]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
 class SearchCell(nn.Module):
@@ -94,13 +117,23 @@ class SearchCell(nn.Module):
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``weights``: [num_edges, len(PRIMITIVES)] softmax weights (folded: [T, ...] for per-task
         alphas); returns the concatenation of the last ``multiplier`` nodes."""
-        edge_weights = weights[..., 1:].unbind(-2)  # `none` contributes zero; one view per edge
+        op_weights = weights[..., 1:]  # `none` contributes zero
+        edge_weights = op_weights.unbind(-2)  # one view per edge
+        # the normalised ops' columns, gathered once per distinct set of them (not once per edge)
+        gathered: Dict[Tuple[int, ...], Tuple[torch.Tensor, ...]] = {}
+        for edge in self.edges:
+            key = tuple(edge.normalized)
+            if key not in gathered:
+                gathered[key] = edge.normalized_weights(op_weights).unbind(-2)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         edge = 0
         for _ in range(self.steps):
-            node = self.edges[edge](states[0], edge_weights[edge])
-            for source in range(1, len(states)):
-                node = node + self.edges[edge + source](states[source], edge_weights[edge + source])
+            node = None
+            for source in range(len(states)):
+                mixed = self.edges[edge + source]
+                term = mixed(states[source], edge_weights[edge + source],
+                             gathered[tuple(mixed.normalized)][edge + source])
+                node = term if node is None else node + term
             edge += len(states)
             states.append(node)
         return cat_channels(states[-self.multiplier:])

@@ -109,7 +109,7 @@ def check_positive(args, *names: str) -> None:
 
 def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
     """Resolve the device, join torchrun's process group, seed, make the run directory, save
-    ``config.yaml``, open the log.
+    ``config.yaml``, open the log; on a GPU, turn on cuDNN's algorithm search.
 
     A directory that already holds a run is only reused with ``--resume``, so nothing is
     overwritten by accident. Under torchrun only rank 0 writes files and logs; each rank
@@ -119,6 +119,10 @@ def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
     device = resolve_device(args.device)
     info = distributed.init_distributed(device)
     device = distributed.local_device(device, info)
+    # Every meta-batch has the same shapes, so cuDNN's one-off algorithm search pays for
+    # itself (3% of a graphed T-NAS meta-iteration on an H200); eager warm-ups precede any
+    # CUDA graph capture, so the search never runs inside one.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(args.seed)
     args.out = args.out or default_run_dir(args, stage)
     last = os.path.join(args.out, "last.pt")
