@@ -110,10 +110,7 @@ def weighted_sum(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     trailing = [1] * (stacked.dim() - 3)
     if weights.dim() == 1:
         return (stacked * weights.view(1, -1, 1, *trailing)).sum(1)
-    tasks = task_count()
-    if tasks is None or weights.shape != (tasks, stacked.shape[1]):
-        raise ValueError(f"per-task weights of shape {tuple(weights.shape)} need a folded block of as many tasks "
-                         f"(folded tasks: {tasks}) and {stacked.shape[1]} terms")
+    tasks = _folded_tasks_for(weights, terms=stacked.shape[1])
     grouped = stacked.view(stacked.shape[0], stacked.shape[1], tasks, -1, *stacked.shape[3:])
     return (grouped * weights.t().reshape(1, stacked.shape[1], tasks, 1, *trailing)).sum(1).view(
         stacked.shape[0], *stacked.shape[2:])
@@ -124,11 +121,19 @@ def scale_per_task(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     [N, T*C, ...] times ``weight[t]`` of ``weight`` [T]."""
     if weight.dim() == 0:
         return x * weight
-    tasks = task_count()
-    if tasks is None or weight.shape != (tasks,):
-        raise ValueError(f"per-task weights of shape {tuple(weight.shape)} need a folded block of as many tasks "
-                         f"(folded tasks: {tasks})")
+    tasks = _folded_tasks_for(weight)
     return (_grouped(x, tasks) * weight.view(1, tasks, *([1] * (x.dim() - 1)))).view(x.shape)
+
+
+def _folded_tasks_for(weights: torch.Tensor, terms: Optional[int] = None) -> int:
+    """T of the folded block that per-task ``weights`` (``[T]``, or ``[T, terms]``) belong to;
+    a ValueError outside a block or for another T."""
+    tasks = task_count()
+    expected = None if tasks is None else ((tasks,) if terms is None else (tasks, terms))
+    if weights.shape != expected:
+        raise ValueError(f"per-task weights of shape {tuple(weights.shape)} need a folded block of as many tasks "
+                         f"(folded tasks: {tasks})" + ("" if terms is None else f" and {terms} terms"))
+    return tasks
 
 
 def sample_mask(x: torch.Tensor, keep: float) -> torch.Tensor:

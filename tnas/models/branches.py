@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-__all__ = ["set_branch_streams", "branch_streams", "run_branches", "assign_lanes"]
+__all__ = ["set_branch_streams", "run_branches", "assign_lanes"]
 
 DEFAULT_STREAMS = 3
 _streams_count = DEFAULT_STREAMS
@@ -31,10 +31,6 @@ def set_branch_streams(count: int) -> None:
     if count < 0:
         raise ValueError(f"the number of branch streams must be >= 0, got {count}")
     _streams_count = int(count)
-
-
-def branch_streams() -> int:
-    return _streams_count
 
 
 def assign_lanes(costs: Sequence[int], streams: int = DEFAULT_STREAMS) -> List[int]:
@@ -69,10 +65,10 @@ def run_branches(branches: Sequence[Callable[[], torch.Tensor]], lanes: Sequence
                  inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """``[branch() for branch in branches]``, branch i on lane ``lanes[i]``.
 
-    Lane 0 is the current stream; lane k > 0 the k-th side stream (lanes past
-    :func:`branch_streams` fold back onto the existing ones). ``inputs``: the tensors made on
-    the current stream that the branches read; they and the outputs are marked for the
-    caching allocator (``record_stream``), so no memory is reused while another stream
+    Lane 0 is the current stream; lane k > 0 the k-th side stream (lanes past the count set
+    by :func:`set_branch_streams` fold back onto the existing ones). ``inputs``: the tensors
+    made on the current stream that the branches read; they and the outputs are marked for
+    the caching allocator (``record_stream``), so no memory is reused while another stream
     still reads it.
     """
     if not _concurrent(inputs):
