@@ -112,9 +112,9 @@ def _open(spec: DatasetSpec, split: str, root: Optional[str], img_size: int, cha
         source: Optional[SplitSource] = spec.find(root, split, options)
         error: Optional[TnasError] = None
     except TnasError as problem:
-        if spec.needs_data_path and root is None:
-            raise  # no path given: never guess a cache entry
-        source, error = None, problem
+        if spec.needs_data_path and (root is None or os.path.exists(root)):
+            raise  # no path given, or the data is there but unreadable: never hide it behind a cache entry
+        source, error = None, problem  # the raw data is gone altogether: an existing entry still serves
     return open_cache_entry(directory, f"{spec.name}/{split}", img_size, channels, source, error, num_workers, progress)
 
 
@@ -141,6 +141,8 @@ def load_split(dataset: str, split: str, data_path: Optional[str] = None, img_si
     layout = spec.layout.replace("{split}", split)
     if spec.needs_data_path and root is None:
         raise TnasError(f"dataset '{spec.name}' needs --data_path DIR (expected layout: {layout})")
+    if not spec.needs_data_path and data_path is not None:
+        raise TnasError(f"dataset '{spec.name}' reads no files ({spec.layout}); drop --data_path {data_path}")
     entry = _open(spec, split, root, size, chans, cache_dir, resolved, num_workers, progress)
     mean, std = entry.meta["pixel_mean"], entry.meta["pixel_std"]
     if split != "train":
