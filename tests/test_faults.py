@@ -369,3 +369,52 @@ def test_episodes_file_holding_a_json_list_is_one_line(tmp_path):
     with pytest.raises(TnasError, match="episodes.json: not an episode file.*list") as raised:
         FixedEpisodes.load(bad, split, n_way=3, k_shot=1, q_query=2)
     assert "\n" not in str(raised.value)
+
+
+# ------------------------------------------------------------------------- folder data keeps its shape
+def _gray_folder(root, side=28, classes=3, per_class=4, mode="L"):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for c in range(classes):
+            for i in range(per_class):
+                fx.write_image(str(root / split / f"class{c}" / f"{i}.png"), rng, size=(side, side), mode=mode)
+
+
+def test_folder_default_shape_follows_the_data(tmp_path):
+    from tnas.data import load_split
+
+    _gray_folder(tmp_path / "gray")
+    fx.write_image(str(tmp_path / "gray" / "train" / "class0" / "odd.png"), np.random.default_rng(1), size=(40, 30),
+                   mode="L")
+    split = load_split("folder", "val", data_path=str(tmp_path / "gray"), cache_dir=str(tmp_path / "c"))
+    assert split.image_shape == (1, 28, 28)
+    assert "28x28" in split.shape_note and "12 of 13" in split.shape_note and "grayscale" in split.shape_note
+    _gray_folder(tmp_path / "rgb", side=20, mode="RGB")
+    split = load_split("folder", "train", data_path=str(tmp_path / "rgb"), cache_dir=str(tmp_path / "c"))
+    assert split.image_shape == (3, 20, 20) and "colour" in split.shape_note
+    given = load_split("folder", "train", data_path=str(tmp_path / "gray"), cache_dir=str(tmp_path / "c"),
+                       img_size=16, channels=3)
+    assert given.image_shape == (3, 16, 16)
+
+
+def test_folder_shape_choice_is_in_the_run_log_and_inspect_data(tmp_path, quick_search, capsys):
+    from script_loader import load_script
+
+    _gray_folder(tmp_path / "gray", per_class=4, classes=4)
+    flags = [flag for flag in TINY if flag not in ("glyphs", "--dataset", "--img_size", "16")]
+    result = run_in_process(search_main, flags + ["--dataset", "folder", "--data_path", str(tmp_path / "gray"),
+                                                  "--out", str(tmp_path / "run"), "--epochs", "1",
+                                                  "--tasks_per_epoch", "2", "--cache_dir", str(tmp_path / "c")],
+                            capsys)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "folder images at 28px, 1 channel(s)" in log and "every image is grayscale" in log
+    summary = json.loads((tmp_path / "run" / "search.json").read_text())
+    assert summary["image_shape"] == [1, 28, 28]
+    inspect = load_script("scripts/inspect_data.py")
+    capsys.readouterr()
+    inspect.main(["--dataset", "folder", "--data_path", str(tmp_path / "gray"), "--cache_dir", str(tmp_path / "c"),
+                  "--split", "train", "--out", str(tmp_path / "inspect"), "--n_way", "2", "--k_shot", "1",
+                  "--q_query", "1"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["image_shape"] == [1, 28, 28] and "grayscale" in report["image_shape_chosen_because"]

@@ -182,14 +182,19 @@ def data_parallel(learner, tasks_per_batch: int) -> slice:
     return distributed.task_slice(tasks_per_batch, info)
 
 
-def load_splits(args, names=("train", "val")) -> Dict[str, object]:
-    """The dataset's splits at ``--img_size``, from the uint8 cache; checks each can supply the episodes."""
+def load_splits(args, names=("train", "val"), logger: Optional[RunLogger] = None) -> Dict[str, object]:
+    """The dataset's splits at ``--img_size``, from the uint8 cache; checks each can supply the episodes.
+    When the data chose the image size or channels (``folder``), ``logger`` gets a line saying why."""
     from tnas.data import check_episode_shape, load_split
 
     splits = {name: load_split(args.dataset, name, data_path=args.data_path, img_size=args.img_size,
                                cache_dir=args.cache_dir) for name in names}
     for split in splits.values():
         check_episode_shape(split, args.n_way, args.k_shot, args.q_query)
+    notes = {getattr(split, "shape_note", None) for split in splits.values()} - {None}
+    if logger is not None:
+        for note in sorted(notes):
+            logger.log(note)
     return splits
 
 

@@ -145,7 +145,7 @@ def run(args) -> Dict[str, object]:
     common.check_cuda_graph(args)
     run_dir, logger, device = common.prepare_run(args, "search")
     is_main = distributed.current_info().is_main
-    splits = common.load_splits(args, ("train", "val"))
+    splits = common.load_splits(args, ("train", "val"), logger)
     in_channels = common.image_channels(splits["train"])
     model = build_supernet(args, in_channels).to(device)
     summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,

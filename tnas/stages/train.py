@@ -169,7 +169,7 @@ def run(args) -> Dict[str, object]:
 
     run_dir, logger, device = common.prepare_run(args, "train")
     try:
-        splits = common.load_splits(args, ("train", "val"))
+        splits = common.load_splits(args, ("train", "val"), logger)
         image_shape = tuple(splits["train"].image_shape)
         smallest = min_image_size(args.layers)
         if min(image_shape[1:]) < smallest:
