@@ -418,3 +418,17 @@ def test_folder_shape_choice_is_in_the_run_log_and_inspect_data(tmp_path, quick_
                   "--q_query", "1"])
     report = json.loads(capsys.readouterr().out)
     assert report["image_shape"] == [1, 28, 28] and "grayscale" in report["image_shape_chosen_because"]
+
+
+def test_readme_promises_name_tests_that_exist():
+    import re
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    section = text[text.index("### What tnas promises"):]
+    section = section[:section.index("\n## ")]
+    named = re.findall(r"`(?:tests/(test_\w+)\.py::)?(test_\w+)`", section)
+    assert len(named) >= 10
+    for module, name in named:
+        with open(os.path.join(REPO, "tests", f"{module or 'test_faults'}.py"), encoding="utf-8") as handle:
+            assert f"def {name}(" in handle.read(), name
