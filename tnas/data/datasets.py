@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from tnas.data.cache import CacheEntry, SplitSource, entry_directory, open_cache_entry
+from tnas.data.cache import CacheEntry, SplitSource, default_cache_dir, entry_directory, open_cache_entry
 from tnas.data import formats
 from tnas.data.glyphs import find_glyphs
 from tnas.data.split import ImageSplit
@@ -103,19 +103,22 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 _SHAPE_CHOICES: Dict[str, Tuple[Optional[int], Optional[int], str]] = {}  # fingerprint -> choice (per process)
 
 
-def folder_default_shape(root: str, split: str) -> Tuple[int, int, str]:
+def folder_default_shape(root: str, split: str) -> Optional[Tuple[int, int, str]]:
     """The image side and channel count a ``folder`` dataset gets by default, and why.
 
     Read from the image headers of its train split (the split asked for when there is no
     train folder), so every split of a dataset gets the same shape: the side is the larger
     dimension of the most common image size; 1 channel when every image is grayscale, else 3.
-    Returns ``(side, channels, reason)``.
+    Returns ``(side, channels, reason)``, or None when neither folder exists (the reader then
+    says what is missing).
     """
     from collections import Counter
 
     from PIL import Image
 
     source = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else os.path.join(root, split)
+    if not os.path.isdir(source):
+        return None
     paths, _, _, fingerprint = formats.scan_class_folders(source, "folder")
     if fingerprint in _SHAPE_CHOICES:
         return _SHAPE_CHOICES[fingerprint]
@@ -139,6 +142,27 @@ def folder_default_shape(root: str, split: str) -> Tuple[int, int, str]:
               f"is {side}; {'every image is grayscale, so 1 channel' if channels == 1 else f'{colour} of {total} images are in colour, so 3 channels'}")
     _SHAPE_CHOICES[fingerprint] = (side, channels, reason)
     return side, channels, reason
+
+
+def _cached_folder_shape(cache_dir: Optional[str], root: str, split: str) -> Optional[Tuple[int, int, str]]:
+    """With the raw folder gone: the shape of the newest cache entry built from ``root/split``."""
+    import json
+
+    parent = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir(),
+                          "folder")
+    source, found = os.path.join(root, split), []
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():
+        try:
+            with open(os.path.join(parent, name, "meta.json"), encoding="utf-8") as handle:
+                meta = json.load(handle)
+            if meta.get("source") == source:
+                found.append((os.path.getmtime(os.path.join(parent, name, "meta.json")), meta["image_shape"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not found:
+        return None
+    channels, side = int(max(found)[1][0]), int(max(found)[1][1])
+    return side, channels, f"{root} is gone, so the shape of its cached entry"
 
 
 def _resolve_root(spec: DatasetSpec, data_path: Optional[str]) -> Optional[str]:
@@ -184,8 +208,14 @@ def load_split(dataset: str, split: str, data_path: Optional[str] = None, img_si
     if spec.needs_data_path and root is None:
         raise TnasError(f"dataset '{spec.name}' needs --data_path DIR (expected layout: {layout})")
     shape_note = None
-    if spec.name == "folder" and (img_size is None or channels is None) and os.path.isdir(root):
-        side, chans, why = folder_default_shape(root, split)
+    if spec.name == "folder" and (img_size is None or channels is None) and root is not None and os.path.isdir(root):
+        choice = folder_default_shape(root, split)
+    elif spec.name == "folder" and (img_size is None or channels is None) and root is not None:
+        choice = _cached_folder_shape(cache_dir, root, split)
+    else:
+        choice = None
+    if choice is not None:
+        side, chans, why = choice
         shape_note = (f"{spec.name} images at {img_size if img_size is not None else side}px, "
                       f"{channels if channels is not None else chans} channel(s): {why}")
         img_size = side if img_size is None else img_size
