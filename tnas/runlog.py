@@ -64,10 +64,20 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+def _write_failed(path, error: OSError, what: str) -> TnasError:
+    """The one-line error of a failed atomic write (the temp file is gone; the old file is intact)."""
+    kept = "the previous one is kept" if Path(path).exists() else "nothing was written"
+    return TnasError(f"cannot write {what}{path}: {error.strerror or error}; {kept}")
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace)."""
-    with _atomic_file(path) as handle:
-        handle.write(data)
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace); a failed
+    write (full disk, no permission) is one :class:`TnasError` line and keeps the previous file."""
+    try:
+        with _atomic_file(path) as handle:
+            handle.write(data)
+    except OSError as error:
+        raise _write_failed(path, error, "") from None
 
 
 def atomic_write_json(path, obj, indent: int = 2) -> None:
@@ -89,8 +99,7 @@ def save_checkpoint(state: dict, path) -> None:
         with _atomic_file(path) as handle:
             torch.save(state, handle)
     except OSError as error:
-        kept = "the previous one is kept" if Path(path).exists() else "nothing was written"
-        raise TnasError(f"cannot write checkpoint {path}: {error.strerror or error}; {kept}") from None
+        raise _write_failed(path, error, "checkpoint ") from None
 
 
 # Types a checkpoint written before numpy RNG states were stored as plain lists may hold (a numpy
