@@ -15,9 +15,8 @@ and the protocol leave: ``op_frequency_{normal,reduce}.png`` (drawn by :mod:`tna
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -31,10 +30,6 @@ GenotypeLike = Union[Genotype, Dict[str, object]]
 
 def _as_genotype(genotype: GenotypeLike) -> Genotype:
     return genotype if isinstance(genotype, Genotype) else genotype_from_dict(genotype)
-
-
-def _key(genotype: Genotype) -> str:
-    return json.dumps(genotype.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
 def op_counts(genotypes: Sequence[GenotypeLike], cell: str = "normal") -> np.ndarray:
@@ -92,20 +87,20 @@ def genotype_diversity(genotypes: Sequence[GenotypeLike],
     parsed = [_as_genotype(genotype) for genotype in genotypes]
     if not parsed:
         raise TnasError("no genotypes to summarise")
-    groups: Dict[str, List[int]] = {}
-    for index, genotype in enumerate(parsed):
-        groups.setdefault(_key(genotype), []).append(index)
-    top_key = max(groups, key=lambda key: (len(groups[key]), -groups[key][0]))
+    from tnas.evaluate import genotype_counts
+
+    groups = genotype_counts([genotype.to_dict() for genotype in parsed])  # most frequent first, ties: first seen
     record: Dict[str, object] = {
         "tasks": len(parsed),
         "distinct_genotypes": len(groups),
-        "most_common_count": len(groups[top_key]),
-        "most_common_fraction": len(groups[top_key]) / len(parsed),
-        "most_common_genotype": parsed[groups[top_key][0]].to_dict(),
+        "most_common_count": groups[0]["count"],
+        "most_common_fraction": groups[0]["count"] / len(parsed),
+        "most_common_genotype": groups[0]["genotype"],
     }
     meta = _as_genotype(meta_genotype) if meta_genotype is not None else None
     if meta is not None:
-        record["tasks_with_meta_genotype"] = len(groups.get(_key(meta), []))
+        record["tasks_with_meta_genotype"] = sum(group["count"] for group in groups
+                                                 if group["genotype"] == meta.to_dict())
     record["ops"] = list(PRIMITIVES)
     cells = {}
     for cell in CELLS:
