@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 
 from tnas.errors import TnasError
+from tnas.evaluate import genotype_counts
 from tnas.genotypes import PRIMITIVES, Genotype, edge_inputs, genotype_from_dict, num_edges
 from tnas.visualize import edge_labels
 
@@ -87,8 +88,6 @@ def genotype_diversity(genotypes: Sequence[GenotypeLike],
     parsed = [_as_genotype(genotype) for genotype in genotypes]
     if not parsed:
         raise TnasError("no genotypes to summarise")
-    from tnas.evaluate import genotype_counts
-
     groups = genotype_counts([genotype.to_dict() for genotype in parsed])  # most frequent first, ties: first seen
     record: Dict[str, object] = {
         "tasks": len(parsed),
