@@ -250,3 +250,55 @@ def test_drop_path_draws_per_genotype_and_task_in_training_only():
     first = model(x.repeat(1, 3, 1, 1))
     second = model(x.repeat(1, 3, 1, 1))
     assert torch.isfinite(first).all() and not torch.allclose(first, second)
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_batched_equals_alone_also_replayed_as_a_cuda_graph():
+    from tnas.meta.cuda_graph import GraphedStep, make_optimizers_capturable
+
+    name, iterations = "maml_pp", 4
+    settings = learner_settings(name)
+    settings.cosine_lr = False  # a graph freezes the outer learning rate between captures
+
+    def batch_at(iteration):
+        return stack_batches([stream(g, iteration) for g in range(3)]).to("cuda")
+
+    def batched_learner():
+        model = GenotypeBatchNetwork.from_networks([solo_network(g).cuda() for g in range(3)])
+        return GenotypeBatchLearner(model, settings)
+
+    eager, graphed = batched_learner(), batched_learner()
+    make_optimizers_capturable(graphed.optimizers.values())
+    step = GraphedStep(lambda batch: graphed.meta_step(batch), warmup=2)
+    for iteration in range(iterations):
+        want, got = eager.meta_step(batch_at(iteration)), step(batch_at(iteration))
+        torch.testing.assert_close(got.query_loss, want.query_loss, rtol=1e-9, atol=1e-12)
+    assert step.captured
+    for g in range(3):
+        alone = MAMLPlusPlus(solo_network(g).cuda(), settings)
+        for iteration in range(iterations):
+            alone.meta_step(stream(g, iteration).to("cuda"))
+        expected = alone.state_dict()["model"]
+        for learner in (eager, graphed):
+            actual = learner.genotype_state_dict(g)["model"]
+            for key, value in expected.items():
+                torch.testing.assert_close(actual[key], value, rtol=1e-9, atol=1e-11, msg=f"genotype {g} {key}")
+
+
+def test_building_a_batch_draws_nothing_from_the_global_generator():
+    networks = [solo_network(g) for g in range(3)]
+    torch.manual_seed(5)
+    GenotypeBatchNetwork.from_networks(networks)
+    after_build = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after_build, torch.rand(3))
+
+
+def test_unused_solo_parameters_are_found():
+    """Genotype 2's normal cell never reads input 0: alone, that preprocessing gets no gradient."""
+    model = GenotypeBatchNetwork.from_networks([solo_network(g) for g in range(3)])
+    assert {name for name in model.unused[2] if name.startswith("cells.0.")} == {
+        "cells.0.preprocess0.1.weight", "cells.0.preprocess0.2.weight", "cells.0.preprocess0.2.bias"}
+    assert not any(name.startswith("cells.0.") for name in model.unused[0])

@@ -90,7 +90,9 @@ def unused_parameters(network: Network) -> Set[str]:
     params = dict(network.named_parameters())
     side = min_image_size(network.config["layers"])
     reference = next(iter(params.values()))
-    x = torch.randn(2, network.config["in_channels"], side, side, dtype=reference.dtype, device=reference.device)
+    # Zeros: which parameters the output depends on is structural, and no random draw disturbs the
+    # generator a run's later draws come from.
+    x = torch.zeros(2, network.config["in_channels"], side, side, dtype=reference.dtype, device=reference.device)
     was_training = network.training
     network.eval()
     try:
@@ -281,12 +283,15 @@ class GenotypeBatchNetwork(nn.Module):
         self.network_configs = [dict(network.config) for network in networks]
         self.drop_path_prob = first.drop_path_prob
         stem_channels = self.config["stem_multiplier"] * self.config["C"]
-        self.stem = make_stem(self.config["in_channels"], stem_channels, affine=True)
-        self.cells, c_prev = build_cells(
-            lambda c_pp, c_p, channels, reduction, reduction_prev: GenotypeBatchCell(
-                self.genotypes, c_pp, c_p, channels, reduction, reduction_prev),
-            stem_channels, self.config["C"], self.config["layers"])
-        self.classifier = task_folding.Linear(c_prev, self.config["n_way"])
+        # The layers' own initial values are replaced by the solo networks' below; drawing them must
+        # not move the generator that a run's later draws (tasks, drop-path) come from.
+        with torch.random.fork_rng(devices=[]):
+            self.stem = make_stem(self.config["in_channels"], stem_channels, affine=True)
+            self.cells, c_prev = build_cells(
+                lambda c_pp, c_p, channels, reduction, reduction_prev: GenotypeBatchCell(
+                    self.genotypes, c_pp, c_p, channels, reduction, reduction_prev),
+                stem_channels, self.config["C"], self.config["layers"])
+            self.classifier = task_folding.Linear(c_prev, self.config["n_way"])
         self.solo_names: List[List[str]] = [[name for name, _ in network.named_parameters()] for network in networks]
         self.unused: List[Set[str]] = [unused_parameters(network) for network in networks]
         self.sources: Dict[str, List[Tuple[int, str]]] = {}
