@@ -2,8 +2,6 @@
 network give each genotype its solo result (float64, tiny networks)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch.func import functional_call

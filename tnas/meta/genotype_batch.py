@@ -241,5 +241,12 @@ class GenotypeBatchLearner(MAMLPlusPlus):
                         if key not in current:
                             current[key] = torch.zeros_like(tensor)
                         current[key].select(dim, row).copy_(value)
-                    else:  # the step count: one per batched tensor, shared by its rows
-                        current[key] = value.clone() if isinstance(value, torch.Tensor) else value
+                    elif isinstance(value, torch.Tensor):  # the step count: one per batched tensor
+                        if key in current:
+                            current[key].copy_(value)
+                        else:  # where torch keeps it: on the parameter's device only when capturable/fused
+                            on_device = optimizer.param_groups[0].get("capturable") or \
+                                optimizer.param_groups[0].get("fused")
+                            current[key] = value.detach().clone().to(tensor.device if on_device else "cpu")
+                    else:
+                        current[key] = value
