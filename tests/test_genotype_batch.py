@@ -248,6 +248,18 @@ def test_drop_path_draws_per_genotype_and_task_in_training_only():
     first = model(x.repeat(1, 3, 1, 1))
     second = model(x.repeat(1, 3, 1, 1))
     assert torch.isfinite(first).all() and not torch.allclose(first, second)
+    # Three copies of one network on one input: equal without drop-path, and each genotype draws
+    # its own masks with it.
+    copies = [solo_network(0, seed=0, layers=1) for _ in range(3)]
+    for network in copies:
+        network.drop_path_prob = 0.5
+    twins = GenotypeBatchNetwork.from_networks(copies)
+    twins.eval()
+    out = twins(x.repeat(1, 3, 1, 1)).view(4, 3, N_WAY)
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])
+    twins.train()
+    out = twins(x.repeat(1, 3, 1, 1)).view(4, 3, N_WAY)
+    assert not torch.allclose(out[:, 0], out[:, 1]) and not torch.allclose(out[:, 1], out[:, 2])
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------
