@@ -135,6 +135,9 @@ def test_genotypes_of_different_shapes_are_refused():
         GenotypeBatchNetwork([GENOTYPES[0], longer_concat], **SHAPE)
     with pytest.raises(ValueError, match="at least one network"):
         GenotypeBatchNetwork.from_networks([])
+    changed = MAMLPlusPlus(solo_network(1), MAMLConfig(inner_steps=2, per_step_bn=True)).model
+    with pytest.raises(ValueError, match=r"genotype 1: parameter stem.1.weight has shape \(3, 6\), a Network"):
+        GenotypeBatchNetwork.from_networks([solo_network(0), changed])
 
 
 def test_meta_batches_of_other_shapes_are_refused():

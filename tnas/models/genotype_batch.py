@@ -293,11 +293,17 @@ class GenotypeBatchNetwork(nn.Module):
                 stem_channels, self.config["C"], self.config["layers"])
             self.classifier = task_folding.Linear(c_prev, self.config["n_way"])
         self.solo_names: List[List[str]] = [[name for name, _ in network.named_parameters()] for network in networks]
-        self.unused: List[Set[str]] = [unused_parameters(network) for network in networks]
         self.sources: Dict[str, List[Tuple[int, str]]] = {}
-        for name, _ in list(self.named_parameters()):
-            self.sources[name] = self._solo_sources(name)
         solo = [dict(network.named_parameters()) for network in networks]
+        for name, value in list(self.named_parameters()):
+            self.sources[name] = self._solo_sources(name)
+            for g, solo_name in self.sources[name]:
+                shape = tuple(solo[g][solo_name].shape)
+                if shape != tuple(value.shape):
+                    raise ValueError(f"genotype {g}: parameter {solo_name} has shape {shape}, a Network of its "
+                                     f"genotype has {tuple(value.shape)}; batch plain networks (not ones changed "
+                                     f"in place, e.g. by MAML++'s per-step BatchNorm)")
+        self.unused: List[Set[str]] = [unused_parameters(network) for network in networks]
         for name, rows in self.sources.items():
             module_name, _, attribute = name.rpartition(".")
             module = self.get_submodule(module_name)
