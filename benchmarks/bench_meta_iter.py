@@ -27,7 +27,8 @@ beside the original code's estimate of 6 h per genotype (3,600 GPU-hours for 600
 The ``genobatch_*`` cases train G genotypes at once as one network
 (:mod:`tnas.meta.genotype_batch`), 4 tasks per genotype, first-order MAML or MAML++ as the
 ``scratch_*`` cases. The G genotypes are decoded from random alphas (every edge's choice drawn
-anew: the least sharing of ops between genotypes, so the slowest case). ``tasks_per_second``
+anew: the least sharing of ops between genotypes, so the slowest case); ``genobatch_same_*``
+batch the published 1-shot genotype G times (every choice shared: the fastest case). ``tasks_per_second``
 counts the tasks of all genotypes; ``protocol_hours_600`` is the device-hours to train 600
 genotypes at the paper schedule in batches of G. ``genobatch_demo_G8_vs_sequential`` (and its
 ``_distinct`` variant with 8 random genotypes) times, in one process, one batched meta-iteration
@@ -90,6 +91,9 @@ for _shot in (1, 5):
         CASES[f"genobatch_{_shot}shot_G{_count}_T4"] = dict(kind="genobatch", k_shot=_shot, tasks=4, genotypes=_count)
         CASES[f"genobatch_pp_{_shot}shot_G{_count}_T4"] = dict(kind="genobatch", k_shot=_shot, tasks=4,
                                                             genotypes=_count, plus_plus=True)
+for _count in (8, 64):  # the best case: one genotype G times, every choice shared
+    CASES[f"genobatch_same_1shot_G{_count}_T4"] = dict(kind="genobatch", k_shot=1, tasks=4, genotypes=_count,
+                                                      same=True)
 CASES["genobatch_demo_G8_vs_sequential"] = dict(kind="genobatch_vs_sequential", k_shot=1, tasks=4, genotypes=8,
                                                 distinct=False)
 CASES["genobatch_demo_G8_distinct_vs_sequential"] = dict(kind="genobatch_vs_sequential", k_shot=1, tasks=4,
@@ -104,6 +108,12 @@ def random_genotypes(count: int, seed: int = 0, steps: int = 4):
     shape = (num_edges(steps), len(PRIMITIVES))
     return [decode_genotype(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator), steps)
             for _ in range(count)]
+
+
+def case_genotypes(spec: Dict[str, object]):
+    """A genotype-batch case's genotypes: random decodes, or the published 1-shot one G times (``same``)."""
+    count = int(spec["genotypes"])
+    return [PUBLISHED["auto_maml_1shot"]] * count if spec.get("same") else random_genotypes(count)
 
 
 def distinct_choices_per_edge(genotypes) -> float:
@@ -142,7 +152,7 @@ def build_learner(spec: Dict[str, object], args, device: torch.device):
     batch of G derived networks."""
     amp_dtype = torch.bfloat16 if args.amp else None
     if spec["kind"] == "genobatch":
-        model = GenotypeBatchNetwork.from_genotypes(random_genotypes(int(spec["genotypes"])), seed=0,
+        model = GenotypeBatchNetwork.from_genotypes(case_genotypes(spec), seed=0,
                                                     n_way=args.n_way, C=args.C, layers=args.layers, in_channels=3)
         return GenotypeBatchLearner(model.to(device), scratch_config(spec, args))
     if spec["kind"] == "scratch":
@@ -222,7 +232,7 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
         record["genotypes"] = int(spec["genotypes"])
         record["tasks_per_genotype"] = int(spec["tasks"])
         record["method"] = "maml++ (second order)" if spec.get("plus_plus") else "maml (first order)"
-        record["distinct_choices_per_edge"] = distinct_choices_per_edge(random_genotypes(int(spec["genotypes"])))
+        record["distinct_choices_per_edge"] = distinct_choices_per_edge(case_genotypes(spec))
         record["genotype_hours_paper_schedule"] = PAPER_SCHEDULE_TASKS / tasks_per_second / 3600  # amortised
         record[f"protocol_hours_{PROTOCOL_GENOTYPES}"] = (
             PROTOCOL_GENOTYPES * PAPER_SCHEDULE_TASKS / tasks_per_second / 3600)

@@ -50,7 +50,8 @@ if [ "$part" != tests ]; then
   # first-order MAML and MAML++, 1-shot; aggregate tasks/s, peak memory, protocol_hours_600
   step "genotype batches fp32, eager" 150 bench_meta_iter_genobatch.json $bench --iterations 3 --warmup 1 \
     --cases genobatch_1shot_G1_T4 genobatch_1shot_G8_T4 genobatch_1shot_G32_T4 genobatch_1shot_G64_T4 \
-    genobatch_pp_1shot_G1_T4 genobatch_pp_1shot_G8_T4 genobatch_pp_1shot_G32_T4 genobatch_pp_1shot_G64_T4
+    genobatch_pp_1shot_G1_T4 genobatch_pp_1shot_G8_T4 genobatch_pp_1shot_G32_T4 genobatch_pp_1shot_G64_T4 \
+    genobatch_same_1shot_G64_T4
   step "genotype batches fp32 + CUDA graph" 90 bench_meta_iter_genobatch_graph.json $bench --iterations 3 \
     --cuda_graph --cases genobatch_1shot_G8_T4 genobatch_1shot_G64_T4 genobatch_pp_1shot_G8_T4
   step "genotype batches 5-shot fp32, eager" 60 bench_meta_iter_genobatch_5shot.json $bench --iterations 2 \

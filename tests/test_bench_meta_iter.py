@@ -81,9 +81,11 @@ def test_shared_gpu_sums_throughput_and_rescales_the_cost(tmp_path, capsys):
 
 
 def test_genotype_batch_cases_report_aggregate_rate_and_protocol_cost(bench):
-    cases = ["genobatch_1shot_G8_T4", "genobatch_pp_1shot_G1_T4", "genobatch_demo_G8_distinct_vs_sequential"]
+    cases = ["genobatch_1shot_G8_T4", "genobatch_pp_1shot_G1_T4", "genobatch_demo_G8_distinct_vs_sequential",
+             "genobatch_same_1shot_G8_T4"]
     report = bench.main(["--tiny", "--device", "cpu", "--iterations", "1", "--warmup", "0", "--cases", *cases])
-    batched, plus_plus, comparison = report["results"]
+    batched, plus_plus, comparison, same = report["results"]
+    assert same["distinct_choices_per_edge"] == 1.0 and same["genotypes"] == 8
     assert "error" not in batched and "error" not in plus_plus and "error" not in comparison, report["results"]
     assert (batched["genotypes"], batched["tasks_per_genotype"], batched["tasks"]) == (8, 4, 32)
     assert batched["first_order"] and not plus_plus["first_order"] and plus_plus["tasks"] == 4
