@@ -229,6 +229,13 @@ def test_solo_checkpoints_load_into_a_batch_and_training_continues_as_alone():
             learner.meta_step(stream(g, iteration))
     for g, learner in enumerate(solo):
         assert_close(batched.genotype_state_dict(g), learner.state_dict(), f"resumed genotype {g}")
+    # Network and learned rates alone (scoring a trained genotype) load too.
+    scoring = GenotypeBatchLearner(GenotypeBatchNetwork.from_networks([solo_network(g, seed=g + 20) for g in range(3)]),
+                                   learner_settings(name))
+    for g, learner in enumerate(solo):
+        state = learner.state_dict()
+        scoring.load_genotype_state_dict(g, {"model": state["model"], "inner_lrs": state["inner_lrs"]})
+        assert_close(scoring.genotype_state_dict(g)["model"], state["model"], f"scoring genotype {g}")
     # And the extracted state loads into a solo learner of that genotype.
     restored = MAMLPlusPlus(solo_network(0), learner_settings(name))
     restored.load_state_dict(batched.genotype_state_dict(0))

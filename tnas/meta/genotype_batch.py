@@ -216,8 +216,9 @@ class GenotypeBatchLearner(MAMLPlusPlus):
                 "inner_lrs": inner_lrs}
 
     def load_genotype_state_dict(self, genotype: int, state: Mapping[str, object]) -> None:
-        """Load a solo learner's state (:meth:`MAMLPlusPlus.state_dict`, e.g. a genotype's ``last.pt``)
-        into genotype ``genotype``'s rows, optimiser moments included (resuming a batch)."""
+        """Load a solo learner's state (:meth:`MAMLPlusPlus.state_dict`, e.g. ``state["learner"]`` of a
+        genotype's ``last.pt``) into genotype ``genotype``'s rows, optimiser moments included (resuming
+        a batch); without an ``"optimizers"`` entry only the network and learned rates (scoring)."""
         entries = self._solo_parameters(genotype)
         self.model.load_genotype_state_dict(genotype, state["model"], row_dims=self.row_dims)
         saved_lrs = state.get("inner_lrs", {}) or {}
@@ -226,7 +227,7 @@ class GenotypeBatchLearner(MAMLPlusPlus):
             raise KeyError(f"genotype {genotype}: learned inner learning rates in the state do not match "
                            f"({len(saved_lrs)} saved, {len(expected)} expected)")
         optimizer = self.optimizers["weights"]
-        solo_optimizer = state["optimizers"]["weights"]
+        solo_optimizer = (state.get("optimizers") or {}).get("weights") or {"state": {}}
         with torch.no_grad():
             for solo, tensor, row, dim, kind in entries:
                 if kind == "inner_lr":
