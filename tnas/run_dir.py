@@ -126,11 +126,14 @@ def _read_config(path: str) -> Dict[str, Any]:
 
 
 def _checkpoint_settings(state: Mapping[str, Any]) -> Dict[str, Any]:
-    """The flags a checkpoint's summary pins down (method, task shape, network size)."""
+    """The flags a checkpoint's summary pins down, as the run resolved them: method, task shape,
+    network size and the learner settings that shape the checkpoint."""
     summary = state.get("summary") if isinstance(state.get("summary"), Mapping) else {}
     model = summary.get("model") if isinstance(summary.get("model"), Mapping) else {}
+    learner = summary.get("learner") if isinstance(summary.get("learner"), Mapping) else {}
     found = {key: summary[key] for key in ("method", "dataset", "n_way", "k_shot", "q_query") if key in summary}
     found.update({key: model[key] for key in ("C", "layers") if key in model})
+    found.update({key: learner[key] for key in STRUCTURAL_KEYS if key in learner})
     return found
 
 
@@ -160,12 +163,14 @@ def check_resume(args, out: str, stage: str) -> Tuple[Dict[str, Tuple[Any, Any]]
     wanted = _plain(vars(args))
     saved_flags = _read_config(os.path.join(out, "config.yaml"))
     structural: Dict[str, Tuple[Any, Any]] = {}
-    for key, value in _checkpoint_settings(state).items():
-        if key in wanted and _plain(value) != wanted[key]:
+    pinned = _checkpoint_settings(state)
+    for key, value in pinned.items():
+        # a flag left at None is resolved by the stage (a method's preset), so only a given value is compared
+        if wanted.get(key) is not None and _plain(value) != wanted[key]:
             structural[key] = (_plain(value), wanted[key])
     changed: Dict[str, Tuple[Any, Any]] = {}
     for key in sorted(set(saved_flags) & set(wanted)):
-        if key in FREE_KEYS or key in structural or saved_flags[key] == wanted[key]:
+        if key in FREE_KEYS or key in pinned or saved_flags[key] == wanted[key]:
             continue
         target = structural if key in STRUCTURAL_KEYS else changed
         target[key] = (saved_flags[key], wanted[key])

@@ -103,11 +103,14 @@ def default_run_dir(args, stage: str) -> str:
     return os.path.join("runs", f"{stage}_{args.dataset}_{args.n_way}w{args.k_shot}s")
 
 
-def check_positive(args, *names: str, minimum: int = 1) -> None:
+def check_positive(args, *names: str, minimum: Optional[int] = None) -> None:
+    """One-line error unless each flag is > 0 (or, with ``minimum``, >= minimum); None passes."""
     for name in names:
         value = getattr(args, name, None)
-        if value is not None and value < minimum:
-            raise TnasError(f"--{name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")
+        if value is None:
+            continue
+        if (value <= 0) if minimum is None else (value < minimum):
+            raise TnasError(f"--{name} must be {'positive' if minimum is None else f'>= {minimum}'}, got {value}")
 
 
 def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
