@@ -122,14 +122,15 @@ def test_second_run_into_a_busy_out_is_refused_and_the_first_is_intact(tmp_path,
 def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, quick_search):
     afile = tmp_path / "afile"
     afile.write_text("not a directory\n")
-    assert_one_line_error(quick_search(afile, "--epochs", "1"), str(afile), "is a file")
+    short = ["--epochs", "1", "--tasks_per_epoch", "2"]
+    assert_one_line_error(quick_search(afile, *short), str(afile), "is a file")
     assert afile.read_text() == "not a directory\n"
-    assert_one_line_error(quick_search(afile / "below", "--epochs", "1"), "--out", "cannot write")
+    assert_one_line_error(quick_search(afile / "below", *short), "--out", "cannot write")
 
 
 @pytest.mark.parametrize("flag", ["--checkpoint_every", "--log_every"])
 def test_negative_intervals_are_refused(tmp_path, quick_search, flag):
-    result = quick_search(tmp_path / "run", "--epochs", "1", flag, "-1")
+    result = quick_search(tmp_path / "run", "--epochs", "1", "--tasks_per_epoch", "2", flag, "-1")
     assert_one_line_error(result, flag, "-1")
     assert not (tmp_path / "run").exists()
 
