@@ -44,10 +44,10 @@ from tnas.meta.cuda_graph import GraphedStep, make_optimizers_capturable  # noqa
 from tnas.meta.maml import model_forward  # noqa: E402
 from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus  # noqa: E402
 from tnas.meta.tnas import TNAS, TNASConfig  # noqa: E402
-from tnas.models import branches  # noqa: E402
+from tnas.models.fast_edges import ExecutionPlan  # noqa: E402
 from tnas.models.network import Network  # noqa: E402
 from tnas.models.supernet import Supernet  # noqa: E402
-from tnas.task_folding import POINTWISE_MODES, set_pointwise_mode  # noqa: E402
+from tnas.task_folding import POINTWISE_MODES  # noqa: E402
 
 ORIGINAL_SECONDS = {"tnas": 3.68 / 4, "auto_maml": 6.17 / 4, "adapt": 1.61, "scratch": 6 * 3600 / 225_000}
 """The original code's seconds per task (meta-training: per task of a 4-task meta-batch): search and
@@ -90,16 +90,18 @@ def synchronize(device: torch.device) -> None:
 def build_learner(spec: Dict[str, object], args, device: torch.device):
     """The learner a case times: T-NAS on the supernet, or (MAML / MAML++) on a derived network."""
     amp_dtype = torch.bfloat16 if args.amp else None
+    plan = ExecutionPlan(fused_edges=args.edges == "fused", branch_streams=args.branch_streams,
+                         pointwise=args.pointwise)
     if spec["kind"] == "scratch":
         model = Network(PUBLISHED[str(spec["genotype"])], n_way=args.n_way, C=args.C, layers=args.layers,
-                        in_channels=3)
+                        in_channels=3, plan=plan)
         plus_plus = bool(spec.get("plus_plus"))
         config = MAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
                             first_order=not plus_plus, per_step_bn=plus_plus, learn_inner_lr=plus_plus,
                             multi_step_loss=plus_plus, cosine_lr=plus_plus, amp_dtype=amp_dtype)
         learner_class = MAMLPlusPlus
     else:
-        model = Supernet(n_way=args.n_way, C=args.C, layers=args.layers, in_channels=3)
+        model = Supernet(n_way=args.n_way, C=args.C, layers=args.layers, in_channels=3, plan=plan)
         config = TNASConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
                             amp_dtype=amp_dtype)
         learner_class = TNAS
@@ -183,14 +185,17 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
                         help="replay each meta-iteration as a CUDA graph (tnas.meta.cuda_graph)")
     parser.add_argument("--batching", choices=("fold", "vmap"), default="fold",
                         help="tasks folded into channel groups (the default everywhere) or torch.func.vmap")
-    parser.add_argument("--pointwise", choices=POINTWISE_MODES, default="auto",
-                        help="folded 1x1 convolutions as batched matmuls (auto, matmul) or grouped convs "
-                             "(tnas.task_folding.set_pointwise_mode)")
+    parser.add_argument("--pointwise", choices=POINTWISE_MODES, default=ExecutionPlan.pointwise,
+                        help="folded 1x1 convolutions as batched matmuls or grouped convs (ExecutionPlan.pointwise)")
+    parser.add_argument("--edges", choices=("fused", "reference"), default="fused",
+                        help="the supernet's edges by the fused path (tnas.models.fast_edges) or as the "
+                             "reference MixedOp's sum (ExecutionPlan.fused_edges)")
     parser.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=True,
                         help="let cuDNN time its algorithms for each new shape (torch.backends.cudnn.benchmark; "
                              "on by default, as in the stage scripts)")
-    parser.add_argument("--branch_streams", type=int, default=branches.DEFAULT_STREAMS,
-                        help="side CUDA streams for the ops of a supernet edge (tnas.models.branches; 0: one stream)")
+    parser.add_argument("--branch_streams", type=int, default=ExecutionPlan.branch_streams,
+                        help="side CUDA streams for the ops of a fused supernet edge (tnas.models.branches; "
+                             "0: one stream)")
     parser.add_argument("--tiny", action="store_true", help="C 4, layers 1, 16x16, 2 queries: a CPU smoke run")
     parser.add_argument("--start_at", type=float, default=None,
                         help="Unix time to start the timed iterations at (after warm-up), so that several "
@@ -204,9 +209,9 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
     device = torch.device(args.device)
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda_graph needs --device cuda")
-    set_pointwise_mode(args.pointwise)
+    if args.branch_streams < 0:
+        parser.error(f"--branch_streams must be >= 0, got {args.branch_streams}")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    branches.set_branch_streams(args.branch_streams)
     return args
 
 
@@ -229,7 +234,7 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         "torch": torch.__version__,
         "setting": {k: getattr(args, k) for k in ("n_way", "C", "layers", "img_size", "q_query", "inner_steps",
                                                   "inner_steps_test", "amp", "channels_last", "cuda_graph",
-                                                  "batching", "pointwise", "cudnn_benchmark", "branch_streams",
+                                                  "batching", "pointwise", "edges", "cudnn_benchmark", "branch_streams",
                                                   "tiny")},
         "results": results,
     }

@@ -45,7 +45,8 @@ def test_scratch_learner_is_the_derived_network(bench):
     from tnas.models.network import Network
 
     args = SimpleNamespace(n_way=5, C=4, layers=1, inner_steps=1, inner_steps_test=2, amp=False,
-                           channels_last=False, batching="fold")
+                           channels_last=False, batching="fold", edges="fused", branch_streams=3,
+                           pointwise="matmul")
     learner = bench.build_learner(bench.CASES["scratch_pp_1shot_T4"], args, torch.device("cpu"))
     assert isinstance(learner.model, Network)
     assert learner.model.genotype == PUBLISHED["auto_maml_1shot"]
