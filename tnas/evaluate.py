@@ -7,6 +7,7 @@ its query set; accuracy mean and ``1.96 * std(ddof=1) / sqrt(n)``, in percent.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -27,14 +28,14 @@ def mean_ci95(accuracies: Sequence[float]) -> Dict[str, float]:
 
 def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optional[int] = None,
                       desc: Optional[str] = "evaluate", track_steps: bool = False,
-                      cuda_graph: bool = False, log: Callable[[str], None] = print) -> Dict[str, np.ndarray]:
+                      cuda_graph: bool = False, log: Optional[Callable[[str], None]] = None) -> Dict[str, np.ndarray]:
     """Adapt and score every fixed episode, ``batch_size`` tasks per batched call.
 
     Returns ``{"accuracy": [E] percent, "loss": [E]}`` and, with ``track_steps``,
     ``"accuracy_per_step": [S+1, E]`` percent (step 0 = before adaptation). ``cuda_graph``
     (CUDA only) records the adaptation of the first full batch as a CUDA graph and replays
     it for the next ones (a last, smaller batch runs eagerly); the results are the same. A
-    capture that fails is one line through ``log``, and eager adaptation from then on.
+    capture that fails is one line through ``log`` (default: stderr), and eager adaptation from then on.
     """
     evaluate = lambda batch: learner.evaluate(batch, steps=steps, track_steps=track_steps)  # noqa: E731
     if cuda_graph:
@@ -42,6 +43,7 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
             raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
         from tnas.meta.cuda_graph import GraphedStep, capture_failure_logger
 
+        log = log or (lambda line: print(line, file=sys.stderr))
         evaluate = GraphedStep(evaluate, warmup=1, on_failure=capture_failure_logger(log))
     accuracies, losses, per_step = [], [], []
     batches = episodes.batches(batch_size, device)

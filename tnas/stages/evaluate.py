@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
@@ -248,7 +249,7 @@ def run(args) -> Dict[str, object]:
     started = time.time()
     graph = common.check_cuda_graph(args)
     prepared = prepare(args)
-    print(graph.reason)
+    print(graph.reason, file=sys.stderr)  # stdout carries the results
     summary, learner = prepared.summary, prepared.learner
     out_dir = default_out_dir(args, prepared.checkpoint)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
