@@ -1,4 +1,5 @@
-"""auto-MAML (tnas.meta.auto_maml): halves, alternating w / alpha updates, and the search stage end to end."""
+"""auto-MAML (tnas.meta.auto_maml): halves, w / alpha updates (alternating with --alternate_steps), and the search
+stage end to end."""
 from __future__ import annotations
 
 import json
@@ -63,7 +64,7 @@ def test_halves_are_disjoint_and_hold_every_class():
 def test_weight_steps_change_only_weights_and_alpha_steps_only_alphas():
     split = synthetic_split(num_classes=6, images_per_class=8, img_size=8, seed=1)
     model = tiny_supernet()
-    learner, samplers, step = build_auto_maml(search_args(), model, split, torch.device("cpu"))
+    learner, samplers, step = build_auto_maml(search_args(alternate_steps=True), model, split, torch.device("cpu"))
     assert isinstance(learner, AutoMAML) and set(learner.learning_rates()) == {n for n, _ in model.named_weights()}
 
     def snapshot():

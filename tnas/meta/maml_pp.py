@@ -68,6 +68,7 @@ class MAMLConfig:
     cosine_lr: bool = False
     min_meta_lr: float = 1e-5
     cosine_unit: str = "epoch"
+    weight_decay: float = 0.0  # outer Adam's on the network's parameters (auto-MAML from scratch: 3e-4)
     amp_dtype: Optional[torch.dtype] = field(default=None)
 
     def __post_init__(self):
@@ -156,8 +157,11 @@ class MAMLPlusPlus(MetaLearner):
                 if name not in per_step:
                     self.learned_lrs[name] = nn.Parameter(torch.full((steps,), float(config.inner_lr),
                                                                      dtype=param.dtype, device=param.device))
-        meta_params = list(model.parameters()) + list(self.learned_lrs.values())
-        optimizers = {"weights": torch.optim.Adam(meta_params, lr=config.meta_lr)}
+        # weight decay (the original auto-MAML from-scratch Adam's) on the network, not on learned rates
+        groups = [{"params": list(model.parameters()), "weight_decay": config.weight_decay}]
+        if self.learned_lrs:
+            groups.append({"params": list(self.learned_lrs.values()), "weight_decay": 0.0})
+        optimizers = {"weights": torch.optim.Adam(groups, lr=config.meta_lr)}
         super().__init__(model, {"weights": weights, "batch_norm": self.batch_norm_names},
                          {"weights": config.inner_lr}, optimizers, inner_steps=steps,
                          inner_steps_test=config.inner_steps_test,
