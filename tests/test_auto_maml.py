@@ -156,7 +156,8 @@ def test_search_auto_maml_end_to_end_and_resume(tmp_path, cache_dir, monkeypatch
     assert "genotype" in summary["history"][0]
     state = load_checkpoint(os.path.join(out, "last.pt"))
     assert set(state["samplers"]) == {"weights", "alphas"}
-    assert state["samplers"]["weights"]["batches_drawn"] == 1 and state["samplers"]["alphas"]["batches_drawn"] == 1
+    # 2 meta-iterations, each an alpha-step and a weight-step (the original's schedule)
+    assert state["samplers"]["weights"]["batches_drawn"] == 2 and state["samplers"]["alphas"]["batches_drawn"] == 2
 
     # --resume continues for a second epoch, in this process through the script's main
     from tnas.errors import cli_entry
