@@ -279,3 +279,19 @@ def test_normalize_and_resize_choices(tmp_path):
         load("val", normalize="imagenet", channels=1)
     with pytest.raises(TnasError, match="--resize must be one of"):
         load("val", resize="nearest")
+
+
+@pytest.mark.parametrize("normalize, resize", [("imagenet", "bilinear"), (None, None)])
+def test_protocol_trains_genotypes_with_the_search_data_settings_and_no_weight_decay(normalize, resize):
+    from tnas.stages import protocol
+
+    config = os.path.join(REPO, "configs", "protocol_miniimagenet_5w1s.yaml")
+    args = parse_args(protocol.build_parser(), ["--config", config, "--checkpoint", "x"])
+    args.dataset, args.n_way, args.k_shot, args.q_query, args.img_size = "miniimagenet", 5, 1, 15, 84
+    summary = {"model": {"C": 16, "layers": 2}}
+    if normalize:
+        summary.update(normalize=normalize, resize=resize)
+    trained = protocol.parse_train_args(protocol.train_argv(args, summary, "cpu"))
+    assert trained.weight_decay == 0.0 and trained.task_pool == 15000
+    # the genotypes see images as the search did (a run from before the choice: split statistics, Lanczos)
+    assert (trained.normalize, trained.resize) == ((normalize, resize) if normalize else ("split", "lanczos"))
