@@ -75,7 +75,8 @@ def _decode_one(item: Any, img_size: int, channels: int, resize: str = "lanczos"
     return array
 
 
-def _decode_chunk(args: Tuple[int, Sequence[Any], int, int, str, str]) -> Tuple[int, Optional[np.ndarray], Optional[str]]:
+def _decode_chunk(args: Tuple[int, Sequence[Any], int, int, str, str]
+                  ) -> Tuple[int, Optional[np.ndarray], Optional[str]]:
     start, items, img_size, channels, origin, resize = args
     out = np.empty((len(items), img_size, img_size, channels), np.uint8)
     for offset, item in enumerate(items):

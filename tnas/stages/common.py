@@ -179,7 +179,8 @@ def load_splits(args, names=("train", "val")) -> Dict[str, object]:
 def data_settings(args) -> Dict[str, str]:
     """``{"normalize", "resize"}`` of the flags (defaults where a stage has none); a run's summary
     records them so that evaluation loads its images the same way."""
-    return {"normalize": getattr(args, "normalize", None) or "split", "resize": getattr(args, "resize", None) or "lanczos"}
+    return {"normalize": getattr(args, "normalize", None) or "split",
+            "resize": getattr(args, "resize", None) or "lanczos"}
 
 
 def image_channels(split) -> int:
