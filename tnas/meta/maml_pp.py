@@ -155,12 +155,14 @@ class MAMLPlusPlus(MetaLearner):
         if config.learn_inner_lr:
             for name, param in model.named_parameters():
                 if name not in per_step:
-                    self.learned_lrs[name] = nn.Parameter(torch.full((steps,), float(config.inner_lr),
-                                                                     dtype=param.dtype, device=param.device))
-        # weight decay (the original auto-MAML from-scratch Adam's) on the network, not on learned rates
-        groups = [{"params": list(model.parameters()), "weight_decay": config.weight_decay}]
-        if self.learned_lrs:
-            groups.append({"params": list(self.learned_lrs.values()), "weight_decay": 0.0})
+                    self.learned_lrs[name] = nn.Parameter(self.initial_inner_lr(param))
+        # weight decay (the original auto-MAML from-scratch Adam's) on the network, not on learned rates;
+        # one parameter group otherwise (network, then learned rates), as genotype batches expect
+        network, rates = list(model.parameters()), list(self.learned_lrs.values())
+        if config.weight_decay and rates:
+            groups = [{"params": network, "weight_decay": config.weight_decay}, {"params": rates, "weight_decay": 0.0}]
+        else:
+            groups = [{"params": network + rates, "weight_decay": config.weight_decay}]
         optimizers = {"weights": torch.optim.Adam(groups, lr=config.meta_lr)}
         super().__init__(model, {"weights": weights, "batch_norm": self.batch_norm_names},
                          {"weights": config.inner_lr}, optimizers, inner_steps=steps,
@@ -168,6 +170,11 @@ class MAMLPlusPlus(MetaLearner):
                          first_order=first_order_at(0, config.first_order_epochs, config.first_order),
                          amp_dtype=config.amp_dtype)
         self.epoch = 0
+
+    def initial_inner_lr(self, param: torch.Tensor) -> torch.Tensor:
+        """The learned per-step rates of one parameter tensor before training: ``[S]``, all ``inner_lr``."""
+        return torch.full((self.config.inner_steps,), float(self.config.inner_lr), dtype=param.dtype,
+                          device=param.device)
 
     # -- schedules ------------------------------------------------------------------------
     def set_progress(self, iteration: int, iterations_per_epoch: int, epochs: int) -> None:
