@@ -115,7 +115,9 @@ class Supernet(nn.Module):
                            in_channels=in_channels, stem_multiplier=stem_multiplier)
         self.steps, self.multiplier = steps, multiplier
         stem_channels = stem_multiplier * C
-        self.stem = make_stem(in_channels, stem_channels, affine=False)
+        # The stem's two BNs are affine, as in the original code: their weights and biases are
+        # adapted in the inner loop and meta-learned with the other weights.
+        self.stem = make_stem(in_channels, stem_channels, affine=True)
         self.cells, c_prev = build_cells(
             lambda c_pp, c_p, channels, reduction, reduction_prev: SearchCell(
                 steps, multiplier, c_pp, c_p, channels, reduction, reduction_prev, plan),
