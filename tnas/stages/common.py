@@ -11,6 +11,8 @@ from tnas import distributed, run_dir
 from tnas.config import resolve_device, save_config, seed_everything, set_threads
 from tnas.engine import Schedule
 from tnas.errors import TnasError
+from tnas.meta.cuda_graph import (GraphDecision, GraphedStep, KeyedGraphedStep, capture_failure_logger,  # noqa: F401
+                                  cuda_graph_mode, resolve_cuda_graph)
 from tnas.hparams import log_hparams
 from tnas.runlog import RunLogger
 
@@ -23,12 +25,22 @@ def add_episode_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tasks_per_batch", type=int, default=4, help="tasks per meta-batch")
     group.add_argument("--img_size", type=int, default=None, help="image side (default: the dataset's)")
     group.add_argument("--augment", action="store_true", help="random flips/shifts of meta-training images")
+    group.add_argument("--normalize", choices=("split", "imagenet"), default="split",
+                       help="pixel mean/std: the train split's (default) or ImageNet's (the original code's, "
+                            "mini-ImageNet presets; RGB only)")
+    group.add_argument("--resize", choices=("lanczos", "bilinear"), default="lanczos",
+                       help="how images are resized to --img_size when cached: Lanczos (default) or bilinear "
+                            "(the original code's, mini-ImageNet presets); each has its own cache entry")
 
 
 def add_schedule_args(parser: argparse.ArgumentParser, epochs: int, tasks_per_epoch: int) -> None:
     group = parser.add_argument_group("schedule")
     group.add_argument("--epochs", type=int, default=epochs)
     group.add_argument("--tasks_per_epoch", type=int, default=tasks_per_epoch)
+    group.add_argument("--task_pool", type=int, default=0, metavar="N",
+                       help="meta-train on a fixed pool of N episodes drawn once and reshuffled at every pass, "
+                            "as the original code (5,000 search, 15,000 from scratch); 0: fresh episodes for "
+                            "every meta-batch")
     group.add_argument("--val_episodes", type=int, default=200, help="fixed validation episodes per epoch")
     group.add_argument("--val_batch_size", type=int, default=50, help="episodes adapted at once in validation")
     group.add_argument("--log_every", type=int, default=50, help="meta-iterations between logged steps")
@@ -52,39 +64,60 @@ def add_meta_learning_args(parser: argparse.ArgumentParser) -> argparse._Argumen
     group = parser.add_argument_group("meta-learning")
     group.add_argument("--inner_steps", type=int, default=5, help="inner SGD steps in meta-training")
     group.add_argument("--inner_steps_test", type=int, default=10, help="inner SGD steps at validation/test")
-    group.add_argument("--cuda_graph", action="store_true",
-                       help="replay each untracked meta-iteration as one CUDA graph (one GPU; not with a "
-                            "meta-batch split across torchrun ranks)")
+    add_cuda_graph_arg(group)
     return group
 
 
-def check_cuda_graph(args) -> None:
-    """``--cuda_graph`` needs a CUDA device and a process that keeps its meta-batches to itself
-    (one-line errors otherwise). Call before :func:`prepare_run`, so nothing is written."""
-    if not getattr(args, "cuda_graph", False):
-        return
-    device = resolve_device(args.device)
-    if device.type != "cuda":
-        raise TnasError(f"--cuda_graph needs a CUDA device; --device {args.device} is {device}")
-    if distributed.splits_meta_batches():
-        raise TnasError("--cuda_graph runs each meta-batch in one process; drop it under torchrun")
+class _CudaGraphAction(argparse.Action):
+    """``--cuda_graph [auto|on|off]`` (bare: on) and the old switch's ``--no-cuda_graph`` (off)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string is not None and option_string.startswith("--no-"):
+            values = "off"
+        try:
+            setattr(namespace, self.dest, cuda_graph_mode("on" if values is None else values))
+        except ValueError as error:
+            parser.error(str(error))
+
+
+def add_cuda_graph_arg(group) -> None:
+    """The one definition of ``--cuda_graph auto|on|off`` (every stage that can replay CUDA graphs)."""
+    group.add_argument("--cuda_graph", "--no-cuda_graph", action=_CudaGraphAction, nargs="?", default="auto",
+                       metavar="auto|on|off",
+                       help="replay each untracked step as one CUDA graph: auto (default) on one CUDA device "
+                            "unless torchrun splits meta-batches or a setting changes inside a graph (then eager, "
+                            "with a log line saying why); on (an error where impossible); off")
+
+
+def check_cuda_graph(args, blocker: Optional[str] = None) -> GraphDecision:
+    """Resolve ``--cuda_graph`` for this run (:func:`tnas.meta.cuda_graph.resolve_cuda_graph`): graphs
+    need a CUDA device, a process that keeps its meta-batches to itself and no ``blocker`` (a
+    setting that would change inside a graph). ``on`` where impossible is a one-line error. Call
+    before :func:`prepare_run`, so nothing is written; log the decision's ``reason`` once the log is open."""
+    try:
+        return resolve_cuda_graph(getattr(args, "cuda_graph", "off"), resolve_device(args.device),
+                                  distributed.splits_meta_batches(), blocker, device_flag=args.device)
+    except ValueError as error:
+        raise TnasError(str(error)) from None
 
 
 def graph_untracked(call: Callable[[Any, bool], Any], enabled: bool,
-                    key: Optional[Callable[[], Hashable]] = None) -> Callable[[Any, bool], Any]:
+                    key: Optional[Callable[[], Hashable]] = None,
+                    log: Optional[Callable[[str], None]] = None) -> Callable[[Any, bool], Any]:
     """``call(batch, track)`` with its untracked calls replayed as a CUDA graph when ``enabled``.
 
     Tracked calls (per-step statistics at ``--log_every``) take extra forwards, so they run
     eagerly; they update the same parameter and optimiser tensors that the graph reads.
     ``key()``, if given, returns the Python-side settings the call reads (a schedule's
-    learning rate, say); the graph is captured again whenever they change.
+    learning rate, say); the graph is captured again whenever they change. A capture that fails
+    is one line through ``log`` and eager steps from then on.
     """
     if not enabled:
         return call
-    from tnas.meta.cuda_graph import GraphedStep, KeyedGraphedStep
-
     untracked = lambda batch: call(batch, False)  # noqa: E731
-    graphed = GraphedStep(untracked) if key is None else KeyedGraphedStep(untracked, key)
+    on_failure = capture_failure_logger(log or print)
+    graphed = (GraphedStep(untracked, on_failure=on_failure) if key is None
+               else KeyedGraphedStep(untracked, key, on_failure=on_failure))
 
     def step(batch, track: bool):
         return call(batch, True) if track else graphed(batch)
@@ -192,7 +225,7 @@ def load_splits(args, names=("train", "val"), logger: Optional[RunLogger] = None
     from tnas.data import check_episode_shape, load_split
 
     splits = {name: load_split(args.dataset, name, data_path=args.data_path, img_size=args.img_size,
-                               cache_dir=args.cache_dir) for name in names}
+                               cache_dir=args.cache_dir, **data_settings(args)) for name in names}
     for split in splits.values():
         check_episode_shape(split, args.n_way, args.k_shot, args.q_query)
     notes = {getattr(split, "shape_note", None) for split in splits.values()} - {None}
@@ -200,6 +233,13 @@ def load_splits(args, names=("train", "val"), logger: Optional[RunLogger] = None
         for note in sorted(notes):
             logger.log(note)
     return splits
+
+
+def data_settings(args) -> Dict[str, str]:
+    """``{"normalize", "resize"}`` of the flags (defaults where a stage has none); a run's summary
+    records them so that evaluation loads its images the same way."""
+    return {"normalize": getattr(args, "normalize", None) or "split",
+            "resize": getattr(args, "resize", None) or "lanczos"}
 
 
 def image_channels(split) -> int:

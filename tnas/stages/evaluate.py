@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
@@ -75,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check that the checkpoint's architecture is this genotype (published name, JSON "
                              "file, run directory with genotype.json, or an inline JSON object)")
     _set_flag(parser, "out", help="directory for results.json (default: the checkpoint's run directory)")
-    parser.add_argument("--cuda_graph", action="store_true",
-                        help="replay the adaptation of each batch of episodes as one CUDA graph (GPU only)")
+    common.add_cuda_graph_arg(parser)  # graphs replay the adaptation of each batch of episodes
     return parser
 
 
@@ -138,6 +138,8 @@ def fill_from_checkpoint(args, summary: Dict[str, Any], checkpoint: str) -> None
         args.img_size = int(shape[1])
     if args.episodes is None:
         args.episodes = 600
+    # images are loaded as in training (runs made before the choice existed: split statistics, Lanczos)
+    args.normalize, args.resize = summary.get("normalize", "split"), summary.get("resize", "lanczos")
     if args.dataset == summary.get("dataset"):
         run_config = _run_config(checkpoint)
         for flag in ("data_path", "cache_dir"):
@@ -224,7 +226,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     from tnas.data import load_split
 
     split = load_split(args.dataset, "test", data_path=args.data_path, img_size=args.img_size,
-                       cache_dir=args.cache_dir)
+                       cache_dir=args.cache_dir, normalize=args.normalize, resize=args.resize)
     shape = summary.get("image_shape") or [summary.get("model", {}).get("in_channels")] + list(split.image_shape[1:])
     if shape[0] is not None and int(split.image_shape[0]) != int(shape[0]):
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[0]}-channel images, but the checkpoint "
@@ -248,15 +250,16 @@ def run(args) -> Dict[str, object]:
     from tnas.runlog import atomic_write_json
 
     started = time.time()
-    common.check_cuda_graph(args)
+    graph = common.check_cuda_graph(args)
     prepared = prepare(args)
+    print(graph.reason, file=sys.stderr)  # stdout carries the results
     summary, learner = prepared.summary, prepared.learner
     out_dir = default_out_dir(args, prepared.checkpoint)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TnasError(f"--out {out_dir} is a file, not a directory")
     result = evaluate_episodes(learner, prepared.episodes, args.batch_size, prepared.device,
                                steps=args.update_step_test, desc="evaluate",
-                               cuda_graph=getattr(args, "cuda_graph", False), log=StdoutLog())
+                               cuda_graph=graph.enabled, log=StdoutLog())
     genotype = restore.checkpoint_genotype(learner, summary).to_dict()
     extra = {
         "q_query": args.q_query,

@@ -76,7 +76,8 @@ TRAIN_FLAGS = ("epochs", "tasks_per_epoch", "tasks_per_batch", "inner_steps", "i
 # Train-stage settings that may differ between a finished or interrupted genotype run and the
 # one asked for now (they change no result, or are checked separately).
 RERUN_FREE_KEYS = {"out", "resume", "device", "config", "log_every", "checkpoint_every", "val_batch_size",
-                   "cache_dir", "data_path", "genotype", "epochs", "amp", "threads", "help"}
+                   "cache_dir", "data_path", "genotype", "epochs", "amp", "threads", "help",
+                   "cuda_graph"}  # graphed or eager: the same steps
 
 
 # -- flags ------------------------------------------------------------------------------------------
@@ -183,7 +184,9 @@ def train_argv(args, search_summary: Dict[str, Any], device: torch.device) -> Li
     # What the protocol fixes: the checkpoint's data and task shape, the method, the test-time steps.
     forced = {"dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
               "img_size": args.img_size, "method": METHODS[args.method], "inner_steps_test": args.update_step_test,
-              "seed": args.train_seed if args.train_seed is not None else args.seed, "device": str(device)}
+              "seed": args.train_seed if args.train_seed is not None else args.seed, "device": str(device),
+              # the searched checkpoint's image loading (older runs: split statistics, Lanczos)
+              "normalize": search_summary.get("normalize", "split"), "resize": search_summary.get("resize", "lanczos")}
     for name in ("data_path", "cache_dir", "threads"):
         if getattr(args, name, None):
             forced[name] = getattr(args, name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -40,10 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--inner_lr_weights", type=float, default=0.01)
     group.add_argument("--inner_lr_alphas", type=float, default=30.0)
     group.add_argument("--meta_lr_weights", type=float, default=1e-3)
-    group.add_argument("--meta_lr_alphas", type=float, default=1e-3)
+    group.add_argument("--meta_lr_alphas", type=float, default=None,
+                       help="outer Adam lr of the alphas (default: 1e-3 for T-NAS, 3e-4 for auto-MAML, the "
+                            "original code's values)")
     group.add_argument("--alpha_weight_decay", type=float, default=1e-3)
     group.add_argument("--second_order", action="store_true", help="exact MAML (default: first order)")
+    group.add_argument("--alternate_steps", action="store_true",
+                       help="auto-MAML: one step per meta-iteration, weights and alphas in turn (default: an "
+                            "alpha-step and a weight-step every iteration, as the original code)")
     return parser
+
+
+def meta_lr_alphas(args) -> float:
+    """``--meta_lr_alphas``, else the method's default (T-NAS 1e-3, auto-MAML 3e-4)."""
+    if args.meta_lr_alphas is not None:
+        return args.meta_lr_alphas
+    return AutoMAMLConfig.meta_lr_alphas if args.method == "auto_maml" else TNASConfig.meta_lr_alphas
 
 
 def build_supernet(args, in_channels: int) -> Supernet:
@@ -53,7 +65,7 @@ def build_supernet(args, in_channels: int) -> Supernet:
 def tnas_config(args, device: torch.device) -> TNASConfig:
     return TNASConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
                       inner_lr_weights=args.inner_lr_weights, inner_lr_alphas=args.inner_lr_alphas,
-                      meta_lr_weights=args.meta_lr_weights, meta_lr_alphas=args.meta_lr_alphas,
+                      meta_lr_weights=args.meta_lr_weights, meta_lr_alphas=meta_lr_alphas(args),
                       alpha_weight_decay=args.alpha_weight_decay, first_order=not args.second_order,
                       amp_dtype=common.amp_dtype(args, device))
 
@@ -95,20 +107,24 @@ def genotype_epoch_hook(learner, run_dir: str, logger, is_main: Optional[bool] =
     return hook
 
 
-def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
+def build_auto_maml(args, model: Supernet, train_split, device: torch.device, cuda_graph: bool = False,
+                    log: Optional[Callable[[str], None]] = None):
     """The learner, its two episode samplers and the step function of an auto-MAML search.
 
-    ``args``: the search stage's flags. The meta-train split's images are halved per class
+    ``args``: the search stage's flags; ``cuda_graph``: the resolved ``--cuda_graph`` (``log``
+    takes the line of a failed capture). The meta-train split's images are halved per class
     with ``seed = args.seed``; sampler ``"weights"`` draws from the first half, ``"alphas"``
     from the second. Returns ``(learner, {"weights": ..., "alphas": ...}, step)`` where
-    ``step(iteration, track)`` takes one alternating meta-iteration (even: w, odd: alpha).
+    ``step(iteration, track)`` takes the steps of one meta-iteration (:meth:`AutoMAML.step_kinds`:
+    an alpha-step then a w-step, or one of them in turn) and returns the last one's statistics.
     """
     from tnas.data import EpisodeSampler, split_images_in_half
 
     config = AutoMAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
                             inner_lr_weights=args.inner_lr_weights, meta_lr_weights=args.meta_lr_weights,
-                            meta_lr_alphas=args.meta_lr_alphas, alpha_weight_decay=args.alpha_weight_decay,
+                            meta_lr_alphas=meta_lr_alphas(args), alpha_weight_decay=args.alpha_weight_decay,
                             first_order=not args.second_order, split_seed=args.seed,
+                            alternate=getattr(args, "alternate_steps", False),
                             amp_dtype=common.amp_dtype(args, device))
     learner = AutoMAML(model, config)
     task_slice = common.data_parallel(learner, args.tasks_per_batch)
@@ -119,19 +135,20 @@ def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
             samplers[kind] = EpisodeSampler(half, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                                             tasks_per_batch=args.tasks_per_batch, device=device,
                                             seed=args.seed + 1000 * offset, augment=args.augment,
-                                            task_slice=task_slice)
+                                            task_slice=task_slice, task_pool=getattr(args, "task_pool", 0))
         except TnasError as error:
             raise TnasError(f"auto-MAML halves the images of each class: {error}") from None
 
-    cuda_graph = getattr(args, "cuda_graph", False)
     calls = {WEIGHT_STEP: common.graph_untracked(
-                 lambda batch, track: learner.weight_step(batch, track_steps=track), cuda_graph),
+                 lambda batch, track: learner.weight_step(batch, track_steps=track), cuda_graph, log=log),
              ALPHA_STEP: common.graph_untracked(
-                 lambda batch, track: learner.alpha_step(batch, track_steps=track), cuda_graph)}
+                 lambda batch, track: learner.alpha_step(batch, track_steps=track), cuda_graph, log=log)}
 
     def step(iteration: int, track: bool):
-        kind = AutoMAML.step_kind(iteration)
-        return calls[kind](samplers[kind].sample(), track)
+        stats = None
+        for kind in learner.step_kinds(iteration):
+            stats = calls[kind](samplers[kind].sample(), track)
+        return stats
 
     return learner, samplers, step
 
@@ -142,30 +159,32 @@ def run(args) -> Dict[str, object]:
                           "inner_steps", "inner_steps_test", "C", "layers", "val_episodes", "val_batch_size")
     from tnas.data import EpisodeSampler, FixedEpisodes
 
-    common.check_cuda_graph(args)
+    graph = common.check_cuda_graph(args)
     run_dir, logger, device = common.prepare_run(args, "search")
+    logger.log(graph.reason)
     is_main = distributed.current_info().is_main
     splits = common.load_splits(args, ("train", "val"), logger)
     in_channels = common.image_channels(splits["train"])
     model = build_supernet(args, in_channels).to(device)
     summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,
-               "q_query": args.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config}
+               "q_query": args.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config,
+               **common.data_settings(args)}
     val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
                                           episodes=args.val_episodes, seed=args.seed + 1)
     if args.method == "auto_maml":
-        learner, samplers, step = build_auto_maml(args, model, splits["train"], device)
+        learner, samplers, step = build_auto_maml(args, model, splits["train"], device, graph.enabled, logger.log)
         summary["learner"] = learner.config.to_dict()
     else:
         learner = TNAS(model, tnas_config(args, device))
         summary["learner"] = learner.config.to_dict()
         sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                                  tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
-                                 augment=args.augment,
+                                 augment=args.augment, task_pool=args.task_pool,
                                  task_slice=common.data_parallel(learner, args.tasks_per_batch))
         samplers = {"train": sampler}
 
         meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                           args.cuda_graph)
+                                           graph.enabled, log=logger.log)
 
         def step(iteration: int, track: bool):
             return meta_step(sampler.sample(), track)
@@ -176,7 +195,7 @@ def run(args) -> Dict[str, object]:
                           val_steps=args.inner_steps_test, is_main=is_main)
     if args.resume:
         trainer.resume()
-    if args.cuda_graph:  # after resume: a checkpoint's optimiser settings replace ours
+    if graph.enabled:  # after resume: a checkpoint's optimiser settings replace ours
         from tnas.meta.cuda_graph import make_optimizers_capturable
 
         make_optimizers_capturable(learner.optimizers.values())

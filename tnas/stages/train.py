@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = common.add_meta_learning_args(parser)
     group.add_argument("--inner_lr", type=float, default=0.01, help="inner SGD learning rate (initial, if learned)")
     group.add_argument("--meta_lr", type=float, default=1e-3, help="outer Adam learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.0,
+                       help="outer Adam weight decay on the network (the original auto-MAML from-scratch script: "
+                            "3e-4; its T-NAS from-scratch training: none)")
     group.add_argument("--drop_path_prob", type=float, default=0.0, help="drop-path probability in meta-training")
     group.add_argument("--second_order", action="store_true",
                        help="exact (second-order) MAML; default first order")
@@ -87,18 +90,20 @@ def maml_config(args, device: Optional[torch.device] = None) -> MAMLConfig:
     return MAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test, inner_lr=args.inner_lr,
                       meta_lr=args.meta_lr, first_order=not args.second_order, msl_epochs=args.msl_epochs,
                       first_order_epochs=first_order_epochs, min_meta_lr=args.min_meta_lr,
-                      cosine_unit=args.cosine_unit, amp_dtype=common.amp_dtype(args, device) if device else None,
+                      cosine_unit=args.cosine_unit, weight_decay=getattr(args, "weight_decay", 0.0),
+                      amp_dtype=common.amp_dtype(args, device) if device else None,
                       **switches)
 
 
-def check_cuda_graph(args) -> None:
-    """One-line errors for a ``--cuda_graph`` this stage cannot honour: no CUDA device, a
-    meta-batch split across torchrun ranks, or a cosine learning rate that changes every
-    iteration (a graph freezes it until the next capture, once per epoch)."""
-    common.check_cuda_graph(args)
-    if args.cuda_graph and maml_config(args).cosine_lr and args.cosine_unit != "epoch":
-        raise TnasError(f"--cuda_graph needs --cosine_unit epoch (a graph freezes the learning rate until the "
-                        f"next capture), got --cosine_unit {args.cosine_unit}")
+def check_cuda_graph(args) -> "common.GraphDecision":
+    """``--cuda_graph`` resolved for this stage: graphs need a CUDA device, a meta-batch kept in
+    one process, and no cosine learning rate that changes every iteration (a graph freezes it
+    until the next capture, once per epoch). ``on`` where impossible is a one-line error."""
+    blocker = None
+    if maml_config(args).cosine_lr and args.cosine_unit != "epoch":
+        blocker = (f"--cosine_unit epoch (a graph freezes the learning rate until the next capture), "
+                   f"got --cosine_unit {args.cosine_unit}")
+    return common.check_cuda_graph(args, blocker)
 
 
 # -- models and learners from a summary ------------------------------------------------------
@@ -159,15 +164,18 @@ def run(args) -> Dict[str, object]:
     common.check_positive(args, "n_way", "k_shot", "q_query", "tasks_per_batch", "epochs", "tasks_per_epoch",
                           "inner_steps", "inner_steps_test", "C", "layers", "val_episodes", "val_batch_size",
                           "meta_lr")
+    if args.weight_decay < 0:
+        raise TnasError(f"--weight_decay must be >= 0, got {args.weight_decay}")
     if not 0.0 <= args.drop_path_prob < 1.0:
         raise TnasError(f"--drop_path_prob must be in [0, 1), got {args.drop_path_prob}")
     if args.msl_epochs < 0 or (args.first_order_epochs is not None and args.first_order_epochs < 0):
         raise TnasError("--msl_epochs and --first_order_epochs must be >= 0")
-    check_cuda_graph(args)
+    graph = check_cuda_graph(args)
     genotype = resolve_genotype(args.genotype)
     from tnas.data import EpisodeSampler, FixedEpisodes
 
     run_dir, logger, device = common.prepare_run(args, "train")
+    logger.log(graph.reason)
     try:
         splits = common.load_splits(args, ("train", "val"), logger)
         image_shape = tuple(splits["train"].image_shape)
@@ -186,7 +194,7 @@ def run(args) -> Dict[str, object]:
                    "q_query": args.q_query, "image_shape": list(image_shape), "genotype_source": args.genotype,
                    "model": model.config, "learner": config.to_dict(), "drop_path_prob": args.drop_path_prob,
                    "parameters": parameters, "macs": macs, "macs_source": macs_source,
-                   "meta_learned_parameters": learner.parameter_count()}
+                   "meta_learned_parameters": learner.parameter_count(), **common.data_settings(args)}
         if args.resume:
             check_resumable(run_dir, summary, logger)
         is_main = distributed.current_info().is_main
@@ -194,14 +202,15 @@ def run(args) -> Dict[str, object]:
             save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
         sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                                  tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
-                                 augment=args.augment, task_slice=common.data_parallel(learner, args.tasks_per_batch))
+                                 augment=args.augment, task_pool=args.task_pool,
+                                 task_slice=common.data_parallel(learner, args.tasks_per_batch))
         val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
                                               episodes=args.val_episodes, seed=args.seed + 1)
         schedule = common.schedule_from_args(args)
         per_epoch = schedule.iterations_per_epoch
 
         meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                           args.cuda_graph, key=learner.settings_key)
+                                           graph.enabled, key=learner.settings_key, log=logger.log)
 
         def step(iteration: int, track: bool):
             learner.set_progress(iteration, per_epoch, schedule.epochs)
@@ -217,7 +226,7 @@ def run(args) -> Dict[str, object]:
                               is_main=is_main)
         if args.resume:
             trainer.resume()
-        if args.cuda_graph:  # after resume: a checkpoint's optimiser settings replace ours
+        if graph.enabled:  # after resume: a checkpoint's optimiser settings replace ours
             from tnas.meta.cuda_graph import make_optimizers_capturable
 
             make_optimizers_capturable(learner.optimizers.values())
@@ -226,7 +235,7 @@ def run(args) -> Dict[str, object]:
             switches.append(f"first order for {config.first_order_epochs} epoch(s), then second order")
         else:
             switches.append(f"{'first' if config.first_order else 'second'} order")
-        if args.cuda_graph:
+        if graph.enabled:
             switches.append("CUDA graphs, captured again when an epoch changes the settings")
         logger.log(f"train ({args.method}: {', '.join(switches)}) of genotype {args.genotype} on "
                    f"{args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}; {parameters:,} parameters, "
