@@ -50,13 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true", help=f"the embedded glyphs demo ({DEMO_PLAN})")
     parser.add_argument("--plan", default=None, metavar="YAML", help=f"plan file (default: {PAPER_PLAN})")
     parser.add_argument("--dry_run", action="store_true",
-                        help="print each step's state and command line and write the table; run nothing")
+                        help="print each step's state and command line and the table as it stands; run and "
+                             "write nothing")
     return parser
 
 
 def main(argv=None):
     from tnas.reproduce import plan as plans
     from tnas.reproduce import runner
+    from tnas.reproduce.table import render_markdown
 
     args = build_parser().parse_args(argv)
     if args.nproc < 1:
@@ -86,20 +88,18 @@ def main(argv=None):
         "commit": runner.source_version(),
         "command": "scripts/reproduce.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                else sys.argv[1:])),
-        "device": args.device or "each preset's device", "nproc": args.nproc,
+        "nproc": args.nproc,
         "settings": {"plan": os.path.relpath(plan.path, plans.REPO), "shots": list(shots), "methods": list(methods),
                      "budget": args.budget, "budget_schedules": plan.budget if args.budget else None,
                      "evaluate": plan.evaluate, "device": args.device, "data_path": data_path, "nproc": args.nproc,
                      "presets": plan.presets},
     }
     if args.dry_run:
-        os.makedirs(out, exist_ok=True)
-        ledger = runner.Ledger(out)
         for step in steps:
             state = runner.step_state(step)
             print(f"{step.name}: {state}: {' '.join(runner.step_command(step, state, args.nproc, 'python'))}")
-        runner.write_table(out, steps, cells, ledger, meta)
-        print(f"table: {os.path.join(out, 'table.md')}")
+        print()
+        print(render_markdown(runner.current_table(steps, cells, runner.Ledger(out), meta)), end="")
         return
     try:
         runner.run_pipeline(plan, settings, steps, cells, meta, nproc=args.nproc)

@@ -172,14 +172,20 @@ def step_records(steps: Sequence[Step], ledger: Ledger) -> Dict[str, Dict[str, A
     return records
 
 
-def write_table(out: str, steps: Sequence[Step], cells: Sequence[Cell], ledger: Ledger,
-                meta: Mapping[str, Any]) -> Dict[str, Any]:
-    """Rebuild ``OUT/table.json`` and ``OUT/table.md`` from the steps' files and the ledger."""
+def current_table(steps: Sequence[Step], cells: Sequence[Cell], ledger: Ledger,
+                  meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """The table of what the steps' files and the ledger say now."""
     meta = dict(meta)
     meta["generated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta["steps"] = step_summary(steps)
-    table = build_table([{"method": c.method, "shot": c.shot, "steps": list(c.steps)} for c in cells],
-                        step_records(steps, ledger), meta)
+    return build_table([{"method": c.method, "shot": c.shot, "steps": list(c.steps)} for c in cells],
+                       step_records(steps, ledger), meta)
+
+
+def write_table(out: str, steps: Sequence[Step], cells: Sequence[Cell], ledger: Ledger,
+                meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """Rebuild ``OUT/table.json`` and ``OUT/table.md`` from the steps' files and the ledger."""
+    table = current_table(steps, cells, ledger, meta)
     atomic_write_json(os.path.join(out, "table.json"), table)
     atomic_write_bytes(os.path.join(out, "table.md"), render_markdown(table).encode("utf-8"))
     return table
@@ -220,6 +226,7 @@ def run_pipeline(plan: Plan, settings: Settings, steps: Sequence[Step], cells: S
         def tick(seconds: float) -> None:
             entry["seconds"] = before + seconds
             ledger.save()
+            write_table(out, steps, cells, ledger, meta)  # "so far" device-hours of the running cell
 
         try:
             code = launch(command, tick)

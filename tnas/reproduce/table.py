@@ -103,10 +103,20 @@ def build_table(cells: Sequence[Mapping[str, Any]], steps: Mapping[str, Mapping[
         rows.append(row)
     total = sum(float(steps[name].get("seconds") or 0.0) * int(steps[name].get("devices") or 1)
                 for name in counts) / 3600.0
+    devices = sorted({str(device) for device in (_device_of(record.get("result")) for record in steps.values())
+                      if device})
     table = dict(meta)
     table.update({"shots": shots, "methods": methods, "rows": rows, "device_hours_total": total,
-                  "shared_steps": shared})
+                  "shared_steps": shared, "devices": devices})
     return table
+
+
+def _device_of(result: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """The device a result was computed on (the protocol's cost block names it in full)."""
+    if not result:
+        return None
+    cost = result.get("cost")
+    return (cost.get("device") if isinstance(cost, dict) else None) or result.get("device")
 
 
 def _accuracy(mean: Optional[float], ci95: Optional[float]) -> str:
@@ -154,16 +164,15 @@ def render_markdown(table: Mapping[str, Any]) -> str:
     episodes = sorted({c["episodes"] for r in table["rows"] for c in r["cells"].values() if c.get("episodes")})
     notes = [f"Accuracy: mean ± 95% CI over {', '.join(map(str, episodes)) or 'the'} fixed test tasks "
              f"({table.get('dataset')}, {table.get('n_way', 5)}-way), the same tasks for every method."]
-    if table.get("shared_steps"):
-        notes.append("Device-hours: the T-NAS search is shared by the T-NAS and T-NAS++ rows and counted in both; "
-                     f"total over distinct steps: {_hours(table['device_hours_total'])} "
-                     f"({table.get('device', 'device')}).")
-    else:
-        notes.append(f"Device-hours total: {_hours(table['device_hours_total'])} ({table.get('device', 'device')}).")
+    where = ", ".join(table.get("devices") or []) or "no step done yet"
+    shared = (" The T-NAS search is shared by the T-NAS and T-NAS++ rows and counted in both."
+              if table.get("shared_steps") else "")
+    notes.append(f"Device-hours: wall time x processes of each cell's steps, over every invocation; "
+                 f"{_hours(table['device_hours_total'])} in all ({where}).{shared}")
     notes.append("Genotypes: distinct architectures trained from scratch (T-NAS: one per test task, grouped).")
     notes.append(f"Produced by commit {table.get('commit')} with {table.get('command', 'scripts/reproduce.py')}; "
                  f"every step's command line is in table.json.")
     if table.get("generated"):
         notes.append(f"Written {table['generated']}.")
-    lines += notes
+    lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
