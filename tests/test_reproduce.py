@@ -318,3 +318,19 @@ def test_tiny_pipeline_end_to_end_with_an_interrupted_training(tmp_path):
     assert len({r["episodes_file"] for r in results}) == 1
     rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0 and rerun.stdout.count("done, skipped") == 7, rerun.stdout[-2000:]
+
+
+def test_shell_wrapper_runs_the_demo_unless_a_dataset_is_named(tmp_path):
+    """``reproduce_paper.sh --out DIR`` is the demo into DIR; with --data_path it is the paper's plan."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    wrapper = os.path.join(REPO, "reproduce_paper.sh")
+    demo = subprocess.run(["bash", wrapper, "--out", str(tmp_path / "d"), "--dry_run"], capture_output=True,
+                          text=True, env=env, cwd=str(tmp_path))
+    assert demo.returncode == 0, demo.stderr
+    assert "configs/reproduce_demo_maml.yaml" in demo.stdout and "| T-NAS++ | pending |" in demo.stdout
+    assert not (tmp_path / "d").exists()  # a dry run writes nothing
+    paper = subprocess.run(["bash", wrapper, "--data_path", str(tmp_path), "--out", str(tmp_path / "p"),
+                            "--shots", "5", "--budget", "--dry_run"], capture_output=True, text=True, env=env)
+    assert paper.returncode == 0, paper.stderr
+    assert "configs/maml_conv4_miniimagenet_5w5s.yaml" in paper.stdout and "1shot" not in paper.stdout
+    assert "48.70 ± 1.84" not in paper.stdout and "63.11 ± 0.92" in paper.stdout and "Budget run" in paper.stdout
