@@ -27,7 +27,7 @@ Every evaluation of a shot reads the same fixed test tasks (``OUT/<shot>shot/tes
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tnas.errors import TnasError
@@ -89,7 +89,6 @@ class Settings:
     device: Optional[str] = None
     data_path: Optional[str] = None
     cache_dir: Optional[str] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def _mapping(value, where: str) -> dict:
