@@ -310,14 +310,14 @@ def test_tiny_pipeline_end_to_end_with_an_interrupted_training(tmp_path):
     assert table["rows"][2]["cells"]["1"]["distinct_genotypes"] >= 1
     assert table["commit"] and table["settings"]["plan"]
     markdown = (out / "table.md").read_text()
-    assert "| T-NAS++ |" in markdown and "(paper)" not in markdown
+    assert "| T-NAS++ |" in markdown and "(paper)" not in markdown and "3 fixed test tasks (glyphs, 3-way)" in markdown
     # every method scored the same test tasks
     results = [json.load(open(out / "1shot" / owner / kind / "results.json"))
                for owner, kind in (("maml", "evaluate"), ("auto_maml", "evaluate"), ("tnas", "protocol"),
                                    ("tnas++", "protocol"))]
     assert len({r["episodes_file"] for r in results}) == 1
     rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert rerun.returncode == 0 and rerun.stdout.count("done, skipped") == 7, rerun.stdout[-2000:]
+    assert rerun.returncode == 0 and rerun.stdout.count("done, skipped") == 8, rerun.stdout[-2000:]
 
 
 def test_shell_wrapper_runs_the_demo_unless_a_dataset_is_named(tmp_path):

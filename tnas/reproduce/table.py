@@ -49,7 +49,7 @@ def cell_record(method: str, shot: int, step_names: Sequence[str], steps: Mappin
     last = records[-1]
     cell: Dict[str, Any] = {
         "method": method, "shot": int(shot), "state": "pending", "accuracy_mean": None, "ci95": None,
-        "episodes": None, "distinct_genotypes": None, "device_hours": hours,
+        "episodes": None, "n_way": None, "distinct_genotypes": None, "device_hours": hours,
         "paper": paper_figure(paper, method, shot),
         "steps": [{"name": name, "kind": r.get("kind"), "state": r.get("state", "pending"),
                    "device_hours": float(r.get("seconds") or 0.0) * int(r.get("devices") or 1) / 3600.0,
@@ -58,7 +58,8 @@ def cell_record(method: str, shot: int, step_names: Sequence[str], steps: Mappin
     result = last.get("result")
     if last.get("state") == "done" and result is not None:
         cell.update(state="done", accuracy_mean=float(result["accuracy_mean"]), ci95=float(result["ci95"]),
-                    episodes=int(result["episodes"]), distinct_genotypes=distinct_genotypes(method, result))
+                    episodes=int(result["episodes"]), n_way=result.get("n_way"),
+                    distinct_genotypes=distinct_genotypes(method, result))
         return cell
     for wanted in ("running", "interrupted", "failed"):
         for position, record in enumerate(records, 1):
@@ -112,11 +113,12 @@ def build_table(cells: Sequence[Mapping[str, Any]], steps: Mapping[str, Mapping[
 
 
 def _device_of(result: Optional[Mapping[str, Any]]) -> Optional[str]:
-    """The device a result was computed on (the protocol's cost block names it in full)."""
+    """The kind of device (cpu, cuda) a result was computed on: the evaluation's device, the protocol's cost block."""
     if not result:
         return None
     cost = result.get("cost")
-    return (cost.get("device") if isinstance(cost, dict) else None) or result.get("device")
+    device = (cost.get("device_type") if isinstance(cost, dict) else None) or result.get("device")
+    return str(device).split(":")[0] if device else None
 
 
 def _accuracy(mean: Optional[float], ci95: Optional[float]) -> str:
@@ -162,8 +164,10 @@ def render_markdown(table: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     episodes = sorted({c["episodes"] for r in table["rows"] for c in r["cells"].values() if c.get("episodes")})
+    ways = sorted({c["n_way"] for r in table["rows"] for c in r["cells"].values() if c.get("n_way")})
     notes = [f"Accuracy: mean ± 95% CI over {', '.join(map(str, episodes)) or 'the'} fixed test tasks "
-             f"({table.get('dataset')}, {table.get('n_way', 5)}-way), the same tasks for every method."]
+             f"({table.get('dataset')}, {'/'.join(map(str, ways)) or table.get('n_way', 5)}-way), the same tasks "
+             f"for every method."]
     where = ", ".join(table.get("devices") or []) or "no step done yet"
     shared = (" The T-NAS search is shared by the T-NAS and T-NAS++ rows and counted in both."
               if table.get("shared_steps") else "")
