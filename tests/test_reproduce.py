@@ -94,6 +94,7 @@ def test_paper_plan_steps_order_presets_and_shared_search(tmp_path):
     assert "--model" in train and train[train.index("--epochs") + 1] == "2"  # budget
     protocol = by_name["1shot/tnas++/protocol"].argv
     assert "--budget" in protocol and protocol[protocol.index("--episodes") + 1] == "600"
+    assert protocol[protocol.index("--tasks_per_epoch") + 1] == "2000"  # the plan's budget, stated
     assert protocol[protocol.index("--checkpoint") + 1] == os.path.join(str(tmp_path), "1shot", "tnas", "search")
     evaluate = by_name["1shot/auto_maml/evaluate"]
     assert not evaluate.distributed and evaluate.argv[evaluate.argv.index("--episodes_file") + 1] == \

@@ -11,7 +11,8 @@ A plan file (``configs/reproduce_paper.yaml``, ``configs/reproduce_demo.yaml``) 
       auto_maml_search: ...   auto_maml_train: ...   tnas_search: ...
       tnas_protocol: ...      tnas++_protocol: ...
     evaluate: {episodes: 600, seed: 0, update_step_test: 10, batch_size: 50}
-    budget:                      # --budget: schedule flags for the search and from-scratch stages
+    budget:                      # --budget: schedule flags for the search and from-scratch stages (the
+                                 # protocol's too, with its own --budget label)
       search: {epochs: 2, tasks_per_epoch: 2000}
       train: {epochs: 2, tasks_per_epoch: 2000}
 
@@ -225,7 +226,7 @@ def build_steps(plan: Plan, settings: Settings) -> Tuple[List[Step], List[Cell]]
                 protocol = add(f"{shot}shot/{method}/protocol", "protocol",
                                ["--config", preset_path(plan, f"{method}_protocol", shot), "--method", method,
                                 "--checkpoint", stage_dir("tnas", "search"), "--out", out] + episodes + evaluate +
-                               (["--budget"] if settings.budget else []) + common, out)
+                               (["--budget"] + budget["train"] if settings.budget else []) + common, out)
                 names = [search, protocol]
             cells.append(Cell(method, shot, tuple(names)))
     return list(steps.values()), cells
