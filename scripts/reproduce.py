@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         description="Reproduce the T-NAS paper's main table (MAML with Conv-4, auto-MAML, T-NAS, T-NAS++; "
-                    "mean and 95%% CI over fixed test tasks) into OUT/table.md and OUT/table.json.")
+                    "mean and 95% CI over fixed test tasks) into OUT/table.md and OUT/table.json.")
     parser.add_argument("--data_path", default=None, metavar="DIR",
                         help="the mini-ImageNet directory (required unless --demo or --plan)")
     parser.add_argument("--out", default=None, metavar="DIR",
