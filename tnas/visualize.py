@@ -234,3 +234,30 @@ def alpha_heatmap_figure(alpha_softmax: Sequence, title: str = ""):
     figure.colorbar(image, ax=axes, fraction=0.04, pad=0.02)
     figure.tight_layout()
     return figure
+
+
+def op_frequency_image(frequency: Sequence, meta_choice: Sequence, title: str = ""):
+    """RGB uint8 image [H, W, 3]: heatmap of ``frequency`` ([edges, len(PRIMITIVES)], the fraction of
+    tasks keeping each op on each edge; ``none``: edge dropped) beside the meta-architecture's 0/1
+    choice of the same shape (rows line up)."""
+    import numpy as np
+
+    from tnas.runlog import figure_to_array
+
+    left = figure_to_array(alpha_heatmap_figure(frequency, title=title))
+    right = figure_to_array(alpha_heatmap_figure(meta_choice, title="meta-architecture's choice"))
+    height = max(left.shape[0], right.shape[0])
+    pad = lambda image: np.pad(image, ((0, height - image.shape[0]), (0, 0), (0, 0)),  # noqa: E731
+                               constant_values=255)
+    return np.concatenate([pad(left), pad(right)], axis=1)
+
+
+def png_bytes(image) -> bytes:
+    """PNG encoding of an RGB uint8 image [H, W, 3]."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="png", optimize=True)
+    return buffer.getvalue()

@@ -10,7 +10,11 @@ once), and the adapted alphas are decoded by the DARTS rule
 Outputs: ``--out FILE`` (default ``<run_dir>/episode_genotypes.jsonl``), one line
 ``{"episode": i, "genotype": {...}}`` per episode, and ``decode_summary.json`` beside it:
 how many episodes and distinct genotypes, and each distinct genotype with its count and
-episodes, most frequent first. Both files are written atomically after success.
+episodes, most frequent first. Both files are written atomically after success. Beside them,
+what the tasks chose (:mod:`tnas.diversity`): ``op_frequency_{normal,reduce}.png`` (per edge, the
+fraction of tasks keeping each op, beside the meta-architecture's choice) and
+``genotype_diversity.json`` (distinct genotypes, tasks sharing the most common one, per-edge
+entropy), also logged to tensorboard under ``tb/``.
 """
 from __future__ import annotations
 
@@ -51,8 +55,10 @@ def _check_tnas_search(summary: Dict[str, object], checkpoint: str) -> None:
 
 def run(args) -> Dict[str, object]:
     """Decode the per-episode genotypes described by ``args``; returns the summary (``decode_summary.json``)."""
+    from tnas.diversity import diversity_line, write_task_choices
     from tnas.evaluate import genotype_counts
-    from tnas.runlog import atomic_write_bytes, atomic_write_json, progress
+    from tnas.progress import TaskProgress
+    from tnas.runlog import atomic_write_bytes, atomic_write_json
 
     started = time.time()
     if args.out and os.path.isdir(args.out):
@@ -64,8 +70,11 @@ def run(args) -> Dict[str, object]:
 
     genotypes = []
     total = math.ceil(len(episodes) / args.batch_size)
-    for batch in progress(episodes.batches(args.batch_size, prepared.device), total=total, desc="decode"):
-        genotypes.extend(genotype.to_dict() for genotype in learner.decode(batch, steps=args.update_step_test))
+    meter = TaskProgress("decode", len(episodes), total)
+    for batch in meter.wrap(episodes.batches(args.batch_size, prepared.device)):
+        decoded = learner.decode(batch, steps=args.update_step_test)
+        genotypes.extend(genotype.to_dict() for genotype in decoded)
+        meter.add(len(decoded))
     meta_genotype = learner.genotype().to_dict()
     counts = genotype_counts(genotypes)
     summary_path = os.path.join(os.path.dirname(os.path.abspath(out)), SUMMARY_FILE)
@@ -89,12 +98,15 @@ def run(args) -> Dict[str, object]:
                     for index, genotype in enumerate(genotypes))
     atomic_write_bytes(out, lines.encode("utf-8"))
     atomic_write_json(summary_path, summary)
+    diversity = write_task_choices(os.path.dirname(summary_path), genotypes, meta_genotype)
     top = counts[0]
     print(f"{len(genotypes)} episodes -> {len(counts)} distinct genotype(s); most common ({top['count']} "
           f"episodes): {_short(top['genotype'])}; {summary['episodes_with_meta_genotype']} episode(s) keep the "
           f"meta-architecture")
     print(f"genotypes: {out}")
     print(f"summary: {summary_path}")
+    print(f"what the tasks chose: {diversity_line(diversity)}; {os.path.dirname(summary_path)}/"
+          f"{{genotype_diversity.json,op_frequency_normal.png,op_frequency_reduce.png}}")
     return summary
 
 

@@ -247,6 +247,7 @@ def default_out_dir(args, checkpoint: str) -> str:
 def run(args) -> Dict[str, object]:
     """Evaluate the checkpoint described by ``args``; returns the record written to ``results.json``."""
     from tnas.evaluate import evaluate_episodes, format_accuracy, results_record
+    from tnas.progress import StdoutLog
     from tnas.runlog import atomic_write_json
 
     started = time.time()
@@ -258,7 +259,7 @@ def run(args) -> Dict[str, object]:
         raise TnasError(f"--out {out_dir} is a file, not a directory")
     result = evaluate_episodes(learner, prepared.episodes, args.batch_size, prepared.device,
                                steps=args.update_step_test, desc="evaluate",
-                               cuda_graph=getattr(args, "cuda_graph", False))
+                               cuda_graph=getattr(args, "cuda_graph", False), log=StdoutLog())
     genotype = restore.checkpoint_genotype(learner, summary)
     genotype = genotype.to_dict() if genotype is not None else None  # None: Conv-4, no genotype
     extra = {

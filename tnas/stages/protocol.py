@@ -22,7 +22,8 @@ e. **aggregate** -- mean and 95% CI into ``OUT/results.json`` (DESIGN.md section
 
 Resumable: the per-episode genotypes are cached in ``OUT/episode_genotypes.jsonl`` (with
 ``OUT/decode_summary.json``, which records the checkpoint's and the episodes' SHA-256) and
-reused when they match; a genotype whose ``train.json`` shows every epoch done with
+reused when they match (what the tasks chose -- ``op_frequency_{normal,reduce}.png``,
+``genotype_diversity.json``, ``tb/`` -- is rewritten from them each time); a genotype whose ``train.json`` shows every epoch done with
 ``best.pt`` present is skipped; one whose run was interrupted is continued with ``--resume``.
 
 Under ``torchrun`` the decoding batches and the distinct genotypes are dealt round robin to
@@ -287,17 +288,22 @@ def read_decode_cache(out_dir: str, key: Dict[str, Any]) -> Optional[List[Dict[s
         return None
 
 
-def decode_episodes(prepared, args, info: distributed.DistInfo) -> List[Dict[str, Any]]:
+def decode_episodes(prepared, args, info: distributed.DistInfo, log=None) -> List[Dict[str, Any]]:
     """Per-episode genotypes; decoding batches dealt round robin to the ranks (the same batches as one
-    process uses, so the same genotypes), gathered on rank 0 and sent back to every rank."""
-    from tnas.runlog import progress
+    process uses, so the same genotypes), gathered on rank 0 and sent back to every rank. ``log`` gets
+    progress lines (this rank's share)."""
+    from tnas.progress import TaskProgress
 
     episodes, learner = prepared.episodes, prepared.learner
     starts = list(range(0, len(episodes), args.batch_size))
     local: Dict[int, List[Dict[str, Any]]] = {}
-    for start in progress(distributed.shard(starts, info), desc="decode"):
+    mine = distributed.shard(starts, info)
+    meter = TaskProgress("decode", sum(min(args.batch_size, len(episodes) - start) for start in mine), len(mine),
+                         log=log)
+    for start in meter.wrap(mine):
         batch = episodes.batch(slice(start, start + args.batch_size), prepared.device)
         local[start] = [genotype.to_dict() for genotype in learner.decode(batch, steps=args.update_step_test)]
+        meter.add(len(local[start]))
     parts = distributed.gather_to_main(local, info)
     genotypes = None
     if info.is_main:
@@ -444,8 +450,9 @@ def train_genotype(run: GenotypeRun, base_argv: Sequence[str], logger) -> None:
                f"(validation {run.summary.get('best_val_accuracy') or 0.0:.2f}%)")
 
 
-def score_genotype(run: GenotypeRun, episodes, args, device: torch.device) -> Dict[int, float]:
-    """Episode index -> accuracy (percent) of the genotype's best.pt, adapted on each episode's support set."""
+def score_genotype(run: GenotypeRun, episodes, args, device: torch.device, meter=None) -> Dict[int, float]:
+    """Episode index -> accuracy (percent) of the genotype's best.pt, adapted on each episode's support set.
+    ``meter`` (a :class:`tnas.progress.TaskProgress`), when given, counts the scored batches."""
     from tnas.stages import restore
 
     checkpoint = os.path.join(run.run_dir, "best.pt")
@@ -460,7 +467,19 @@ def score_genotype(run: GenotypeRun, episodes, args, device: torch.device) -> Di
         values = 100.0 * stats.query_accuracy.detach().double().cpu()
         # float32 fractions: round away their last-bit noise, as the evaluate stage does
         accuracies.update({episode: round(float(value), 4) for episode, value in zip(chosen, values)})
+        if meter is not None:
+            meter.add(len(chosen), stats.query_accuracy)
     return accuracies
+
+
+def scoring_progress(runs: Sequence[GenotypeRun], batch_size: int, logger):
+    """Progress lines over this rank's scoring: every episode of every genotype in ``runs``."""
+    from tnas.progress import TaskProgress
+
+    batches = sum(-(-len(run.episodes) // batch_size) for run in runs)
+    meter = TaskProgress("score", sum(len(run.episodes) for run in runs), batches, log=logger)
+    meter.wrap(None)  # a bar that meter.add advances: the loop runs over genotypes, then their batches
+    return meter
 
 
 # -- cost ---------------------------------------------------------------------------------------------
@@ -557,6 +576,7 @@ def _check_flags(args) -> None:
 def run(args) -> Optional[Dict[str, object]]:
     """Run the protocol described by ``args`` (the parsed flags). Returns the results.json record on
     rank 0 (with ``--train_only``: the genotypes index), None on the other ranks."""
+    from tnas.diversity import diversity_line, write_task_choices
     from tnas.evaluate import format_accuracy, results_record
     from tnas.runlog import RunLogger, atomic_write_json
 
@@ -606,13 +626,15 @@ def run(args) -> Optional[Dict[str, object]]:
         key = decode_cache_key(prepared, args) if info.is_main else None
         cached = read_decode_cache(out_dir, key) if info.is_main else None
         cached = distributed.broadcast_from_main(cached, info)
-        genotypes = cached if cached is not None else decode_episodes(prepared, args, info)
+        genotypes = cached if cached is not None else decode_episodes(prepared, args, info, logger)
         _synchronize(device)
         seconds["decode"] = time.perf_counter() - begin
         ids, by_id, episodes_of = group_genotypes(genotypes)
         if info.is_main:
             write_decode_files(out_dir, genotypes, ids, key, prepared, args, learner.genotype().to_dict(),
                                seconds["decode"])
+            logger.log(f"what the tasks chose: "
+                       f"{diversity_line(write_task_choices(out_dir, genotypes, learner.genotype()))}")
             logger.log(f"decode: {len(genotypes)} episodes -> {len(by_id)} distinct genotype(s)"
                        f"{' (cached decoding reused)' if cached is not None else ''}; "
                        f"{os.path.join(out_dir, GENOTYPES_FILE)}")
@@ -633,8 +655,9 @@ def run(args) -> Optional[Dict[str, object]]:
         begin = time.perf_counter()
         accuracies: Dict[int, float] = {}
         if not args.train_only:
+            meter = scoring_progress(mine, args.batch_size, logger)
             for genotype_run in mine:
-                accuracies.update(score_genotype(genotype_run, episodes, args, device))
+                accuracies.update(score_genotype(genotype_run, episodes, args, device, meter))
             _synchronize(device)
         seconds["evaluate"] = time.perf_counter() - begin
 
