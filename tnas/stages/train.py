@@ -1,4 +1,4 @@
-"""The from-scratch training stage: MAML (T-NAS, auto-MAML) or MAML++ (T-NAS++) of a genotype's network.
+"""The from-scratch training stage: MAML (T-NAS, auto-MAML, the MAML baseline) or MAML++ (T-NAS++) of a network.
 
 The derived :class:`~tnas.models.network.Network` of ``--genotype`` (a published name, a
 genotype JSON file or a search run directory), or with ``--model conv4`` MAML's Conv-4
