@@ -138,6 +138,8 @@ def fill_from_checkpoint(args, summary: Dict[str, Any], checkpoint: str) -> None
         args.img_size = int(shape[1])
     if args.episodes is None:
         args.episodes = 600
+    # images are loaded as in training (runs made before the choice existed: split statistics, Lanczos)
+    args.normalize, args.resize = summary.get("normalize", "split"), summary.get("resize", "lanczos")
     if args.dataset == summary.get("dataset"):
         run_config = _run_config(checkpoint)
         for flag in ("data_path", "cache_dir"):
@@ -227,7 +229,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     from tnas.data import load_split
 
     split = load_split(args.dataset, "test", data_path=args.data_path, img_size=args.img_size,
-                       cache_dir=args.cache_dir)
+                       cache_dir=args.cache_dir, normalize=args.normalize, resize=args.resize)
     shape = summary.get("image_shape") or [summary.get("model", {}).get("in_channels")] + list(split.image_shape[1:])
     if shape[0] is not None and int(split.image_shape[0]) != int(shape[0]):
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[0]}-channel images, but the checkpoint "

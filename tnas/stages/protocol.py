@@ -183,7 +183,9 @@ def train_argv(args, search_summary: Dict[str, Any], device: torch.device) -> Li
     # What the protocol fixes: the checkpoint's data and task shape, the method, the test-time steps.
     forced = {"dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
               "img_size": args.img_size, "method": METHODS[args.method], "inner_steps_test": args.update_step_test,
-              "seed": args.train_seed if args.train_seed is not None else args.seed, "device": str(device)}
+              "seed": args.train_seed if args.train_seed is not None else args.seed, "device": str(device),
+              # the searched checkpoint's image loading (older runs: split statistics, Lanczos)
+              "normalize": search_summary.get("normalize", "split"), "resize": search_summary.get("resize", "lanczos")}
     for name in ("data_path", "cache_dir", "threads"):
         if getattr(args, name, None):
             forced[name] = getattr(args, name)

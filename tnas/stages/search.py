@@ -40,10 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--inner_lr_weights", type=float, default=0.01)
     group.add_argument("--inner_lr_alphas", type=float, default=30.0)
     group.add_argument("--meta_lr_weights", type=float, default=1e-3)
-    group.add_argument("--meta_lr_alphas", type=float, default=1e-3)
+    group.add_argument("--meta_lr_alphas", type=float, default=None,
+                       help="outer Adam lr of the alphas (default: 1e-3 for T-NAS, 3e-4 for auto-MAML, the "
+                            "original code's values)")
     group.add_argument("--alpha_weight_decay", type=float, default=1e-3)
     group.add_argument("--second_order", action="store_true", help="exact MAML (default: first order)")
+    group.add_argument("--alternate_steps", action="store_true",
+                       help="auto-MAML: one step per meta-iteration, weights and alphas in turn (default: an "
+                            "alpha-step and a weight-step every iteration, as the original code)")
     return parser
+
+
+def meta_lr_alphas(args) -> float:
+    """``--meta_lr_alphas``, else the method's default (T-NAS 1e-3, auto-MAML 3e-4)."""
+    if args.meta_lr_alphas is not None:
+        return args.meta_lr_alphas
+    return AutoMAMLConfig.meta_lr_alphas if args.method == "auto_maml" else TNASConfig.meta_lr_alphas
 
 
 def build_supernet(args, in_channels: int) -> Supernet:
@@ -53,7 +65,7 @@ def build_supernet(args, in_channels: int) -> Supernet:
 def tnas_config(args, device: torch.device) -> TNASConfig:
     return TNASConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
                       inner_lr_weights=args.inner_lr_weights, inner_lr_alphas=args.inner_lr_alphas,
-                      meta_lr_weights=args.meta_lr_weights, meta_lr_alphas=args.meta_lr_alphas,
+                      meta_lr_weights=args.meta_lr_weights, meta_lr_alphas=meta_lr_alphas(args),
                       alpha_weight_decay=args.alpha_weight_decay, first_order=not args.second_order,
                       amp_dtype=common.amp_dtype(args, device))
 
@@ -101,14 +113,16 @@ def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
     ``args``: the search stage's flags. The meta-train split's images are halved per class
     with ``seed = args.seed``; sampler ``"weights"`` draws from the first half, ``"alphas"``
     from the second. Returns ``(learner, {"weights": ..., "alphas": ...}, step)`` where
-    ``step(iteration, track)`` takes one alternating meta-iteration (even: w, odd: alpha).
+    ``step(iteration, track)`` takes the steps of one meta-iteration (:meth:`AutoMAML.step_kinds`:
+    an alpha-step then a w-step, or one of them in turn) and returns the last one's statistics.
     """
     from tnas.data import EpisodeSampler, split_images_in_half
 
     config = AutoMAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
                             inner_lr_weights=args.inner_lr_weights, meta_lr_weights=args.meta_lr_weights,
-                            meta_lr_alphas=args.meta_lr_alphas, alpha_weight_decay=args.alpha_weight_decay,
+                            meta_lr_alphas=meta_lr_alphas(args), alpha_weight_decay=args.alpha_weight_decay,
                             first_order=not args.second_order, split_seed=args.seed,
+                            alternate=getattr(args, "alternate_steps", False),
                             amp_dtype=common.amp_dtype(args, device))
     learner = AutoMAML(model, config)
     task_slice = common.data_parallel(learner, args.tasks_per_batch)
@@ -119,7 +133,7 @@ def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
             samplers[kind] = EpisodeSampler(half, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                                             tasks_per_batch=args.tasks_per_batch, device=device,
                                             seed=args.seed + 1000 * offset, augment=args.augment,
-                                            task_slice=task_slice)
+                                            task_slice=task_slice, task_pool=getattr(args, "task_pool", 0))
         except TnasError as error:
             raise TnasError(f"auto-MAML halves the images of each class: {error}") from None
 
@@ -130,8 +144,10 @@ def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
                  lambda batch, track: learner.alpha_step(batch, track_steps=track), cuda_graph)}
 
     def step(iteration: int, track: bool):
-        kind = AutoMAML.step_kind(iteration)
-        return calls[kind](samplers[kind].sample(), track)
+        stats = None
+        for kind in learner.step_kinds(iteration):
+            stats = calls[kind](samplers[kind].sample(), track)
+        return stats
 
     return learner, samplers, step
 
@@ -149,7 +165,8 @@ def run(args) -> Dict[str, object]:
     in_channels = common.image_channels(splits["train"])
     model = build_supernet(args, in_channels).to(device)
     summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,
-               "q_query": args.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config}
+               "q_query": args.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config,
+               **common.data_settings(args)}
     val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
                                           episodes=args.val_episodes, seed=args.seed + 1)
     if args.method == "auto_maml":
@@ -160,7 +177,7 @@ def run(args) -> Dict[str, object]:
         summary["learner"] = learner.config.to_dict()
         sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                                  tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
-                                 augment=args.augment,
+                                 augment=args.augment, task_pool=args.task_pool,
                                  task_slice=common.data_parallel(learner, args.tasks_per_batch))
         samplers = {"train": sampler}
 

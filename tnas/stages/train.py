@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = common.add_meta_learning_args(parser)
     group.add_argument("--inner_lr", type=float, default=0.01, help="inner SGD learning rate (initial, if learned)")
     group.add_argument("--meta_lr", type=float, default=1e-3, help="outer Adam learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.0,
+                       help="outer Adam weight decay on the network (the original auto-MAML from-scratch script: "
+                            "3e-4; its T-NAS from-scratch training: none)")
     group.add_argument("--drop_path_prob", type=float, default=0.0, help="drop-path probability in meta-training")
     group.add_argument("--second_order", action="store_true",
                        help="exact (second-order) MAML; default first order")
@@ -92,7 +95,8 @@ def maml_config(args, device: Optional[torch.device] = None) -> MAMLConfig:
     return MAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test, inner_lr=args.inner_lr,
                       meta_lr=args.meta_lr, first_order=not args.second_order, msl_epochs=args.msl_epochs,
                       first_order_epochs=first_order_epochs, min_meta_lr=args.min_meta_lr,
-                      cosine_unit=args.cosine_unit, amp_dtype=common.amp_dtype(args, device) if device else None,
+                      cosine_unit=args.cosine_unit, weight_decay=getattr(args, "weight_decay", 0.0),
+                      amp_dtype=common.amp_dtype(args, device) if device else None,
                       **switches)
 
 
@@ -159,6 +163,8 @@ def run(args) -> Dict[str, object]:
     common.check_positive(args, "n_way", "k_shot", "q_query", "tasks_per_batch", "epochs", "tasks_per_epoch",
                           "inner_steps", "inner_steps_test", "C", "layers", "filters", "val_episodes",
                           "val_batch_size", "meta_lr")
+    if args.weight_decay < 0:
+        raise TnasError(f"--weight_decay must be >= 0, got {args.weight_decay}")
     if not 0.0 <= args.drop_path_prob < 1.0:
         raise TnasError(f"--drop_path_prob must be in [0, 1), got {args.drop_path_prob}")
     if args.msl_epochs < 0 or (args.first_order_epochs is not None and args.first_order_epochs < 0):
@@ -184,10 +190,11 @@ def run(args) -> Dict[str, object]:
         config = maml_config(args, device)
         learner = MAMLPlusPlus(model, config)
         summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,
-                   "q_query": args.q_query, "image_shape": list(image_shape), "genotype_source": None if conv4 else args.genotype,
+                   "q_query": args.q_query, "image_shape": list(image_shape),
+                   "genotype_source": None if conv4 else args.genotype,
                    "model": model.config, "learner": config.to_dict(), "drop_path_prob": args.drop_path_prob,
                    "parameters": parameters, "macs": macs, "macs_source": macs_source,
-                   "meta_learned_parameters": learner.parameter_count()}
+                   "meta_learned_parameters": learner.parameter_count(), **common.data_settings(args)}
         if args.resume:
             check_resumable(run_dir, summary, logger)
         is_main = distributed.current_info().is_main
@@ -195,7 +202,8 @@ def run(args) -> Dict[str, object]:
             save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
         sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                                  tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
-                                 augment=args.augment, task_slice=common.data_parallel(learner, args.tasks_per_batch))
+                                 augment=args.augment, task_pool=args.task_pool,
+                                 task_slice=common.data_parallel(learner, args.tasks_per_batch))
         val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
                                               episodes=args.val_episodes, seed=args.seed + 1)
         schedule = common.schedule_from_args(args)
