@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
@@ -75,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check that the checkpoint's architecture is this genotype (published name, JSON "
                              "file, run directory with genotype.json, or an inline JSON object)")
     _set_flag(parser, "out", help="directory for results.json (default: the checkpoint's run directory)")
-    parser.add_argument("--cuda_graph", action="store_true",
-                        help="replay the adaptation of each batch of episodes as one CUDA graph (GPU only)")
+    common.add_cuda_graph_arg(parser)  # graphs replay the adaptation of each batch of episodes
     return parser
 
 
@@ -253,15 +253,16 @@ def run(args) -> Dict[str, object]:
     from tnas.runlog import atomic_write_json
 
     started = time.time()
-    common.check_cuda_graph(args)
+    graph = common.check_cuda_graph(args)
     prepared = prepare(args)
+    print(graph.reason, file=sys.stderr)  # stdout carries the results
     summary, learner = prepared.summary, prepared.learner
     out_dir = default_out_dir(args, prepared.checkpoint)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TnasError(f"--out {out_dir} is a file, not a directory")
     result = evaluate_episodes(learner, prepared.episodes, args.batch_size, prepared.device,
                                steps=args.update_step_test, desc="evaluate",
-                               cuda_graph=getattr(args, "cuda_graph", False), log=StdoutLog())
+                               cuda_graph=graph.enabled, log=StdoutLog())
     genotype = restore.checkpoint_genotype(learner, summary)
     genotype = genotype.to_dict() if genotype is not None else None  # None: Conv-4, no genotype
     extra = {

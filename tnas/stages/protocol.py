@@ -76,7 +76,8 @@ TRAIN_FLAGS = ("epochs", "tasks_per_epoch", "tasks_per_batch", "inner_steps", "i
 # Train-stage settings that may differ between a finished or interrupted genotype run and the
 # one asked for now (they change no result, or are checked separately).
 RERUN_FREE_KEYS = {"out", "resume", "device", "config", "log_every", "checkpoint_every", "val_batch_size",
-                   "cache_dir", "data_path", "genotype", "epochs", "amp", "threads", "help"}
+                   "cache_dir", "data_path", "genotype", "epochs", "amp", "threads", "help",
+                   "cuda_graph"}  # graphed or eager: the same steps
 
 
 # -- flags ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -107,10 +107,12 @@ def genotype_epoch_hook(learner, run_dir: str, logger, is_main: Optional[bool] =
     return hook
 
 
-def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
+def build_auto_maml(args, model: Supernet, train_split, device: torch.device, cuda_graph: bool = False,
+                    log: Optional[Callable[[str], None]] = None):
     """The learner, its two episode samplers and the step function of an auto-MAML search.
 
-    ``args``: the search stage's flags. The meta-train split's images are halved per class
+    ``args``: the search stage's flags; ``cuda_graph``: the resolved ``--cuda_graph`` (``log``
+    takes the line of a failed capture). The meta-train split's images are halved per class
     with ``seed = args.seed``; sampler ``"weights"`` draws from the first half, ``"alphas"``
     from the second. Returns ``(learner, {"weights": ..., "alphas": ...}, step)`` where
     ``step(iteration, track)`` takes the steps of one meta-iteration (:meth:`AutoMAML.step_kinds`:
@@ -137,11 +139,10 @@ def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
         except TnasError as error:
             raise TnasError(f"auto-MAML halves the images of each class: {error}") from None
 
-    cuda_graph = getattr(args, "cuda_graph", False)
     calls = {WEIGHT_STEP: common.graph_untracked(
-                 lambda batch, track: learner.weight_step(batch, track_steps=track), cuda_graph),
+                 lambda batch, track: learner.weight_step(batch, track_steps=track), cuda_graph, log=log),
              ALPHA_STEP: common.graph_untracked(
-                 lambda batch, track: learner.alpha_step(batch, track_steps=track), cuda_graph)}
+                 lambda batch, track: learner.alpha_step(batch, track_steps=track), cuda_graph, log=log)}
 
     def step(iteration: int, track: bool):
         stats = None
@@ -158,8 +159,9 @@ def run(args) -> Dict[str, object]:
                           "inner_steps", "inner_steps_test", "C", "layers", "val_episodes", "val_batch_size")
     from tnas.data import EpisodeSampler, FixedEpisodes
 
-    common.check_cuda_graph(args)
+    graph = common.check_cuda_graph(args)
     run_dir, logger, device = common.prepare_run(args, "search")
+    logger.log(graph.reason)
     is_main = distributed.current_info().is_main
     splits = common.load_splits(args, ("train", "val"))
     in_channels = common.image_channels(splits["train"])
@@ -170,7 +172,7 @@ def run(args) -> Dict[str, object]:
     val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
                                           episodes=args.val_episodes, seed=args.seed + 1)
     if args.method == "auto_maml":
-        learner, samplers, step = build_auto_maml(args, model, splits["train"], device)
+        learner, samplers, step = build_auto_maml(args, model, splits["train"], device, graph.enabled, logger.log)
         summary["learner"] = learner.config.to_dict()
     else:
         learner = TNAS(model, tnas_config(args, device))
@@ -182,7 +184,7 @@ def run(args) -> Dict[str, object]:
         samplers = {"train": sampler}
 
         meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                           args.cuda_graph)
+                                           graph.enabled, log=logger.log)
 
         def step(iteration: int, track: bool):
             return meta_step(sampler.sample(), track)
@@ -193,7 +195,7 @@ def run(args) -> Dict[str, object]:
                           val_steps=args.inner_steps_test, is_main=is_main)
     if args.resume:
         trainer.resume()
-    if args.cuda_graph:  # after resume: a checkpoint's optimiser settings replace ours
+    if graph.enabled:  # after resume: a checkpoint's optimiser settings replace ours
         from tnas.meta.cuda_graph import make_optimizers_capturable
 
         make_optimizers_capturable(learner.optimizers.values())

@@ -100,14 +100,15 @@ def maml_config(args, device: Optional[torch.device] = None) -> MAMLConfig:
                       **switches)
 
 
-def check_cuda_graph(args) -> None:
-    """One-line errors for a ``--cuda_graph`` this stage cannot honour: no CUDA device, a
-    meta-batch split across torchrun ranks, or a cosine learning rate that changes every
-    iteration (a graph freezes it until the next capture, once per epoch)."""
-    common.check_cuda_graph(args)
-    if args.cuda_graph and maml_config(args).cosine_lr and args.cosine_unit != "epoch":
-        raise TnasError(f"--cuda_graph needs --cosine_unit epoch (a graph freezes the learning rate until the "
-                        f"next capture), got --cosine_unit {args.cosine_unit}")
+def check_cuda_graph(args) -> "common.GraphDecision":
+    """``--cuda_graph`` resolved for this stage: graphs need a CUDA device, a meta-batch kept in
+    one process, and no cosine learning rate that changes every iteration (a graph freezes it
+    until the next capture, once per epoch). ``on`` where impossible is a one-line error."""
+    blocker = None
+    if maml_config(args).cosine_lr and args.cosine_unit != "epoch":
+        blocker = (f"--cosine_unit epoch (a graph freezes the learning rate until the next capture), "
+                   f"got --cosine_unit {args.cosine_unit}")
+    return common.check_cuda_graph(args, blocker)
 
 
 # -- models and learners from a summary ------------------------------------------------------
@@ -169,11 +170,12 @@ def run(args) -> Dict[str, object]:
         raise TnasError(f"--drop_path_prob must be in [0, 1), got {args.drop_path_prob}")
     if args.msl_epochs < 0 or (args.first_order_epochs is not None and args.first_order_epochs < 0):
         raise TnasError("--msl_epochs and --first_order_epochs must be >= 0")
-    check_cuda_graph(args)
+    graph = check_cuda_graph(args)
     genotype = None if conv4 else resolve_genotype(args.genotype)
     from tnas.data import EpisodeSampler, FixedEpisodes
 
     run_dir, logger, device = common.prepare_run(args, "train")
+    logger.log(graph.reason)
     try:
         splits = common.load_splits(args, ("train", "val"))
         image_shape = tuple(splits["train"].image_shape)
@@ -210,7 +212,7 @@ def run(args) -> Dict[str, object]:
         per_epoch = schedule.iterations_per_epoch
 
         meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                           args.cuda_graph, key=learner.settings_key)
+                                           graph.enabled, key=learner.settings_key, log=logger.log)
 
         def step(iteration: int, track: bool):
             learner.set_progress(iteration, per_epoch, schedule.epochs)
@@ -226,7 +228,7 @@ def run(args) -> Dict[str, object]:
                               is_main=is_main)
         if args.resume:
             trainer.resume()
-        if args.cuda_graph:  # after resume: a checkpoint's optimiser settings replace ours
+        if graph.enabled:  # after resume: a checkpoint's optimiser settings replace ours
             from tnas.meta.cuda_graph import make_optimizers_capturable
 
             make_optimizers_capturable(learner.optimizers.values())
@@ -235,7 +237,7 @@ def run(args) -> Dict[str, object]:
             switches.append(f"first order for {config.first_order_epochs} epoch(s), then second order")
         else:
             switches.append(f"{'first' if config.first_order else 'second'} order")
-        if args.cuda_graph:
+        if graph.enabled:
             switches.append("CUDA graphs, captured again when an epoch changes the settings")
         subject = f"Conv-4 ({args.filters} filters)" if conv4 else f"genotype {args.genotype}"
         logger.log(f"train ({args.method}: {', '.join(switches)}) of {subject} on "
