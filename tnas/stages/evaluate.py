@@ -164,6 +164,9 @@ def check_genotype(args, learner, summary: Dict[str, Any], checkpoint: str) -> N
     else:
         wanted = resolve_genotype(text)
     actual = restore.checkpoint_genotype(learner, summary)
+    if actual is None:
+        raise TnasError(f"--genotype: the checkpoint {checkpoint} is a network without a genotype "
+                        f"({summary['model'].get('kind')}); drop --genotype")
     if wanted != actual:
         label = "" if text.lstrip().startswith("{") else f"{text} "
         raise TnasError(f"--genotype {label}({wanted}) differs from the genotype of the checkpoint {checkpoint} "
@@ -260,7 +263,8 @@ def run(args) -> Dict[str, object]:
     result = evaluate_episodes(learner, prepared.episodes, args.batch_size, prepared.device,
                                steps=args.update_step_test, desc="evaluate",
                                cuda_graph=graph.enabled, log=StdoutLog())
-    genotype = restore.checkpoint_genotype(learner, summary).to_dict()
+    genotype = restore.checkpoint_genotype(learner, summary)
+    genotype = genotype.to_dict() if genotype is not None else None  # None: Conv-4, no genotype
     extra = {
         "q_query": args.q_query,
         "stage": summary["stage"],

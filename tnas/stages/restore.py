@@ -8,8 +8,8 @@ the summary says which model and learner to build:
   ``TNAS(TNASConfig.from_dict(summary["learner"]))`` (adapts weights and alphas);
 - ``stage "search"``, ``method "auto_maml"``: the auto-MAML supernet learner
   (:func:`tnas.meta.auto_maml.build_auto_maml_learner`), which adapts the weights only;
-- ``stage "train"``: :func:`tnas.stages.train.build_learner` (the derived network with MAML or
-  MAML++).
+- ``stage "train"``: :func:`tnas.stages.train.build_learner` (the derived network, or Conv-4,
+  with MAML or MAML++).
 
 Then ``learner.load_state_dict(state["learner"])``. Every problem (missing or corrupt file,
 a checkpoint of an unknown stage or method, weights that do not fit the described model) is
@@ -18,7 +18,7 @@ one :class:`~tnas.errors.TnasError` line.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -116,9 +116,11 @@ def learner_from_checkpoint(path: str, device="cpu") -> Tuple[Any, Dict[str, Any
     return learner, summary
 
 
-def checkpoint_genotype(learner, summary: Mapping[str, Any]) -> Genotype:
-    """The architecture a checkpoint scores: the derived network's genotype, or for a supernet the
-    genotype decoded from its (meta-learned) alphas."""
+def checkpoint_genotype(learner, summary: Mapping[str, Any]) -> Optional[Genotype]:
+    """The architecture a checkpoint scores: the derived network's genotype, for a supernet the
+    genotype decoded from its (meta-learned) alphas, and None for a fixed network (Conv-4)."""
+    if summary.get("model", {}).get("kind", "network") != "network":
+        return None
     if summary.get("stage") == "train" or "genotype" in summary.get("model", {}):
         genotype = summary["model"]["genotype"]
         return genotype if isinstance(genotype, Genotype) else genotype_from_dict(genotype, "checkpoint genotype")

@@ -1,12 +1,13 @@
-"""The from-scratch training stage: MAML (T-NAS, auto-MAML) or MAML++ (T-NAS++) of a genotype's network.
+"""The from-scratch training stage: MAML (T-NAS, auto-MAML, the MAML baseline) or MAML++ (T-NAS++) of a network.
 
 The derived :class:`~tnas.models.network.Network` of ``--genotype`` (a published name, a
-genotype JSON file or a search run directory) is meta-trained on the meta-train classes;
+genotype JSON file or a search run directory), or with ``--model conv4`` MAML's Conv-4
+baseline (``--filters`` channels, no genotype), is meta-trained on the meta-train classes;
 after each epoch it is adapted on fixed episodes of the *validation* classes, and
 ``best.pt`` keeps the epoch with the best validation accuracy.
 
 Outputs in the run directory: ``config.yaml``, ``log.txt``, ``tb/``, ``last.pt``,
-``best.pt``, ``genotype.json`` (the trained architecture) and ``train.json`` (per-epoch
+``best.pt``, ``genotype.json`` (the trained architecture; not for Conv-4) and ``train.json`` (per-epoch
 meta-train and validation accuracy in percent, the best epoch, the parameter and MAC
 counts, and in ``"model"`` / ``"learner"`` everything :func:`build_learner` needs).
 
@@ -28,11 +29,10 @@ from tnas import distributed
 from tnas.config import add_common_args
 from tnas.engine import MetaTrainer
 from tnas.errors import TnasError
-from tnas.genotypes import Genotype, genotype_from_dict, resolve_genotype, save_genotype
+from tnas.genotypes import resolve_genotype, save_genotype
 from tnas.meta.maml_pp import COSINE_UNITS, MAMLConfig, MAMLPlusPlus
 from tnas.models.complexity import count_macs
-from tnas.models.network import Network
-from tnas.models.skeleton import min_image_size
+from tnas.models import factory
 from tnas.runlog import load_checkpoint
 from tnas.stages import common
 
@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(parser)
     parser.add_argument("--genotype", default=None, metavar="NAME|JSON|RUN_DIR",
                         help="published name (auto_maml_1shot, auto_maml_5shot), genotype JSON file, or a search "
-                             "run directory holding genotype.json (required)")
+                             "run directory holding genotype.json (required for --model network)")
+    parser.add_argument("--model", choices=factory.MODELS, default="network",
+                        help="network: the derived network of --genotype; conv4: MAML's 4-block baseline "
+                             "(--filters channels; --genotype, --C, --layers, --drop_path_prob unused)")
+    parser.add_argument("--filters", type=int, default=32,
+                        help="Conv-4 channels per block (MAML: 32 on mini-ImageNet, 64 on Omniglot)")
     parser.add_argument("--method", choices=METHODS, default="maml",
                         help="maml: (first-order) MAML; maml++: every MAML++ component on")
     common.add_episode_args(parser)
@@ -107,13 +112,7 @@ def check_cuda_graph(args) -> "common.GraphDecision":
 
 
 # -- models and learners from a summary ------------------------------------------------------
-def network_from_config(config: Mapping[str, object], drop_path_prob: float = 0.0) -> Network:
-    """``Network(**config)`` with the genotype given as a dict (as in ``Network.config``)."""
-    values = dict(config)
-    genotype = values.pop("genotype")
-    if not isinstance(genotype, Genotype):
-        genotype = genotype_from_dict(genotype)
-    return Network(genotype, drop_path_prob=drop_path_prob, **values)
+network_from_config = factory.network_from_config  # the network a summary's "model" config describes
 
 
 def build_learner(summary: Mapping[str, object], device) -> MAMLPlusPlus:
@@ -158,12 +157,13 @@ def check_resumable(run_dir: str, summary: Mapping[str, object], logger=None) ->
 
 def run(args) -> Dict[str, object]:
     """Run the from-scratch training stage described by ``args``; returns the summary (``train.json``)."""
-    if not args.genotype:
+    conv4 = args.model == "conv4"
+    if not args.genotype and not conv4:
         raise TnasError("--genotype is required: a published name (auto_maml_1shot, auto_maml_5shot), "
                         "a genotype JSON file or a search run directory")
     common.check_positive(args, "n_way", "k_shot", "q_query", "tasks_per_batch", "epochs", "tasks_per_epoch",
-                          "inner_steps", "inner_steps_test", "C", "layers", "val_episodes", "val_batch_size",
-                          "meta_lr")
+                          "inner_steps", "inner_steps_test", "C", "layers", "filters", "val_episodes",
+                          "val_batch_size", "meta_lr")
     if args.weight_decay < 0:
         raise TnasError(f"--weight_decay must be >= 0, got {args.weight_decay}")
     if not 0.0 <= args.drop_path_prob < 1.0:
@@ -171,7 +171,7 @@ def run(args) -> Dict[str, object]:
     if args.msl_epochs < 0 or (args.first_order_epochs is not None and args.first_order_epochs < 0):
         raise TnasError("--msl_epochs and --first_order_epochs must be >= 0")
     graph = check_cuda_graph(args)
-    genotype = resolve_genotype(args.genotype)
+    genotype = None if conv4 else resolve_genotype(args.genotype)
     from tnas.data import EpisodeSampler, FixedEpisodes
 
     run_dir, logger, device = common.prepare_run(args, "train")
@@ -179,26 +179,28 @@ def run(args) -> Dict[str, object]:
     try:
         splits = common.load_splits(args, ("train", "val"), logger)
         image_shape = tuple(splits["train"].image_shape)
-        smallest = min_image_size(args.layers)
+        smallest = factory.smallest_image(args.model, args.layers)
         if min(image_shape[1:]) < smallest:
-            raise TnasError(f"images of {image_shape[1]}x{image_shape[2]} are too small for --layers {args.layers} "
+            what = "--model conv4" if conv4 else f"--layers {args.layers}"
+            raise TnasError(f"images of {image_shape[1]}x{image_shape[2]} are too small for {what} "
                             f"(need at least {smallest}; see --img_size)")
-        model = Network(genotype, n_way=args.n_way, C=args.C, layers=args.layers, in_channels=image_shape[0],
-                        drop_path_prob=args.drop_path_prob).to(device)
+        model = factory.build_network(args.model, args.n_way, image_shape, genotype, C=args.C, layers=args.layers,
+                                      filters=args.filters, drop_path_prob=args.drop_path_prob).to(device)
         parameters = sum(p.numel() for p in model.parameters())
         counted = count_macs(model, image_shape)
         macs, macs_source = counted["macs"], counted["macs_source"]
         config = maml_config(args, device)
         learner = MAMLPlusPlus(model, config)
         summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,
-                   "q_query": args.q_query, "image_shape": list(image_shape), "genotype_source": args.genotype,
+                   "q_query": args.q_query, "image_shape": list(image_shape),
+                   "genotype_source": None if conv4 else args.genotype,
                    "model": model.config, "learner": config.to_dict(), "drop_path_prob": args.drop_path_prob,
                    "parameters": parameters, "macs": macs, "macs_source": macs_source,
                    "meta_learned_parameters": learner.parameter_count(), **common.data_settings(args)}
         if args.resume:
             check_resumable(run_dir, summary, logger)
         is_main = distributed.current_info().is_main
-        if is_main:
+        if is_main and genotype is not None:
             save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
         sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                                  tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
@@ -237,7 +239,8 @@ def run(args) -> Dict[str, object]:
             switches.append(f"{'first' if config.first_order else 'second'} order")
         if graph.enabled:
             switches.append("CUDA graphs, captured again when an epoch changes the settings")
-        logger.log(f"train ({args.method}: {', '.join(switches)}) of genotype {args.genotype} on "
+        subject = f"Conv-4 ({args.filters} filters)" if conv4 else f"genotype {args.genotype}"
+        logger.log(f"train ({args.method}: {', '.join(switches)}) of {subject} on "
                    f"{args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}; {parameters:,} parameters, "
                    f"{macs / 1e6:.2f}M MACs per image ({macs_source}); run directory {run_dir}")
         return common.run_trainer(trainer, logger, "train.json")
