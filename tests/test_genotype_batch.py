@@ -237,6 +237,9 @@ def test_solo_checkpoints_load_into_a_batch_and_training_continues_as_alone():
     # And the extracted state loads into a solo learner of that genotype.
     restored = MAMLPlusPlus(solo_network(0), learner_settings(name))
     restored.load_state_dict(batched.genotype_state_dict(0))
+    # a learner keeps its own optimiser settings on load; the schedule (cosine LR) sets the
+    # current rate from the position, as the engine does before every step
+    restored.set_progress(ITERATIONS - 1, 1, ITERATIONS)
     assert_close(restored.state_dict(), solo[0].state_dict(), "restored solo learner")
 
 
