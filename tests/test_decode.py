@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tnas.evaluate import genotype_counts
+from tnas.genotypes import genotype_counts
 from tnas.genotypes import genotype_from_dict
 from script_loader import load_script
 

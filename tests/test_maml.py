@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tnas.genotypes import PUBLISHED
-from tnas.meta import reference
+import reference
 from tnas.meta.maml import expand_to_tasks, inner_loop, model_forward, query_loss_and_accuracy
 from tnas.meta.tnas import TNAS, TNASConfig
 from tnas.models.network import Network
@@ -147,7 +147,8 @@ def test_tnas_meta_step_updates_weights_and_alphas_with_adam():
         if name == "alpha_normal":  # unused with layers=1
             continue
         assert not torch.equal(before[name], param.detach()), f"{name} was not updated"
-    assert learner.alpha_optimizer_settings() == ((0.5, 0.999), 1e-3)
+    group = learner.optimizers["alphas"].param_groups[0]
+    assert (tuple(group["betas"]), group["weight_decay"]) == ((0.5, 0.999), 1e-3)
     genotypes = learner.decode(batch)
     assert len(genotypes) == TASKS
 

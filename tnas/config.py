@@ -14,7 +14,7 @@ import difflib
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import yaml
@@ -49,8 +49,22 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                             "tiny CPU configs and on a busy machine)")
 
 
-def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse ``argv`` with defaults taken from ``--config`` (if given); see module docstring."""
+def set_flag(parser: argparse.ArgumentParser, dest: str, **changes) -> None:
+    """Change an existing flag of ``parser`` (its help, default, metavar, ...) in place."""
+    for action in parser._actions:
+        if action.dest == dest:
+            for key, value in changes.items():
+                setattr(action, key, value)
+    if "default" in changes:
+        parser.set_defaults(**{dest: changes["default"]})
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None,
+               namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+    """Parse ``argv`` with defaults taken from ``--config`` (if given); see module docstring.
+
+    ``namespace``: parse onto these values (flags not in ``argv`` keep them, as argparse does).
+    """
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config", default=None)
     known, _ = pre_parser.parse_known_args(argv)
@@ -64,7 +78,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
             if action.dest in defaults and action.required:
                 action.required = False  # the file supplies it
         parser.set_defaults(**defaults)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(argv, namespace)
     if unknown:
         raise TnasError(_unknown_flags_message(parser, unknown))
     return args

@@ -81,20 +81,3 @@ def format_accuracy(record: Dict[str, object]) -> str:
     """One line such as ``5-way 1-shot glyphs: 63.42 ± 1.21% (600 episodes)``."""
     return (f"{record['n_way']}-way {record['k_shot']}-shot {record['dataset']}: "
             f"{record['accuracy_mean']:.2f} \u00b1 {record['ci95']:.2f}% ({record['episodes']} episodes)")
-
-
-def genotype_counts(genotypes: Sequence[Dict[str, object]]) -> list:
-    """Distinct genotypes (JSON dicts) of a list, most frequent first (ties: first seen first).
-
-    Returns ``[{"genotype": dict, "count": n, "episodes": [indices]}, ...]``; counts sum to ``len(genotypes)``.
-    """
-    import json
-
-    groups: Dict[str, Dict[str, object]] = {}
-    for index, genotype in enumerate(genotypes):
-        key = json.dumps(genotype, sort_keys=True)
-        if key not in groups:
-            groups[key] = {"genotype": genotype, "count": 0, "episodes": []}
-        groups[key]["count"] += 1
-        groups[key]["episodes"].append(index)
-    return sorted(groups.values(), key=lambda group: (-group["count"], group["episodes"][0]))

@@ -1,4 +1,4 @@
-"""Pictures of the search space: cell diagrams of a genotype and heatmaps of alpha.
+"""Pictures of the search space: cell diagrams of a genotype, and the edge labels of alpha heatmaps.
 
 A cell diagram is the usual DARTS picture: the two cell inputs ``c_{k-2}`` and
 ``c_{k-1}``, the intermediate nodes ``0 .. steps-1``, one arrow per kept ``(op, input)``
@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
-from tnas.genotypes import PRIMITIVES, Genotype, edge_inputs, num_edges, validate_genotype
+from tnas.genotypes import Genotype, edge_inputs, validate_genotype
 from tnas.runlog import atomic_write_bytes
 
 CELLS = ("normal", "reduce")
@@ -184,53 +184,3 @@ def plot_genotype(genotype: Genotype, out_dir: str, prefix: str = "") -> List[st
 def edge_labels(steps: int) -> List[str]:
     """One label per alpha row, ``node <- input``, e.g. ``0 <- c_{k-2}``, ``2 <- 1``."""
     return [f"{node} <- {_state_name(source)}" for node, source in edge_inputs(steps)]
-
-
-def _steps_of(rows: int) -> int:
-    steps = 1
-    while num_edges(steps) < rows:
-        steps += 1
-    if num_edges(steps) != rows:
-        raise ValueError(f"{rows} alpha rows is not the edge count of any cell (2, 5, 9, 14, ...)")
-    return steps
-
-
-def alpha_heatmap_figure(alpha_softmax: Sequence, title: str = ""):
-    """A matplotlib Figure showing ``alpha_softmax`` ([edges, len(PRIMITIVES)], rows edges, columns ops).
-
-    Accepts a torch tensor, numpy array or nested lists; the values are drawn as given
-    (pass softmax weights). Rows are labelled ``node <- input``, columns by primitive.
-    """
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if hasattr(alpha_softmax, "detach"):
-        alpha_softmax = alpha_softmax.detach().cpu().double().numpy()
-    values = np.asarray(alpha_softmax, dtype=float)
-    if values.ndim != 2 or values.shape[1] != len(PRIMITIVES):
-        raise ValueError(f"alpha_softmax has shape {values.shape}, expected [edges, {len(PRIMITIVES)}]")
-    steps = _steps_of(values.shape[0])
-    rows = values.shape[0]
-    figure = Figure(figsize=(7.5, 1.0 + 0.35 * rows))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    image = axes.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
-    axes.set_xticks(range(len(PRIMITIVES)))
-    axes.set_xticklabels(PRIMITIVES, rotation=45, ha="right", fontsize=8)
-    axes.set_yticks(range(rows))
-    axes.set_yticklabels(edge_labels(steps), fontsize=8)
-    axes.set_xlabel("operation")
-    axes.set_ylabel("edge (node <- input)")
-    if title:
-        axes.set_title(title)
-    if values.size and np.isfinite(values).all():
-        middle = (values.min() + values.max()) / 2
-        for row in range(rows):
-            for column in range(values.shape[1]):
-                value = values[row, column]
-                axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                          color="black" if value > middle else "white")
-    figure.colorbar(image, ax=axes, fraction=0.04, pad=0.02)
-    figure.tight_layout()
-    return figure

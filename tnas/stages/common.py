@@ -91,6 +91,7 @@ def graph_untracked(call: Callable[[Any, bool], Any], enabled: bool,
 
 
 def schedule_from_args(args) -> Schedule:
+    """The trainer's :class:`~tnas.engine.Schedule` of the schedule flags (or ``ScheduleSettings``)."""
     return Schedule(epochs=args.epochs, tasks_per_epoch=args.tasks_per_epoch, tasks_per_batch=args.tasks_per_batch,
                     log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                     val_batch_size=args.val_batch_size)
@@ -100,11 +101,20 @@ def default_run_dir(args, stage: str) -> str:
     return os.path.join("runs", f"{stage}_{args.dataset}_{args.n_way}w{args.k_shot}s")
 
 
-def check_positive(args, *names: str) -> None:
+def check_positive(settings, *names: str) -> None:
+    """One-line error for the first of the flags ``names`` of ``settings`` that is set and not > 0."""
     for name in names:
-        value = getattr(args, name)
+        value = getattr(settings, name, None)
         if value is not None and value <= 0:
             raise TnasError(f"--{name} must be positive, got {value}")
+
+
+def check_non_negative(settings, *names: str) -> None:
+    """One-line error for the first of the flags ``names`` of ``settings`` that is set and below 0."""
+    for name in names:
+        value = getattr(settings, name, None)
+        if value is not None and value < 0:
+            raise TnasError(f"--{name} must be >= 0, got {value}")
 
 
 def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
@@ -170,8 +180,9 @@ def image_channels(split) -> int:
     return int(split.image_shape[0])
 
 
-def amp_dtype(args, device: torch.device) -> Optional[torch.dtype]:
-    return torch.bfloat16 if getattr(args, "amp", False) else None
+def amp_dtype(settings) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp`` (bf16), None without it."""
+    return torch.bfloat16 if getattr(settings, "amp", False) else None
 
 
 def run_trainer(trainer, logger: RunLogger, summary_file: str) -> Dict[str, object]:

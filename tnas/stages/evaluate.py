@@ -20,37 +20,34 @@ plus checkpoint, update_step_test, seed, wall_time_s and the rest of the set-up.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
+import yaml
 
-from tnas.config import add_common_args, resolve_device, seed_everything, set_threads
+from tnas.config import add_common_args, resolve_device, seed_everything, set_flag, set_threads
+from tnas.data import FixedEpisodes, load_split
 from tnas.errors import TnasError
+from tnas.evaluate import evaluate_episodes, format_accuracy, results_record
+from tnas.genotypes import genotype_from_dict, resolve_genotype
+from tnas.runlog import atomic_write_json
 from tnas.stages import common, restore
 
 RESULTS_FILE = "results.json"
 
 
 # -- flags ---------------------------------------------------------------------------------------
-def _set_flag(parser: argparse.ArgumentParser, dest: str, **changes) -> None:
-    for action in parser._actions:
-        if action.dest == dest:
-            for key, value in changes.items():
-                setattr(action, key, value)
-    if "default" in changes:
-        parser.set_defaults(**{dest: changes["default"]})
-
-
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """The common flags, with dataset defaulting to the checkpoint's, plus the test-episode flags."""
     add_common_args(parser)
-    _set_flag(parser, "dataset", default=None, help="dataset name (default: the checkpoint's)")
-    _set_flag(parser, "data_path", help="where the raw dataset lives (default: the checkpoint run's, if the "
+    set_flag(parser, "dataset", default=None, help="dataset name (default: the checkpoint's)")
+    set_flag(parser, "data_path", help="where the raw dataset lives (default: the checkpoint run's, if the "
                                         "dataset is the checkpoint's)")
-    _set_flag(parser, "seed", help="seed of the fixed test episodes (default: 0)")
+    set_flag(parser, "seed", help="seed of the fixed test episodes (default: 0)")
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="checkpoint .pt file, or a run directory (its best.pt) (required)")
     group = parser.add_argument_group("test episodes (default: the checkpoint's settings)")
@@ -74,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--genotype", default=None, metavar="NAME|JSON|RUN_DIR",
                         help="check that the checkpoint's architecture is this genotype (published name, JSON "
                              "file, run directory with genotype.json, or an inline JSON object)")
-    _set_flag(parser, "out", help="directory for results.json (default: the checkpoint's run directory)")
+    set_flag(parser, "out", help="directory for results.json (default: the checkpoint's run directory)")
     parser.add_argument("--cuda_graph", action="store_true",
                         help="replay the adaptation of each batch of episodes as one CUDA graph (GPU only)")
     return parser
@@ -90,7 +87,6 @@ class Prepared:
     summary: Dict[str, Any]
     device: torch.device
     episodes: Any  # FixedEpisodes
-    episodes_file: Optional[str]
     split: Any
 
 
@@ -98,8 +94,6 @@ def _run_config(checkpoint: str) -> Dict[str, Any]:
     """The resolved flags of the run that wrote the checkpoint (its config.yaml), or {}."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
     try:
-        import yaml
-
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
         return data if isinstance(data, dict) else {}
@@ -149,10 +143,6 @@ def check_genotype(args, learner, summary: Dict[str, Any], checkpoint: str) -> N
     """``--genotype``, when given, must be the checkpoint's architecture."""
     if not getattr(args, "genotype", None):
         return
-    import json
-
-    from tnas.genotypes import genotype_from_dict, resolve_genotype
-
     text = args.genotype
     if text.lstrip().startswith("{") and not os.path.exists(text):
         try:
@@ -168,18 +158,9 @@ def check_genotype(args, learner, summary: Dict[str, Any], checkpoint: str) -> N
                         f"({actual})")
 
 
-def check_positive(args, *names: str, minimum: int = 1) -> None:
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < minimum:
-            raise TnasError(f"--{name} must be >= {minimum}, got {value}")
-
-
 def load_test_episodes(args, split):
     """The fixed test episodes: read from ``--episodes_file`` when it exists, else generated from
     ``--seed`` (and saved to ``--episodes_file`` when one is named)."""
-    from tnas.data import FixedEpisodes
-
     path = args.episodes_file
     if path and os.path.exists(path):
         episodes = FixedEpisodes.load(path, split, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query)
@@ -203,8 +184,8 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     """
     if not args.checkpoint:
         raise TnasError("--checkpoint PATH is required (a .pt file or a run directory holding best.pt)")
-    check_positive(args, "n_way", "k_shot", "q_query", "img_size", "episodes", "batch_size")
-    check_positive(args, "update_step_test", minimum=0)
+    common.check_positive(args, "n_way", "k_shot", "q_query", "img_size", "episodes", "batch_size")
+    common.check_non_negative(args, "update_step_test")
     args.episodes_given = args.episodes is not None
     set_threads(getattr(args, "threads", None))
     device = resolve_device(args.device)
@@ -220,9 +201,6 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     learner = restore.learner_from_state(state, device, source=checkpoint)
     del state
     check_genotype(args, learner, summary, checkpoint)
-
-    from tnas.data import load_split
-
     split = load_split(args.dataset, "test", data_path=args.data_path, img_size=args.img_size,
                        cache_dir=args.cache_dir)
     shape = summary.get("image_shape") or [summary.get("model", {}).get("in_channels")] + list(split.image_shape[1:])
@@ -233,7 +211,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[1]}x{split.image_shape[2]} images, but the "
                         f"checkpoint {checkpoint} was trained on {shape[1]}x{shape[2]} images")
     episodes = load_test_episodes(args, split)
-    return Prepared(checkpoint, learner, summary, device, episodes, args.episodes_file, split)
+    return Prepared(checkpoint, learner, summary, device, episodes, split)
 
 
 def default_out_dir(args, checkpoint: str) -> str:
@@ -243,9 +221,6 @@ def default_out_dir(args, checkpoint: str) -> str:
 # -- the stage -----------------------------------------------------------------------------------
 def run(args) -> Dict[str, object]:
     """Evaluate the checkpoint described by ``args``; returns the record written to ``results.json``."""
-    from tnas.evaluate import evaluate_episodes, format_accuracy, results_record
-    from tnas.runlog import atomic_write_json
-
     started = time.time()
     common.check_cuda_graph(args)
     prepared = prepare(args)

@@ -17,13 +17,16 @@ from PIL import Image
 
 from tnas import distributed
 from tnas.config import add_common_args
+from tnas.data import EpisodeSampler, FixedEpisodes, split_images_in_half
 from tnas.engine import MetaTrainer
-from tnas.genotypes import PRIMITIVES, edge_inputs, save_genotype
 from tnas.errors import TnasError
+from tnas.genotypes import PRIMITIVES, save_genotype
 from tnas.meta.auto_maml import ALPHA_STEP, WEIGHT_STEP, AutoMAML, AutoMAMLConfig
+from tnas.meta.cuda_graph import make_optimizers_capturable
 from tnas.meta.tnas import TNAS, TNASConfig
 from tnas.models.supernet import Supernet
 from tnas.stages import common
+from tnas.visualize import edge_labels, plot_genotype
 
 METHODS = ("tnas", "auto_maml")
 
@@ -55,11 +58,7 @@ def tnas_config(args, device: torch.device) -> TNASConfig:
                       inner_lr_weights=args.inner_lr_weights, inner_lr_alphas=args.inner_lr_alphas,
                       meta_lr_weights=args.meta_lr_weights, meta_lr_alphas=args.meta_lr_alphas,
                       alpha_weight_decay=args.alpha_weight_decay, first_order=not args.second_order,
-                      amp_dtype=common.amp_dtype(args, device))
-
-
-def edge_labels(steps: int):
-    return [f"n{node}<-{source}" for node, source in edge_inputs(steps)]
+                      amp_dtype=common.amp_dtype(args))
 
 
 def genotype_epoch_hook(learner, run_dir: str, logger, is_main: Optional[bool] = None):
@@ -69,8 +68,6 @@ def genotype_epoch_hook(learner, run_dir: str, logger, is_main: Optional[bool] =
     (``is_main``, default: this process's rank is 0) writes files, so data-parallel ranks
     never race on the same diagram.
     """
-    from tnas.visualize import plot_genotype
-
     model = learner.model
     if is_main is None:
         is_main = distributed.current_info().is_main
@@ -103,13 +100,11 @@ def build_auto_maml(args, model: Supernet, train_split, device: torch.device):
     from the second. Returns ``(learner, {"weights": ..., "alphas": ...}, step)`` where
     ``step(iteration, track)`` takes one alternating meta-iteration (even: w, odd: alpha).
     """
-    from tnas.data import EpisodeSampler, split_images_in_half
-
     config = AutoMAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
                             inner_lr_weights=args.inner_lr_weights, meta_lr_weights=args.meta_lr_weights,
                             meta_lr_alphas=args.meta_lr_alphas, alpha_weight_decay=args.alpha_weight_decay,
                             first_order=not args.second_order, split_seed=args.seed,
-                            amp_dtype=common.amp_dtype(args, device))
+                            amp_dtype=common.amp_dtype(args))
     learner = AutoMAML(model, config)
     task_slice = common.data_parallel(learner, args.tasks_per_batch)
     halves = split_images_in_half(train_split, seed=config.split_seed)
@@ -140,8 +135,6 @@ def run(args) -> Dict[str, object]:
     """Run the search stage described by ``args`` (the parsed flags); returns the summary."""
     common.check_positive(args, "n_way", "k_shot", "q_query", "tasks_per_batch", "epochs", "tasks_per_epoch",
                           "inner_steps", "inner_steps_test", "C", "layers", "val_episodes", "val_batch_size")
-    from tnas.data import EpisodeSampler, FixedEpisodes
-
     common.check_cuda_graph(args)
     run_dir, logger, device = common.prepare_run(args, "search")
     is_main = distributed.current_info().is_main
@@ -177,8 +170,6 @@ def run(args) -> Dict[str, object]:
     if args.resume:
         trainer.resume()
     if args.cuda_graph:  # after resume: a checkpoint's optimiser settings replace ours
-        from tnas.meta.cuda_graph import make_optimizers_capturable
-
         make_optimizers_capturable(learner.optimizers.values())
     logger.log(f"search ({args.method}) on {args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}, "
                f"supernet {sum(p.numel() for p in model.weights()):,} weights; run directory {run_dir}")
