@@ -10,7 +10,7 @@ from tnas.stages import search
 
 
 def main():
-    search.run(parse_args(search.build_parser()))
+    search.run(search.settings_from_args(parse_args(search.build_parser())))
 
 
 if __name__ == "__main__":

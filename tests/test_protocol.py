@@ -74,7 +74,7 @@ def search_run(tmp_path_factory):
     hook, search.genotype_epoch_hook = search.genotype_epoch_hook, genotype_json_hook
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            search.run(parse_args(search.build_parser(), argv))
+            search.run(search.settings_from_args(parse_args(search.build_parser(), argv)))
     finally:
         search.genotype_epoch_hook = hook
     return out
