@@ -11,7 +11,7 @@ from tnas.stages import decode
 
 
 def main(argv=None):
-    decode.run(parse_args(decode.build_parser(), argv))
+    decode.run(decode.settings_from_args(parse_args(decode.build_parser(), argv)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from tnas.stages import evaluate
 
 
 def main(argv=None):
-    evaluate.run(parse_args(evaluate.build_parser(), argv))
+    evaluate.run(evaluate.settings_from_args(parse_args(evaluate.build_parser(), argv)))
 
 
 if __name__ == "__main__":

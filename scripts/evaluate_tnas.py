@@ -15,7 +15,7 @@ from tnas.stages import protocol
 
 
 def main(argv=None):
-    protocol.run(parse_args(protocol.build_parser(), argv))
+    protocol.run(protocol.settings_from_args(parse_args(protocol.build_parser(), argv)))
 
 
 if __name__ == "__main__":

@@ -231,3 +231,17 @@ def test_boolean_optional_switch_from_yaml_and_cli(tmp_path):
     assert args.cosine_lr is True and args.per_step_bn is False
     with pytest.raises(TnasError, match="cosine_lr.*true or false"):
         parse_args(train.build_parser(), ["--config", str(write(tmp_path / "y.yaml", "cosine_lr: 1\n"))])
+
+
+@pytest.mark.parametrize("stage", ["search", "train", "evaluate", "decode", "protocol"])
+def test_stage_settings_hold_every_flag(stage):
+    """Each stage's typed settings carry exactly its parser's flags (a flag added to one and not the
+    other fails here), and flatten back to the parsed values."""
+    from tnas.stages import decode, evaluate, protocol, search, train
+
+    module = {"search": search, "train": train, "evaluate": evaluate, "decode": decode, "protocol": protocol}[stage]
+    parser = module.build_parser()
+    args = parse_args(parser, flag_values(parser, switches_on=True))
+    flags = module.settings_from_args(args).to_flags()
+    want = {k: v for k, v in vars(args).items() if k != "config"}
+    assert flags == want

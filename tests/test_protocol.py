@@ -84,7 +84,7 @@ def run_protocol(*argv):
     """``protocol.run`` in process: (record, printed text)."""
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink):
-        record = protocol.run(parse_args(protocol.build_parser(), list(argv)))
+        record = protocol.run(protocol.settings_from_args(parse_args(protocol.build_parser(), list(argv))))
     return record, sink.getvalue()
 
 
@@ -137,7 +137,7 @@ def from_scratch(args, search_summary):
 
 
 def _protocol_args(*argv):
-    args = parse_args(protocol.build_parser(), ["--checkpoint", "x", *argv])
+    args = protocol.settings_from_args(parse_args(protocol.build_parser(), ["--checkpoint", "x", *argv]))
     args.dataset, args.n_way, args.k_shot, args.q_query, args.img_size = "glyphs", 3, 1, 2, 16
     return args
 
@@ -185,8 +185,8 @@ def test_from_scratch_settings_budget_config_and_flags(tmp_path):
                                   "protocol_plusplus_miniimagenet_5w1s", "protocol_plusplus_miniimagenet_5w5s",
                                   "demo_protocol"])
 def test_protocol_configs(name):
-    args = parse_args(protocol.build_parser(), ["--config", os.path.join(REPO, "configs", f"{name}.yaml"),
-                                                "--checkpoint", "x"])
+    args = protocol.settings_from_args(parse_args(
+        protocol.build_parser(), ["--config", os.path.join(REPO, "configs", f"{name}.yaml"), "--checkpoint", "x"]))
     args.dataset, args.n_way, args.q_query, args.img_size = "miniimagenet", 5, 15, 84
     args.k_shot = 5 if name.endswith("5s") else 1
     train = from_scratch(args, {"model": {"C": 16, "layers": 2}})
@@ -229,9 +229,9 @@ def test_results_fields_and_genotypes_match_the_decode_stage(single, search_run,
 
     jsonl = tmp_path / "decoded.jsonl"
     with contextlib.redirect_stdout(io.StringIO()):
-        decode.run(parse_args(decode.build_parser(), ["--checkpoint", str(search_run), "--out", str(jsonl),
-                                                      "--episodes", str(EPISODES), "--update_step_test", "1",
-                                                      "--device", "cpu"]))
+        decode.run(decode.settings_from_args(parse_args(decode.build_parser(), [
+            "--checkpoint", str(search_run), "--out", str(jsonl), "--episodes", str(EPISODES),
+            "--update_step_test", "1", "--device", "cpu"])))
     decoded = [json.loads(line)["genotype"] for line in jsonl.read_text().splitlines()]
     assert [record["genotypes"][gid] for gid in ids] == decoded
     cached = [json.loads(line) for line in (out / "episode_genotypes.jsonl").read_text().splitlines()]
@@ -264,9 +264,9 @@ def test_each_episode_is_scored_by_its_own_genotype(single, tmp_path):
     record = single["record"]
     gid = record["genotype_id"][0]
     with contextlib.redirect_stdout(io.StringIO()):
-        scored = evaluate.run(parse_args(evaluate.build_parser(), [
+        scored = evaluate.run(evaluate.settings_from_args(parse_args(evaluate.build_parser(), [
             "--checkpoint", str(single["out"] / "genotypes" / gid), "--out", str(tmp_path), "--episodes",
-            str(EPISODES), "--update_step_test", "1", "--device", "cpu"]))
+            str(EPISODES), "--update_step_test", "1", "--device", "cpu"])))
     for episode, owner in enumerate(record["genotype_id"]):
         if owner == gid:
             assert scored["per_episode"][episode] == record["per_episode"][episode]

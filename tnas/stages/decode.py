@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_from_args(args: argparse.Namespace) -> evaluate_stage.CheckpointSettings:
+    """The typed settings of the parsed flags (the CLI layer's only conversion)."""
+    return evaluate_stage.CheckpointSettings.from_flags(vars(args))
+
+
 def check_tnas_search(summary: Dict[str, object], checkpoint: str, user: str = "decode") -> None:
     """A one-line error unless the checkpoint is a T-NAS search (``user``: who needs one, for the message)."""
     stage, method = summary.get("stage"), summary.get("method")
@@ -87,8 +92,8 @@ def decode_record(prepared, args, genotypes: List[Dict[str, Any]], genotypes_fil
     }
 
 
-def run(args) -> Dict[str, object]:
-    """Decode the per-episode genotypes described by ``args``; returns the summary (``decode_summary.json``)."""
+def run(args: evaluate_stage.CheckpointSettings) -> Dict[str, object]:
+    """Decode the per-episode genotypes the settings describe; returns the summary (``decode_summary.json``)."""
     started = time.time()
     if args.out and os.path.isdir(args.out):
         raise TnasError(f"--out {args.out} is a directory; give a file name "

@@ -36,6 +36,7 @@ from tnas.evaluate import evaluate_episodes, format_accuracy, results_record
 from tnas.genotypes import genotype_from_dict, resolve_genotype
 from tnas.runlog import atomic_write_json
 from tnas.stages import common, restore
+from tnas.stages.settings import Settings
 
 RESULTS_FILE = "results.json"
 
@@ -61,6 +62,43 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                             "every method is scored on the same tasks")
     group.add_argument("--update_step_test", type=int, default=10, help="adaptation steps per task (default: 10)")
     group.add_argument("--batch_size", type=int, default=50, help="tasks adapted at once (default: 50)")
+
+
+@dataclass
+class CheckpointSettings(Settings):
+    """The flags of the stages that score a checkpoint on fixed test episodes (evaluate, decode, and
+    the protocol's first part). Mutable: the dataset, task shape and data location not given are
+    filled in from the checkpoint (:func:`fill_from_checkpoint`)."""
+
+    checkpoint: Optional[str] = None
+    dataset: Optional[str] = None
+    data_path: Optional[str] = None
+    cache_dir: Optional[str] = None
+    out: Optional[str] = None
+    device: str = "auto"
+    seed: int = 0
+    threads: Optional[int] = None
+    n_way: Optional[int] = None
+    k_shot: Optional[int] = None
+    q_query: Optional[int] = None
+    img_size: Optional[int] = None
+    episodes: Optional[int] = None
+    episodes_file: Optional[str] = None
+    update_step_test: int = 10
+    batch_size: int = 50
+
+
+@dataclass
+class EvaluateSettings(CheckpointSettings):
+    """The evaluate stage's settings: a checkpoint's, plus an expected genotype and CUDA graphs."""
+
+    genotype: Optional[str] = None
+    cuda_graph: bool = False
+
+
+def settings_from_args(args: argparse.Namespace) -> EvaluateSettings:
+    """The typed settings of the parsed flags (the CLI layer's only conversion)."""
+    return EvaluateSettings.from_flags(vars(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,13 +196,13 @@ def check_genotype(args, learner, summary: Dict[str, Any], checkpoint: str) -> N
                         f"({actual})")
 
 
-def load_test_episodes(args, split):
+def load_test_episodes(args, split, episodes_given: bool):
     """The fixed test episodes: read from ``--episodes_file`` when it exists, else generated from
     ``--seed`` (and saved to ``--episodes_file`` when one is named)."""
     path = args.episodes_file
     if path and os.path.exists(path):
         episodes = FixedEpisodes.load(path, split, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query)
-        if args.episodes_given and args.episodes != len(episodes):
+        if episodes_given and args.episodes != len(episodes):
             raise TnasError(f"--episodes {args.episodes} does not match the {len(episodes)} episodes of "
                             f"--episodes_file {path}")
         args.episodes = len(episodes)
@@ -186,7 +224,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
         raise TnasError("--checkpoint PATH is required (a .pt file or a run directory holding best.pt)")
     common.check_positive(args, "n_way", "k_shot", "q_query", "img_size", "episodes", "batch_size")
     common.check_non_negative(args, "update_step_test")
-    args.episodes_given = args.episodes is not None
+    episodes_given = args.episodes is not None
     set_threads(getattr(args, "threads", None))
     device = resolve_device(args.device)
     seed_everything(args.seed)
@@ -210,7 +248,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     if tuple(split.image_shape[1:]) != tuple(shape[1:]):
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[1]}x{split.image_shape[2]} images, but the "
                         f"checkpoint {checkpoint} was trained on {shape[1]}x{shape[2]} images")
-    episodes = load_test_episodes(args, split)
+    episodes = load_test_episodes(args, split, episodes_given)
     return Prepared(checkpoint, learner, summary, device, episodes, split)
 
 
@@ -219,8 +257,8 @@ def default_out_dir(args, checkpoint: str) -> str:
 
 
 # -- the stage -----------------------------------------------------------------------------------
-def run(args) -> Dict[str, object]:
-    """Evaluate the checkpoint described by ``args``; returns the record written to ``results.json``."""
+def run(args: EvaluateSettings) -> Dict[str, object]:
+    """Evaluate the checkpoint described by the settings; returns the record written to ``results.json``."""
     started = time.time()
     common.check_cuda_graph(args)
     prepared = prepare(args)
@@ -230,7 +268,7 @@ def run(args) -> Dict[str, object]:
         raise TnasError(f"--out {out_dir} is a file, not a directory")
     result = evaluate_episodes(learner, prepared.episodes, args.batch_size, prepared.device,
                                steps=args.update_step_test, desc="evaluate",
-                               cuda_graph=getattr(args, "cuda_graph", False))
+                               cuda_graph=args.cuda_graph)
     genotype = restore.checkpoint_genotype(learner, summary).to_dict()
     extra = {
         "q_query": args.q_query,
