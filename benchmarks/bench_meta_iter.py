@@ -14,7 +14,7 @@ device, so this times the meta-learning only (the data pipeline has its own benc
 ``bench_episodes.py``). Each case runs ``--warmup`` iterations, then ``--iterations``
 timed ones, synchronising the device before reading the clock. Prints one JSON object.
 
-Reference, the original code on one H200 (DESIGN.md): T-NAS 3.68 s per meta-iteration of
+Reference, the original code on one H200 (docs/design.md section 3): T-NAS 3.68 s per meta-iteration of
 4 tasks, 1-shot (1.09 tasks/s); auto-MAML 6.17 s per meta-iteration of 4 tasks; meta-test
 adaptation 1.61 s per task.
 

@@ -203,7 +203,7 @@ def test_bf16_autocast_meta_gradient_close_to_fp32():
     0.986 and 0.17; float16 gives 0.996 and 0.09 on the same case, and at 16x16 bf16 gives
     0.966 and 0.26. The meta-gradient amplifies rounding (BatchNorm over a few support images,
     inner steps on alpha), so bf16 cannot agree more closely; it is an option, not the default
-    (DESIGN.md section 3). Every convolution really runs in bf16 here: tasks are folded into
+    (docs/design.md section 3). Every convolution really runs in bf16 here: tasks are folded into
     channel groups, and autocast reaches the convolutions (under ``vmap`` it does not).
     """
     assert_bf16_meta_gradient_close_to_fp32(*bf16_case("cpu"))

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from tnas.meta.cuda_graph import GraphedStep
 from tnas.runlog import progress
 
 
@@ -39,8 +40,6 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
     if cuda_graph:
         if torch.device(device).type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
-        from tnas.meta.cuda_graph import GraphedStep
-
         evaluate = GraphedStep(evaluate, warmup=1)
     accuracies, losses, per_step = [], [], []
     batches = episodes.batches(batch_size, device)
@@ -60,7 +59,7 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
 
 def results_record(method: str, dataset: str, n_way: int, k_shot: int, accuracies: Sequence[float],
                    genotypes=None, **extra) -> Dict[str, object]:
-    """The ``results.json`` record of an evaluation (DESIGN.md §4), accuracies in percent.
+    """The ``results.json`` record of an evaluation (docs/design.md section 4), accuracies in percent.
 
     ``accuracies``: per-episode query accuracy in percent, in episode order. ``genotypes``:
     the evaluated architecture (a genotype dict, or a list of them). ``extra`` fields

@@ -9,8 +9,10 @@ import torch
 
 from tnas import distributed
 from tnas.config import resolve_device, save_config, seed_everything, set_threads
+from tnas.data import check_episode_shape, load_split
 from tnas.engine import Schedule
 from tnas.errors import TnasError
+from tnas.meta.cuda_graph import GraphedStep, KeyedGraphedStep
 from tnas.runlog import RunLogger
 
 
@@ -78,8 +80,6 @@ def graph_untracked(call: Callable[[Any, bool], Any], enabled: bool,
     """
     if not enabled:
         return call
-    from tnas.meta.cuda_graph import GraphedStep, KeyedGraphedStep
-
     untracked = lambda batch: call(batch, False)  # noqa: E731
     graphed = GraphedStep(untracked) if key is None else KeyedGraphedStep(untracked, key)
 
@@ -167,8 +167,6 @@ def data_parallel(learner, tasks_per_batch: int) -> slice:
 
 def load_splits(args, names=("train", "val")) -> Dict[str, object]:
     """The dataset's splits at ``--img_size``, from the uint8 cache; checks each can supply the episodes."""
-    from tnas.data import check_episode_shape, load_split
-
     splits = {name: load_split(args.dataset, name, data_path=args.data_path, img_size=args.img_size,
                                cache_dir=args.cache_dir) for name in names}
     for split in splits.values():

@@ -13,7 +13,7 @@ an n-way, image size, channel count or ``--genotype`` that contradicts the check
 one-line error naming both values.
 
 Output: ``results.json`` in ``--out`` (default: the checkpoint's run directory), written
-atomically and only after a successful evaluation, with DESIGN.md §4's fields (method,
+atomically and only after a successful evaluation, with docs/design.md section 4's fields (method,
 dataset, n_way, k_shot, episodes, accuracy_mean, ci95, per_episode in percent, genotypes)
 plus checkpoint, update_step_test, seed, wall_time_s and the rest of the set-up.
 """
