@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from tnas import distributed
-from tnas.config import add_common_args, load_config
+from tnas.config import add_common_args, load_config, to_plain
 from tnas.data import EpisodeSampler, FixedEpisodes
 from tnas.engine import MetaTrainer
 from tnas.errors import TnasError
@@ -87,7 +86,11 @@ class TrainSettings(Settings):
 
     def replace(self, **changes) -> "TrainSettings":
         """A copy with flags changed by name, wherever they live (``replace(epochs=2, out=...)``)."""
-        return TrainSettings.from_flags({**self.to_flags(), **changes})
+        flags = self.to_flags()
+        unknown = sorted(set(changes) - set(flags))
+        if unknown:
+            raise TypeError(f"TrainSettings has no flag {', '.join(unknown)}")
+        return TrainSettings.from_flags({**flags, **changes})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,22 +176,18 @@ STRUCTURAL_LEARNER_KEYS = ("inner_steps", "per_step_bn", "learn_inner_lr")
 """Learner settings that shape the checkpoint (per-step BN sets, learned rates); the others may change on resume."""
 
 
-def _plain(value):
-    return json.loads(json.dumps(value))
-
-
 def check_resumable(run_dir: str, summary: Mapping[str, object], logger=None) -> None:
     """A one-line error when ``--resume`` would continue a run of another network (genotype, C,
     layers, ...) or a learner of another shape; changed schedule settings are only logged."""
     saved = load_checkpoint(os.path.join(run_dir, "last.pt")).get("summary", {})
-    old_model, new_model = _plain(saved.get("model")), _plain(summary["model"])
+    old_model, new_model = to_plain(saved.get("model")), to_plain(summary["model"])
     if old_model is not None and old_model != new_model:
         keys = [k for k in sorted(set(old_model) | set(new_model)) if old_model.get(k) != new_model.get(k)]
         detail = ", ".join("genotype differs" if k == "genotype" else f"{k}: {old_model.get(k)} -> {new_model.get(k)}"
                            for k in keys)
         raise TnasError(f"--resume: {run_dir} holds another network ({detail}); use the same --genotype and "
                         f"network flags, or another --out")
-    old_learner, new_learner = _plain(saved.get("learner") or {}), _plain(summary["learner"])
+    old_learner, new_learner = to_plain(saved.get("learner") or {}), to_plain(summary["learner"])
     changed = [k for k in sorted(set(old_learner) | set(new_learner)) if old_learner.get(k) != new_learner.get(k)]
     structural = [k for k in changed if k in STRUCTURAL_LEARNER_KEYS]
     if structural:
