@@ -57,8 +57,8 @@ def _given_train_flags(args, configured, search_summary: Dict[str, Any]) -> Dict
     (unless ``configured``, the --train_config's keys, set it)."""
     given = {name: getattr(args, name) for name, _, _ in TRAIN_FLAGS if getattr(args, name) is not None}
     given.update({name: getattr(args, name) for name, _ in TRAIN_SWITCHES if getattr(args, name) is not None})
-    for name, value in BUDGET_SCHEDULE.items():
-        if args.budget:
+    if args.budget:
+        for name, value in BUDGET_SCHEDULE.items():
             given.setdefault(name, value)
     model = search_summary.get("model", {})
     for name in ("C", "layers"):  # the derived network defaults to the searched supernet's size, unless configured
