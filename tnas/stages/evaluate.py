@@ -47,7 +47,7 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
     set_flag(parser, "dataset", default=None, help="dataset name (default: the checkpoint's)")
     set_flag(parser, "data_path", help="where the raw dataset lives (default: the checkpoint run's, if the "
-                                        "dataset is the checkpoint's)")
+                                       "dataset is the checkpoint's)")
     set_flag(parser, "seed", help="seed of the fixed test episodes (default: 0)")
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="checkpoint .pt file, or a run directory (its best.pt) (required)")
