@@ -12,6 +12,7 @@ setup(
         "torch>=2.4",
         "torchvision>=0.19",
         "tensorboardX>=2.6",
+        "tensorboard>=2.14",  # the viewer: `tensorboard --logdir runs` (tensorboardX only writes the events)
         "ptflops>=0.7",
         "numpy>=1.23",
         "pillow>=9.0",

@@ -23,6 +23,18 @@ component on) of the published auto-MAML cell, and extrapolate t_g, the device-h
 one genotype at the paper schedule (15 epochs x 15,000 tasks = 56,250 meta-iterations of 4
 tasks, validation not counted), and the T-NAS protocol's cost for 600 distinct genotypes, set
 beside the original code's estimate of 6 h per genotype (3,600 GPU-hours for 600 tasks).
+
+The ``genobatch_*`` cases train G genotypes at once as one network
+(:mod:`tnas.meta.genotype_batch`), 4 tasks per genotype, first-order MAML or MAML++ as the
+``scratch_*`` cases. The G genotypes are decoded from random alphas (every edge's choice drawn
+anew: the least sharing of ops between genotypes, so the slowest case); ``genobatch_same_*``
+batch the published 1-shot genotype G times (every choice shared: the fastest case). ``tasks_per_second``
+counts the tasks of all genotypes; ``protocol_hours_600`` is the device-hours to train 600
+genotypes at the paper schedule in batches of G. ``genobatch_demo_G8_vs_sequential`` (and its
+``_distinct`` variant with 8 random genotypes) times, in one process, one batched meta-iteration
+of 8 genotypes against 8 solo meta-iterations one after another, at the CPU demo's setting
+(``configs/demo_scratch.yaml``: 28x28 grayscale, C 8, layers 2, 5 queries, 3 inner steps;
+``--tiny`` shrinks it further), and reports the ratio.
 """
 from __future__ import annotations
 
@@ -39,17 +51,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tnas.genotypes import PUBLISHED  # noqa: E402
+from tnas.genotypes import PRIMITIVES, PUBLISHED, decode_genotype, num_edges  # noqa: E402
 from tnas.meta.cuda_graph import GraphedStep, make_optimizers_capturable  # noqa: E402
+from tnas.meta.genotype_batch import GenotypeBatchLearner  # noqa: E402
 from tnas.meta.maml import model_forward  # noqa: E402
 from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus  # noqa: E402
 from tnas.meta.tnas import TNAS, TNASConfig  # noqa: E402
 from tnas.models import branches  # noqa: E402
+from tnas.models.genotype_batch import GenotypeBatchNetwork  # noqa: E402
 from tnas.models.network import Network  # noqa: E402
 from tnas.models.supernet import Supernet  # noqa: E402
 from tnas.task_folding import POINTWISE_MODES, set_pointwise_mode  # noqa: E402
 
-ORIGINAL_SECONDS = {"tnas": 3.68 / 4, "auto_maml": 6.17 / 4, "adapt": 1.61, "scratch": 6 * 3600 / 225_000}
+ORIGINAL_SECONDS = {"tnas": 3.68 / 4, "auto_maml": 6.17 / 4, "adapt": 1.61, "scratch": 6 * 3600 / 225_000,
+                    "genobatch": 6 * 3600 / 225_000}
 """The original code's seconds per task (meta-training: per task of a 4-task meta-batch): search and
 adaptation measured on one H200; from-scratch training from its README's 6 h per genotype (GTX 1080)
 spread over the 225,000 tasks of the paper schedule."""
@@ -71,6 +86,42 @@ CASES: Dict[str, Dict[str, object]] = {
     "scratch_5shot_T4": dict(kind="scratch", k_shot=5, tasks=4, genotype="auto_maml_5shot"),
     "scratch_pp_1shot_T4": dict(kind="scratch", k_shot=1, tasks=4, genotype="auto_maml_1shot", plus_plus=True),
 }
+for _shot in (1, 5):
+    for _count in (1, 8, 32, 64):
+        CASES[f"genobatch_{_shot}shot_G{_count}_T4"] = dict(kind="genobatch", k_shot=_shot, tasks=4, genotypes=_count)
+        CASES[f"genobatch_pp_{_shot}shot_G{_count}_T4"] = dict(kind="genobatch", k_shot=_shot, tasks=4,
+                                                            genotypes=_count, plus_plus=True)
+for _count in (8, 64):  # the best case: one genotype G times, every choice shared
+    CASES[f"genobatch_same_1shot_G{_count}_T4"] = dict(kind="genobatch", k_shot=1, tasks=4, genotypes=_count,
+                                                      same=True)
+CASES["genobatch_demo_G8_vs_sequential"] = dict(kind="genobatch_vs_sequential", k_shot=1, tasks=4, genotypes=8,
+                                                distinct=False)
+CASES["genobatch_demo_G8_distinct_vs_sequential"] = dict(kind="genobatch_vs_sequential", k_shot=1, tasks=4,
+                                                         genotypes=8, distinct=True)
+DEMO_SETTING = dict(n_way=5, C=8, layers=2, img_size=28, channels=1, q_query=5, inner_steps=3, inner_steps_test=5)
+"""configs/demo_scratch.yaml's network and episodes (glyphs: 28x28 grayscale)."""
+
+
+def random_genotypes(count: int, seed: int = 0, steps: int = 4):
+    """``count`` genotypes decoded from random alphas (each edge's op and inputs drawn anew)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (num_edges(steps), len(PRIMITIVES))
+    return [decode_genotype(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator), steps)
+            for _ in range(count)]
+
+
+def case_genotypes(spec: Dict[str, object]):
+    """A genotype-batch case's genotypes: random decodes, or the published 1-shot one G times (``same``)."""
+    count = int(spec["genotypes"])
+    return [PUBLISHED["auto_maml_1shot"]] * count if spec.get("same") else random_genotypes(count)
+
+
+def distinct_choices_per_edge(genotypes) -> float:
+    """Mean over the edge positions of both cells of the distinct (op, input) choices the genotypes made
+    there: the op modules a genotype batch runs per edge position (1 when all genotypes agree)."""
+    counts = [len({getattr(g, cell)[edge] for g in genotypes})
+              for cell in ("normal", "reduce") for edge in range(len(genotypes[0].normal))]
+    return sum(counts) / len(counts)
 
 
 def synthetic_batch(tasks: int, n_way: int, k_shot: int, q_query: int, channels: int, side: int, device):
@@ -87,16 +138,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def scratch_config(spec: Dict[str, object], args) -> MAMLConfig:
+    """First-order MAML, or MAML++ (second order, every component on) for ``plus_plus`` cases."""
+    plus_plus = bool(spec.get("plus_plus"))
+    return MAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
+                      first_order=not plus_plus, per_step_bn=plus_plus, learn_inner_lr=plus_plus,
+                      multi_step_loss=plus_plus, cosine_lr=plus_plus,
+                      amp_dtype=torch.bfloat16 if getattr(args, "amp", False) else None)
+
+
 def build_learner(spec: Dict[str, object], args, device: torch.device):
-    """The learner a case times: T-NAS on the supernet, or (MAML / MAML++) on a derived network."""
+    """The learner a case times: T-NAS on the supernet, (MAML / MAML++) on a derived network, or on a
+    batch of G derived networks."""
     amp_dtype = torch.bfloat16 if args.amp else None
+    if spec["kind"] == "genobatch":
+        model = GenotypeBatchNetwork.from_genotypes(case_genotypes(spec), seed=0,
+                                                    n_way=args.n_way, C=args.C, layers=args.layers, in_channels=3)
+        return GenotypeBatchLearner(model.to(device), scratch_config(spec, args))
     if spec["kind"] == "scratch":
         model = Network(PUBLISHED[str(spec["genotype"])], n_way=args.n_way, C=args.C, layers=args.layers,
                         in_channels=3)
-        plus_plus = bool(spec.get("plus_plus"))
-        config = MAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
-                            first_order=not plus_plus, per_step_bn=plus_plus, learn_inner_lr=plus_plus,
-                            multi_step_loss=plus_plus, cosine_lr=plus_plus, amp_dtype=amp_dtype)
+        config = scratch_config(spec, args)
         learner_class = MAMLPlusPlus
     else:
         model = Supernet(n_way=args.n_way, C=args.C, layers=args.layers, in_channels=3)
@@ -114,13 +176,14 @@ def build_learner(spec: Dict[str, object], args, device: torch.device):
 def prepare_case(spec: Dict[str, object], args, device: torch.device):
     """Build a case's learner and batch: returns (one_iteration(i), warm-up iterations, tasks)."""
     torch.manual_seed(0)
-    kind, tasks = spec["kind"], int(spec["tasks"])
+    kind, tasks = spec["kind"], int(spec["tasks"]) * int(spec.get("genotypes", 1))
     learner = build_learner(spec, args, device)
     batch = synthetic_batch(tasks, args.n_way, int(spec["k_shot"]), args.q_query, 3, args.img_size, device)
 
     steps = {  # (kind, iteration parity) -> one call of the learner on a batch
         "tnas": lambda b: learner.meta_step(b),
         "scratch": lambda b: learner.meta_step(b),
+        "genobatch": lambda b: learner.meta_step(b),
         # auto-MAML: the weights step and the alpha step alternate; both adapt w only
         "weights": lambda b: learner.meta_step(b, adapt_groups=["weights"], update_groups=["weights"]),
         "alphas": lambda b: learner.meta_step(b, adapt_groups=["weights"], update_groups=["alphas"]),
@@ -165,9 +228,64 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
         genotype_hours = PAPER_SCHEDULE_TASKS / tasks_per_second / 3600
         record["genotype_hours_paper_schedule"] = genotype_hours
         record[f"protocol_device_hours_{PROTOCOL_GENOTYPES}_genotypes"] = genotype_hours * PROTOCOL_GENOTYPES
+    if kind == "genobatch":
+        record["genotypes"] = int(spec["genotypes"])
+        record["tasks_per_genotype"] = int(spec["tasks"])
+        record["method"] = "maml++ (second order)" if spec.get("plus_plus") else "maml (first order)"
+        record["distinct_choices_per_edge"] = distinct_choices_per_edge(case_genotypes(spec))
+        record["genotype_hours_paper_schedule"] = PAPER_SCHEDULE_TASKS / tasks_per_second / 3600  # amortised
+        record[f"protocol_hours_{PROTOCOL_GENOTYPES}"] = (
+            PROTOCOL_GENOTYPES * PAPER_SCHEDULE_TASKS / tasks_per_second / 3600)
     if device.type == "cuda":
         record["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return record
+
+
+def run_comparison(name: str, spec: Dict[str, object], args, device: torch.device) -> Dict[str, object]:
+    """G genotypes batched against G solo learners stepped one after another, same process, same data."""
+    count, tasks = int(spec["genotypes"]), int(spec["tasks"])
+    setting = dict(DEMO_SETTING)
+    if args.tiny:
+        setting.update(C=4, layers=1, img_size=16, q_query=2, inner_steps=1, inner_steps_test=2)
+    settings = SimpleNamespace(**setting)
+    genotypes = random_genotypes(count) if spec["distinct"] else [PUBLISHED["auto_maml_1shot"]] * count
+    shape = dict(n_way=settings.n_way, C=settings.C, layers=settings.layers, in_channels=settings.channels)
+    torch.manual_seed(0)
+    batches = [synthetic_batch(tasks, settings.n_way, int(spec["k_shot"]), settings.q_query, settings.channels,
+                               settings.img_size, device) for _ in range(count)]
+    solo = []
+    for genotype in genotypes:
+        torch.manual_seed(0)
+        solo.append(MAMLPlusPlus(Network(genotype, **shape).to(device), scratch_config(spec, settings)))
+    batched = GenotypeBatchLearner(GenotypeBatchNetwork.from_genotypes(genotypes, seed=0, **shape).to(device),
+                                   scratch_config(spec, settings))
+    stacked = SimpleNamespace(**{field: torch.cat([getattr(b, field) for b in batches])
+                                 for field in ("support_x", "support_y", "query_x", "query_y")})
+
+    def sequential() -> None:
+        for learner, batch in zip(solo, batches):
+            learner.meta_step(batch)
+
+    def together() -> None:
+        batched.meta_step(stacked)
+
+    runs = {"sequential": sequential, "batched": together}
+    for _ in range(args.warmup):
+        for run in runs.values():
+            run()
+    timings = dict.fromkeys(runs, 0.0)
+    for _ in range(args.iterations):  # interleaved, so that a change of machine load hits both alike
+        for label, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            timings[label] += (time.perf_counter() - start) / args.iterations
+    return {"case": name, "kind": spec["kind"], "genotypes": count, "tasks_per_genotype": tasks,
+            "distinct_genotypes": bool(spec["distinct"]), "setting": setting,
+            "seconds_per_iteration_sequential": timings["sequential"],
+            "seconds_per_iteration_batched": timings["batched"],
+            "speedup_batched_vs_sequential": timings["sequential"] / timings["batched"]}
 
 
 def parse_args(argv: List[str] = None) -> argparse.Namespace:
@@ -216,7 +334,8 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     results = []
     for name in args.cases:
         try:
-            results.append(run_case(name, CASES[name], args, device))
+            run = run_comparison if CASES[name]["kind"] == "genobatch_vs_sequential" else run_case
+            results.append(run(name, CASES[name], args, device))
         except Exception as error:  # one failing case (e.g. out of memory) must not hide the others
             results.append({"case": name, "error": f"{type(error).__name__}: {error}"})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # each case as it ends, for cut runs

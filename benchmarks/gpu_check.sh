@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one go: the GPU tests, then the speed benchmarks, each printing JSON.
-#   bash benchmarks/gpu_check.sh            # everything, most important first (under 8 minutes)
+#   bash benchmarks/gpu_check.sh            # everything, most important first (under 8 minutes;
+#                                           # GPU_CHECK_SECONDS=900 leaves room for the older cases)
 #   bash benchmarks/gpu_check.sh tests      # only the GPU tests
 #   bash benchmarks/gpu_check.sh speed      # only the benchmarks
 # Every step is cut to fit GPU_CHECK_SECONDS (default 460) in all. After each step the
@@ -37,6 +38,7 @@ step() {
 
 if [ "$part" != speed ]; then
   timeout "$(limit 130)" "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_branches.py \
+    tests/test_genotype_batch.py \
     tests/test_data_episodes.py 2>&1 \
     | tee "$work/gpu_tests.txt" || status=1
   cp "$work/gpu_tests.txt" "$out/"
@@ -44,6 +46,16 @@ if [ "$part" != speed ]; then
 fi
 if [ "$part" != tests ]; then
   bench="$py benchmarks/bench_meta_iter.py"
+  # Genotype batches first: G genotypes (random decodes, 4 tasks each) trained as one network,
+  # first-order MAML and MAML++, 1-shot; aggregate tasks/s, peak memory, protocol_hours_600
+  step "genotype batches fp32, eager" 150 bench_meta_iter_genobatch.json $bench --iterations 3 --warmup 1 \
+    --cases genobatch_1shot_G1_T4 genobatch_1shot_G8_T4 genobatch_1shot_G32_T4 genobatch_1shot_G64_T4 \
+    genobatch_pp_1shot_G1_T4 genobatch_pp_1shot_G8_T4 genobatch_pp_1shot_G32_T4 genobatch_pp_1shot_G64_T4 \
+    genobatch_same_1shot_G64_T4
+  step "genotype batches fp32 + CUDA graph" 90 bench_meta_iter_genobatch_graph.json $bench --iterations 3 \
+    --cuda_graph --cases genobatch_1shot_G8_T4 genobatch_1shot_G64_T4 genobatch_pp_1shot_G8_T4
+  step "genotype batches 5-shot fp32, eager" 60 bench_meta_iter_genobatch_5shot.json $bench --iterations 2 \
+    --warmup 1 --cases genobatch_5shot_G8_T4 genobatch_5shot_G32_T4 genobatch_pp_5shot_G8_T4
   # The targets first: every search case and adaptation as CUDA graphs (1x1 convs as matmuls, the default)
   step "meta-iteration fp32 + CUDA graph" 90 bench_meta_iter_fp32_graph.json $bench --iterations 5 --cuda_graph \
     --cases tnas_1shot_T4 auto_maml_1shot_T4 tnas_1shot_T16 tnas_5shot_T4 scratch_1shot_T4 scratch_pp_1shot_T4
@@ -95,7 +107,8 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_meta_iter_*.json")
     for r in report.get("results", []):
         print(os.path.basename(path)[16:-5], r.get("case"), "s/iter", r.get("seconds_per_iteration"),
               "tasks/s", r.get("tasks_per_second"), "t_g h", r.get("genotype_hours_paper_schedule"),
-              "x orig", r.get("speedup_vs_original"), "GiB", r.get("peak_gpu_memory_gib"), "error", r.get("error"))
+              "x orig", r.get("speedup_vs_original"), "GiB", r.get("peak_gpu_memory_gib"), "G", r.get("genotypes"),
+              "protocol h", r.get("protocol_hours_600"), "error", r.get("error"))
 PY
   cat "$work/bench_episodes.json" "$work/bench_shared_gpu.json" 2>/dev/null
   grep -h '^{"case"' "$work"/profile_*.txt 2>/dev/null

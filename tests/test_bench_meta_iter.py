@@ -78,3 +78,29 @@ def test_shared_gpu_sums_throughput_and_rescales_the_cost(tmp_path, capsys):
     bad.write_text("not json")
     assert shared.main([str(bad)]) == 2
     assert "bad.json" in capsys.readouterr().err
+
+
+def test_genotype_batch_cases_report_aggregate_rate_and_protocol_cost(bench):
+    cases = ["genobatch_1shot_G8_T4", "genobatch_pp_1shot_G1_T4", "genobatch_demo_G8_distinct_vs_sequential",
+             "genobatch_same_1shot_G8_T4"]
+    report = bench.main(["--tiny", "--device", "cpu", "--iterations", "1", "--warmup", "0", "--cases", *cases])
+    batched, plus_plus, comparison, same = report["results"]
+    assert same["distinct_choices_per_edge"] == 1.0 and same["genotypes"] == 8
+    assert "error" not in batched and "error" not in plus_plus and "error" not in comparison, report["results"]
+    assert (batched["genotypes"], batched["tasks_per_genotype"], batched["tasks"]) == (8, 4, 32)
+    assert batched["first_order"] and not plus_plus["first_order"] and plus_plus["tasks"] == 4
+    for record in (batched, plus_plus):
+        assert record["tasks_per_second"] == pytest.approx(record["tasks"] / record["seconds_per_iteration"])
+        assert record["protocol_hours_600"] == pytest.approx(600 * 15 * 15_000 / record["tasks_per_second"] / 3600)
+    assert plus_plus["distinct_choices_per_edge"] == 1.0 and batched["distinct_choices_per_edge"] > 1.0
+    assert comparison["speedup_batched_vs_sequential"] == pytest.approx(
+        comparison["seconds_per_iteration_sequential"] / comparison["seconds_per_iteration_batched"])
+
+
+def test_random_genotypes_are_valid_and_reproducible(bench):
+    from tnas.genotypes import validate_genotype
+
+    genotypes = bench.random_genotypes(5)
+    assert genotypes == bench.random_genotypes(5) and len(set(genotypes)) == 5
+    for genotype in genotypes:
+        validate_genotype(genotype)

@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 
-from tnas.genotypes import genotype_counts
-from tnas.genotypes import genotype_from_dict
+from tnas.diversity import op_counts
+from tnas.genotypes import genotype_counts, genotype_from_dict
 from script_loader import load_script
+from tb_events import summary_values
 
 try:
     from test_evaluate import assert_one_line_error, run_in_process
@@ -59,6 +60,16 @@ def test_decode_writes_one_genotype_per_episode(runs, decode, tmp_path):
     assert [group["count"] for group in summary["counts"]] == sorted((g["count"] for g in summary["counts"]),
                                                                       reverse=True)
     assert f"5 episodes -> {summary['distinct']} distinct genotype(s)" in result.stdout
+    # what the tasks chose, beside the summary: the counts of these very genotypes
+    diversity = json.loads((run_dir / "genotype_diversity.json").read_text())
+    assert diversity["tasks"] == 5 and diversity["distinct_genotypes"] == summary["distinct"]
+    assert diversity["most_common_count"] == summary["counts"][0]["count"]
+    assert diversity["tasks_with_meta_genotype"] == summary["episodes_with_meta_genotype"]
+    for cell in ("normal", "reduce"):
+        assert diversity["cells"][cell]["op_counts"] == op_counts(genotypes, cell).tolist()
+        assert (run_dir / f"op_frequency_{cell}.png").read_bytes().startswith(b"\x89PNG")
+    assert "tasks/op_frequency_normal" in {tag for tag, _, _ in summary_values(run_dir / "tb")}
+    assert "decode tasks 5/5 | " in result.stdout and "what the tasks chose: 5 tasks -> " in result.stdout
 
 
 def test_same_tasks_as_evaluate_and_batching_does_not_matter(runs, decode, tmp_path):

@@ -12,6 +12,7 @@ Python with torch costs seconds on shared cores (the errors go through the same
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -170,8 +171,10 @@ def test_results_fields(runs, evaluate, tmp_path):
 
     learner, _ = learner_from_checkpoint(runs["search"])
     assert record["genotypes"] == learner.genotype().to_dict()  # the meta-architecture
-    line = result.stdout.splitlines()[0]
-    assert line == (f"5-way 1-shot glyphs: {record['accuracy_mean']:.2f} \u00b1 {record['ci95']:.2f}% (5 episodes)")
+    lines = result.stdout.splitlines()  # progress lines (no terminal here), the result, the path
+    assert lines[-2] == (f"5-way 1-shot glyphs: {record['accuracy_mean']:.2f} \u00b1 {record['ci95']:.2f}% (5 episodes)")
+    assert re.search(rf"\] evaluate tasks 5/5 \| acc {record['accuracy_mean']:.2f}% \| \d+\.\d tasks/s \| elapsed ",
+                     lines[-3]), lines
 
 
 def test_same_seed_same_results_other_seed_other_episodes(runs, evaluate, tmp_path):
@@ -320,5 +323,5 @@ def test_subprocess_wrapper_writes_results(started):
     processes, work = started
     result = ok(_collect(processes["wrapper"]))
     record = results_of(work / "ok")
-    assert result.stdout.startswith(f"5-way 1-shot glyphs: {record['accuracy_mean']:.2f} \u00b1 ")
+    assert f"\n5-way 1-shot glyphs: {record['accuracy_mean']:.2f} \u00b1 " in result.stdout
     assert record["episodes"] == 5 and len(record["per_episode"]) == 5

@@ -26,6 +26,7 @@ from tnas import distributed
 from tnas.errors import TnasError
 from tnas.evaluate import evaluate_episodes, mean_ci95
 from tnas.meta.learner import StepStats
+from tnas.progress import TrainingProgress
 from tnas.runlog import RunLogger, atomic_write_json, load_checkpoint, progress, save_checkpoint
 
 StepFn = Callable[[int, bool], StepStats]
@@ -233,11 +234,14 @@ class MetaTrainer:
         schedule = self.schedule
         per_epoch = schedule.iterations_per_epoch
         self._pending_first_iteration = self.iteration
+        meter = TrainingProgress(self.stage, schedule.epochs, per_epoch, schedule.tasks_per_batch,
+                                 schedule.log_every, self.logger if self.is_main else None)
         with _StopRequest() as stop:
             while self.epoch < schedule.epochs:
                 first = self.iteration - self.epoch * per_epoch
                 bar = progress(range(first, per_epoch), total=per_epoch, initial=first,
                                desc=f"{self.stage} epoch {self.epoch + 1}/{schedule.epochs}")
+                meter.start_epoch(self.epoch, self.iteration, bar)
                 for _ in bar:
                     track = schedule.log_every > 0 and self.iteration % schedule.log_every == 0
                     stats = self.step(self.iteration, track)
@@ -245,9 +249,11 @@ class MetaTrainer:
                     self._epoch_loss += stats.query_loss.detach().double().sum()
                     self._epoch_accuracy += stats.query_accuracy.detach().double().sum()
                     self._epoch_tasks += int(stats.query_accuracy.shape[0])
+                    meter.add(stats)
                     self.iteration += 1
                     if track:
                         self._check_finite()
+                        meter.report(self.iteration, self.elapsed())
                         if self.is_main:
                             self._log_step(stats)
                     if stop.requested:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from tnas.meta.cuda_graph import GraphedStep
+from tnas.progress import TaskProgress
 from tnas.runlog import progress
 
 
@@ -28,13 +29,15 @@ def mean_ci95(accuracies: Sequence[float]) -> Dict[str, float]:
 
 def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optional[int] = None,
                       desc: Optional[str] = "evaluate", track_steps: bool = False,
-                      cuda_graph: bool = False) -> Dict[str, np.ndarray]:
+                      cuda_graph: bool = False, log=None) -> Dict[str, np.ndarray]:
     """Adapt and score every fixed episode, ``batch_size`` tasks per batched call.
 
     Returns ``{"accuracy": [E] percent, "loss": [E]}`` and, with ``track_steps``,
     ``"accuracy_per_step": [S+1, E]`` percent (step 0 = before adaptation). ``cuda_graph``
     (CUDA only) records the adaptation of the first full batch as a CUDA graph and replays
     it for the next ones (a last, smaller batch runs eagerly); the results are the same.
+    ``log`` (a RunLogger or :class:`tnas.progress.StdoutLog`), when given, gets about ten
+    progress lines (tasks done, running accuracy, tasks/s, ETA); validation passes none.
     """
     evaluate = lambda batch: learner.evaluate(batch, steps=steps, track_steps=track_steps)  # noqa: E731
     if cuda_graph:
@@ -44,8 +47,11 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
     accuracies, losses, per_step = [], [], []
     batches = episodes.batches(batch_size, device)
     total = math.ceil(len(episodes) / batch_size)
-    for batch in progress(batches, total=total, desc=desc):
+    meter = TaskProgress(desc or "evaluate", len(episodes), total, log=log) if log is not None else None
+    for batch in meter.wrap(batches) if meter else progress(batches, total=total, desc=desc):
         stats = evaluate(batch)
+        if meter:
+            meter.add(stats.query_accuracy.shape[0], stats.query_accuracy)
         accuracies.append(stats.query_accuracy.detach())
         losses.append(stats.query_loss.detach())
         if track_steps and stats.per_step_accuracy is not None:

@@ -240,12 +240,12 @@ class RunLogger:
             self._writer = SummaryWriter(str(self.out_dir / "tb"))
         return self._writer
 
-    def log(self, message: str) -> None:
-        """Write a timestamped line to log.txt, and to stdout unless quiet."""
+    def log(self, message: str, echo: bool = True) -> None:
+        """Write a timestamped line to log.txt, and to stdout unless quiet (or ``echo`` is False)."""
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
         if self._log_file is not None and not self._log_file.closed:
             self._log_file.write(line + "\n")
-        if not self.quiet:
+        if echo and not self.quiet:
             from tqdm import tqdm
 
             tqdm.write(line)

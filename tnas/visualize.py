@@ -1,4 +1,4 @@
-"""Pictures of the search space: cell diagrams of a genotype, and the edge labels of alpha heatmaps.
+"""Pictures of the search space: cell diagrams of a genotype, edge labels, op-frequency heatmaps.
 
 A cell diagram is the usual DARTS picture: the two cell inputs ``c_{k-2}`` and
 ``c_{k-1}``, the intermediate nodes ``0 .. steps-1``, one arrow per kept ``(op, input)``
@@ -12,13 +12,17 @@ global backend is never changed.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-from tnas.genotypes import Genotype, edge_inputs, validate_genotype
-from tnas.runlog import atomic_write_bytes
+import numpy as np
+from PIL import Image
+
+from tnas.genotypes import PRIMITIVES, Genotype, edge_inputs, num_edges, validate_genotype
+from tnas.runlog import atomic_write_bytes, render_heatmap
 
 CELLS = ("normal", "reduce")
 INPUT_NAMES = ("c_{k-2}", "c_{k-1}")
@@ -88,8 +92,6 @@ def _layout(steps: int) -> Dict[str, Tuple[float, float]]:
 
 def _draw_cell_png(genotype: Genotype, cell: str, png_path: str) -> None:
     """Draw the cell diagram with matplotlib (no global backend change); written atomically."""
-    import io
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch
@@ -184,3 +186,38 @@ def plot_genotype(genotype: Genotype, out_dir: str, prefix: str = "") -> List[st
 def edge_labels(steps: int) -> List[str]:
     """One label per alpha row, ``node <- input``, e.g. ``0 <- c_{k-2}``, ``2 <- 1``."""
     return [f"{node} <- {_state_name(source)}" for node, source in edge_inputs(steps)]
+
+
+def _steps_of(rows: int) -> int:
+    """The node count of a cell with ``rows`` edges (a ValueError when no cell has that many)."""
+    steps = 1
+    while num_edges(steps) < rows:
+        steps += 1
+    if num_edges(steps) != rows:
+        raise ValueError(f"{rows} alpha rows is not the edge count of any cell (2, 5, 9, 14, ...)")
+    return steps
+
+
+
+def op_frequency_image(frequency: Sequence, meta_choice: Sequence, title: str = "") -> np.ndarray:
+    """RGB uint8 image [H, W, 3]: heatmap of ``frequency`` ([edges, len(PRIMITIVES)], the fraction of
+    tasks keeping each op on each edge; ``none``: edge dropped) beside the meta-architecture's 0/1
+    choice of the same shape (rows line up), both drawn by :func:`tnas.runlog.render_heatmap`."""
+    frequency, meta_choice = np.asarray(frequency, dtype=float), np.asarray(meta_choice, dtype=float)
+    if frequency.ndim != 2 or frequency.shape[1] != len(PRIMITIVES) or meta_choice.shape != frequency.shape:
+        raise ValueError(f"op frequencies of shape {frequency.shape} and a meta choice of shape {meta_choice.shape}: "
+                         f"expected both [edges, {len(PRIMITIVES)}]")
+    rows = edge_labels(_steps_of(frequency.shape[0]))
+    left = render_heatmap(frequency, rows, PRIMITIVES, title)
+    right = render_heatmap(meta_choice, rows, PRIMITIVES, "meta-architecture's choice")
+    height = max(left.shape[0], right.shape[0])
+    pad = lambda image: np.pad(image, ((0, height - image.shape[0]), (0, 0), (0, 0)),  # noqa: E731
+                               constant_values=255)
+    return np.concatenate([pad(left), pad(right)], axis=1)
+
+
+def png_bytes(image) -> bytes:
+    """PNG encoding of an RGB uint8 image [H, W, 3]."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="png", optimize=True)
+    return buffer.getvalue()

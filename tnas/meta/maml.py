@@ -144,7 +144,8 @@ def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_
                support_x: torch.Tensor, support_y: torch.Tensor, steps: int, first_order: bool = True,
                meta_gradient: bool = True, query_x: Optional[torch.Tensor] = None,
                query_y: Optional[torch.Tensor] = None, track_query: bool = False,
-               on_step: Optional[Callable[[int, Params], None]] = None) -> InnerLoopResult:
+               on_step: Optional[Callable[[int, Params], None]] = None,
+               expand: Optional[Callable[[Params, int, bool], Params]] = None) -> InnerLoopResult:
     """``steps`` steps of SGD on the support loss of every task, batched over tasks.
 
     Args:
@@ -162,12 +163,16 @@ def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_
         on_step: called as ``on_step(s, task_params)`` after the s-th update (s = 1..steps)
             with the adapted parameters, still in the graph when ``meta_gradient`` (e.g. the
             per-step query losses of MAML++'s multi-step loss).
+        expand: how the adapted parameters become per-task fast ones, called as
+            ``expand(params, T, meta_gradient)``; default :func:`expand_to_tasks` (``[*shape] ->
+            [T, *shape]``). A genotype batch (:mod:`tnas.meta.genotype_batch`) passes one that
+            repeats each genotype's row over that genotype's tasks.
     """
     unknown = [name for name in learning_rates if name not in params]
     if unknown:
         raise KeyError(f"learning rates given for unknown parameter(s): {', '.join(unknown)}")
     tasks = support_x.shape[0]
-    task_params = expand_to_tasks({n: params[n] for n in learning_rates}, tasks, meta_gradient)
+    task_params = (expand or expand_to_tasks)({n: params[n] for n in learning_rates}, tasks, meta_gradient)
     shared = {n: p for n, p in params.items() if n not in learning_rates}
     if not meta_gradient:
         shared = {n: p.detach() for n, p in shared.items()}

@@ -149,8 +149,7 @@ class MAMLPlusPlus(MetaLearner):
         if config.learn_inner_lr:
             for name, param in model.named_parameters():
                 if name not in per_step:
-                    self.learned_lrs[name] = nn.Parameter(torch.full((steps,), float(config.inner_lr),
-                                                                     dtype=param.dtype, device=param.device))
+                    self.learned_lrs[name] = nn.Parameter(self.initial_inner_lr(param))
         meta_params = list(model.parameters()) + list(self.learned_lrs.values())
         optimizers = {"weights": torch.optim.Adam(meta_params, lr=config.meta_lr)}
         super().__init__(model, {"weights": weights, "batch_norm": self.batch_norm_names},
@@ -159,6 +158,11 @@ class MAMLPlusPlus(MetaLearner):
                          first_order=first_order_at(0, config.first_order_epochs, config.first_order),
                          amp_dtype=config.amp_dtype)
         self.epoch = 0
+
+    def initial_inner_lr(self, param: torch.Tensor) -> torch.Tensor:
+        """The learned per-step rates of one parameter tensor before training: ``[S]``, all ``inner_lr``."""
+        return torch.full((self.config.inner_steps,), float(self.config.inner_lr), dtype=param.dtype,
+                          device=param.device)
 
     # -- schedules ------------------------------------------------------------------------
     def set_progress(self, iteration: int, iterations_per_epoch: int, epochs: int) -> None:

@@ -12,6 +12,7 @@ from tnas.config import resolve_device, save_config, seed_everything, set_thread
 from tnas.data import check_episode_shape, load_split
 from tnas.engine import Schedule
 from tnas.errors import TnasError
+from tnas.hparams import log_hparams
 from tnas.meta.cuda_graph import GraphedStep, KeyedGraphedStep
 from tnas.runlog import RunLogger
 
@@ -187,6 +188,8 @@ def run_trainer(trainer, logger: RunLogger, summary_file: str) -> Dict[str, obje
     """Run ``trainer`` to the end, log the best epoch, always close the log; returns the summary."""
     try:
         result = trainer.run()
+        if trainer.is_main:
+            log_hparams(logger, trainer.run_dir, result)
         if result["best"] is not None:
             logger.log(f"best epoch {result['best_epoch']}: validation {result['best_val_accuracy']:.2f}% "
                        f"(summary in {os.path.join(trainer.run_dir, summary_file)}, checkpoint {trainer.best_path})")

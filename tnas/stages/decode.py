@@ -10,7 +10,11 @@ once), and the adapted alphas are decoded by the DARTS rule
 Outputs: ``--out FILE`` (default ``<run_dir>/episode_genotypes.jsonl``), one line
 ``{"episode": i, "genotype": {...}}`` per episode, and ``decode_summary.json`` beside it:
 how many episodes and distinct genotypes, and each distinct genotype with its count and
-episodes, most frequent first. Both files are written atomically after success.
+episodes, most frequent first. Both files are written atomically after success. Beside them,
+what the tasks chose (:mod:`tnas.diversity`): ``op_frequency_{normal,reduce}.png`` (per edge, the
+fraction of tasks keeping each op, beside the meta-architecture's choice) and
+``genotype_diversity.json`` (distinct genotypes, tasks sharing the most common one, per-edge
+entropy), also logged to tensorboard under ``tb/``.
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from tnas.config import set_flag
+from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
 from tnas.genotypes import genotype_counts, genotype_from_dict
-from tnas.runlog import atomic_write_bytes, atomic_write_json, progress
+from tnas.progress import TaskProgress
+from tnas.runlog import atomic_write_bytes, atomic_write_json
 from tnas.stages import evaluate as evaluate_stage
 
 GENOTYPES_FILE = "episode_genotypes.jsonl"
@@ -104,16 +110,23 @@ def run(args: evaluate_stage.CheckpointSettings) -> Dict[str, object]:
 
     genotypes = []
     total = math.ceil(len(episodes) / args.batch_size)
-    for batch in progress(episodes.batches(args.batch_size, prepared.device), total=total, desc="decode"):
-        genotypes.extend(genotype.to_dict() for genotype in learner.decode(batch, steps=args.update_step_test))
-    summary = decode_record(prepared, args, genotypes, out, learner.genotype().to_dict(), time.time() - started)
+    meter = TaskProgress("decode", len(episodes), total)
+    for batch in meter.wrap(episodes.batches(args.batch_size, prepared.device)):
+        decoded = learner.decode(batch, steps=args.update_step_test)
+        genotypes.extend(genotype.to_dict() for genotype in decoded)
+        meter.add(len(decoded))
+    meta_genotype = learner.genotype().to_dict()
+    summary = decode_record(prepared, args, genotypes, out, meta_genotype, time.time() - started)
     summary_path = os.path.join(os.path.dirname(os.path.abspath(out)), SUMMARY_FILE)
     write_genotype_lines(out, genotypes)
     atomic_write_json(summary_path, summary)
+    diversity = write_task_choices(os.path.dirname(summary_path), genotypes, meta_genotype)
     top = summary["counts"][0]
     print(f"{len(genotypes)} episodes -> {summary['distinct']} distinct genotype(s); most common ({top['count']} "
           f"episodes): {genotype_from_dict(top['genotype'])}; {summary['episodes_with_meta_genotype']} episode(s) "
           f"keep the meta-architecture")
     print(f"genotypes: {out}")
     print(f"summary: {summary_path}")
+    print(f"what the tasks chose: {diversity_line(diversity)}; {os.path.dirname(summary_path)}/"
+          f"{{genotype_diversity.json,op_frequency_normal.png,op_frequency_reduce.png}}")
     return summary

@@ -34,6 +34,7 @@ from tnas.data import FixedEpisodes, load_split
 from tnas.errors import TnasError
 from tnas.evaluate import evaluate_episodes, format_accuracy, results_record
 from tnas.genotypes import genotype_from_dict, resolve_genotype
+from tnas.progress import StdoutLog
 from tnas.runlog import atomic_write_json
 from tnas.stages import common, restore
 from tnas.stages.settings import Settings
@@ -268,7 +269,7 @@ def run(args: EvaluateSettings) -> Dict[str, object]:
         raise TnasError(f"--out {out_dir} is a file, not a directory")
     result = evaluate_episodes(learner, prepared.episodes, args.batch_size, prepared.device,
                                steps=args.update_step_test, desc="evaluate",
-                               cuda_graph=args.cuda_graph)
+                               cuda_graph=args.cuda_graph, log=StdoutLog())
     genotype = restore.checkpoint_genotype(learner, summary).to_dict()
     extra = {
         "q_query": args.q_query,

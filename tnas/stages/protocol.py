@@ -22,7 +22,9 @@ e. **aggregate** -- mean and 95% CI into ``OUT/results.json`` (the evaluate stag
 
 Resumable: the per-episode genotypes are cached in ``OUT/episode_genotypes.jsonl`` (with
 ``OUT/decode_summary.json``, which records the checkpoint's and the episodes' SHA-256) and
-reused when they match (:mod:`tnas.stages.protocol_decode`); a genotype whose ``train.json``
+reused when they match (:mod:`tnas.stages.protocol_decode`; what the tasks chose --
+``op_frequency_{normal,reduce}.png``, ``genotype_diversity.json``, ``tb/`` -- is rewritten from
+them each time); a genotype whose ``train.json``
 shows every epoch done with ``best.pt`` present is skipped; one whose run was interrupted is
 continued with ``--resume``; a run directory trained with other settings (compared as
 :class:`~tnas.stages.train.TrainSettings`, less the fields that change no result) is refused.
@@ -54,6 +56,7 @@ import torch
 
 from tnas import distributed
 from tnas.config import resolve_device, save_config, set_flag
+from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
 from tnas.evaluate import format_accuracy, results_record
 from tnas.genotypes import group_genotypes
@@ -65,7 +68,8 @@ from tnas.stages.decode import check_tnas_search, episodes_seed
 from tnas.stages.protocol_decode import GENOTYPES_FILE, decode_cache_key, decode_episodes, read_decode_cache, \
     write_decode_files
 from tnas.stages.protocol_train import (BUDGET_SCHEDULE, METHODS, TRAIN_FLAGS, TRAIN_SWITCHES, GenotypeRun,
-                                        schedule_record, score_genotype, train_genotype, train_settings)
+                                        schedule_record, score_genotype, scoring_progress, train_genotype,
+                                        train_settings)
 
 GENOTYPES_DIR = "genotypes"
 INDEX_FILE = "genotypes.json"
@@ -234,13 +238,14 @@ def decode_step(p: Protocol):
     key = decode_cache_key(p.prepared, args) if info.is_main else None
     cached = read_decode_cache(p.out_dir, key) if info.is_main else None
     cached = distributed.broadcast_from_main(cached, info)
-    genotypes = cached if cached is not None else decode_episodes(p.prepared, args, info)
+    genotypes = cached if cached is not None else decode_episodes(p.prepared, args, info, p.logger)
     cost_stage.synchronize(p.device)
     p.seconds["decode"] = time.perf_counter() - begin
     ids, by_id, episodes_of = group_genotypes(genotypes)
     if info.is_main:
-        write_decode_files(p.out_dir, genotypes, ids, key, p.prepared, args, p.prepared.learner.genotype().to_dict(),
-                           p.seconds["decode"])
+        meta_genotype = p.prepared.learner.genotype().to_dict()
+        write_decode_files(p.out_dir, genotypes, ids, key, p.prepared, args, meta_genotype, p.seconds["decode"])
+        p.logger.log(f"what the tasks chose: {diversity_line(write_task_choices(p.out_dir, genotypes, meta_genotype))}")
         p.logger.log(f"decode: {len(genotypes)} episodes -> {len(by_id)} distinct genotype(s)"
                      f"{' (cached decoding reused)' if cached is not None else ''}; "
                      f"{os.path.join(p.out_dir, GENOTYPES_FILE)}")
@@ -262,8 +267,9 @@ def train_and_score(p: Protocol, by_id, episodes_of) -> List[GenotypeRun]:
     p.seconds["train"] = time.perf_counter() - begin
     begin = time.perf_counter()
     if not p.args.train_only:
+        meter = scoring_progress(mine, p.args.batch_size, p.logger)
         for genotype_run in mine:
-            p.accuracies.update(score_genotype(genotype_run, p.prepared.episodes, p.args, p.device))
+            p.accuracies.update(score_genotype(genotype_run, p.prepared.episodes, p.args, p.device, meter))
         cost_stage.synchronize(p.device)
     p.seconds["evaluate"] = time.perf_counter() - begin
     return mine

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional
 from tnas import distributed
 from tnas.errors import TnasError
 from tnas.genotypes import genotype_from_dict
-from tnas.runlog import atomic_write_json, progress
+from tnas.progress import TaskProgress
+from tnas.runlog import atomic_write_json
 from tnas.stages.decode import GENOTYPES_FILE, SUMMARY_FILE, decode_record, write_genotype_lines
 
 
@@ -55,15 +56,20 @@ def read_decode_cache(out_dir: str, key: Dict[str, Any]) -> Optional[List[Dict[s
         return None
 
 
-def decode_episodes(prepared, args, info: distributed.DistInfo) -> List[Dict[str, Any]]:
+def decode_episodes(prepared, args, info: distributed.DistInfo, log=None) -> List[Dict[str, Any]]:
     """Per-episode genotypes; decoding batches dealt round robin to the ranks (the same batches as one
-    process uses, so the same genotypes), gathered on rank 0 and sent back to every rank."""
+    process uses, so the same genotypes), gathered on rank 0 and sent back to every rank. ``log`` gets
+    progress lines (this rank's share)."""
     episodes, learner = prepared.episodes, prepared.learner
     starts = list(range(0, len(episodes), args.batch_size))
     local: Dict[int, List[Dict[str, Any]]] = {}
-    for start in progress(distributed.shard(starts, info), desc="decode"):
+    mine = distributed.shard(starts, info)
+    meter = TaskProgress("decode", sum(min(args.batch_size, len(episodes) - start) for start in mine), len(mine),
+                         log=log)
+    for start in meter.wrap(mine):
         batch = episodes.batch(slice(start, start + args.batch_size), prepared.device)
         local[start] = [genotype.to_dict() for genotype in learner.decode(batch, steps=args.update_step_test)]
+        meter.add(len(local[start]))
     parts = distributed.gather_to_main(local, info)
     genotypes = None
     if info.is_main:

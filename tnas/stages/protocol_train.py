@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 
@@ -18,6 +18,7 @@ from tnas import distributed
 from tnas.config import load_config, parse_args
 from tnas.errors import TnasError
 from tnas.genotypes import canonical_key
+from tnas.progress import TaskProgress
 from tnas.stages import restore, train
 
 METHODS = {"tnas": "maml", "tnas++": "maml++"}  # protocol method -> from-scratch training method
@@ -144,8 +145,9 @@ def train_genotype(run: GenotypeRun, settings: train.TrainSettings, logger) -> N
                    f"(validation {run.summary.get('best_val_accuracy') or 0.0:.2f}%)")
 
 
-def score_genotype(run: GenotypeRun, episodes, args, device: torch.device) -> Dict[int, float]:
-    """Episode index -> accuracy (percent) of the genotype's best.pt, adapted on each episode's support set."""
+def score_genotype(run: GenotypeRun, episodes, args, device: torch.device, meter=None) -> Dict[int, float]:
+    """Episode index -> accuracy (percent) of the genotype's best.pt, adapted on each episode's support set.
+    ``meter`` (a :class:`tnas.progress.TaskProgress`), when given, counts the scored batches."""
     checkpoint = os.path.join(run.run_dir, "best.pt")
     learner, summary = restore.learner_from_checkpoint(checkpoint, device)
     actual = restore.checkpoint_genotype(learner, summary).to_dict()
@@ -158,4 +160,14 @@ def score_genotype(run: GenotypeRun, episodes, args, device: torch.device) -> Di
         values = 100.0 * stats.query_accuracy.detach().double().cpu()
         # float32 fractions: round away their last-bit noise, as the evaluate stage does
         accuracies.update({episode: round(float(value), 4) for episode, value in zip(chosen, values)})
+        if meter is not None:
+            meter.add(len(chosen), stats.query_accuracy)
     return accuracies
+
+
+def scoring_progress(runs: Sequence[GenotypeRun], batch_size: int, logger) -> TaskProgress:
+    """Progress lines over this rank's scoring: every episode of every genotype in ``runs``."""
+    batches = sum(-(-len(run.episodes) // batch_size) for run in runs)
+    meter = TaskProgress("score", sum(len(run.episodes) for run in runs), batches, log=logger)
+    meter.wrap(None)  # a bar that meter.add advances: the loop runs over genotypes, then their batches
+    return meter
