@@ -1,4 +1,5 @@
-"""auto-MAML (tnas.meta.auto_maml): halves, alternating w / alpha updates, and the search stage end to end."""
+"""auto-MAML (tnas.meta.auto_maml): halves, w / alpha updates (alternating with --alternate_steps), and the search
+stage end to end."""
 from __future__ import annotations
 
 import json
@@ -63,7 +64,7 @@ def test_halves_are_disjoint_and_hold_every_class():
 def test_weight_steps_change_only_weights_and_alpha_steps_only_alphas():
     split = synthetic_split(num_classes=6, images_per_class=8, img_size=8, seed=1)
     model = tiny_supernet()
-    learner, samplers, step = build_auto_maml(search_args(), model, split, torch.device("cpu"))
+    learner, samplers, step = build_auto_maml(search_args(alternate_steps=True), model, split, torch.device("cpu"))
     assert isinstance(learner, AutoMAML) and set(learner.learning_rates()) == {n for n, _ in model.named_weights()}
 
     def snapshot():
@@ -155,7 +156,8 @@ def test_search_auto_maml_end_to_end_and_resume(tmp_path, cache_dir, monkeypatch
     assert "genotype" in summary["history"][0]
     state = load_checkpoint(os.path.join(out, "last.pt"))
     assert set(state["samplers"]) == {"weights", "alphas"}
-    assert state["samplers"]["weights"]["batches_drawn"] == 1 and state["samplers"]["alphas"]["batches_drawn"] == 1
+    # 2 meta-iterations, each an alpha-step and a weight-step (the original's schedule)
+    assert state["samplers"]["weights"]["batches_drawn"] == 2 and state["samplers"]["alphas"]["batches_drawn"] == 2
 
     # --resume continues for a second epoch, in this process through the script's main
     from tnas.errors import cli_entry

@@ -114,8 +114,27 @@ class Zero(nn.Module):
         return x[:, :, :: self.stride, :: self.stride] * 0.0
 
 
+def factorized_reduce_inputs(x: torch.Tensor):
+    """The two inputs of FactorizedReduce's 1x1 stride-2 convs, as in the original T-NAS code.
+
+    A side of odd size gets one zero row (height) or column (width) at the top / left; the
+    first conv then reads the padded map and the second the padded map without its first
+    row and column. ``x`` [B, C, H, W] -> (``[B, C, H', W']``, ``[B, C, H'-1, W'-1]``) with
+    ``H' = H + H % 2``: both convs give ``ceil(H/2) x ceil(W/2)``. On an even side the first
+    reads pixels 0, 2, 4, ... and the second 1, 3, 5, ...; on an odd side (21 at 84x84) the
+    first reads the zero then 1, 3, ..., 19 and the second 0, 2, ..., 20. (The original pads
+    both sides when the height is odd and cannot handle one odd side of a non-square map;
+    for square maps the two rules agree.)
+    """
+    pad_height, pad_width = x.shape[-2] % 2, x.shape[-1] % 2
+    if pad_height or pad_width:
+        x = F.pad(x, (pad_width, 0, pad_height, 0))
+    return x, x[:, :, 1:, 1:]
+
+
 class FactorizedReduce(nn.Module):
-    """skip_connect at stride 2: two offset 1x1 stride-2 convs, concatenated, then BN."""
+    """skip_connect at stride 2: two offset 1x1 stride-2 convs, concatenated, then BN
+    (inputs: :func:`factorized_reduce_inputs`)."""
 
     supports_task_folding = True
 
@@ -123,6 +142,7 @@ class FactorizedReduce(nn.Module):
         super().__init__()
         if c_out % 2:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
+        # conv_even reads the first input of factorized_reduce_inputs, conv_odd the second
         self.conv_even = Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
         self.conv_odd = Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
         self.bn = batch_norm(c_out, affine)
@@ -136,8 +156,8 @@ class FactorizedReduce(nn.Module):
 
     def pre_norm_after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
         """The op given ``relu(x)``, without its final BN."""
-        shifted = F.pad(rectified[:, :, 1:, 1:], (0, 1, 0, 1))
-        return cat_channels([self.conv_even(rectified), self.conv_odd(shifted)])
+        first, second = factorized_reduce_inputs(rectified)
+        return cat_channels([self.conv_even(first), self.conv_odd(second)])
 
     @property
     def final_norm(self) -> nn.BatchNorm2d:

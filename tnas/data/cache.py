@@ -60,6 +60,7 @@ class RawSplit:
     rows: Optional[np.ndarray] = None
     postprocess: Optional[Callable[[np.ndarray, np.ndarray, List[str]], tuple]] = None
     generate: Optional[Callable[[np.ndarray, Optional[int], Optional[bool]], None]] = None
+    resize: str = "lanczos"  # how images of another size are resized (tnas.data.decode.RESAMPLING)
 
 
 @dataclass
@@ -182,11 +183,13 @@ def _build_entry(directory: str, name: str, img_size: int, channels: int, source
         if raw.generate is not None:
             raw.generate(images, num_workers, progress)
         elif raw.paths is not None:
-            decode_into(images, list(raw.paths), img_size, channels, raw.origin, num_workers, progress, desc)
+            decode_into(images, list(raw.paths), img_size, channels, raw.origin, num_workers, progress, desc,
+                        raw.resize)
         elif raw.encoded is not None:
-            decode_into(images, raw.encoded, img_size, channels, raw.origin, num_workers, progress, desc)
+            decode_into(images, raw.encoded, img_size, channels, raw.origin, num_workers, progress, desc, raw.resize)
         elif raw.array is not None:
-            convert_array(raw.array, img_size, channels, images, raw.origin, num_workers, progress, desc, raw.rows)
+            convert_array(raw.array, img_size, channels, images, raw.origin, num_workers, progress, desc, raw.rows,
+                          raw.resize)
         else:  # pragma: no cover - reader bug
             raise TnasError(f"{name}: reader produced no images")
         images.flush()

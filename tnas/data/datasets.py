@@ -5,7 +5,12 @@ Normalisation: ``ImageSplit.mean`` / ``.std`` are the per-channel statistics of 
 *train* split at the same size, channels and options (computed once, stored in the cache), so
 train, val and test are normalised alike. Loading val or test therefore builds the train
 cache too if it is missing; if the train split is not on disk at all, the split's own
-statistics are used.
+statistics are used. ``normalize="imagenet"`` uses the ImageNet mean/std instead, as the
+original T-NAS code does for mini-ImageNet (RGB only).
+
+Resize: images of another size are resized with Lanczos (default) or bilinearly
+(``resize="bilinear"``, the original's torchvision ``Resize``); the method is part of the
+cache key and of the entry's fingerprint, so each method has its own cache entry.
 """
 from __future__ import annotations
 
@@ -13,15 +18,21 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from tnas.data.cache import CacheEntry, SplitSource, entry_directory, open_cache_entry
+from tnas.data.cache import CacheEntry, RawSplit, SplitSource, entry_directory, open_cache_entry
 from tnas.data import formats
+from tnas.data.decode import RESAMPLING
 from tnas.data.glyphs import find_glyphs
 from tnas.data.split import ImageSplit
 from tnas.errors import TnasError
 
-__all__ = ["DATASETS", "DatasetSpec", "load_split", "get_dataset", "SPLITS"]
+__all__ = ["DATASETS", "DatasetSpec", "load_split", "get_dataset", "SPLITS", "NORMALIZATIONS", "RESIZE_METHODS",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
 
 SPLITS = ("train", "val", "test")
+NORMALIZATIONS = ("split", "imagenet")
+RESIZE_METHODS = tuple(RESAMPLING)  # ("lanczos", "bilinear"); the first is the default
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -105,11 +116,27 @@ def _resolve_root(spec: DatasetSpec, data_path: Optional[str]) -> Optional[str]:
     return os.path.realpath(os.path.abspath(os.path.expanduser(str(data_path))))
 
 
+def _with_resize(source: SplitSource, resize: str) -> SplitSource:
+    """``source`` whose images are resized with ``resize``; its fingerprint names the method."""
+
+    def load() -> RawSplit:
+        raw = source.load()
+        raw.resize = resize
+        return raw
+
+    return SplitSource(f"{source.fingerprint}|resize={resize}", source.location, load)
+
+
 def _open(spec: DatasetSpec, split: str, root: Optional[str], img_size: int, channels: int, cache_dir: Optional[str],
-          options: Dict[str, Any], num_workers: Optional[int], progress: Optional[bool]) -> CacheEntry:
-    directory = entry_directory(cache_dir, spec.name, split, img_size, channels, root, options)
+          options: Dict[str, Any], num_workers: Optional[int], progress: Optional[bool],
+          resize: str = RESIZE_METHODS[0]) -> CacheEntry:
+    # the default method keeps the key of caches made before the choice existed
+    key_options = options if resize == RESIZE_METHODS[0] else dict(options, resize=resize)
+    directory = entry_directory(cache_dir, spec.name, split, img_size, channels, root, key_options)
     try:
         source: Optional[SplitSource] = spec.find(root, split, options)
+        if resize != RESIZE_METHODS[0]:
+            source = _with_resize(source, resize)
         error: Optional[TnasError] = None
     except TnasError as problem:
         if spec.needs_data_path and root is None:
@@ -119,13 +146,16 @@ def _open(spec: DatasetSpec, split: str, root: Optional[str], img_size: int, cha
 
 
 def load_split(dataset: str, split: str, data_path: Optional[str] = None, img_size: Optional[int] = None,
-               channels: Optional[int] = None, cache_dir: Optional[str] = None, **options: Any) -> ImageSplit:
+               channels: Optional[int] = None, cache_dir: Optional[str] = None, normalize: str = "split",
+               resize: str = "lanczos", **options: Any) -> ImageSplit:
     """Load one split of a dataset as an `ImageSplit`, decoding it into the cache on first use.
 
     ``dataset``: a key of `DATASETS`; ``split``: train / val / test; ``data_path``: the
     dataset's root directory (not needed for glyphs); ``img_size`` / ``channels``: default
     per dataset (84/3 mini- and tieredImageNet and folder, 28/1 omniglot and glyphs, 32/3
     CIFAR-FS and FC100); ``cache_dir``: default ``$TNAS_CACHE_DIR`` or ``~/.cache/tnas``.
+    ``normalize``: "split" (the train split's mean/std) or "imagenet" (ImageNet's, RGB only);
+    ``resize``: "lanczos" or "bilinear" (see the module docstring).
     ``options``: dataset options (omniglot ``rotations``; glyphs ``images_per_class``,
     ``seed``), plus ``num_workers`` (decoding processes) and ``progress`` (tqdm bar: True,
     False, or None: ``$TNAS_PROGRESS`` 0/1, else on for a terminal), which do not change the
@@ -134,6 +164,13 @@ def load_split(dataset: str, split: str, data_path: Optional[str] = None, img_si
     spec = get_dataset(dataset)
     split = _check_split(split)
     size, chans = _check_size(spec, img_size, channels)
+    if normalize not in NORMALIZATIONS:
+        raise TnasError(f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    if resize not in RESIZE_METHODS:
+        raise TnasError(f"--resize must be one of {', '.join(RESIZE_METHODS)}, got {resize!r}")
+    if normalize == "imagenet" and chans != 3:
+        raise TnasError(f"--normalize imagenet needs RGB images; {spec.name} is loaded with {chans} channel(s) "
+                        f"(use --normalize split)")
     num_workers = options.pop("num_workers", None)
     progress = options.pop("progress", None)
     resolved = spec.resolve_options(options)
@@ -141,11 +178,13 @@ def load_split(dataset: str, split: str, data_path: Optional[str] = None, img_si
     layout = spec.layout.replace("{split}", split)
     if spec.needs_data_path and root is None:
         raise TnasError(f"dataset '{spec.name}' needs --data_path DIR (expected layout: {layout})")
-    entry = _open(spec, split, root, size, chans, cache_dir, resolved, num_workers, progress)
+    entry = _open(spec, split, root, size, chans, cache_dir, resolved, num_workers, progress, resize)
     mean, std = entry.meta["pixel_mean"], entry.meta["pixel_std"]
-    if split != "train":
+    if normalize == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif split != "train":
         try:
-            train = _open(spec, "train", root, size, chans, cache_dir, resolved, num_workers, progress)
+            train = _open(spec, "train", root, size, chans, cache_dir, resolved, num_workers, progress, resize)
             mean, std = train.meta["pixel_mean"], train.meta["pixel_std"]
         except TnasError:
             pass  # no train split on disk: normalise with this split's own statistics

@@ -41,7 +41,11 @@ def _describe(item: Any, index: int, origin: str) -> str:
     return f"image #{index} of {origin}"
 
 
-def _decode_one(item: Any, img_size: int, channels: int) -> np.ndarray:
+RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
+"""Resize methods: Lanczos (sharpest), or bilinear as the original T-NAS loader (torchvision's Resize)."""
+
+
+def _decode_one(item: Any, img_size: int, channels: int, resize: str = "lanczos") -> np.ndarray:
     mode = "L" if channels == 1 else "RGB"
     if isinstance(item, np.ndarray) and item.ndim >= 2:
         image = Image.fromarray(item if item.ndim == 2 or item.shape[-1] != 1 else item[..., 0])
@@ -50,7 +54,7 @@ def _decode_one(item: Any, img_size: int, channels: int) -> np.ndarray:
             item = item.tobytes()
         source = item if isinstance(item, str) else io.BytesIO(item)
         image = Image.open(source)
-        if image.format == "JPEG" and min(image.size) >= 2 * img_size:
+        if resize == "lanczos" and image.format == "JPEG" and min(image.size) >= 2 * img_size:
             image.draft(mode, (img_size, img_size))  # decode at a reduced DCT scale: much faster
         image.load()
     if image.mode != mode:
@@ -64,19 +68,20 @@ def _decode_one(item: Any, img_size: int, channels: int) -> np.ndarray:
             image = Image.fromarray(np.clip(array * (255.0 / (65535.0 if peak > 255 else 255.0)), 0, 255).astype(np.uint8))
         image = image.convert(mode)
     if image.size != (img_size, img_size):
-        image = image.resize((img_size, img_size), Image.Resampling.LANCZOS)
+        image = image.resize((img_size, img_size), RESAMPLING[resize])
     array = np.asarray(image, dtype=np.uint8)
     if channels == 1:
         array = array[..., None]
     return array
 
 
-def _decode_chunk(args: Tuple[int, Sequence[Any], int, int, str]) -> Tuple[int, Optional[np.ndarray], Optional[str]]:
-    start, items, img_size, channels, origin = args
+def _decode_chunk(args: Tuple[int, Sequence[Any], int, int, str, str]
+                  ) -> Tuple[int, Optional[np.ndarray], Optional[str]]:
+    start, items, img_size, channels, origin, resize = args
     out = np.empty((len(items), img_size, img_size, channels), np.uint8)
     for offset, item in enumerate(items):
         try:
-            out[offset] = _decode_one(item, img_size, channels)
+            out[offset] = _decode_one(item, img_size, channels, resize)
         except Exception as error:  # PIL raises many kinds of errors on bad files
             what = _describe(item, start + offset, origin)
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -92,13 +97,16 @@ def _pool_context() -> Any:
 
 
 def decode_into(out: np.ndarray, items: Sequence[Any], img_size: int, channels: int, origin: str,
-                num_workers: Optional[int] = None, progress: Optional[bool] = None, desc: str = "decoding") -> None:
-    """Decode ``items`` into ``out`` (N, img_size, img_size, channels) uint8, raising TnasError on a bad image."""
+                num_workers: Optional[int] = None, progress: Optional[bool] = None, desc: str = "decoding",
+                resize: str = "lanczos") -> None:
+    """Decode ``items`` into ``out`` (N, img_size, img_size, channels) uint8, raising TnasError on a bad image;
+    ``resize``: a key of :data:`RESAMPLING`."""
     from tqdm import tqdm
 
     total = len(items)
     workers = default_workers() if num_workers is None else max(1, int(num_workers))
-    chunks = [(start, items[start:start + _CHUNK], img_size, channels, origin) for start in range(0, total, _CHUNK)]
+    chunks = [(start, items[start:start + _CHUNK], img_size, channels, origin, resize)
+              for start in range(0, total, _CHUNK)]
     bar = tqdm(total=total, desc=desc, unit="img", disable=_progress_disabled(progress), dynamic_ncols=True,
                leave=False)
     try:
@@ -136,7 +144,7 @@ def _collect(results: Any, out: np.ndarray, bar: Any) -> None:
 
 def convert_array(images: np.ndarray, img_size: int, channels: int, out: np.ndarray, origin: str,
                   num_workers: Optional[int] = None, progress: Optional[bool] = None, desc: str = "converting",
-                  rows: Optional[np.ndarray] = None) -> None:
+                  rows: Optional[np.ndarray] = None, resize: str = "lanczos") -> None:
     """Write ``images[rows]`` (N, h, w, c) uint8 into ``out`` at img_size/channels.
 
     Same size: a vectorised copy (with RGB->L by PIL's integer formula, or L->RGB by
@@ -153,7 +161,7 @@ def convert_array(images: np.ndarray, img_size: int, channels: int, out: np.ndar
             out[start:start + chunk.shape[0]] = _convert_channels(chunk, channels)
         return
     items: List[np.ndarray] = _RowView(images, rows)  # type: ignore[assignment]
-    decode_into(out, items, img_size, channels, origin, num_workers, progress, desc)
+    decode_into(out, items, img_size, channels, origin, num_workers, progress, desc, resize)
 
 
 def _convert_channels(block: np.ndarray, channels: int) -> np.ndarray:

@@ -335,15 +335,27 @@ class EpisodeSampler:
     class). ``keep_on_device``: "auto" keeps the whole uint8 split on a GPU when it takes less
     than 30 % of the free memory (no per-batch host transfer), True / False force it.
     ``sample()`` returns an `EpisodeBatch`; iterating the sampler yields batches forever.
+
+    ``task_pool``: 0 (default) draws fresh episodes for every batch. N > 0 draws a pool of N
+    episodes once (from ``seed``) and serves them in a random order, reshuffled at every pass
+    over the pool, as the original T-NAS code does with its ``batch_size`` episodes (5,000
+    for the search, 15,000 for from-scratch training); with N a multiple of
+    ``tasks_per_batch`` one pass is N / tasks_per_batch batches, else a batch straddling two
+    passes ends one and starts the next. Augmentation (if on) is still drawn per batch.
     """
 
     def __init__(self, split: ImageSplit, n_way: int = 5, k_shot: int = 1, q_query: int = 15,
                  tasks_per_batch: int = 4, device: Union[str, torch.device] = "cpu", seed: int = 0,
                  augment: Union[bool, str] = False, keep_on_device: Union[bool, str] = "auto",
-                 task_slice: Optional[slice] = None) -> None:
+                 task_slice: Optional[slice] = None, task_pool: int = 0) -> None:
         check_episode_shape(split, n_way, k_shot, q_query)
         if isinstance(tasks_per_batch, bool) or not isinstance(tasks_per_batch, (int, np.integer)) or tasks_per_batch < 1:
             raise TnasError(f"--tasks_per_batch must be an integer >= 1, got {tasks_per_batch!r}")
+        task_pool = 0 if task_pool is None else task_pool
+        if (isinstance(task_pool, bool) or not isinstance(task_pool, (int, np.integer))
+                or (task_pool != 0 and task_pool < tasks_per_batch)):
+            raise TnasError(f"--task_pool must be 0 (fresh episodes) or an integer >= --tasks_per_batch "
+                            f"({tasks_per_batch}), got {task_pool!r}")
         key = augment.lower() if isinstance(augment, str) else augment
         if key not in AUGMENT_MODES:
             raise TnasError(f"augment must be one of False, True, 'flip', 'shift', 'flip+shift'; got {augment!r}")
@@ -355,6 +367,12 @@ class EpisodeSampler:
         self.task_slice = task_slice
         self.batches_drawn = 0
         self._rng = np.random.default_rng(seed)
+        self.task_pool = int(task_pool)
+        self._pool: Optional[np.ndarray] = None  # (N, n_way, k_shot + q_query) image indices
+        self._pool_order: List[int] = []  # episodes of the pool still to serve in this pass, in order
+        if self.task_pool:
+            self._pool = sample_episode_indices(split, self._rng, self.task_pool, self.n_way,
+                                                self.k_shot + self.q_query)
         self._loader = _ImageLoader(split, device, keep_on_device)
         self.device = self._loader.device
         _, height, width = split.image_shape
@@ -362,10 +380,24 @@ class EpisodeSampler:
 
     def sample_indices(self) -> np.ndarray:
         """Image indices of the next meta-batch, shape (T, n_way, k_shot + q_query); advances the state."""
-        indices = sample_episode_indices(self.split, self._rng, self.tasks_per_batch, self.n_way,
-                                         self.k_shot + self.q_query)
+        if self._pool is not None:
+            indices = self._pool[self._next_pool_episodes(self.tasks_per_batch)]
+        else:
+            indices = sample_episode_indices(self.split, self._rng, self.tasks_per_batch, self.n_way,
+                                             self.k_shot + self.q_query)
         self.batches_drawn += 1
         return indices
+
+    def _next_pool_episodes(self, count: int) -> np.ndarray:
+        """The next ``count`` positions in the pool; a new random order starts each pass."""
+        chosen: List[int] = []
+        while len(chosen) < count:
+            if not self._pool_order:
+                self._pool_order = self._rng.permutation(self.task_pool).tolist()
+            take = min(count - len(chosen), len(self._pool_order))
+            chosen.extend(self._pool_order[:take])
+            del self._pool_order[:take]
+        return np.asarray(chosen, dtype=np.int64)
 
     def sample(self) -> EpisodeBatch:
         """The next meta-batch, on ``self.device``."""
@@ -401,20 +433,30 @@ class EpisodeSampler:
             yield self.sample()
 
     def _config(self) -> Dict[str, Any]:
-        return {"split": self.split.name, "n_way": self.n_way, "k_shot": self.k_shot, "q_query": self.q_query,
-                "tasks_per_batch": self.tasks_per_batch, "augment": list(self.augment), "num_images": len(self.split)}
+        config = {"split": self.split.name, "n_way": self.n_way, "k_shot": self.k_shot, "q_query": self.q_query,
+                  "tasks_per_batch": self.tasks_per_batch, "augment": list(self.augment),
+                  "num_images": len(self.split)}
+        if self.task_pool:  # the pool is redrawn from the seed on resume: both must match
+            config.update(task_pool=self.task_pool, seed=self.seed)
+        return config
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue the exact sequence of batches (picklable, JSON-able)."""
-        return {"rng": self._rng.bit_generator.state, "batches_drawn": self.batches_drawn, "config": self._config()}
+        state = {"rng": self._rng.bit_generator.state, "batches_drawn": self.batches_drawn, "config": self._config()}
+        if self.task_pool:
+            state["pool_order"] = list(self._pool_order)
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         config = state.get("config", {})
         mine = self._config()
-        different = [k for k in mine if k in config and config[k] != mine[k]]
+        different = [k for k in mine if config.get(k, 0 if k == "task_pool" else mine[k]) != mine[k]]
+        if config.get("task_pool") and not self.task_pool:
+            different.insert(0, "task_pool")
         if different:
             key = different[0]
-            raise TnasError(f"sampler state was saved with {key}={config[key]!r}, this sampler has {key}={mine[key]!r}")
+            raise TnasError(f"sampler state was saved with {key}={config.get(key, 0)!r}, "
+                           f"this sampler has {key}={mine.get(key, 0)!r}")
         rng = np.random.default_rng()
         try:
             rng.bit_generator.state = state["rng"]
@@ -422,6 +464,8 @@ class EpisodeSampler:
             raise TnasError(f"sampler state has no valid 'rng' entry ({error})") from None
         self._rng = rng
         self.batches_drawn = int(state.get("batches_drawn", 0))
+        if self.task_pool:
+            self._pool_order = [int(i) for i in state.get("pool_order", [])]
 
 
 class FixedEpisodes:

@@ -2,14 +2,17 @@
 
 The images of every meta-train class are split 1:1 (:func:`tnas.data.split_images_in_half`):
 tasks from the first half update the supernet weights w, tasks from the second half update
-the architecture alpha, alternating each meta-iteration (even: w, odd: alpha).
+the architecture alpha. As in the original code, every meta-iteration takes one alpha-step
+and then one w-step (:meth:`AutoMAML.step_kinds`); ``alternate=True`` instead takes one
+step per iteration, w on even and alpha on odd iterations (half the updates of each kind
+per epoch).
 
 - w-step: the inner loop adapts w on each task's support set; the query loss at the adapted
   w' gives the meta-gradient of w (FO-MAML); Adam on w.
 - alpha-step: the inner loop adapts w only (alpha is shared by all tasks and fixed in the
   loop); the query loss at (w', alpha) gives the gradient of alpha (first order: the direct
   term only; ``first_order=False`` also differentiates through the inner loop); Adam on
-  alpha with betas (0.5, 0.999) and weight decay 1e-3.
+  alpha with lr 3e-4 (the original's default), betas (0.5, 0.999) and weight decay 1e-3.
 
 Validation and meta-test adapt w only. The searched genotype is decoded from alpha
 (``learner.genotype()``), then trained from scratch (:mod:`tnas.stages.train`).
@@ -17,7 +20,7 @@ Validation and meta-test adapt w only. The searched genotype is decoded from alp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 from tnas.genotypes import Genotype
 from tnas.meta.learner import MetaLearner, StepStats
@@ -29,9 +32,13 @@ WEIGHT_STEP, ALPHA_STEP = "weights", "alphas"
 
 @dataclass
 class AutoMAMLConfig(SupernetSearchConfig):
-    """The shared search hyper-parameters plus the seed of the 1:1 split of each class's images."""
+    """The shared search hyper-parameters (outer alpha lr 3e-4, the original auto-MAML's), the
+    seed of the 1:1 split of each class's images, and ``alternate``: False (the original) takes
+    an alpha-step and a w-step every meta-iteration, True one of them in turn."""
 
+    meta_lr_alphas: float = 3e-4
     split_seed: int = 0
+    alternate: bool = False
 
 
 class AutoMAML(MetaLearner):
@@ -64,8 +71,16 @@ class AutoMAML(MetaLearner):
 
     @staticmethod
     def step_kind(iteration: int) -> str:
-        """Which parameters meta-iteration ``iteration`` updates: even -> weights, odd -> alphas."""
+        """With ``alternate``: which parameters meta-iteration ``iteration`` updates (even -> weights,
+        odd -> alphas)."""
         return WEIGHT_STEP if iteration % 2 == 0 else ALPHA_STEP
+
+    def step_kinds(self, iteration: int) -> Tuple[str, ...]:
+        """The steps of meta-iteration ``iteration``, in order: ``(alphas, weights)`` (the original's
+        order: the alpha-step first), or one of them in turn with ``config.alternate``."""
+        if self.config.alternate:
+            return (self.step_kind(iteration),)
+        return (ALPHA_STEP, WEIGHT_STEP)
 
     def genotype(self) -> Genotype:
         """The searched architecture, decoded from alpha by the DARTS rule."""

@@ -68,6 +68,7 @@ class MAMLConfig:
     cosine_lr: bool = False
     min_meta_lr: float = 1e-5
     cosine_unit: str = "epoch"
+    weight_decay: float = 0.0  # outer Adam's on the network's parameters (auto-MAML from scratch: 3e-4)
     amp_dtype: Optional[torch.dtype] = field(default=None)
 
     def __post_init__(self):
@@ -150,8 +151,14 @@ class MAMLPlusPlus(MetaLearner):
             for name, param in model.named_parameters():
                 if name not in per_step:
                     self.learned_lrs[name] = nn.Parameter(self.initial_inner_lr(param))
-        meta_params = list(model.parameters()) + list(self.learned_lrs.values())
-        optimizers = {"weights": torch.optim.Adam(meta_params, lr=config.meta_lr)}
+        # weight decay (the original auto-MAML from-scratch Adam's) on the network, not on learned rates;
+        # one parameter group otherwise (network, then learned rates), as genotype batches expect
+        network, rates = list(model.parameters()), list(self.learned_lrs.values())
+        if config.weight_decay and rates:
+            groups = [{"params": network, "weight_decay": config.weight_decay}, {"params": rates, "weight_decay": 0.0}]
+        else:
+            groups = [{"params": network + rates, "weight_decay": config.weight_decay}]
+        optimizers = {"weights": torch.optim.Adam(groups, lr=config.meta_lr)}
         super().__init__(model, {"weights": weights, "batch_norm": self.batch_norm_names},
                          {"weights": config.inner_lr}, optimizers, inner_steps=steps,
                          inner_steps_test=config.inner_steps_test,

@@ -25,7 +25,8 @@ ALPHA_NAMES = ("alpha_normal", "alpha_reduce")
 class MixedOp(nn.Module):
     """One edge: ``sum_o w_o * o(x)`` over the primitives except `none` (whose output is 0).
 
-    Every supernet op but the identity ends in a parameter-free BatchNorm (``affine=False``).
+    Every supernet op but the identity ends in a parameter-free BatchNorm (``affine=False``;
+    only the stem's BNs are affine).
     Those ops' outputs before that BN are stacked as ``[B, K, C, H, W]`` and normalised by ONE
     BatchNorm over ``K*C`` channels (per-channel statistics, so the same numbers as K separate
     BNs), then weighted: a few kernels per edge instead of a BN forward and backward per op.
@@ -162,7 +163,9 @@ class Supernet(nn.Module):
                            in_channels=in_channels, stem_multiplier=stem_multiplier)
         self.steps, self.multiplier = steps, multiplier
         stem_channels = stem_multiplier * C
-        self.stem = make_stem(in_channels, stem_channels, affine=False)
+        # The stem's two BNs are affine, as in the original code: their weights and biases are
+        # adapted in the inner loop and meta-learned with the other weights.
+        self.stem = make_stem(in_channels, stem_channels, affine=True)
         self.cells, c_prev = build_cells(
             lambda c_pp, c_p, channels, reduction, reduction_prev: SearchCell(
                 steps, multiplier, c_pp, c_p, channels, reduction, reduction_prev),

@@ -25,12 +25,22 @@ def add_episode_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tasks_per_batch", type=int, default=4, help="tasks per meta-batch")
     group.add_argument("--img_size", type=int, default=None, help="image side (default: the dataset's)")
     group.add_argument("--augment", action="store_true", help="random flips/shifts of meta-training images")
+    group.add_argument("--normalize", choices=("split", "imagenet"), default="split",
+                       help="pixel mean/std: the train split's (default) or ImageNet's (the original code's, "
+                            "mini-ImageNet presets; RGB only)")
+    group.add_argument("--resize", choices=("lanczos", "bilinear"), default="lanczos",
+                       help="how images are resized to --img_size when cached: Lanczos (default) or bilinear "
+                            "(the original code's, mini-ImageNet presets); each has its own cache entry")
 
 
 def add_schedule_args(parser: argparse.ArgumentParser, epochs: int, tasks_per_epoch: int) -> None:
     group = parser.add_argument_group("schedule")
     group.add_argument("--epochs", type=int, default=epochs)
     group.add_argument("--tasks_per_epoch", type=int, default=tasks_per_epoch)
+    group.add_argument("--task_pool", type=int, default=0, metavar="N",
+                       help="meta-train on a fixed pool of N episodes drawn once and reshuffled at every pass, "
+                            "as the original code (5,000 search, 15,000 from scratch); 0: fresh episodes for "
+                            "every meta-batch")
     group.add_argument("--val_episodes", type=int, default=200, help="fixed validation episodes per epoch")
     group.add_argument("--val_batch_size", type=int, default=50, help="episodes adapted at once in validation")
     group.add_argument("--log_every", type=int, default=50, help="meta-iterations between logged steps")
@@ -169,10 +179,17 @@ def data_parallel(learner, tasks_per_batch: int) -> slice:
 def load_splits(args, names=("train", "val")) -> Dict[str, object]:
     """The dataset's splits at ``--img_size``, from the uint8 cache; checks each can supply the episodes."""
     splits = {name: load_split(args.dataset, name, data_path=args.data_path, img_size=args.img_size,
-                               cache_dir=args.cache_dir) for name in names}
+                               cache_dir=args.cache_dir, **data_settings(args)) for name in names}
     for split in splits.values():
         check_episode_shape(split, args.n_way, args.k_shot, args.q_query)
     return splits
+
+
+def data_settings(args) -> Dict[str, str]:
+    """``{"normalize", "resize"}`` of the flags (defaults where a stage has none); a run's summary
+    records them so that evaluation loads its images the same way."""
+    return {"normalize": getattr(args, "normalize", None) or "split",
+            "resize": getattr(args, "resize", None) or "lanczos"}
 
 
 def image_channels(split) -> int:

@@ -178,6 +178,12 @@ def fill_from_checkpoint(args, summary: Dict[str, Any], checkpoint: str) -> None
                 setattr(args, flag, run_config[flag])
 
 
+def checkpoint_data_settings(summary: Dict[str, Any]) -> Dict[str, str]:
+    """How the checkpoint's run loaded its images, so the test split is loaded the same way (runs made
+    before the choice existed: split statistics, Lanczos)."""
+    return {"normalize": summary.get("normalize", "split"), "resize": summary.get("resize", "lanczos")}
+
+
 def check_genotype(args, learner, summary: Dict[str, Any], checkpoint: str) -> None:
     """``--genotype``, when given, must be the checkpoint's architecture."""
     if not getattr(args, "genotype", None):
@@ -241,7 +247,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     del state
     check_genotype(args, learner, summary, checkpoint)
     split = load_split(args.dataset, "test", data_path=args.data_path, img_size=args.img_size,
-                       cache_dir=args.cache_dir)
+                       cache_dir=args.cache_dir, **checkpoint_data_settings(summary))
     shape = summary.get("image_shape") or [summary.get("model", {}).get("in_channels")] + list(split.image_shape[1:])
     if shape[0] is not None and int(split.image_shape[0]) != int(shape[0]):
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[0]}-channel images, but the checkpoint "

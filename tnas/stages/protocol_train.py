@@ -19,6 +19,7 @@ from tnas.config import load_config, parse_args
 from tnas.errors import TnasError
 from tnas.genotypes import canonical_key
 from tnas.progress import TaskProgress
+from tnas.stages import evaluate as evaluate_stage
 from tnas.stages import restore, train
 
 METHODS = {"tnas": "maml", "tnas++": "maml++"}  # protocol method -> from-scratch training method
@@ -83,7 +84,8 @@ def train_settings(args, search_summary: Dict[str, Any], device) -> train.TrainS
         raise TnasError(f"from-scratch settings: {error}") from None
     forced = {"dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
               "img_size": args.img_size, "method": METHODS[args.method], "inner_steps_test": args.update_step_test,
-              "seed": args.train_seed if args.train_seed is not None else args.seed, "device": str(device)}
+              "seed": args.train_seed if args.train_seed is not None else args.seed, "device": str(device),
+              **evaluate_stage.checkpoint_data_settings(search_summary)}  # images as the search saw them
     forced.update({name: getattr(args, name) for name in ("data_path", "cache_dir", "threads")
                    if getattr(args, name, None)})
     settings = train.settings_from_args(flags).replace(**{k: v for k, v in forced.items() if v is not None})

@@ -48,9 +48,10 @@ class SearchMetaSettings(Settings):
     inner_lr_weights: float = 0.01
     inner_lr_alphas: float = 30.0
     meta_lr_weights: float = 1e-3
-    meta_lr_alphas: float = 1e-3
+    meta_lr_alphas: Optional[float] = None  # None: the method's default (meta_lr_alphas())
     alpha_weight_decay: float = 1e-3
     second_order: bool = False
+    alternate_steps: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--inner_lr_weights", type=float, default=0.01)
     group.add_argument("--inner_lr_alphas", type=float, default=30.0)
     group.add_argument("--meta_lr_weights", type=float, default=1e-3)
-    group.add_argument("--meta_lr_alphas", type=float, default=1e-3)
+    group.add_argument("--meta_lr_alphas", type=float, default=None,
+                       help="outer Adam lr of the alphas (default: 1e-3 for T-NAS, 3e-4 for auto-MAML, the "
+                            "original code's values)")
     group.add_argument("--alpha_weight_decay", type=float, default=1e-3)
     group.add_argument("--second_order", action="store_true", help="exact MAML (default: first order)")
+    group.add_argument("--alternate_steps", action="store_true",
+                       help="auto-MAML: one step per meta-iteration, weights and alphas in turn (default: an "
+                            "alpha-step and a weight-step every iteration, as the original code)")
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> SearchSettings:
     """The typed settings of the parsed flags (the CLI layer's only conversion)."""
     return SearchSettings.from_flags(vars(args))
+
+
+def meta_lr_alphas(settings) -> float:
+    """``--meta_lr_alphas``, else the method's default (T-NAS 1e-3, auto-MAML 3e-4). ``settings``:
+    :class:`SearchSettings` or its ``meta`` part (or parsed flags)."""
+    meta = getattr(settings, "meta", settings)
+    if meta.meta_lr_alphas is not None:
+        return meta.meta_lr_alphas
+    return AutoMAMLConfig.meta_lr_alphas if meta.method == "auto_maml" else TNASConfig.meta_lr_alphas
 
 
 def build_supernet(settings: SearchSettings, in_channels: int) -> Supernet:
@@ -96,7 +111,7 @@ def tnas_config(settings: SearchSettings) -> TNASConfig:
     meta = settings.meta
     return TNASConfig(inner_steps=meta.inner_steps, inner_steps_test=meta.inner_steps_test,
                       inner_lr_weights=meta.inner_lr_weights, inner_lr_alphas=meta.inner_lr_alphas,
-                      meta_lr_weights=meta.meta_lr_weights, meta_lr_alphas=meta.meta_lr_alphas,
+                      meta_lr_weights=meta.meta_lr_weights, meta_lr_alphas=meta_lr_alphas(meta),
                       alpha_weight_decay=meta.alpha_weight_decay, first_order=not meta.second_order,
                       amp_dtype=common.amp_dtype(settings.run))
 
@@ -136,7 +151,7 @@ def _sampler(settings: SearchSettings, split, device, seed: int, task_slice) -> 
     data = settings.data
     return EpisodeSampler(split, n_way=data.n_way, k_shot=data.k_shot, q_query=data.q_query,
                           tasks_per_batch=settings.schedule.tasks_per_batch, device=device, seed=seed,
-                          augment=data.augment, task_slice=task_slice)
+                          augment=data.augment, task_pool=settings.schedule.task_pool, task_slice=task_slice)
 
 
 def build_auto_maml(settings: SearchSettings, model: Supernet, train_split, device: torch.device):
@@ -144,14 +159,15 @@ def build_auto_maml(settings: SearchSettings, model: Supernet, train_split, devi
 
     The meta-train split's images are halved per class with ``seed = settings.run.seed``;
     sampler ``"weights"`` draws from the first half, ``"alphas"`` from the second. Returns
-    ``(learner, {"weights": ..., "alphas": ...}, step)`` where ``step(iteration, track)`` takes
-    one alternating meta-iteration (even: w, odd: alpha).
+    ``(learner, {"weights": ..., "alphas": ...}, step)`` where ``step(iteration, track)`` takes the
+    steps of one meta-iteration (:meth:`AutoMAML.step_kinds`: an alpha-step then a w-step, or one
+    of them in turn) and returns the last one's statistics.
     """
     meta, seed = settings.meta, settings.run.seed
     config = AutoMAMLConfig(inner_steps=meta.inner_steps, inner_steps_test=meta.inner_steps_test,
                             inner_lr_weights=meta.inner_lr_weights, meta_lr_weights=meta.meta_lr_weights,
-                            meta_lr_alphas=meta.meta_lr_alphas, alpha_weight_decay=meta.alpha_weight_decay,
-                            first_order=not meta.second_order, split_seed=seed,
+                            meta_lr_alphas=meta_lr_alphas(meta), alpha_weight_decay=meta.alpha_weight_decay,
+                            first_order=not meta.second_order, split_seed=seed, alternate=meta.alternate_steps,
                             amp_dtype=common.amp_dtype(settings.run))
     learner = AutoMAML(model, config)
     task_slice = common.data_parallel(learner, settings.schedule.tasks_per_batch)
@@ -170,8 +186,10 @@ def build_auto_maml(settings: SearchSettings, model: Supernet, train_split, devi
                  lambda batch, track: learner.alpha_step(batch, track_steps=track), cuda_graph)}
 
     def step(iteration: int, track: bool):
-        kind = AutoMAML.step_kind(iteration)
-        return calls[kind](samplers[kind].sample(), track)
+        stats = None
+        for kind in learner.step_kinds(iteration):
+            stats = calls[kind](samplers[kind].sample(), track)
+        return stats
 
     return learner, samplers, step
 
@@ -215,7 +233,7 @@ def run(settings: SearchSettings) -> Dict[str, object]:
     learner, samplers, step = build(settings, model, splits["train"], device)
     summary = {"method": meta.method, "dataset": data.dataset, "n_way": data.n_way, "k_shot": data.k_shot,
                "q_query": data.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config,
-               "learner": learner.config.to_dict()}
+               "learner": learner.config.to_dict(), **common.data_settings(data)}
     trainer = MetaTrainer(learner, samplers, step, val_episodes, run_dir, logger,
                           common.schedule_from_args(settings.schedule), device, stage="search", summary=summary,
                           epoch_hook=genotype_epoch_hook(learner, run_dir, logger),

@@ -76,6 +76,8 @@ class DataSettings(Settings):
     q_query: int = 15
     img_size: Optional[int] = None
     augment: bool = False
+    normalize: str = "split"
+    resize: str = "lanczos"
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class ScheduleSettings(Settings):
     epochs: int = 15
     tasks_per_epoch: int = 15000
     tasks_per_batch: int = 4
+    task_pool: int = 0
     val_episodes: int = 200
     val_batch_size: int = free(50)
     log_every: int = free(50)

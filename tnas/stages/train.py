@@ -60,6 +60,7 @@ class MAMLSettings(Settings):
     inner_steps_test: int = 10
     inner_lr: float = 0.01
     meta_lr: float = 1e-3
+    weight_decay: float = 0.0
     drop_path_prob: float = 0.0
     second_order: bool = False
     per_step_bn: Optional[bool] = None
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = common.add_meta_learning_args(parser)
     group.add_argument("--inner_lr", type=float, default=0.01, help="inner SGD learning rate (initial, if learned)")
     group.add_argument("--meta_lr", type=float, default=1e-3, help="outer Adam learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.0,
+                       help="outer Adam weight decay on the network (the original auto-MAML from-scratch script: "
+                            "3e-4; its T-NAS from-scratch training: none)")
     group.add_argument("--drop_path_prob", type=float, default=0.0, help="drop-path probability in meta-training")
     group.add_argument("--second_order", action="store_true",
                        help="exact (second-order) MAML; default first order")
@@ -146,7 +150,8 @@ def maml_config(settings: TrainSettings, device: Optional[torch.device] = None) 
     return MAMLConfig(inner_steps=maml.inner_steps, inner_steps_test=maml.inner_steps_test, inner_lr=maml.inner_lr,
                       meta_lr=maml.meta_lr, first_order=not maml.second_order, msl_epochs=maml.msl_epochs,
                       first_order_epochs=first_order_epochs, min_meta_lr=maml.min_meta_lr,
-                      cosine_unit=maml.cosine_unit, amp_dtype=common.amp_dtype(settings.run) if device else None,
+                      cosine_unit=maml.cosine_unit, weight_decay=maml.weight_decay,
+                      amp_dtype=common.amp_dtype(settings.run) if device else None,
                       **switches)
 
 
@@ -161,6 +166,7 @@ def check_settings(settings: TrainSettings) -> None:
     common.check_positive(settings.network, "C", "layers")
     common.check_positive(settings.maml, "inner_steps", "inner_steps_test", "meta_lr")
     maml = settings.maml
+    common.check_non_negative(maml, "weight_decay")
     if not 0.0 <= maml.drop_path_prob < 1.0:
         raise TnasError(f"--drop_path_prob must be in [0, 1), got {maml.drop_path_prob}")
     if maml.msl_epochs < 0 or (maml.first_order_epochs is not None and maml.first_order_epochs < 0):
@@ -219,7 +225,7 @@ def _summary(settings: TrainSettings, model: Network, learner: MAMLPlusPlus, ima
             "model": model.config, "learner": learner.config.to_dict(),
             "drop_path_prob": settings.maml.drop_path_prob, "parameters": counted["parameters"],
             "macs": counted["macs"], "macs_source": counted["macs_source"],
-            "meta_learned_parameters": learner.parameter_count()}
+            "meta_learned_parameters": learner.parameter_count(), **common.data_settings(data)}
 
 
 def _trainer(settings: TrainSettings, learner: MAMLPlusPlus, splits, run_dir, logger, device, summary, is_main):
@@ -227,7 +233,8 @@ def _trainer(settings: TrainSettings, learner: MAMLPlusPlus, splits, run_dir, lo
     data, schedule = settings.data, common.schedule_from_args(settings.schedule)
     sampler = EpisodeSampler(splits["train"], n_way=data.n_way, k_shot=data.k_shot, q_query=data.q_query,
                              tasks_per_batch=schedule.tasks_per_batch, device=device, seed=settings.run.seed,
-                             augment=data.augment, task_slice=common.data_parallel(learner, schedule.tasks_per_batch))
+                             augment=data.augment, task_pool=settings.schedule.task_pool,
+                             task_slice=common.data_parallel(learner, schedule.tasks_per_batch))
     val_episodes = FixedEpisodes.generate(splits["val"], data.n_way, data.k_shot, data.q_query,
                                           episodes=settings.schedule.val_episodes, seed=settings.run.seed + 1)
     per_epoch = schedule.iterations_per_epoch
