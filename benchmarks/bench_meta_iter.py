@@ -4,7 +4,7 @@ adaptation and from-scratch training of a derived network.
 
     python benchmarks/bench_meta_iter.py                                  # paper setting, every case
     python benchmarks/bench_meta_iter.py --cases tnas_1shot_T4 --amp      # bf16 autocast fast path
-    python benchmarks/bench_meta_iter.py --cuda_graph                     # each iteration one CUDA graph
+    python benchmarks/bench_meta_iter.py --cuda_graph off                 # eager (default auto: graphs on a GPU)
     python benchmarks/bench_meta_iter.py --batching vmap                  # tasks through torch.func.vmap
     python benchmarks/bench_meta_iter.py --tiny --device cpu              # a smoke run on a CPU
 
@@ -12,7 +12,10 @@ Paper setting: 5-way, 84x84 RGB, C 16, layers 2, 15 queries per class, 5 inner s
 (10 for meta-test adaptation), first order. Images are random tensors already on the
 device, so this times the meta-learning only (the data pipeline has its own benchmark,
 ``bench_episodes.py``). Each case runs ``--warmup`` iterations, then ``--iterations``
-timed ones, synchronising the device before reading the clock. Prints one JSON object.
+timed ones, synchronising the device before reading the clock. Prints one JSON object, whose
+``setting`` carries what ``--cuda_graph auto`` chose and why. Each case also counts the FLOPs
+of one meta-iteration (``torch.utils.flop_counter``: convolutions and matrix products, forward
+and backward) and, on a GPU of known peak, the fraction of it achieved.
 
 Reference, the original code on one H200 (docs/design.md section 3): T-NAS 3.68 s per meta-iteration of
 4 tasks, 1-shot (1.09 tasks/s); auto-MAML 6.17 s per meta-iteration of 4 tasks; meta-test
@@ -52,16 +55,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tnas.genotypes import PRIMITIVES, PUBLISHED, decode_genotype, num_edges  # noqa: E402
-from tnas.meta.cuda_graph import GraphedStep, make_optimizers_capturable  # noqa: E402
+from tnas.meta.cuda_graph import (GraphedStep, make_optimizers_capturable,  # noqa: E402
+                                  resolve_cuda_graph)
 from tnas.meta.genotype_batch import GenotypeBatchLearner  # noqa: E402
 from tnas.meta.maml import model_forward  # noqa: E402
 from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus  # noqa: E402
 from tnas.meta.tnas import TNAS, TNASConfig  # noqa: E402
-from tnas.models import branches  # noqa: E402
+from tnas.models.fast_edges import ExecutionPlan  # noqa: E402
 from tnas.models.genotype_batch import GenotypeBatchNetwork  # noqa: E402
 from tnas.models.network import Network  # noqa: E402
 from tnas.models.supernet import Supernet  # noqa: E402
-from tnas.task_folding import POINTWISE_MODES, set_pointwise_mode  # noqa: E402
+from tnas.stages.common import add_cuda_graph_arg  # noqa: E402
+from tnas.task_folding import POINTWISE_MODES, use_pointwise_mode  # noqa: E402
 
 ORIGINAL_SECONDS = {"tnas": 3.68 / 4, "auto_maml": 6.17 / 4, "adapt": 1.61, "scratch": 6 * 3600 / 225_000,
                     "genobatch": 6 * 3600 / 225_000}
@@ -72,7 +77,10 @@ PAPER_SCHEDULE_TASKS = 15 * 15_000
 """Tasks seen while training one genotype from scratch at the paper schedule (15 epochs x 15,000)."""
 PROTOCOL_GENOTYPES = 600
 GRAPH_WARMUP = 2
-"""Eager calls of each step before its CUDA graph is captured (with --cuda_graph)."""
+"""Eager calls of each step before its CUDA graph is captured (when graphed)."""
+PEAK_TFLOPS = {"H200": {"fp32": 67.0, "bf16": 989.0}, "H100": {"fp32": 67.0, "bf16": 989.0},
+               "A100": {"fp32": 19.5, "bf16": 312.0}}
+"""Dense peak TFLOP/s by GPU name (SXM parts): fp32 without tensor cores, bf16 with them."""
 
 CASES: Dict[str, Dict[str, object]] = {
     "tnas_1shot_T4": dict(kind="tnas", k_shot=1, tasks=4),
@@ -151,17 +159,20 @@ def build_learner(spec: Dict[str, object], args, device: torch.device):
     """The learner a case times: T-NAS on the supernet, (MAML / MAML++) on a derived network, or on a
     batch of G derived networks."""
     amp_dtype = torch.bfloat16 if args.amp else None
+    plan = ExecutionPlan(fused_edges=args.edges == "fused", branch_streams=args.branch_streams,
+                         pointwise=args.pointwise)
     if spec["kind"] == "genobatch":
         model = GenotypeBatchNetwork.from_genotypes(case_genotypes(spec), seed=0,
                                                     n_way=args.n_way, C=args.C, layers=args.layers, in_channels=3)
+        use_pointwise_mode(model, plan.pointwise)
         return GenotypeBatchLearner(model.to(device), scratch_config(spec, args))
     if spec["kind"] == "scratch":
         model = Network(PUBLISHED[str(spec["genotype"])], n_way=args.n_way, C=args.C, layers=args.layers,
-                        in_channels=3)
+                        in_channels=3, plan=plan)
         config = scratch_config(spec, args)
         learner_class = MAMLPlusPlus
     else:
-        model = Supernet(n_way=args.n_way, C=args.C, layers=args.layers, in_channels=3)
+        model = Supernet(n_way=args.n_way, C=args.C, layers=args.layers, in_channels=3, plan=plan)
         config = TNASConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
                             amp_dtype=amp_dtype)
         learner_class = TNAS
@@ -189,23 +200,67 @@ def prepare_case(spec: Dict[str, object], args, device: torch.device):
         "alphas": lambda b: learner.meta_step(b, adapt_groups=["weights"], update_groups=["alphas"]),
         "adapt": lambda b: learner.evaluate(b, steps=args.inner_steps_test),
     }
-    warmup = args.warmup
-    if args.cuda_graph:
+    warmup = max(args.warmup, 2 if kind == "auto_maml" else 1)  # the FLOP count reads the first warm-up step(s)
+    failures: List[str] = []
+    if args.graphed:
         make_optimizers_capturable(learner.optimizers.values())
-        steps = {key: GraphedStep(step, warmup=GRAPH_WARMUP) for key, step in steps.items()}
+        record_failure = lambda error: failures.append(f"{type(error).__name__}: {error}".splitlines()[0])  # noqa: E731
+        steps = {key: GraphedStep(step, warmup=GRAPH_WARMUP, on_failure=record_failure) for key, step in steps.items()}
         warmup = max(warmup, (GRAPH_WARMUP + 1) * (2 if kind == "auto_maml" else 1))  # capture before timing
 
     def one_iteration(iteration: int) -> None:
         key = ("weights" if iteration % 2 == 0 else "alphas") if kind == "auto_maml" else kind
         steps[key](batch)
 
+    one_iteration.capture_failures = failures
     return one_iteration, warmup, tasks
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, groups, output_mask, out_shape=None) -> int:
+    """FLOPs of ``aten.convolution_backward``: the forward's ``2 * out elements * (C_in/groups) * kh * kw``
+    once per gradient asked for (input, weight). torch's own formula ignores ``groups`` for the input
+    gradient, so it counts a depthwise conv's backward ~C times over."""
+    from math import prod
+
+    forward = 2 * prod(x_shape if transposed else grad_out_shape) * prod(w_shape[1:])
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_flops(one_iteration, iterations: List[int]) -> float:
+    """FLOPs per call of ``one_iteration`` averaged over ``iterations`` (eager calls: run them
+    before any capture), from torch's FLOP counter (convolutions and matrix products, forward
+    and backward; elementwise work not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False,
+                              custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
+    with counter:
+        for iteration in iterations:
+            one_iteration(iteration)
+    return counter.get_total_flops() / len(iterations)
+
+
+def peak_tflops(args, device: torch.device):
+    """(peak TFLOP/s, basis) of the device, from ``--peak_tflops`` or :data:`PEAK_TFLOPS`; (None, None) if unknown."""
+    basis = "bf16" if args.amp else "fp32"
+    if args.peak_tflops is not None:
+        return args.peak_tflops, "given"
+    if device.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks[basis], basis
+    return None, None
 
 
 def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> Dict[str, object]:
     kind = spec["kind"]
     one_iteration, warmup, tasks = prepare_case(spec, args, device)
-    for iteration in range(warmup):
+    counted = 2 if kind == "auto_maml" else 1  # auto-MAML alternates a weight step and an alpha step
+    flops = count_flops(one_iteration, list(range(counted)))
+    for iteration in range(counted, warmup):
         one_iteration(iteration)
     synchronize(device)
     if args.start_at is not None:  # line up the timed loops of processes sharing one GPU
@@ -221,7 +276,15 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
     record = {"case": name, "kind": kind, "k_shot": spec["k_shot"], "tasks": tasks,
               "first_order": not spec.get("plus_plus", False),
               "seconds_per_iteration": seconds, "tasks_per_second": tasks_per_second,
-              "speedup_vs_original": tasks_per_second * ORIGINAL_SECONDS[kind]}
+              "speedup_vs_original": tasks_per_second * ORIGINAL_SECONDS[kind],
+              "gflop_per_iteration": flops / 1e9, "achieved_tflops": flops / seconds / 1e12,
+              "cuda_graph": "eager" if not args.graphed else (
+                  f"eager after a failed capture ({one_iteration.capture_failures[0]})"
+                  if one_iteration.capture_failures else "graphed")}
+    peak, basis = peak_tflops(args, device)
+    if peak:
+        record["peak_tflops"], record["peak_basis"] = peak, basis
+        record["fraction_of_peak"] = record["achieved_tflops"] / peak
     if kind == "scratch":
         record["genotype"] = spec["genotype"]
         record["method"] = "maml++ (second order)" if spec.get("plus_plus") else "maml (first order)"
@@ -297,18 +360,22 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels_last", action="store_true")
-    parser.add_argument("--cuda_graph", action="store_true",
-                        help="replay each meta-iteration as a CUDA graph (tnas.meta.cuda_graph)")
+    add_cuda_graph_arg(parser)  # auto (default): each meta-iteration one CUDA graph on a GPU, eager on a CPU
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for fraction_of_peak (default: known GPUs' dense peak)")
     parser.add_argument("--batching", choices=("fold", "vmap"), default="fold",
                         help="tasks folded into channel groups (the default everywhere) or torch.func.vmap")
-    parser.add_argument("--pointwise", choices=POINTWISE_MODES, default="auto",
-                        help="folded 1x1 convolutions as batched matmuls (auto, matmul) or grouped convs "
-                             "(tnas.task_folding.set_pointwise_mode)")
+    parser.add_argument("--pointwise", choices=POINTWISE_MODES, default=ExecutionPlan.pointwise,
+                        help="folded 1x1 convolutions as batched matmuls or grouped convs (ExecutionPlan.pointwise)")
+    parser.add_argument("--edges", choices=("fused", "reference"), default="fused",
+                        help="the supernet's edges by the fused path (tnas.models.fast_edges) or as the "
+                             "reference MixedOp's sum (ExecutionPlan.fused_edges)")
     parser.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=True,
                         help="let cuDNN time its algorithms for each new shape (torch.backends.cudnn.benchmark; "
                              "on by default, as in the stage scripts)")
-    parser.add_argument("--branch_streams", type=int, default=branches.DEFAULT_STREAMS,
-                        help="side CUDA streams for the ops of a supernet edge (tnas.models.branches; 0: one stream)")
+    parser.add_argument("--branch_streams", type=int, default=ExecutionPlan.branch_streams,
+                        help="side CUDA streams for the ops of a fused supernet edge (tnas.models.branches; "
+                             "0: one stream)")
     parser.add_argument("--tiny", action="store_true", help="C 4, layers 1, 16x16, 2 queries: a CPU smoke run")
     parser.add_argument("--start_at", type=float, default=None,
                         help="Unix time to start the timed iterations at (after warm-up), so that several "
@@ -320,11 +387,15 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
         args.C, args.layers, args.img_size, args.q_query = 4, 1, 16, 2
         args.inner_steps, args.inner_steps_test = 1, 2
     device = torch.device(args.device)
-    if args.cuda_graph and device.type != "cuda":
-        parser.error("--cuda_graph needs --device cuda")
-    set_pointwise_mode(args.pointwise)
+    try:
+        decision = resolve_cuda_graph(args.cuda_graph, device, device_flag=args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    args.graphed, args.cuda_graph_reason = decision.enabled, decision.reason
+    print(decision.reason, file=sys.stderr, flush=True)
+    if args.branch_streams < 0:
+        parser.error(f"--branch_streams must be >= 0, got {args.branch_streams}")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    branches.set_branch_streams(args.branch_streams)
     return args
 
 
@@ -347,8 +418,9 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "setting": {k: getattr(args, k) for k in ("n_way", "C", "layers", "img_size", "q_query", "inner_steps",
-                                                  "inner_steps_test", "amp", "channels_last", "cuda_graph",
-                                                  "batching", "pointwise", "cudnn_benchmark", "branch_streams",
+                                                  "inner_steps_test", "amp", "channels_last", "cuda_graph", "graphed",
+                                                  "cuda_graph_reason",
+                                                  "batching", "pointwise", "edges", "cudnn_benchmark", "branch_streams",
                                                   "tiny")},
         "results": results,
     }

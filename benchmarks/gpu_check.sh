@@ -46,31 +46,45 @@ if [ "$part" != speed ]; then
 fi
 if [ "$part" != tests ]; then
   bench="$py benchmarks/bench_meta_iter.py"
+  # The targets first, with default flags (--cuda_graph auto; the JSON's setting says what auto chose):
+  # T-NAS search 1-shot and 5-shot, 4 tasks, with GFLOP per meta-iteration and the fraction of peak
+  step "meta-iteration, default flags" 60 bench_meta_iter_default.json $bench --iterations 10 \
+    --cases tnas_1shot_T4 tnas_5shot_T4
+  "$py" - "$work/bench_meta_iter_default.json" <<'PY' | tee -a "$work/timeline.txt" || true
+import json, sys
+report = json.load(open(sys.argv[1]))
+print("[gpu_check] default flags:", report["setting"]["cuda_graph_reason"])
+for r in report["results"]:
+    print("[gpu_check]", r.get("case"), "tasks/s", r.get("tasks_per_second"), "GFLOP/iter", r.get("gflop_per_iteration"),
+          "TFLOP/s", r.get("achieved_tflops"), "fraction of peak", r.get("fraction_of_peak"), r.get("peak_basis"),
+          r.get("cuda_graph"), "error", r.get("error"))
+PY
   # Genotype batches first: G genotypes (random decodes, 4 tasks each) trained as one network,
   # first-order MAML and MAML++, 1-shot; aggregate tasks/s, peak memory, protocol_hours_600
-  step "genotype batches fp32, eager" 150 bench_meta_iter_genobatch.json $bench --iterations 3 --warmup 1 \
+  step "genotype batches fp32, eager" 150 bench_meta_iter_genobatch.json $bench --iterations 3 --warmup 1 --cuda_graph off \
     --cases genobatch_1shot_G1_T4 genobatch_1shot_G8_T4 genobatch_1shot_G32_T4 genobatch_1shot_G64_T4 \
     genobatch_pp_1shot_G1_T4 genobatch_pp_1shot_G8_T4 genobatch_pp_1shot_G32_T4 genobatch_pp_1shot_G64_T4 \
     genobatch_same_1shot_G64_T4
   step "genotype batches fp32 + CUDA graph" 90 bench_meta_iter_genobatch_graph.json $bench --iterations 3 \
-    --cuda_graph --cases genobatch_1shot_G8_T4 genobatch_1shot_G64_T4 genobatch_pp_1shot_G8_T4
+    --cuda_graph on --cases genobatch_1shot_G8_T4 genobatch_1shot_G64_T4 genobatch_pp_1shot_G8_T4
   step "genotype batches 5-shot fp32, eager" 60 bench_meta_iter_genobatch_5shot.json $bench --iterations 2 \
-    --warmup 1 --cases genobatch_5shot_G8_T4 genobatch_5shot_G32_T4 genobatch_pp_5shot_G8_T4
-  # The targets first: every search case and adaptation as CUDA graphs (1x1 convs as matmuls, the default)
-  step "meta-iteration fp32 + CUDA graph" 90 bench_meta_iter_fp32_graph.json $bench --iterations 5 --cuda_graph \
-    --cases tnas_1shot_T4 auto_maml_1shot_T4 tnas_1shot_T16 tnas_5shot_T4 scratch_1shot_T4 scratch_pp_1shot_T4
-  step "adaptation fp32 + CUDA graph" 45 bench_meta_iter_adapt_graph.json $bench --iterations 2 --cuda_graph \
+    --warmup 1 --cuda_graph off --cases genobatch_5shot_G8_T4 genobatch_5shot_G32_T4 genobatch_pp_5shot_G8_T4
+  # Every other search case and adaptation as CUDA graphs (1x1 convs as matmuls, the default)
+  step "meta-iteration fp32 + CUDA graph" 90 bench_meta_iter_fp32_graph.json $bench --iterations 5 --cuda_graph on \
+    --cases auto_maml_1shot_T4 tnas_1shot_T16 scratch_1shot_T4 scratch_pp_1shot_T4
+  step "adaptation fp32 + CUDA graph" 45 bench_meta_iter_adapt_graph.json $bench --iterations 2 --cuda_graph on \
     --cases adapt_1shot_T100
   # The supernet's edge ops on one stream instead of side by side (tnas.models.branches), for comparison
   step "meta-iteration fp32 + CUDA graph, one stream" 45 bench_meta_iter_fp32_graph_one_stream.json \
-    $bench --iterations 5 --cuda_graph --branch_streams 0 --cases tnas_1shot_T4 auto_maml_1shot_T4
-  step "meta-iteration fp32, eager" 90 bench_meta_iter_fp32.json $bench --iterations 3 --cases tnas_1shot_T4 \
+    $bench --iterations 5 --cuda_graph on --branch_streams 0 --cases tnas_1shot_T4 auto_maml_1shot_T4
+  step "meta-iteration fp32, eager" 90 bench_meta_iter_fp32.json $bench --iterations 3 --cuda_graph off \
+    --cases tnas_1shot_T4 \
     auto_maml_1shot_T4 tnas_5shot_T4 scratch_1shot_T4 scratch_5shot_T4 scratch_pp_1shot_T4
   # The same graphed case with 1x1 convs as grouped cuDNN convs, and in bf16 (for comparison)
   step "meta-iteration fp32 + CUDA graph, 1x1 convs as grouped convs" 30 bench_meta_iter_fp32_graph_conv.json \
-    $bench --iterations 5 --cuda_graph --pointwise conv --cases tnas_1shot_T4
+    $bench --iterations 5 --cuda_graph on --pointwise conv --cases tnas_1shot_T4
   step "meta-iteration bf16 + CUDA graph" 35 bench_meta_iter_bf16_graph.json \
-    $bench --iterations 5 --amp --cuda_graph --cases tnas_1shot_T4 auto_maml_1shot_T4
+    $bench --iterations 5 --amp --cuda_graph on --cases tnas_1shot_T4 auto_maml_1shot_T4
   step "episodes" 30 bench_episodes.json "$py" benchmarks/bench_episodes.py --seconds 1
   # Four from-scratch trainings sharing the GPU (the protocol with more processes than GPUs):
   # each warms up, then all start their 100 timed iterations at the same moment; the summed
@@ -81,7 +95,7 @@ if [ "$part" != tests ]; then
     pids=()
     for i in 1 2 3 4; do
       timeout "$seconds" "$py" benchmarks/bench_meta_iter.py --cases scratch_1shot_T4 --iterations 100 --warmup 3 \
-        --start_at "$start_at" > "$work/shared_$i.json" &
+        --cuda_graph off --start_at "$start_at" > "$work/shared_$i.json" &
       pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid" || status=1; done
@@ -92,10 +106,10 @@ if [ "$part" != tests ]; then
   fi
   # The same two cases with the tasks batched by torch.func.vmap instead of folded (for comparison)
   step "meta-iteration fp32, vmap" 40 bench_meta_iter_fp32_vmap.json \
-    "$py" benchmarks/bench_meta_iter.py --iterations 3 --batching vmap --cases tnas_1shot_T4 scratch_1shot_T4
+    "$py" benchmarks/bench_meta_iter.py --iterations 3 --cuda_graph off --batching vmap --cases tnas_1shot_T4 scratch_1shot_T4
   # Where the graphed time goes (if time is left)
   step "profile, CUDA graph" 35 profile_tnas_graph.txt \
-    "$py" benchmarks/profile_meta_iter.py --cases tnas_1shot_T4 --cuda_graph --rows 30
+    "$py" benchmarks/profile_meta_iter.py --cases tnas_1shot_T4 --cuda_graph on --rows 30
   "$py" - "$work" <<'PY' || true
 import glob, json, os, sys
 # One line per measurement, so the end of the log carries every figure.
@@ -108,7 +122,8 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_meta_iter_*.json")
         print(os.path.basename(path)[16:-5], r.get("case"), "s/iter", r.get("seconds_per_iteration"),
               "tasks/s", r.get("tasks_per_second"), "t_g h", r.get("genotype_hours_paper_schedule"),
               "x orig", r.get("speedup_vs_original"), "GiB", r.get("peak_gpu_memory_gib"), "G", r.get("genotypes"),
-              "protocol h", r.get("protocol_hours_600"), "error", r.get("error"))
+              "protocol h", r.get("protocol_hours_600"), "GFLOP/iter", r.get("gflop_per_iteration"),
+              "of peak", r.get("fraction_of_peak"), r.get("cuda_graph"), "error", r.get("error"))
 PY
   cat "$work/bench_episodes.json" "$work/bench_shared_gpu.json" 2>/dev/null
   grep -h '^{"case"' "$work"/profile_*.txt 2>/dev/null

@@ -3,7 +3,7 @@
 ``bench_meta_iter.py`` case under ``torch.profiler``, and how many kernels it launches.
 
     python benchmarks/profile_meta_iter.py --cases tnas_1shot_T4                 # eager, paper setting
-    python benchmarks/profile_meta_iter.py --cases tnas_1shot_T4 --cuda_graph    # kernels inside a graph
+    python benchmarks/profile_meta_iter.py --cases tnas_1shot_T4 --cuda_graph on # kernels inside a graph (auto: graphed on a GPU)
     python benchmarks/profile_meta_iter.py --tiny --device cpu --cases scratch_1shot_T4
 
 Takes every flag of ``bench_meta_iter.py`` plus ``--profile_iterations`` and ``--rows``.

@@ -16,13 +16,23 @@ def bench():
 def test_every_kind_of_case_runs_and_reports(bench, capsys):
     cases = ["tnas_1shot_T4", "auto_maml_1shot_T4", "adapt_1shot_T100", "scratch_1shot_T4", "scratch_pp_1shot_T4"]
     report = bench.main(["--tiny", "--device", "cpu", "--iterations", "1", "--warmup", "1", "--cases", *cases])
-    assert capsys.readouterr().out.strip().startswith("{")
+    captured = capsys.readouterr()
+    assert captured.out.strip().startswith("{")
+    # default flags: --cuda_graph auto, and the JSON says what it chose and why
+    setting = report["setting"]
+    assert setting["cuda_graph"] == "auto" and setting["graphed"] is False
+    assert setting["cuda_graph_reason"] == "cuda_graph auto: eager steps, not CUDA graphs: the device is cpu"
+    assert setting["cuda_graph_reason"] in captured.err
     assert [r["case"] for r in report["results"]] == cases
     for record in report["results"]:
         assert record["seconds_per_iteration"] > 0
         assert record["tasks_per_second"] == pytest.approx(record["tasks"] / record["seconds_per_iteration"])
         original = bench.ORIGINAL_SECONDS[record["kind"]]
         assert record["speedup_vs_original"] == pytest.approx(record["tasks_per_second"] * original)
+        assert record["cuda_graph"] == "eager" and "fraction_of_peak" not in record  # no known peak on a CPU
+        assert record["gflop_per_iteration"] > 0
+        assert record["achieved_tflops"] == pytest.approx(record["gflop_per_iteration"] / 1e3
+                                                          / record["seconds_per_iteration"])
     scratch = {r["case"]: r for r in report["results"] if r["kind"] == "scratch"}
     assert scratch["scratch_1shot_T4"]["first_order"] and not scratch["scratch_pp_1shot_T4"]["first_order"]
     for record in scratch.values():
@@ -45,7 +55,8 @@ def test_scratch_learner_is_the_derived_network(bench):
     from tnas.models.network import Network
 
     args = SimpleNamespace(n_way=5, C=4, layers=1, inner_steps=1, inner_steps_test=2, amp=False,
-                           channels_last=False, batching="fold")
+                           channels_last=False, batching="fold", edges="fused", branch_streams=3,
+                           pointwise="matmul")
     learner = bench.build_learner(bench.CASES["scratch_pp_1shot_T4"], args, torch.device("cpu"))
     assert isinstance(learner.model, Network)
     assert learner.model.genotype == PUBLISHED["auto_maml_1shot"]
@@ -78,6 +89,19 @@ def test_shared_gpu_sums_throughput_and_rescales_the_cost(tmp_path, capsys):
     bad.write_text("not json")
     assert shared.main([str(bad)]) == 2
     assert "bad.json" in capsys.readouterr().err
+
+
+def test_flop_count_of_a_depthwise_conv_counts_groups_once(bench):
+    """Forward + backward of a conv is 3x its forward (input and weight gradients), grouped or not
+    (torch's own formula counts a depthwise conv's input gradient C times over)."""
+    import torch
+
+    for groups in (1, 8):
+        conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=False)
+        x = torch.randn(2, 8, 5, 5, requires_grad=True)
+        flops = bench.count_flops(lambda _: conv(x).sum().backward(), [0])
+        forward = 2 * (2 * 8 * 5 * 5) * (8 // groups) * 9
+        assert flops == 3 * forward
 
 
 def test_genotype_batch_cases_report_aggregate_rate_and_protocol_cost(bench):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from tnas.models import branches
-from tnas.models.supernet import MixedOp, Supernet
+from tnas.models.fast_edges import ExecutionPlan
+from tnas.models.supernet import Supernet
 
 
 def test_lanes_keep_free_ops_on_the_current_stream_and_balance_the_rest():
@@ -11,35 +12,34 @@ def test_lanes_keep_free_ops_on_the_current_stream_and_balance_the_rest():
     assert branches.assign_lanes([0, 0, 0, 4, 4, 2, 2], streams=3) == [0, 0, 0, 1, 2, 3, 3]
     assert branches.assign_lanes([0, 0, 2, 4, 4, 2, 2], streams=3) == [0, 0, 3, 1, 2, 3, 1]
     assert branches.assign_lanes([0, 3, 1], streams=0) == [0, 0, 0]
-    assert MixedOp(channels=4, stride=1).lanes == [0, 0, 0, 1, 2, 3, 3]
+    assert Supernet(n_way=3, C=4, layers=1).cells[0].fused.layouts[4].lanes == (0, 0, 0, 1, 2, 3, 3)
 
 
 def test_branches_run_in_order_off_the_gpu():
     calls = []
     outputs = branches.run_branches([lambda: calls.append("a") or torch.ones(1),
-                                     lambda: calls.append("b") or torch.zeros(1)], [1, 0], [torch.ones(1)])
+                                     lambda: calls.append("b") or torch.zeros(1)], [1, 0], [torch.ones(1)], 3)
     assert calls == ["a", "b"] and [float(o) for o in outputs] == [1.0, 0.0]
     with pytest.raises(ValueError, match=">= 0"):
-        branches.set_branch_streams(-1)
+        branches.run_branches([], [], [torch.ones(1)], -1)
+    with pytest.raises(ValueError, match=">= 0"):
+        ExecutionPlan(branch_streams=-1)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fold", [True, False], ids=["folded", "plain"])
-def test_branch_streams_change_no_value_or_gradient_on_cuda(monkeypatch, fold):
-    from tnas import task_folding
-
-    torch.manual_seed(0)
-    model = Supernet(n_way=3, C=4, layers=2, in_channels=1).double().cuda()
+def test_branch_streams_change_no_value_or_gradient_on_cuda(fold):
     tasks = 3 if fold else 1
     x = torch.randn(4, tasks, 16, 16, dtype=torch.float64, device="cuda")
     alphas = torch.randn(tasks, 14, 8, dtype=torch.float64, device="cuda", requires_grad=True)
 
     def run(streams):
-        monkeypatch.setattr(branches, "_streams_count", streams)
-        with task_folding.folded(tasks) if fold else torch.enable_grad():
-            weights = (alphas, alphas) if fold else (alphas[0], alphas[0])
-            logits = model(x if fold else x[:, :1], *weights)
+        torch.manual_seed(0)
+        model = Supernet(n_way=3, C=4, layers=2, in_channels=1,
+                         plan=ExecutionPlan(branch_streams=streams)).double().cuda()
+        weights = (alphas, alphas) if fold else (alphas[0], alphas[0])
+        logits = model(x if fold else x[:, :1], *weights)
         params = [alphas] + list(model.parameters())
         grads = torch.autograd.grad(logits.square().sum(), params, allow_unused=True)
         return [logits.detach()] + list(grads)  # no graph outlives its run (nor its streams)

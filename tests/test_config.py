@@ -190,7 +190,9 @@ def flag_values(parser: argparse.ArgumentParser, switches_on: bool) -> list:
             elif switches_on:
                 argv.append(option)
             continue
-        if action.choices is not None:
+        if action.dest == "cuda_graph":  # auto | on | off, a flag of its own kind
+            value = "on" if switches_on else "off"
+        elif action.choices is not None:
             value = str(list(action.choices)[-1])
         elif action.type is int:
             value = "7"

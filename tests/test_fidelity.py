@@ -65,7 +65,7 @@ def test_factorized_reduce_reads_the_pixels_of_the_original_padding(size, first,
     x = torch.rand(2, 3, size, size, dtype=torch.float64)  # >= 0: the op's ReLU keeps it
     expected = torch.cat([one_by_one(op.conv_even.weight, pixels(x, first, first)),
                           one_by_one(op.conv_odd.weight, pixels(x, second, second))], dim=1)
-    out = op.pre_norm_after_relu(torch.relu(x))
+    out = op.convolve(torch.relu(x))
     assert out.shape == (2, 4, (size + 1) // 2, (size + 1) // 2)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
     normed = op(x)
@@ -88,8 +88,7 @@ def test_factorized_reduce_folded_tasks_equal_each_task_alone():
     op = FactorizedReduce(2, 4, affine=True).double()
     params = {name: torch.randn(tasks, *p.shape, dtype=torch.float64) for name, p in op.named_parameters()}
     x = torch.randn(tasks, 5, 2, 21, 21, dtype=torch.float64)
-    with task_folding.folded(tasks):
-        out = torch.func.functional_call(op, params, (task_folding.fold_images(x),))
+    out = torch.func.functional_call(op, params, (task_folding.fold_images(x),))
     out = out.view(5, tasks, 4, 11, 11).transpose(0, 1)
     for t in range(tasks):
         alone = torch.func.functional_call(op, {n: p[t] for n, p in params.items()}, (x[t],))

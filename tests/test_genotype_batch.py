@@ -104,16 +104,14 @@ def test_forward_matches_each_solo_network_per_task():
     for g, network in enumerate(networks):
         params = {n: v.detach() + 0.05 * torch.randn(TASKS, *v.shape, generator=generator, dtype=torch.float64)
                   for n, v in network.named_parameters()}
-        with task_folding.folded(TASKS):
-            logits = functional_call(network, params, (task_folding.fold_images(x[g]),))
+        logits = functional_call(network, params, (task_folding.fold_images(x[g]),))
         expected.append(task_folding.unfold_logits(logits, TASKS))
         for solo, (name, row) in model.genotype_names(g).items():
             rows.setdefault(name, {})[row] = params[solo]
     batched = {name: torch.cat([by_row[r] for r in range(len(by_row))]) for name, by_row in rows.items()}
-    with task_folding.folded(3 * TASKS):
-        logits = model.functional_forward(batched, task_folding.fold_images(x.flatten(0, 1)))
+    logits = model.functional_forward(batched, task_folding.fold_images(x.flatten(0, 1)))
     assert_close(task_folding.unfold_logits(logits, 3 * TASKS), torch.cat(expected), "logits")
-    # Outside a folded block: one task per genotype, the batch's own parameters.
+    # One channel group per genotype: one task each, the batch's own parameters.
     plain = model(x[:, 0].transpose(0, 1).flatten(1, 2))
     assert_close(plain.view(5, 3, N_WAY).transpose(0, 1), torch.stack([n(x[g, 0]) for g, n in enumerate(networks)]),
                  "plain forward")

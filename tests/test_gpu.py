@@ -26,15 +26,16 @@ def batch_on(device, dtype, tasks=3, n_way=3, k_shot=1, q_query=2, side=16, seed
                            query_x=images(n_way * q_query), query_y=labels(q_query))
 
 
-@pytest.mark.parametrize("fold_tasks,pointwise", [(True, "matmul"), (True, "conv"), (False, "auto")],
-                         ids=["folded", "folded_1x1_conv", "vmap"])
+@pytest.mark.parametrize("fold_tasks,pointwise", [(True, "matmul"), (True, "conv"), (True, "reference"),
+                                                  (False, "matmul")],
+                         ids=["folded", "folded_1x1_conv", "folded_reference_plan", "vmap"])
 @pytest.mark.parametrize("first_order", [True, False])
-def test_batched_engine_on_cudnn_matches_cpu_reference(first_order, fold_tasks, pointwise, monkeypatch):
-    from tnas import task_folding
+def test_batched_engine_on_cudnn_matches_cpu_reference(first_order, fold_tasks, pointwise):
+    from tnas.models.fast_edges import REFERENCE, ExecutionPlan
 
-    monkeypatch.setattr(task_folding, "_pointwise_mode", pointwise)
     torch.manual_seed(0)
-    model = Supernet(n_way=3, C=4, layers=2, in_channels=1).double()
+    plan = REFERENCE if pointwise == "reference" else ExecutionPlan(pointwise=pointwise)
+    model = Supernet(n_way=3, C=4, layers=2, in_channels=1, plan=plan).double()
     rates = {n: 0.1 for n, _ in model.named_weights()}
     rates.update({n: 3.0 for n, _ in model.named_alphas()})
     cpu_batch = batch_on("cpu", torch.float64)

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from tnas.genotypes import PUBLISHED, Genotype, decode_genotype, edge_inputs, num_edges
+from tnas.genotypes import PRIMITIVES, PUBLISHED, Genotype, decode_genotype, edge_inputs, num_edges
 from tnas.models.network import Network
 from tnas.models.skeleton import min_image_size, reduction_layout
 from tnas.models.supernet import Supernet
@@ -326,34 +326,86 @@ def test_vmap_with_passed_alphas(functional_models):
     torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("tasks", [None, 3], ids=["plain", "folded"])
-def test_mixed_op_one_batchnorm_equals_each_op_with_its_own(stride, tasks):
-    """The edge normalises every op's output with one BN over the stacked channels; that must be
-    the DARTS sum of the ops as modules, each with its own BN, in value and in gradient."""
-    from tnas import task_folding
+def test_reference_mixed_op_is_the_softmax_weighted_sum_written_out():
+    """MixedOp is the DARTS edge: sum_o softmax(alpha)_o * o(x), here spelled out op by op in float64
+    with torch's own layers (max/avg pool + BN, identity, sep/dil convs), `none` contributing zero."""
     from tnas.models.supernet import MixedOp
 
     torch.manual_seed(0)
-    edge = MixedOp(channels=4, stride=stride).double()
-    assert len(edge.normalized) == (6 if stride == 1 else 7)  # all but the stride-1 identity
-    count = tasks or 1
-    x = torch.randn(5, count * 4, 6, 6, dtype=torch.float64, requires_grad=True)
-    weights = torch.softmax(torch.randn(count, len(edge.ops), dtype=torch.float64), -1).requires_grad_(True)
+    edge = MixedOp(channels=4, stride=1).double()
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    alpha = torch.randn(8, dtype=torch.float64)
+    w = torch.exp(alpha) / torch.exp(alpha).sum()  # softmax over the 8 primitives, `none` first
+    bn = lambda t: (t - t.mean((0, 2, 3), keepdim=True)) / torch.sqrt(t.var((0, 2, 3), unbiased=False,
+                                                                            keepdim=True) + 1e-5)
+    conv = lambda t, module: torch.nn.functional.conv2d(t, module.weight, None, module.stride, module.padding,
+                                                        module.dilation, module.groups)
+    relu = torch.relu
 
-    def reference(x_task, w_task):
-        return sum(w * op(x_task) for w, op in zip(w_task, edge.ops))
+    def dil(t, op):  # ReLU, depthwise, pointwise, BN
+        return bn(conv(conv(relu(t), op[1]), op[2]))
 
-    if tasks is None:
-        got = edge(x, weights[0])
-        want = reference(x, weights[0])
-    else:
-        with task_folding.folded(tasks):
-            got = edge(x, weights)
-        want = torch.cat([reference(x[:, t * 4:(t + 1) * 4], weights[t]) for t in range(tasks)], dim=1)
+    ops = dict(zip(PRIMITIVES, [None] + list(edge.ops)))
+    want = (w[0] * torch.zeros_like(x)
+            + w[1] * bn(torch.nn.functional.max_pool2d(x, 3, 1, 1))
+            + w[2] * bn(torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
+            + w[3] * x
+            + w[4] * dil(dil(x, ops["sep_conv_3x3"][0]), ops["sep_conv_3x3"][1])
+            + w[5] * dil(dil(x, ops["sep_conv_5x5"][0]), ops["sep_conv_5x5"][1])
+            + w[6] * dil(x, ops["dil_conv_3x3"])
+            + w[7] * dil(x, ops["dil_conv_5x5"]))
+    got = edge(x, torch.softmax(alpha, -1)[1:])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("tasks", [1, 3], ids=["plain", "folded"])
+def test_fused_edges_equal_the_reference_mixed_ops(stride, tasks):
+    """The fast path (one ReLU and one BN over the stacked ops per edge, weights gathered per cell)
+    gives the reference MixedOp's sum of the ops as modules, each with its own BN, in value and
+    gradient; folded with per-task weights too."""
+    from tnas.models.fast_edges import FusedEdges
+    from tnas.models.supernet import MixedOp
+
+    torch.manual_seed(0)
+    edges = torch.nn.ModuleList([MixedOp(channels=4, stride=stride), MixedOp(channels=4, stride=1)]).double()
+    fused = FusedEdges(edges, branch_streams=3)
+    assert len(fused.layouts[0].normalized) == (6 if stride == 1 else 7)  # all but the stride-1 identity
+    assert fused.layouts[1].lanes == (0, 0, 0, 1, 2, 3, 3)  # ops with convolutions on side streams
+    x = torch.randn(5, tasks * 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    op_weights = torch.softmax(torch.randn(tasks, 2, 7, dtype=torch.float64), -1).requires_grad_(True)
+    weights = op_weights if tasks > 1 else op_weights[0]
+    got = fused.mixer(edges, weights)(0, x)
+    want = edges[0](x, weights[..., 0, :])
+    if tasks > 1:  # and the folded reference is the per-task one
+        per_task = torch.cat([edges[0](x[:, t * 4:(t + 1) * 4], op_weights[t, 0]) for t in range(tasks)], dim=1)
+        torch.testing.assert_close(want, per_task, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     probe = torch.randn_like(want)
-    got_grads = torch.autograd.grad((got * probe).sum(), [x, weights])
-    want_grads = torch.autograd.grad((want * probe).sum(), [x, weights])
+    got_grads = torch.autograd.grad((got * probe).sum(), [x, op_weights])
+    want_grads = torch.autograd.grad((want * probe).sum(), [x, op_weights])
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tasks", [1, 3], ids=["plain", "folded"])
+def test_every_execution_plan_gives_the_reference_supernet(tasks):
+    """The plan chooses how, never what: logits and gradients of the fast default equal REFERENCE's."""
+    from tnas.models.fast_edges import REFERENCE, ExecutionPlan
+    from tnas.task_folding import fold_images
+
+    models = {}
+    for name, plan in (("reference", REFERENCE), ("fast", ExecutionPlan())):
+        torch.manual_seed(0)
+        models[name] = Supernet(n_way=3, C=4, layers=2, in_channels=1, plan=plan).double()
+    assert models["reference"].cells[0].fused is None and models["fast"].cells[0].fused is not None
+    x = fold_images(torch.randn(tasks, 4, 1, 16, 16, dtype=torch.float64))
+    alphas = torch.randn(tasks, 14, 8, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for name, model in models.items():
+        model.load_state_dict(models["reference"].state_dict())
+        logits = model(x, alphas, alphas) if tasks > 1 else model(x, alphas[0], alphas[0])
+        weights = list(model.weights()) + [alphas]  # the alphas passed in are the ones used
+        results[name] = [logits.detach()] + list(torch.autograd.grad(logits.square().sum(), weights))
+    for want, got in zip(results["reference"], results["fast"]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

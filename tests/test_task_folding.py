@@ -22,10 +22,9 @@ TASKS = 2
 
 @pytest.fixture(params=["conv", "matmul"])
 def pointwise(request):
-    """Run a test with folded 1x1 convolutions as grouped convs, then as batched matmuls."""
-    task_folding.set_pointwise_mode(request.param)
-    yield request.param
-    task_folding.set_pointwise_mode("auto")
+    """Run a test with folded 1x1 convolutions as grouped convs, then as batched matmuls: the test
+    applies the mode to its models (``task_folding.use_pointwise_mode``)."""
+    return request.param
 
 
 def per_task_params(model, seed=1):
@@ -45,7 +44,7 @@ def tiny_network():
 
 @pytest.mark.parametrize("make_model", [lambda: tiny_supernet(layers=2), tiny_network], ids=["supernet", "network"])
 def test_folded_logits_equal_vmap_with_per_task_and_shared_parameters(make_model, pointwise):
-    model = make_model()
+    model = task_folding.use_pointwise_mode(make_model(), pointwise)
     x = make_batch().query_x
     every = per_task_params(model)
     names = list(every)
@@ -60,7 +59,7 @@ def test_folded_logits_equal_vmap_with_per_task_and_shared_parameters(make_model
 
 @pytest.mark.parametrize("first_order", [True, False], ids=["first_order", "second_order"])
 def test_folded_meta_gradient_equals_vmap_and_reference(first_order, pointwise):
-    model = tiny_supernet(layers=2)
+    model = task_folding.use_pointwise_mode(tiny_supernet(layers=2), pointwise)
     params = dict(model.named_parameters())
     rates = {n: 0.1 for n, _ in model.named_weights()}
     rates.update({n: 3.0 for n, _ in model.named_alphas()})
@@ -79,7 +78,7 @@ def test_maml_plus_plus_meta_step_is_the_same_folded_and_vmapped(pointwise):
                         multi_step_loss=True, cosine_lr=True)
     learners = {}
     for fold in (True, False):
-        model = tiny_network()
+        model = task_folding.use_pointwise_mode(tiny_network(), pointwise)
         learner = MAMLPlusPlus(model, config)
         learner.forward = model_forward(model, fold_tasks=fold)
         learner.meta_step(make_batch())
@@ -102,7 +101,7 @@ def test_models_of_the_package_fold_and_others_fall_back_to_vmap():
         model_forward(plain, fold_tasks=True)
 
 
-def test_layers_behave_as_their_parents_outside_a_folded_block():
+def test_layers_behave_as_their_parents_on_unfolded_input():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 6, 6)
     for ours, parent in ((task_folding.Conv2d(3, 5, 3, padding=1, groups=1), nn.Conv2d(3, 5, 3, padding=1)),
@@ -121,33 +120,35 @@ def test_helpers_keep_each_task_channels_together():
     assert folded.shape == (count, tasks * channels, 2, 2)
     assert torch.equal(folded[:, channels:2 * channels], x[1])
     assert torch.equal(task_folding.unfold_logits(folded.flatten(1), tasks).reshape(x.shape), x)
-    with task_folding.folded(tasks):
-        assert task_folding.task_count() == tasks
-        joined = task_folding.cat_channels([folded, 10 * folded])
-        assert torch.equal(joined.view(count, tasks, 2 * channels, 2, 2)[:, 1],
-                           torch.cat([x[1], 10 * x[1]], dim=1))
-        weights = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)  # [T, K]
-        mixed = task_folding.weighted_sum(torch.stack([folded, -folded], dim=1), weights)
-        scaled = task_folding.scale_per_task(folded, weights[:, 1])
-        for task in range(tasks):
-            expected = (weights[task, 0] - weights[task, 1]) * x[task]
-            assert torch.equal(mixed[:, task * channels:(task + 1) * channels], expected)
-            assert torch.equal(scaled[:, task * channels:(task + 1) * channels], weights[task, 1] * x[task])
-    assert task_folding.task_count() is None
+    # the helpers that cannot see T from their input take it as an argument
+    assert task_folding.groups_of(folded, channels) == tasks
+    joined = task_folding.cat_channels([folded, 10 * folded], tasks)
+    assert torch.equal(joined.view(count, tasks, 2 * channels, 2, 2)[:, 1],
+                       torch.cat([x[1], 10 * x[1]], dim=1))
+    weights = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)  # [T, K]
+    mixed = task_folding.weighted_sum(torch.stack([folded, -folded], dim=1), weights)
+    scaled = task_folding.scale_per_task(folded, weights[:, 1])
+    for task in range(tasks):
+        expected = (weights[task, 0] - weights[task, 1]) * x[task]
+        assert torch.equal(mixed[:, task * channels:(task + 1) * channels], expected)
+        assert torch.equal(scaled[:, task * channels:(task + 1) * channels], weights[task, 1] * x[task])
+    with pytest.raises(ValueError, match="not a whole number of task groups of 5"):
+        task_folding.groups_of(folded, 5)
     with pytest.raises(ValueError, match="does not match 3 folded tasks"):
         task_folding.fold_parameter(torch.zeros(2, 5, 4), tasks=3, dims=2)
-    with pytest.raises(ValueError, match="need a folded block"):
+    with pytest.raises(ValueError, match="need 3 folded task groups in 4 channels"):
         task_folding.weighted_sum(torch.zeros(1, 2, 4, 1, 1), torch.zeros(3, 2))
-    with pytest.raises(ValueError, match="need a folded block"):
-        task_folding.scale_per_task(torch.zeros(1, 6, 1, 1), torch.zeros(3))
+    with pytest.raises(ValueError, match="and 3 terms"):
+        task_folding.weighted_sum(torch.zeros(1, 3, 6, 1, 1), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="need 3 folded task groups in 4 channels"):
+        task_folding.scale_per_task(torch.zeros(1, 4, 1, 1), torch.zeros(3))
 
 
 def test_drop_path_masks_are_drawn_per_task_and_zero_whole_samples():
     torch.manual_seed(0)
     tasks, count, channels = 8, 16, 3
     x = torch.ones(count, tasks * channels, 2, 2)
-    with task_folding.folded(tasks):
-        mask = task_folding.sample_mask(x, keep=0.5)
+    mask = task_folding.sample_mask(x, keep=0.5, tasks=tasks)
     per_sample = mask.view(count, tasks, channels * 4)
     assert ((per_sample == per_sample[..., :1]).all())  # one value per (sample, task)
     assert not (per_sample[:, :1, 0] == per_sample[:, :, 0]).all()  # tasks draw their own masks
@@ -170,16 +171,14 @@ def test_pointwise_matmul_equals_grouped_conv(monkeypatch, per_task, bias, strid
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
-    assert task_folding.pointwise_mode() == "auto"  # the default: matmul
+    assert conv.pointwise_mode == "matmul"  # the default
     monkeypatch.setattr(task_folding.F, "conv2d", lambda *a, **k: pytest.fail("1x1 conv went to F.conv2d"))
-    with task_folding.folded(TASKS):
-        torch.testing.assert_close(conv(x), task_folding._pointwise_matmul(x, conv.weight, conv.bias, TASKS,
-                                                                         conv.stride))
-    task_folding.set_pointwise_mode("conv")
-    try:
-        with task_folding.folded(TASKS), pytest.raises(pytest.fail.Exception, match="went to F.conv2d"):
-            conv(x)
-    finally:
-        task_folding.set_pointwise_mode("auto")
+    torch.testing.assert_close(conv(x), task_folding._pointwise_matmul(x, conv.weight, conv.bias, TASKS, conv.stride))
+    other = task_folding.Conv2d(3, 5, 1, stride=stride, bias=bias).double()
+    container = nn.Sequential(conv)
+    assert task_folding.use_pointwise_mode(container, "conv") is container
+    with pytest.raises(pytest.fail.Exception, match="went to F.conv2d"):
+        conv(x)
+    assert other.pointwise_mode == "matmul"  # the mode belongs to the model it was set on, nothing global
     with pytest.raises(ValueError, match="pointwise mode"):
-        task_folding.set_pointwise_mode("einsum")
+        task_folding.use_pointwise_mode(container, "einsum")

@@ -7,12 +7,13 @@ its query set; accuracy mean and ``1.96 * std(ddof=1) / sqrt(n)``, in percent.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
-from tnas.meta.cuda_graph import GraphedStep
+from tnas.meta.cuda_graph import GraphedStep, capture_failure_logger
 from tnas.progress import TaskProgress
 from tnas.runlog import progress
 
@@ -37,13 +38,15 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
     (CUDA only) records the adaptation of the first full batch as a CUDA graph and replays
     it for the next ones (a last, smaller batch runs eagerly); the results are the same.
     ``log`` (a RunLogger or :class:`tnas.progress.StdoutLog`), when given, gets about ten
-    progress lines (tasks done, running accuracy, tasks/s, ETA); validation passes none.
+    progress lines (tasks done, running accuracy, tasks/s, ETA); validation passes none. A
+    capture that fails is one line (through ``log``, else stderr), and eager adaptation from then on.
     """
     evaluate = lambda batch: learner.evaluate(batch, steps=steps, track_steps=track_steps)  # noqa: E731
     if cuda_graph:
         if torch.device(device).type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
-        evaluate = GraphedStep(evaluate, warmup=1)
+        failure_line = log.log if log is not None else (lambda line: print(line, file=sys.stderr))
+        evaluate = GraphedStep(evaluate, warmup=1, on_failure=capture_failure_logger(failure_line))
     accuracies, losses, per_step = [], [], []
     batches = episodes.batches(batch_size, device)
     total = math.ceil(len(episodes) / batch_size)

@@ -5,11 +5,16 @@ Every op maps ``[B, C, H, W]`` to ``[B, C, H/stride, W/stride]``. BatchNorm is
 (``track_running_stats=False``), so a forward pass is a pure function of (parameters,
 input) and works under ``torch.func.vmap``. ``affine=False`` in the supernet,
 ``affine=True`` in the derived network. Convolutions, BatchNorm and concatenation come from
-:mod:`tnas.task_folding`, so every op also runs T tasks at once with per-task weights.
+:mod:`tnas.task_folding`, so every op also runs T tasks at once with per-task weights
+(``[N, T*C, H, W]`` in and out).
+
+The ops are plain modules: ``op(x)`` is the primitive. The supernet's fused edge path
+(:mod:`tnas.models.fast_edges`) reads their parts (the layer order documented on each class)
+to share work between the ops of an edge.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
@@ -38,7 +43,7 @@ class ReLUConvBN(nn.Sequential):
 
 
 class DilConv(nn.Sequential):
-    """ReLU -> depthwise (dilated) conv -> pointwise conv -> BN."""
+    """ReLU -> depthwise (dilated) conv -> pointwise conv -> BN (``self[0]`` .. ``self[3]``)."""
 
     supports_task_folding = True
 
@@ -52,22 +57,10 @@ class DilConv(nn.Sequential):
             batch_norm(c_out, affine),
         )
 
-    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
-        """The op given ``relu(x)`` (the supernet computes it once per edge for every op that starts with it)."""
-        return self.final_norm(self.pre_norm_after_relu(rectified))
-
-    def pre_norm_after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
-        """The op given ``relu(x)``, without its final BN (the supernet normalises all ops of an edge at once)."""
-        depthwise, pointwise = self[1], self[2]
-        return pointwise(depthwise(rectified))
-
-    @property
-    def final_norm(self) -> nn.BatchNorm2d:
-        return self[3]
-
 
 class SepConv(nn.Sequential):
-    """Two stacked separable convs (the first carries the stride), as in DARTS."""
+    """Two stacked separable convs (the first carries the stride), as in DARTS: two :class:`DilConv`
+    of dilation 1 (``self[0]``, ``self[1]``)."""
 
     supports_task_folding = True
 
@@ -76,18 +69,6 @@ class SepConv(nn.Sequential):
             DilConv(c_in, c_in, kernel_size, stride, padding, 1, affine),
             DilConv(c_in, c_out, kernel_size, 1, padding, 1, affine),
         )
-
-    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
-        """The op given ``relu(x)``."""
-        return self[1](self[0].after_relu(rectified))
-
-    def pre_norm_after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
-        """The op given ``relu(x)``, without its final BN."""
-        return self[1].pre_norm_after_relu(F.relu(self[0].after_relu(rectified)))
-
-    @property
-    def final_norm(self) -> nn.BatchNorm2d:
-        return self[1].final_norm
 
 
 class Identity(nn.Module):
@@ -148,24 +129,18 @@ class FactorizedReduce(nn.Module):
         self.bn = batch_norm(c_out, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.after_relu(F.relu(x))
+        return self.bn(self.convolve(F.relu(x)))
 
-    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
-        """The op given ``relu(x)``."""
-        return self.bn(self.pre_norm_after_relu(rectified))
-
-    def pre_norm_after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
-        """The op given ``relu(x)``, without its final BN."""
+    def convolve(self, rectified: torch.Tensor) -> torch.Tensor:
+        """The two convs of ``relu(x)`` ``[B, C_in, H, W]``, concatenated, before the BN:
+        ``[B, C_out, ceil(H/2), ceil(W/2)]``."""
+        tasks = rectified.shape[1] // self.conv_even.in_channels
         first, second = factorized_reduce_inputs(rectified)
-        return cat_channels([self.conv_even(first), self.conv_odd(second)])
-
-    @property
-    def final_norm(self) -> nn.BatchNorm2d:
-        return self.bn
+        return cat_channels([self.conv_even(first), self.conv_odd(second)], tasks)
 
 
 class Pool(nn.Module):
-    """3x3 max or average pool (average excludes padding), with an optional BN.
+    """3x3 max or average pool (average excludes padding), with an optional BN (``self.pool``, ``self.bn``).
 
     The supernet follows pools with a BN (affine=False) so that their scale matches the
     conv ops' under the mixed-op weighting; the derived network uses the bare pool.
@@ -184,14 +159,6 @@ class Pool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pool(x)
         return self.bn(out) if self.bn is not None else out
-
-    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The pool without its BN."""
-        return self.pool(x)
-
-    @property
-    def final_norm(self) -> Optional[nn.BatchNorm2d]:
-        return self.bn
 
 
 OpBuilder = Callable[[int, int, bool], nn.Module]

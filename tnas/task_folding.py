@@ -12,7 +12,13 @@ channels ``t*C .. (t+1)*C-1``), and
 - elementwise ops and pooling act per channel and need nothing;
 - concatenation of cell states, the mixed-op weighting by per-task alphas and the
   classifier (a batched matrix product) are task-aware (:func:`cat_channels`,
-  :func:`weighted_sum`, :class:`Linear`).
+  :func:`scale_per_task`, :func:`weighted_sum`, :class:`Linear`).
+
+No state says "we are folded": the data does. A layer built for ``C`` input channels that
+receives ``T*C`` reads T channel groups (``T = x.shape[1] // C``); a per-task parameter
+carries T as its leading dimension; the helpers that cannot see T take it as an argument
+(:func:`cat_channels`, :func:`sample_mask`, whose callers know their per-task channels).
+With T = 1 and unbatched parameters every layer is exactly its torch parent.
 
 Parameters without a task dimension (shared by all tasks, e.g. the alphas of auto-MAML's
 weight-only inner loop) are repeated across the groups. Everything is plain autograd, so
@@ -21,43 +27,27 @@ single network; it dispatches far fewer (and no per-op batching-rule) operations
 ``torch.func.vmap`` over tasks, whose result it equals (see ``tests/test_task_folding.py``).
 
 Modules take part through the layers below (drop-in subclasses of ``nn.Conv2d``,
-``nn.BatchNorm2d``, ``nn.Linear`` that behave exactly as their parents outside a
-:func:`folded` block) and the helpers; :func:`supports_folding` says whether a whole model
-does. The models of :mod:`tnas.models` all do.
+``nn.BatchNorm2d``, ``nn.Linear``) and the helpers; :func:`supports_folding` says whether a
+whole model does. The models of :mod:`tnas.models` all do.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["folded", "task_count", "fold_images", "unfold_logits", "fold_parameter", "cat_channels",
-           "weighted_sum", "scale_per_task", "sample_mask", "set_pointwise_mode", "pointwise_mode", "Conv2d",
-           "BatchNorm2d", "Linear", "supports_folding"]
-
-_state = threading.local()
+__all__ = ["groups_of", "fold_images", "unfold_logits", "fold_parameter", "cat_channels", "weighted_sum", "scale_per_task",
+           "sample_mask", "POINTWISE_MODES", "use_pointwise_mode", "Conv2d", "BatchNorm2d", "Linear",
+           "supports_folding"]
 
 
-@contextlib.contextmanager
-def folded(tasks: int) -> Iterator[None]:
-    """Within the block, task-aware layers read activations as ``tasks`` channel groups."""
-    if tasks < 1:
-        raise ValueError(f"tasks must be >= 1, got {tasks}")
-    previous = getattr(_state, "tasks", None)
-    _state.tasks = int(tasks)
-    try:
-        yield
-    finally:
-        _state.tasks = previous
-
-
-def task_count() -> Optional[int]:
-    """T inside a :func:`folded` block, else None (plain, single-network behaviour)."""
-    return getattr(_state, "tasks", None)
+def groups_of(x: torch.Tensor, channels: int) -> int:
+    """T, the channel groups of a folded activation ``x`` ``[N, T*channels, ...]`` (1 when unfolded)."""
+    if x.shape[1] % channels:
+        raise ValueError(f"an input of {x.shape[1]} channels is not a whole number of task groups of {channels}")
+    return x.shape[1] // channels
 
 
 def fold_images(x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +81,10 @@ def _grouped(x: torch.Tensor, tasks: int) -> torch.Tensor:
     return x.view(x.shape[0], tasks, x.shape[1] // tasks, *x.shape[2:])
 
 
-def cat_channels(states: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(states, dim=1)``, per task when folded (task t's channels stay together)."""
-    tasks = task_count()
-    if tasks is None:
+def cat_channels(states: Sequence[torch.Tensor], tasks: int) -> torch.Tensor:
+    """``torch.cat(states, dim=1)`` of each task's channel group, for ``tasks`` folded tasks: task t's
+    channels of every state stay together (``tasks`` 1: the plain concatenation)."""
+    if tasks == 1:
         return torch.cat(list(states), dim=1)
     first = states[0]
     joined = torch.cat([_grouped(state, tasks) for state in states], dim=2)
@@ -110,7 +100,7 @@ def weighted_sum(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     trailing = [1] * (stacked.dim() - 3)
     if weights.dim() == 1:
         return (stacked * weights.view(1, -1, 1, *trailing)).sum(1)
-    tasks = _folded_tasks_for(weights, terms=stacked.shape[1])
+    tasks = _folded_tasks_for(weights, stacked.shape[2], terms=stacked.shape[1])
     grouped = stacked.view(stacked.shape[0], stacked.shape[1], tasks, -1, *stacked.shape[3:])
     return (grouped * weights.t().reshape(1, stacked.shape[1], tasks, 1, *trailing)).sum(1).view(
         stacked.shape[0], *stacked.shape[2:])
@@ -121,55 +111,52 @@ def scale_per_task(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     [N, T*C, ...] times ``weight[t]`` of ``weight`` [T]."""
     if weight.dim() == 0:
         return x * weight
-    tasks = _folded_tasks_for(weight)
+    tasks = _folded_tasks_for(weight, x.shape[1])
     return (_grouped(x, tasks) * weight.view(1, tasks, *([1] * (x.dim() - 1)))).view(x.shape)
 
 
-def _folded_tasks_for(weights: torch.Tensor, terms: Optional[int] = None) -> int:
-    """T of the folded block that per-task ``weights`` (``[T]``, or ``[T, terms]``) belong to;
-    a ValueError outside a block or for another T."""
-    tasks = task_count()
-    expected = None if tasks is None else ((tasks,) if terms is None else (tasks, terms))
-    if weights.shape != expected:
-        raise ValueError(f"per-task weights of shape {tuple(weights.shape)} need a folded block of as many tasks "
-                         f"(folded tasks: {tasks})" + ("" if terms is None else f" and {terms} terms"))
+def _folded_tasks_for(weights: torch.Tensor, channels: int, terms: Optional[int] = None) -> int:
+    """T of per-task ``weights`` (``[T]``, or ``[T, terms]``) applied to ``channels`` folded channels;
+    a ValueError when the channels are not T groups or the terms do not match."""
+    tasks = weights.shape[0]
+    expected = (tasks,) if terms is None else (tasks, terms)
+    if weights.shape != expected or channels % tasks:
+        raise ValueError(f"per-task weights of shape {tuple(weights.shape)} need {tasks} folded task groups in "
+                         f"{channels} channels" + ("" if terms is None else f" and {terms} terms"))
     return tasks
 
 
-def sample_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
-    """A Bernoulli(``keep``) mask that zeroes whole samples of ``x``, drawn per task when folded,
-    shaped to multiply ``x`` (``[N, C, H, W]``, or ``[N, T*C, H, W]`` folded)."""
-    tasks = task_count()
-    shape = (x.shape[0], 1, 1, 1) if tasks is None else (x.shape[0], tasks, 1, 1, 1)
+def sample_mask(x: torch.Tensor, keep: float, tasks: int) -> torch.Tensor:
+    """A Bernoulli(``keep``) mask that zeroes whole samples of ``x``, drawn per task of ``tasks``
+    folded ones, shaped to multiply ``x`` (``[N, T*C, H, W]``; ``tasks`` 1: one draw per sample)."""
+    shape = (x.shape[0], 1, 1, 1) if tasks == 1 else (x.shape[0], tasks, 1, 1, 1)
     mask = torch.bernoulli(torch.full(shape, keep, device=x.device, dtype=x.dtype))
-    if tasks is None:
+    if tasks == 1:
         return mask
     return mask.expand(x.shape[0], tasks, x.shape[1] // tasks, *x.shape[2:]).reshape(x.shape)
 
 
-POINTWISE_MODES = ("auto", "conv", "matmul")
-_pointwise_mode = "auto"
+POINTWISE_MODES = ("matmul", "conv")
 
 
-def set_pointwise_mode(mode: str) -> None:
-    """How folded 1x1 convolutions (any stride, no padding, one group per task) run.
+def use_pointwise_mode(model: nn.Module, mode: str) -> nn.Module:
+    """How the folded 1x1 convolutions (any stride, no padding, one group per task) of ``model`` run.
 
-    ``"matmul"``: one batched matrix product ``[T, C_out, C_in] @ [N, T, C_in, H*W]``.
-    ``"conv"``: one grouped convolution like every other conv; cuDNN wraps grouped fp32
-    convolutions in NCHW in layout transposes, and oneDNN's grouped 1x1 backward is slow.
-    ``"auto"`` (default): matmul, the faster on both kinds of device measured: a T-NAS
-    meta-iteration at the paper setting (4 tasks, 1-shot) took 0.138 s instead of 0.210 s as a
-    CUDA graph on an H200, and 24 s instead of 57 s on a 2-core CPU
+    ``"matmul"`` (every :class:`Conv2d`'s default): one batched matrix product
+    ``[T, C_out, C_in] @ [N, T, C_in, H*W]``. ``"conv"``: one grouped convolution like every
+    other conv; cuDNN wraps grouped fp32 convolutions in NCHW in layout transposes, and
+    oneDNN's grouped 1x1 backward is slow. Matmul was the faster on both kinds of device
+    measured: a T-NAS meta-iteration at the paper setting (4 tasks, 1-shot) took 0.138 s
+    instead of 0.210 s as a CUDA graph on an H200, and 24 s instead of 57 s on a 2-core CPU
     (``benchmarks/bench_meta_iter.py --pointwise``). The results are the same either way.
+    Sets the mode on this model's layers only; returns the model.
     """
-    global _pointwise_mode
     if mode not in POINTWISE_MODES:
         raise ValueError(f"pointwise mode must be one of {POINTWISE_MODES}, got {mode!r}")
-    _pointwise_mode = mode
-
-
-def pointwise_mode() -> str:
-    return _pointwise_mode
+    for module in model.modules():
+        if isinstance(module, Conv2d):
+            module.pointwise_mode = mode
+    return model
 
 
 def _pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -188,18 +175,20 @@ def _pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that, folded, runs per-task weights ``[T, C_out, C_in/g, kh, kw]`` as one grouped
-    conv (1x1 ones optionally as a batched matmul, :func:`set_pointwise_mode`)."""
+    """``nn.Conv2d`` that, given ``T*in_channels`` input channels, runs T tasks as one grouped conv, with
+    per-task weights ``[T, C_out, C_in/g, kh, kw]`` or shared ones (1x1 convs as a batched matmul
+    unless :func:`use_pointwise_mode` says ``"conv"``)."""
 
     supports_task_folding = True
+    pointwise_mode = "matmul"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tasks = task_count()
-        if tasks is None:
+        tasks = groups_of(x, self.in_channels)
+        if tasks == 1 and self.weight.dim() == 4:
             return super().forward(x)
         if self.padding_mode != "zeros":
             raise NotImplementedError("task folding supports zero padding only")
-        if self._is_pointwise() and _pointwise_mode != "conv":
+        if self._is_pointwise() and self.pointwise_mode == "matmul":
             return _pointwise_matmul(x, self.weight, self.bias, tasks, self.stride)
         return F.conv2d(x, fold_parameter(self.weight, tasks, 4), fold_parameter(self.bias, tasks, 1), self.stride,
                         self.padding, self.dilation, self.groups * tasks)
@@ -209,7 +198,9 @@ class Conv2d(nn.Conv2d):
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` with batch statistics only (no running state) that folds per-task affine parameters."""
+    """``nn.BatchNorm2d`` with batch statistics only (no running state); given ``T*num_features``
+    channels, each task's channels get their own statistics and its (per-task ``[T, C]`` or shared) affine
+    parameters."""
 
     supports_task_folding = True
 
@@ -217,22 +208,22 @@ class BatchNorm2d(nn.BatchNorm2d):
         super().__init__(num_features, eps=eps, affine=affine, track_running_stats=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tasks = task_count()
-        if tasks is None:
+        tasks = groups_of(x, self.num_features)
+        if tasks == 1 and (self.weight is None or self.weight.dim() == 1):
             return super().forward(x)
         return F.batch_norm(x, None, None, fold_parameter(self.weight, tasks, 1), fold_parameter(self.bias, tasks, 1),
                             True, 0.0, self.eps)
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that, folded, maps ``[N, T*C_in]`` to ``[N, T*C_out]`` with per-task weights
-    ``[T, C_out, C_in]``."""
+    """``nn.Linear`` that maps ``[N, T*C_in]`` to ``[N, T*C_out]``, task by task, with per-task weights
+    ``[T, C_out, C_in]`` or shared ones."""
 
     supports_task_folding = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tasks = task_count()
-        if tasks is None:
+        tasks = groups_of(x, self.in_features)
+        if tasks == 1 and self.weight.dim() == 2:
             return super().forward(x)
         weight = self.weight if self.weight.dim() == 3 else self.weight.expand(tasks, *self.weight.shape)
         out = torch.bmm(x.view(x.shape[0], tasks, -1).transpose(0, 1), weight.transpose(1, 2))  # [T, N, C_out]

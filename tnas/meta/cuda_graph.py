@@ -23,16 +23,88 @@ values the step reads (an epoch-dependent loss weight or learning rate) are froz
 capture: graph only steps whose settings do not change between calls, or use
 :class:`KeyedGraphedStep`, which captures again whenever a key of those settings changes
 (MAML++'s per-epoch schedules).
+
+Whether a stage graphs is ``--cuda_graph auto|on|off`` (default auto), decided by the pure
+function :func:`resolve_cuda_graph`: auto graphs on one CUDA device and runs eagerly, saying
+why in one line, on a CPU, under torchrun data parallelism (a meta-batch split across
+processes needs an all-reduce between backward and step) or with a setting that changes
+inside a graph; ``on`` where that is impossible is an error. A capture that fails at run
+time falls back to eager steps (``GraphedStep(on_failure=...)``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable, Hashable, Iterable, Optional, Tuple
+from typing import Any, Callable, Hashable, Iterable, Optional, Tuple, Union
 
 import torch
 
 BATCH_FIELDS = ("support_x", "support_y", "query_x", "query_y")
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+_OLD_SPELLINGS = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
+
+
+def cuda_graph_mode(value: Union[str, bool]) -> str:
+    """``auto``, ``on`` or ``off`` from a flag or config value; the old boolean spellings of the
+    switch (``true``/``false`` in a saved config, a bare ``--cuda_graph``) mean ``on``/``off``.
+    A ValueError names the value otherwise."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = str(value).strip().lower()
+    text = _OLD_SPELLINGS.get(text, text)
+    if text not in CUDA_GRAPH_MODES:
+        raise ValueError(f"--cuda_graph must be one of {', '.join(CUDA_GRAPH_MODES)}, got {value!r}")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphDecision:
+    """Whether a stage replays its steps as CUDA graphs, and the one log line that says why."""
+
+    enabled: bool
+    reason: str
+
+
+def resolve_cuda_graph(mode: Union[str, bool], device: Union[str, torch.device], splits_meta_batches: bool = False,
+                       blocker: Optional[str] = None, device_flag: Optional[str] = None) -> GraphDecision:
+    """Decide ``--cuda_graph``: a pure function of the request and the run's circumstances.
+
+    Args:
+        mode: ``auto``, ``on`` or ``off`` (or an old boolean spelling, :func:`cuda_graph_mode`).
+        device: the device the stage runs on; graphs need a CUDA one.
+        splits_meta_batches: torchrun data parallelism splits each meta-batch across ranks
+            (gradients are all-reduced between backward and step, outside any graph).
+        blocker: a setting of the stage that changes inside a graph, as the requirement it
+            breaks (e.g. ``"--cosine_unit epoch (...), got --cosine_unit iteration"``), or None.
+        device_flag: the ``--device`` value as given, for the error text.
+    Returns the decision; ``on`` where graphs cannot run raises a ValueError whose one line says why.
+    """
+    mode = cuda_graph_mode(mode)
+    if mode == "off":
+        return GraphDecision(False, "cuda_graph off: eager steps (--cuda_graph off)")
+    device = torch.device(device)
+    if device.type != "cuda":
+        need = f"a CUDA device; --device {device_flag or device} is {device}"
+        why = f"the device is {device}"
+    elif splits_meta_batches:
+        need = None
+        why = "torchrun splits each meta-batch across processes"
+    elif blocker is not None:
+        need, why = blocker, f"it needs {blocker}"
+    else:
+        return GraphDecision(True, f"cuda_graph {mode}: each untracked step replayed as one CUDA graph on {device}")
+    if mode == "on":
+        raise ValueError("--cuda_graph runs each meta-batch in one process; drop it under torchrun" if need is None
+                         else f"--cuda_graph needs {need}")
+    return GraphDecision(False, f"cuda_graph auto: eager steps, not CUDA graphs: {why}")
+
+
+def capture_failure_logger(log: Callable[[str], None]) -> Callable[[BaseException], None]:
+    """An ``on_failure`` for :class:`GraphedStep`: one log line naming the error (eager steps follow)."""
+    def on_failure(error: BaseException) -> None:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        log(f"cuda_graph: the capture failed ({type(error).__name__}: {first_line}); running eager steps instead")
+    return on_failure
 
 
 def make_optimizers_capturable(optimizers: Iterable[torch.optim.Optimizer]) -> None:
@@ -85,13 +157,18 @@ class GraphedStep:
             It returns tensors, or a dataclass / tuple of them (e.g. ``StepStats``).
         warmup: eager calls before the capture (at least 1; torch's recipe uses a few so
             that lazily created state, such as Adam's moments, exists before recording).
+        on_failure: called with the error when the capture fails; the step then runs eagerly
+            from that call on (the stages log one line). None: the error propagates.
     """
 
-    def __init__(self, step: Callable[[Any], Any], warmup: int = 3):
+    def __init__(self, step: Callable[[Any], Any], warmup: int = 3,
+                 on_failure: Optional[Callable[[BaseException], None]] = None):
         if warmup < 1:
             raise ValueError("warmup must be >= 1")
         self.step = step
         self.warmup = warmup
+        self.on_failure = on_failure
+        self.failed = False
         self.calls = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_batch: Any = None
@@ -108,10 +185,19 @@ class GraphedStep:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the batch is on {device}")
         self.calls += 1
+        if self.failed:
+            return self.step(batch)
         if self.graph is None and self.calls <= self.warmup:
             return self._eager_on_side_stream(batch)
         if self.graph is None:
-            self._capture(batch)
+            try:
+                self._capture(batch)
+            except Exception as error:  # a driver or op that cannot be captured: eager from now on
+                if self.on_failure is None:
+                    raise
+                self.failed, self.graph, self.static_output = True, None, None
+                self.on_failure(error)
+                return self.step(batch)  # nothing ran during the failed recording: this batch's step
         elif _shapes(batch) != self._shapes:
             return self.step(batch)
         else:
@@ -156,17 +242,23 @@ class KeyedGraphedStep:
     released. Re-capturing once per epoch costs a few eager iterations out of thousands.
     """
 
-    def __init__(self, step: Callable[[Any], Any], key: Callable[[], Hashable], warmup: int = 3):
-        self.step, self.key, self.warmup = step, key, warmup
+    def __init__(self, step: Callable[[Any], Any], key: Callable[[], Hashable], warmup: int = 3,
+                 on_failure: Optional[Callable[[BaseException], None]] = None):
+        self.step, self.key, self.warmup, self.on_failure = step, key, warmup, on_failure
+        self.failed = False
         self.current: Optional[GraphedStep] = None
         self._key: Any = None
         self.graphs = 0  # graphs started so far (one per distinct run of equal keys)
 
     def __call__(self, batch) -> Any:
+        if self.failed:  # one capture failed: do not try again at every key
+            return self.step(batch)
         key = self.key()
         if self.current is None or key != self._key:
             self.current = None  # release the old graph and its memory pool before recording anew
-            self.current = GraphedStep(self.step, warmup=self.warmup)
+            self.current = GraphedStep(self.step, warmup=self.warmup, on_failure=self.on_failure)
             self._key = key
             self.graphs += 1
-        return self.current(batch)
+        output = self.current(batch)
+        self.failed = getattr(self.current, "failed", False)
+        return output

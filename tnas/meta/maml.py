@@ -34,8 +34,8 @@ LearningRate = Union[float, torch.Tensor]
 ForwardFn = Callable[[Params, torch.Tensor, int], torch.Tensor]
 """``forward(params, x, step) -> logits`` for ONE task: ``x`` [N, C, H, W] -> [N, n_way].
 ``step`` is the inner step (0..S); models without per-step state ignore it. A forward with
-the attribute ``folds_tasks = True`` also accepts, inside :func:`tnas.task_folding.folded`,
-per-task parameters ``[T, *shape]`` and folded images ``[N, T*C, H, W]``, giving ``[N, T*n_way]``."""
+the attribute ``folds_tasks = True`` also accepts per-task parameters ``[T, *shape]`` and
+folded images ``[N, T*C, H, W]``, giving ``[N, T*n_way]``."""
 
 
 def model_forward(model: nn.Module, fold_tasks: Optional[bool] = None) -> ForwardFn:
@@ -65,8 +65,7 @@ def batched_forward(forward: ForwardFn, task_params: Params, shared_params: Para
     """
     if getattr(forward, "folds_tasks", False):
         tasks = x.shape[0]
-        with task_folding.folded(tasks):
-            logits = forward({**shared_params, **task_params}, task_folding.fold_images(x), step)
+        logits = forward({**shared_params, **task_params}, task_folding.fold_images(x), step)
         return task_folding.unfold_logits(logits, tasks)
 
     def one_task(params: Params, images: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ overlaps too. Inside a CUDA graph (``--cuda_graph``) the streams become parallel
 of the graph.
 
 The kernels are the same as on one stream, so are the results. On a CPU, under
-``torch.func`` transforms (vmap batching) or with :func:`set_branch_streams` ``(0)`` the
-branches run in order on the current stream.
+``torch.func`` transforms (vmap batching) or with ``streams=0`` (the caller's choice, see
+:class:`tnas.models.fast_edges.ExecutionPlan`) the branches run in order on the current stream.
 """
 from __future__ import annotations
 
@@ -18,22 +18,13 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-__all__ = ["set_branch_streams", "run_branches", "assign_lanes"]
+__all__ = ["run_branches", "assign_lanes"]
 
-DEFAULT_STREAMS = 3
-_streams_count = DEFAULT_STREAMS
 _side_streams: Dict[torch.device, List["torch.cuda.Stream"]] = {}
+"""Side streams made so far, per device (a cache of CUDA resources, reused by every caller)."""
 
 
-def set_branch_streams(count: int) -> None:
-    """How many side streams :func:`run_branches` may use on a GPU (0: everything on the current stream)."""
-    global _streams_count
-    if count < 0:
-        raise ValueError(f"the number of branch streams must be >= 0, got {count}")
-    _streams_count = int(count)
-
-
-def assign_lanes(costs: Sequence[int], streams: int = DEFAULT_STREAMS) -> List[int]:
+def assign_lanes(costs: Sequence[int], streams: int) -> List[int]:
     """A lane per branch: 0 (the current stream) for the branches of cost 0, the others spread
     over lanes ``1..streams`` heaviest first, each to the least loaded lane."""
     lanes = [0] * len(costs)
@@ -55,28 +46,31 @@ def _streams_for(device: torch.device, count: int) -> List["torch.cuda.Stream"]:
     return streams[:count]
 
 
-def _concurrent(inputs: Sequence[torch.Tensor]) -> bool:
+def _concurrent(inputs: Sequence[torch.Tensor], streams: int) -> bool:
     first = inputs[0]
-    return (_streams_count > 0 and first.is_cuda
+    return (streams > 0 and first.is_cuda
             and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in inputs))
 
 
 def run_branches(branches: Sequence[Callable[[], torch.Tensor]], lanes: Sequence[int],
-                 inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+                 inputs: Sequence[torch.Tensor], streams: int) -> List[torch.Tensor]:
     """``[branch() for branch in branches]``, branch i on lane ``lanes[i]``.
 
-    Lane 0 is the current stream; lane k > 0 the k-th side stream (lanes past the count set
-    by :func:`set_branch_streams` fold back onto the existing ones). ``inputs``: the tensors
+    Lane 0 is the current stream; lane k > 0 the k-th of at most ``streams`` side streams
+    (lanes past ``streams`` fold back onto the existing ones; 0: all in order on the current
+    stream). ``inputs``: the tensors
     made on the current stream that the branches read; they and the outputs are marked for
     the caching allocator (``record_stream``), so no memory is reused while another stream
     still reads it.
     """
-    if not _concurrent(inputs):
+    if streams < 0:
+        raise ValueError(f"the number of branch streams must be >= 0, got {streams}")
+    if not _concurrent(inputs, streams):
         return [branch() for branch in branches]
     device = inputs[0].device
     current = torch.cuda.current_stream(device)
     used = sorted({lane for lane in lanes if lane > 0})
-    side = _streams_for(device, min(len(used), _streams_count))
+    side = _streams_for(device, min(len(used), streams))
     stream_of = {lane: side[i % len(side)] for i, lane in enumerate(used)}
     for stream in side:
         stream.wait_stream(current)

@@ -34,9 +34,8 @@ up to rounding: the batched grouped ops compute every group on its own
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,19 +48,6 @@ from tnas.ops import FactorizedReduce, Identity, ReLUConvBN, make_op
 
 SHAPE_KEYS = ("n_way", "C", "layers", "in_channels", "stem_multiplier")
 """Settings of :class:`Network` that all genotypes of a batch share."""
-
-
-# -- the one place that talks to task folding about the channel-group count ------------------
-def folded_groups() -> Optional[int]:
-    """The number of channel groups the folded layers read now (None outside a folded block)."""
-    return task_folding.task_count()
-
-
-@contextlib.contextmanager
-def running_groups(groups: int) -> Iterator[None]:
-    """Within the block, the folded layers read activations as ``groups`` channel groups."""
-    with task_folding.folded(groups):
-        yield
 
 
 # -- rows ------------------------------------------------------------------------------------
@@ -201,7 +187,7 @@ class GenotypeBatchCell(nn.Module):
         return total.reshape(n, self.count, -1, *h.shape[2:]).index_add(1, index, grouped).reshape(total.shape)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, tasks: int, drop_prob: float = 0.0) -> torch.Tensor:
-        """``tasks``: T, the tasks per genotype of the folded block (G*T channel groups)."""
+        """``tasks``: T, the tasks per genotype (the states hold G*T channel groups)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for node in range(self.steps):
             total = None
@@ -210,11 +196,10 @@ class GenotypeBatchCell(nn.Module):
                     op = self.edges[edge][k]
                     index = self._index(f"edge{edge}_choice{k}")
                     h = self._gather(states[choice.source], index)
-                    if not isinstance(op, Identity):
-                        with running_groups(len(choice.genotypes) * tasks):
-                            h = op(h)
-                            if self.training and drop_prob > 0:
-                                h = drop_path(h, drop_prob)
+                    if not isinstance(op, Identity):  # its layers read len(genotypes)*T groups from h
+                        h = op(h)
+                        if self.training and drop_prob > 0:
+                            h = drop_path(h, drop_prob, len(choice.genotypes) * tasks)
                     total = self._add(total, h, index)
             states.append(total)
         outputs = []
@@ -224,7 +209,7 @@ class GenotypeBatchCell(nn.Module):
                 index = self._index(f"concat{position}_group{j}")
                 out = self._add(out, self._gather(states[group.source], index), index)
             outputs.append(out)
-        return task_folding.cat_channels(outputs)
+        return task_folding.cat_channels(outputs, self.count * tasks)
 
 
 class GenotypeBatchNetwork(nn.Module):
@@ -234,10 +219,10 @@ class GenotypeBatchNetwork(nn.Module):
     seeding each solo build as a solo run does gives the solo run's initial parameters) or
     from genotypes and a seed (:meth:`from_genotypes`).
 
-    Input: inside a folded block of G*T groups, images ``[N, G*T*in_channels, H, W]`` (group
-    g*T + t: task t of genotype g) and parameters per (genotype, task) ``[R*T, ...]`` or per
-    genotype ``[R, ...]`` (:meth:`functional_forward`); output ``[N, G*T*n_way]``. Outside a
-    folded block, ``model(x)`` runs one task per genotype: ``[N, G*in_channels, H, W] -> [N, G*n_way]``.
+    Input: images of G*T channel groups ``[N, G*T*in_channels, H, W]`` (group g*T + t: task t
+    of genotype g) and parameters per (genotype, task) ``[R*T, ...]`` or per genotype
+    ``[R, ...]`` (:meth:`functional_forward`); output ``[N, G*T*n_way]``. ``model(x)`` with
+    the module's own parameters runs one task per genotype: ``[N, G*in_channels, H, W] -> [N, G*n_way]``.
     """
 
     supports_task_folding = True
@@ -344,12 +329,13 @@ class GenotypeBatchNetwork(nn.Module):
         return len(self.sources[name])
 
     # -- forward -------------------------------------------------------------------------------
-    def tasks_per_genotype(self) -> int:
-        """T of the current folded block (G*T groups); a ValueError when it does not divide by G."""
-        groups = folded_groups()
-        if groups is None or groups % self.count:
-            raise ValueError(f"a batch of {self.count} genotypes needs a folded block of a multiple of "
-                             f"{self.count} groups, got {groups}")
+    def tasks_per_genotype(self, x: torch.Tensor) -> int:
+        """T of folded images ``x`` ``[N, G*T*in_channels, H, W]`` (G*T channel groups); a ValueError
+        when the groups do not divide by G."""
+        groups = task_folding.groups_of(x, self.config["in_channels"])
+        if groups % self.count:
+            raise ValueError(f"a batch of {self.count} genotypes needs images of a multiple of {self.count} "
+                             f"channel groups, got {groups}")
         return groups // self.count
 
     def per_task(self, params: Mapping[str, torch.Tensor], tasks: int) -> Dict[str, torch.Tensor]:
@@ -365,14 +351,11 @@ class GenotypeBatchNetwork(nn.Module):
 
     def functional_forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The network at ``params`` (per genotype or per (genotype, task), see :meth:`per_task`) on
-        folded images ``x`` ``[N, G*T*in_channels, H, W]`` inside a folded block of G*T groups."""
-        return torch.func.functional_call(self, self.per_task(params, self.tasks_per_genotype()), (x,))
+        folded images ``x`` ``[N, G*T*in_channels, H, W]`` (G*T channel groups)."""
+        return torch.func.functional_call(self, self.per_task(params, self.tasks_per_genotype(x)), (x,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if folded_groups() is None:
-            with running_groups(self.count):
-                return self.forward(x)
-        tasks = self.tasks_per_genotype()
+        tasks = self.tasks_per_genotype(x)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, tasks, self.drop_path_prob)

@@ -5,16 +5,17 @@ import torch
 import torch.nn as nn
 
 from tnas.genotypes import Genotype, validate_genotype
+from tnas.models.fast_edges import ExecutionPlan
 from tnas.models.skeleton import build_cells, make_stem
 from tnas.ops import FactorizedReduce, Identity, ReLUConvBN, make_op
-from tnas.task_folding import Linear, cat_channels, sample_mask
+from tnas.task_folding import Linear, cat_channels, sample_mask, use_pointwise_mode
 
 
-def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """Zero whole samples with probability ``drop_prob`` and rescale the rest (``x``: [B, C, H, W];
-    folded, each task draws its own mask)."""
+def drop_path(x: torch.Tensor, drop_prob: float, tasks: int = 1) -> torch.Tensor:
+    """Zero whole samples with probability ``drop_prob`` and rescale the rest (``x``: [B, T*C, H, W]
+    for ``tasks`` T folded tasks, each drawing its own mask)."""
     keep = 1.0 - drop_prob
-    return x * sample_mask(x, keep) / keep
+    return x * sample_mask(x, keep, tasks) / keep
 
 
 class DerivedCell(nn.Module):
@@ -28,6 +29,7 @@ class DerivedCell(nn.Module):
         self.reduction = reduction
         pairs = genotype.reduce if reduction else genotype.normal
         self.concat = genotype.reduce_concat if reduction else genotype.normal_concat
+        self.channels = channels
         self.out_channels = len(self.concat) * channels
         self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, affine=True) if reduction_prev
                             else ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=True))
@@ -38,16 +40,17 @@ class DerivedCell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        tasks = states[0].shape[1] // self.channels
         for node in range(len(self.ops) // 2):
             total = 0
             for edge in (2 * node, 2 * node + 1):
                 op = self.ops[edge]
                 h = op(states[self.inputs[edge]])
                 if self.training and drop_prob > 0 and not isinstance(op, Identity):
-                    h = drop_path(h, drop_prob)
+                    h = drop_path(h, drop_prob, tasks)
                 total = total + h
             states.append(total)
-        return cat_channels([states[i] for i in self.concat])
+        return cat_channels([states[i] for i in self.concat], tasks)
 
 
 class Network(nn.Module):
@@ -55,13 +58,14 @@ class Network(nn.Module):
 
     Input ``[B, in_channels, H, W]``, output logits ``[B, n_way]``. ``drop_path_prob``
     applies in training mode to every op but identities. Runs T tasks at once with per-task
-    parameters under :func:`tnas.task_folding.folded`.
+    parameters given T folded images ``[B, T*in_channels, H, W]`` (:mod:`tnas.task_folding`).
+    ``plan``: only its ``pointwise`` choice applies to a derived network.
     """
 
     supports_task_folding = True
 
     def __init__(self, genotype: Genotype, n_way: int = 5, C: int = 16, layers: int = 2, in_channels: int = 3,
-                 stem_multiplier: int = 3, drop_path_prob: float = 0.0):
+                 stem_multiplier: int = 3, drop_path_prob: float = 0.0, plan: ExecutionPlan = ExecutionPlan()):
         super().__init__()
         validate_genotype(genotype)
         self.genotype = genotype
@@ -75,6 +79,7 @@ class Network(nn.Module):
                 genotype, c_pp, c_p, channels, reduction, reduction_prev),
             stem_channels, C, layers)
         self.classifier = Linear(c_prev, n_way)
+        use_pointwise_mode(self, plan.pointwise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s0 = s1 = self.stem(x)

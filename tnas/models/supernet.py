@@ -7,31 +7,28 @@ of (parameters, input): BatchNorm uses batch statistics and keeps no running sta
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tnas.genotypes import PRIMITIVES, Genotype, decode_genotype, edge_inputs, num_edges
-from tnas.models.branches import assign_lanes, run_branches
+from tnas.models.fast_edges import ExecutionPlan, FusedEdges
 from tnas.models.skeleton import build_cells, make_stem
 from tnas.ops import FactorizedReduce, ReLUConvBN, make_op
-from tnas.task_folding import Linear, cat_channels, scale_per_task, weighted_sum
+from tnas.task_folding import Linear, cat_channels, scale_per_task, use_pointwise_mode
 
 ALPHA_NAMES = ("alpha_normal", "alpha_reduce")
 
 
 class MixedOp(nn.Module):
-    """One edge: ``sum_o w_o * o(x)`` over the primitives except `none` (whose output is 0).
+    """One edge: ``sum_o w_o * o(x)`` over the primitives, `none` left out (its output is 0).
 
-    Every supernet op but the identity ends in a parameter-free BatchNorm (``affine=False``;
-    only the stem's BNs are affine).
-    Those ops' outputs before that BN are stacked as ``[B, K, C, H, W]`` and normalised by ONE
-    BatchNorm over ``K*C`` channels (per-channel statistics, so the same numbers as K separate
-    BNs), then weighted: a few kernels per edge instead of a BN forward and backward per op.
-    On a GPU the ops with convolutions run side by side on CUDA streams
-    (:mod:`tnas.models.branches`).
+    ``x``: ``[B, C, H, W]`` (or ``[B, T*C, H, W]``, T folded tasks); ``weights``:
+    ``[len(PRIMITIVES) - 1]`` softmax weights of the ops after `none` (``[T, ...]`` per task).
+    This is the reference computation; :mod:`tnas.models.fast_edges` computes the same sum
+    with fewer kernels when the supernet's plan asks for it.
     """
 
     supports_task_folding = True
@@ -39,62 +36,17 @@ class MixedOp(nn.Module):
     def __init__(self, channels: int, stride: int):
         super().__init__()
         self.ops = nn.ModuleList(make_op(name, channels, stride, affine=False) for name in PRIMITIVES[1:])
-        norms = [getattr(op, "final_norm", None) for op in self.ops]
-        self.normalized = [i for i, norm in enumerate(norms) if norm is not None and not norm.affine]
-        self.plain = [i for i in range(len(self.ops)) if i not in self.normalized]
-        epsilons = {norms[i].eps for i in self.normalized}
-        if len(epsilons) > 1:
-            raise ValueError(f"the ops of an edge normalise with different eps {sorted(epsilons)}")
-        self.eps = epsilons.pop() if epsilons else 1e-5
-        # convolutions per op: ops with some go to side streams, balanced by that count
-        self.lanes = assign_lanes([sum(isinstance(m, nn.Conv2d) for m in op.modules()) for op in self.ops])
 
-    def normalized_weights(self, weights: torch.Tensor) -> torch.Tensor:
-        """The columns of ``weights`` ``[..., len(PRIMITIVES) - 1]`` for the ops normalised together
-        (slices and at most one cat; :class:`SearchCell` does it once for all its edges)."""
-        return gather_columns(weights, self.normalized)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor,
-                normalized_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x``: [B, C, H, W]; ``weights``: [len(PRIMITIVES) - 1] softmax weights of the ops after
-        `none` (folded: ``[T, len(PRIMITIVES) - 1]`` for per-task alphas); ``normalized_weights``:
-        :meth:`normalized_weights` of them, if already at hand."""
-        rectified = F.relu(x)  # shared by the ops that start with a ReLU (convs, factorized reduce)
-        branches = [self._branch(i, x, rectified) for i in range(len(self.ops))]
-        outputs = run_branches(branches, self.lanes, [x, rectified])
-        stacked = torch.stack([outputs[i] for i in self.normalized], dim=1)  # [B, K, C, H, W]
-        normalized = F.batch_norm(stacked.view(stacked.shape[0], -1, *stacked.shape[3:]), None, None,
-                                  training=True, momentum=0.0, eps=self.eps).view(stacked.shape)
-        if normalized_weights is None:
-            normalized_weights = self.normalized_weights(weights)
-        out = weighted_sum(normalized, normalized_weights)
-        for i in self.plain:
-            out = out + scale_per_task(outputs[i], weights[..., i])
-        return out
-
-    def _branch(self, index: int, x: torch.Tensor, rectified: torch.Tensor):
-        """Op ``index`` as a call: its output before its final BN if normalised with the others."""
-        op = self.ops[index]
-        if index in self.normalized:
-            if hasattr(op, "pre_norm_after_relu"):
-                return lambda: op.pre_norm_after_relu(rectified)
-            return lambda: op.pre_norm(x)
-        if hasattr(op, "after_relu"):
-            return lambda: op.after_relu(rectified)
-        return lambda: op(x)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return add_all(scale_per_task(op(x), w) for op, w in zip(self.ops, weights.unbind(-1)))
 
 
-def gather_columns(weights: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
-    """``weights[..., columns]`` for increasing ``columns``, as slices of consecutive runs and one
-    cat (an index tensor would be a host-to-device copy on every call)."""
-    runs: List[List[int]] = []
-    for column in columns:
-        if runs and runs[-1][0] + runs[-1][1] == column:
-            runs[-1][1] += 1
-        else:
-            runs.append([column, 1])
-    pieces = [weights.narrow(-1, start, length) for start, length in runs]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+def add_all(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(terms)`` without the extra kernel of adding the first term to 0."""
+    total = None
+    for term in terms:
+        total = term if total is None else total + term
+    return total
 
 
 class SearchCell(nn.Module):
@@ -103,41 +55,37 @@ class SearchCell(nn.Module):
     supports_task_folding = True
 
     def __init__(self, steps: int, multiplier: int, c_prev_prev: int, c_prev: int, channels: int,
-                 reduction: bool, reduction_prev: bool):
+                 reduction: bool, reduction_prev: bool, plan: ExecutionPlan = ExecutionPlan()):
         super().__init__()
         self.reduction = reduction
         self.steps = steps
         self.multiplier = multiplier
+        self.channels = channels
         self.out_channels = multiplier * channels
         self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, affine=False) if reduction_prev
                             else ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False))
         self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
         self.edges = nn.ModuleList(
             MixedOp(channels, 2 if reduction and source < 2 else 1) for _, source in edge_inputs(steps))
+        self.fused = FusedEdges(self.edges, plan.branch_streams) if plan.fused_edges else None
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``weights``: [num_edges, len(PRIMITIVES)] softmax weights (folded: [T, ...] for per-task
-        alphas); returns the concatenation of the last ``multiplier`` nodes."""
-        op_weights = weights[..., 1:]  # `none` contributes zero
-        edge_weights = op_weights.unbind(-2)  # one view per edge
-        # the normalised ops' columns, gathered once per distinct set of them (not once per edge)
-        gathered: Dict[Tuple[int, ...], Tuple[torch.Tensor, ...]] = {}
-        for edge in self.edges:
-            key = tuple(edge.normalized)
-            if key not in gathered:
-                gathered[key] = edge.normalized_weights(op_weights).unbind(-2)
+        """``weights``: [num_edges, len(PRIMITIVES)] softmax weights (``[T, ...]`` per task);
+        returns the concatenation of the last ``multiplier`` nodes."""
+        mix = self._mixer(weights[..., 1:])  # `none` contributes zero
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         edge = 0
-        for _ in range(self.steps):
-            node = None
-            for source in range(len(states)):
-                mixed = self.edges[edge + source]
-                term = mixed(states[source], edge_weights[edge + source],
-                             gathered[tuple(mixed.normalized)][edge + source])
-                node = term if node is None else node + term
-            edge += len(states)
-            states.append(node)
-        return cat_channels(states[-self.multiplier:])
+        for _ in range(self.steps):  # each node: the sum of one edge from every earlier state
+            states.append(add_all(mix(edge + source, state) for source, state in enumerate(states)))
+            edge += len(states) - 1
+        return cat_channels(states[-self.multiplier:], tasks=states[0].shape[1] // self.channels)
+
+    def _mixer(self, op_weights: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """``mix(edge, x)``: the edge's mixed op on ``x``, by the plan's path."""
+        if self.fused is not None:
+            return self.fused.mixer(self.edges, op_weights)
+        per_edge = op_weights.unbind(-2)
+        return lambda edge, x: self.edges[edge](x, per_edge[edge])
 
 
 class Supernet(nn.Module):
@@ -150,15 +98,19 @@ class Supernet(nn.Module):
         steps, multiplier: intermediate nodes per cell and how many are concatenated.
         in_channels: 3 for RGB, 1 for grayscale.
         stem_multiplier: stem width is ``stem_multiplier * C``.
+        plan: how to compute (:class:`tnas.models.fast_edges.ExecutionPlan`; the same numbers
+            whatever it says): by default the fused edges and 1x1 convs as matmuls.
     Input ``[B, in_channels, H, W]`` with ``H, W >= min_image_size(layers)``; output logits ``[B, n_way]``.
-    Runs T tasks at once with per-task parameters under :func:`tnas.task_folding.folded`.
+    Runs T tasks at once with per-task parameters given T folded images ``[B, T*in_channels, H, W]``
+    (:mod:`tnas.task_folding`); the logits are then ``[B, T*n_way]``.
     """
 
     supports_task_folding = True
 
     def __init__(self, n_way: int = 5, C: int = 16, layers: int = 2, steps: int = 4, multiplier: int = 4,
-                 in_channels: int = 3, stem_multiplier: int = 3):
+                 in_channels: int = 3, stem_multiplier: int = 3, plan: ExecutionPlan = ExecutionPlan()):
         super().__init__()
+        self.plan = plan
         self.config = dict(n_way=n_way, C=C, layers=layers, steps=steps, multiplier=multiplier,
                            in_channels=in_channels, stem_multiplier=stem_multiplier)
         self.steps, self.multiplier = steps, multiplier
@@ -168,12 +120,13 @@ class Supernet(nn.Module):
         self.stem = make_stem(in_channels, stem_channels, affine=True)
         self.cells, c_prev = build_cells(
             lambda c_pp, c_p, channels, reduction, reduction_prev: SearchCell(
-                steps, multiplier, c_pp, c_p, channels, reduction, reduction_prev),
+                steps, multiplier, c_pp, c_p, channels, reduction, reduction_prev, plan),
             stem_channels, C, layers)
         self.classifier = Linear(c_prev, n_way)
         shape = (num_edges(steps), len(PRIMITIVES))
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape))
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(shape))
+        use_pointwise_mode(self, plan.pointwise)
 
     def forward(self, x: torch.Tensor, alpha_normal: Optional[torch.Tensor] = None,
                 alpha_reduce: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -13,7 +13,8 @@ from tnas.data import check_episode_shape, load_split
 from tnas.engine import Schedule
 from tnas.errors import TnasError
 from tnas.hparams import log_hparams
-from tnas.meta.cuda_graph import GraphedStep, KeyedGraphedStep
+from tnas.meta.cuda_graph import (GraphDecision, GraphedStep, KeyedGraphedStep, capture_failure_logger,  # noqa: F401
+                                  cuda_graph_mode, resolve_cuda_graph)
 from tnas.runlog import RunLogger
 
 
@@ -62,37 +63,60 @@ def add_meta_learning_args(parser: argparse.ArgumentParser) -> argparse._Argumen
     group = parser.add_argument_group("meta-learning")
     group.add_argument("--inner_steps", type=int, default=5, help="inner SGD steps in meta-training")
     group.add_argument("--inner_steps_test", type=int, default=10, help="inner SGD steps at validation/test")
-    group.add_argument("--cuda_graph", action="store_true",
-                       help="replay each untracked meta-iteration as one CUDA graph (one GPU; not with a "
-                            "meta-batch split across torchrun ranks)")
+    add_cuda_graph_arg(group)
     return group
 
 
-def check_cuda_graph(args) -> None:
-    """``--cuda_graph`` needs a CUDA device and a process that keeps its meta-batches to itself
-    (one-line errors otherwise). Call before :func:`prepare_run`, so nothing is written."""
-    if not getattr(args, "cuda_graph", False):
-        return
-    device = resolve_device(args.device)
-    if device.type != "cuda":
-        raise TnasError(f"--cuda_graph needs a CUDA device; --device {args.device} is {device}")
-    if distributed.splits_meta_batches():
-        raise TnasError("--cuda_graph runs each meta-batch in one process; drop it under torchrun")
+class _CudaGraphAction(argparse.Action):
+    """``--cuda_graph [auto|on|off]`` (bare: on) and the old switch's ``--no-cuda_graph`` (off)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string is not None and option_string.startswith("--no-"):
+            values = "off"
+        try:
+            setattr(namespace, self.dest, cuda_graph_mode("on" if values is None else values))
+        except ValueError as error:
+            parser.error(str(error))
+
+
+def add_cuda_graph_arg(group) -> None:
+    """The one definition of ``--cuda_graph auto|on|off`` (every stage that can replay CUDA graphs)."""
+    group.add_argument("--cuda_graph", "--no-cuda_graph", action=_CudaGraphAction, nargs="?", default="auto",
+                       metavar="auto|on|off",
+                       help="replay each untracked step as one CUDA graph: auto (default) on one CUDA device "
+                            "unless torchrun splits meta-batches or a setting changes inside a graph (then eager, "
+                            "with a log line saying why); on (an error where impossible); off")
+
+
+def check_cuda_graph(args, blocker: Optional[str] = None) -> GraphDecision:
+    """Resolve ``--cuda_graph`` for this run (:func:`tnas.meta.cuda_graph.resolve_cuda_graph`): graphs
+    need a CUDA device, a process that keeps its meta-batches to itself and no ``blocker`` (a
+    setting that would change inside a graph). ``on`` where impossible is a one-line error. Call
+    before :func:`prepare_run`, so nothing is written; log the decision's ``reason`` once the log is open."""
+    try:
+        return resolve_cuda_graph(getattr(args, "cuda_graph", "off"), resolve_device(args.device),
+                                  distributed.splits_meta_batches(), blocker, device_flag=args.device)
+    except ValueError as error:
+        raise TnasError(str(error)) from None
 
 
 def graph_untracked(call: Callable[[Any, bool], Any], enabled: bool,
-                    key: Optional[Callable[[], Hashable]] = None) -> Callable[[Any, bool], Any]:
+                    key: Optional[Callable[[], Hashable]] = None,
+                    log: Optional[Callable[[str], None]] = None) -> Callable[[Any, bool], Any]:
     """``call(batch, track)`` with its untracked calls replayed as a CUDA graph when ``enabled``.
 
     Tracked calls (per-step statistics at ``--log_every``) take extra forwards, so they run
     eagerly; they update the same parameter and optimiser tensors that the graph reads.
     ``key()``, if given, returns the Python-side settings the call reads (a schedule's
-    learning rate, say); the graph is captured again whenever they change.
+    learning rate, say); the graph is captured again whenever they change. A capture that fails
+    is one line through ``log`` and eager steps from then on.
     """
     if not enabled:
         return call
     untracked = lambda batch: call(batch, False)  # noqa: E731
-    graphed = GraphedStep(untracked) if key is None else KeyedGraphedStep(untracked, key)
+    on_failure = capture_failure_logger(log or print)
+    graphed = (GraphedStep(untracked, on_failure=on_failure) if key is None
+               else KeyedGraphedStep(untracked, key, on_failure=on_failure))
 
     def step(batch, track: bool):
         return call(batch, True) if track else graphed(batch)

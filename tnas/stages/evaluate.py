@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
@@ -94,7 +95,7 @@ class EvaluateSettings(CheckpointSettings):
     """The evaluate stage's settings: a checkpoint's, plus an expected genotype and CUDA graphs."""
 
     genotype: Optional[str] = None
-    cuda_graph: bool = False
+    cuda_graph: str = "auto"  # auto | on | off (tnas.meta.cuda_graph.cuda_graph_mode)
 
 
 def settings_from_args(args: argparse.Namespace) -> EvaluateSettings:
@@ -111,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check that the checkpoint's architecture is this genotype (published name, JSON "
                              "file, run directory with genotype.json, or an inline JSON object)")
     set_flag(parser, "out", help="directory for results.json (default: the checkpoint's run directory)")
-    parser.add_argument("--cuda_graph", action="store_true",
-                        help="replay the adaptation of each batch of episodes as one CUDA graph (GPU only)")
+    common.add_cuda_graph_arg(parser)  # graphs replay the adaptation of each batch of episodes
     return parser
 
 
@@ -267,15 +267,16 @@ def default_out_dir(args, checkpoint: str) -> str:
 def run(args: EvaluateSettings) -> Dict[str, object]:
     """Evaluate the checkpoint described by the settings; returns the record written to ``results.json``."""
     started = time.time()
-    common.check_cuda_graph(args)
+    graph = common.check_cuda_graph(args)
     prepared = prepare(args)
+    print(graph.reason, file=sys.stderr)  # stdout carries the results
     summary, learner = prepared.summary, prepared.learner
     out_dir = default_out_dir(args, prepared.checkpoint)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TnasError(f"--out {out_dir} is a file, not a directory")
     result = evaluate_episodes(learner, prepared.episodes, args.batch_size, prepared.device,
                                steps=args.update_step_test, desc="evaluate",
-                               cuda_graph=args.cuda_graph, log=StdoutLog())
+                               cuda_graph=graph.enabled, log=StdoutLog())
     genotype = restore.checkpoint_genotype(learner, summary).to_dict()
     extra = {
         "q_query": args.q_query,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -154,9 +154,11 @@ def _sampler(settings: SearchSettings, split, device, seed: int, task_slice) -> 
                           augment=data.augment, task_pool=settings.schedule.task_pool, task_slice=task_slice)
 
 
-def build_auto_maml(settings: SearchSettings, model: Supernet, train_split, device: torch.device):
+def build_auto_maml(settings: SearchSettings, model: Supernet, train_split, device: torch.device,
+                    cuda_graph: bool = False, log: Optional[Callable[[str], None]] = None):
     """The learner, its two episode samplers and the step function of an auto-MAML search.
 
+    ``cuda_graph``: the resolved ``--cuda_graph`` (``log`` takes the line of a failed capture).
     The meta-train split's images are halved per class with ``seed = settings.run.seed``;
     sampler ``"weights"`` draws from the first half, ``"alphas"`` from the second. Returns
     ``(learner, {"weights": ..., "alphas": ...}, step)`` where ``step(iteration, track)`` takes the
@@ -179,11 +181,10 @@ def build_auto_maml(settings: SearchSettings, model: Supernet, train_split, devi
         except TnasError as error:
             raise TnasError(f"auto-MAML halves the images of each class: {error}") from None
 
-    cuda_graph = settings.run.cuda_graph
     calls = {WEIGHT_STEP: common.graph_untracked(
-                 lambda batch, track: learner.weight_step(batch, track_steps=track), cuda_graph),
+                 lambda batch, track: learner.weight_step(batch, track_steps=track), cuda_graph, log=log),
              ALPHA_STEP: common.graph_untracked(
-                 lambda batch, track: learner.alpha_step(batch, track_steps=track), cuda_graph)}
+                 lambda batch, track: learner.alpha_step(batch, track_steps=track), cuda_graph, log=log)}
 
     def step(iteration: int, track: bool):
         stats = None
@@ -194,13 +195,14 @@ def build_auto_maml(settings: SearchSettings, model: Supernet, train_split, devi
     return learner, samplers, step
 
 
-def build_tnas(settings: SearchSettings, model: Supernet, train_split, device: torch.device):
+def build_tnas(settings: SearchSettings, model: Supernet, train_split, device: torch.device,
+               cuda_graph: bool = False, log: Optional[Callable[[str], None]] = None):
     """The T-NAS learner, its episode sampler and step function (as :func:`build_auto_maml`)."""
     learner = TNAS(model, tnas_config(settings))
     sampler = _sampler(settings, train_split, device, settings.run.seed,
                        common.data_parallel(learner, settings.schedule.tasks_per_batch))
     meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                       settings.run.cuda_graph)
+                                       cuda_graph, log=log)
 
     def step(iteration: int, track: bool):
         return meta_step(sampler.sample(), track)
@@ -208,21 +210,23 @@ def build_tnas(settings: SearchSettings, model: Supernet, train_split, device: t
     return learner, {"train": sampler}, step
 
 
-def check_settings(settings: SearchSettings) -> None:
-    """One-line errors for sizes out of range or a ``--cuda_graph`` this run cannot use."""
+def check_settings(settings: SearchSettings) -> common.GraphDecision:
+    """One-line errors for sizes out of range or a ``--cuda_graph on`` this run cannot use; returns
+    the resolved ``--cuda_graph``."""
     common.check_positive(settings.data, "n_way", "k_shot", "q_query")
     common.check_positive(settings.schedule, "tasks_per_batch", "epochs", "tasks_per_epoch", "val_episodes",
                           "val_batch_size")
     common.check_positive(settings.meta, "inner_steps", "inner_steps_test")
     common.check_positive(settings.network, "C", "layers")
-    common.check_cuda_graph(settings.run)
+    return common.check_cuda_graph(settings.run)
 
 
 def run(settings: SearchSettings) -> Dict[str, object]:
     """Run the search stage described by ``settings``; returns the summary (``search.json``)."""
-    check_settings(settings)
+    graph = check_settings(settings)
     flags = argparse.Namespace(**settings.to_flags())
     run_dir, logger, device = common.prepare_run(flags, "search")
+    logger.log(graph.reason)
     is_main = distributed.current_info().is_main
     data, meta = settings.data, settings.meta
     splits = common.load_splits(flags, ("train", "val"))
@@ -230,7 +234,7 @@ def run(settings: SearchSettings) -> Dict[str, object]:
     val_episodes = FixedEpisodes.generate(splits["val"], data.n_way, data.k_shot, data.q_query,
                                           episodes=settings.schedule.val_episodes, seed=settings.run.seed + 1)
     build = build_auto_maml if meta.method == "auto_maml" else build_tnas
-    learner, samplers, step = build(settings, model, splits["train"], device)
+    learner, samplers, step = build(settings, model, splits["train"], device, graph.enabled, logger.log)
     summary = {"method": meta.method, "dataset": data.dataset, "n_way": data.n_way, "k_shot": data.k_shot,
                "q_query": data.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config,
                "learner": learner.config.to_dict(), **common.data_settings(data)}
@@ -240,7 +244,7 @@ def run(settings: SearchSettings) -> Dict[str, object]:
                           val_steps=meta.inner_steps_test, is_main=is_main)
     if settings.run.resume:
         trainer.resume()
-    if settings.run.cuda_graph:  # after resume: a checkpoint's optimiser settings replace ours
+    if graph.enabled:  # after resume: a checkpoint's optimiser settings replace ours
         make_optimizers_capturable(learner.optimizers.values())
     logger.log(f"search ({meta.method}) on {data.dataset} {data.n_way}-way {data.k_shot}-shot, device {device}, "
                f"supernet {sum(p.numel() for p in model.weights()):,} weights; run directory {run_dir}")

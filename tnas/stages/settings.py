@@ -112,7 +112,7 @@ class RunSettings(Settings):
     threads: Optional[int] = free()
     resume: bool = free(False)
     amp: bool = free(False)
-    cuda_graph: bool = free(False)
+    cuda_graph: str = free("auto")  # auto | on | off: graphed or eager, the same steps
 
 
 _PARTS = {cls.__name__: cls for cls in (DataSettings, ScheduleSettings, NetworkSettings, RunSettings)}

@@ -155,11 +155,11 @@ def maml_config(settings: TrainSettings, device: Optional[torch.device] = None) 
                       **switches)
 
 
-def check_settings(settings: TrainSettings) -> None:
-    """One-line errors for settings the stage cannot run, before anything is written: sizes out of
-    range, or a ``--cuda_graph`` it cannot honour (no CUDA device, a meta-batch split across torchrun
-    ranks, or a cosine learning rate that changes every iteration: a graph freezes it until the
-    next capture, once per epoch)."""
+def check_settings(settings: TrainSettings) -> common.GraphDecision:
+    """One-line errors for settings the stage cannot run, before anything is written (sizes out of
+    range, ``--cuda_graph on`` where graphs cannot run); returns the resolved ``--cuda_graph``.
+    Graphs need a CUDA device, a meta-batch kept in one process, and no cosine learning rate that
+    changes every iteration (a graph freezes it until the next capture, once per epoch)."""
     common.check_positive(settings.data, "n_way", "k_shot", "q_query")
     common.check_positive(settings.schedule, "tasks_per_batch", "epochs", "tasks_per_epoch", "val_episodes",
                           "val_batch_size")
@@ -171,10 +171,11 @@ def check_settings(settings: TrainSettings) -> None:
         raise TnasError(f"--drop_path_prob must be in [0, 1), got {maml.drop_path_prob}")
     if maml.msl_epochs < 0 or (maml.first_order_epochs is not None and maml.first_order_epochs < 0):
         raise TnasError("--msl_epochs and --first_order_epochs must be >= 0")
-    common.check_cuda_graph(settings.run)
-    if settings.run.cuda_graph and maml_config(settings).cosine_lr and maml.cosine_unit != "epoch":
-        raise TnasError(f"--cuda_graph needs --cosine_unit epoch (a graph freezes the learning rate until the "
-                        f"next capture), got --cosine_unit {maml.cosine_unit}")
+    blocker = None
+    if maml_config(settings).cosine_lr and maml.cosine_unit != "epoch":
+        blocker = (f"--cosine_unit epoch (a graph freezes the learning rate until the next capture), "
+                   f"got --cosine_unit {maml.cosine_unit}")
+    return common.check_cuda_graph(settings.run, blocker)
 
 
 # -- resuming ------------------------------------------------------------------------------------
@@ -228,7 +229,8 @@ def _summary(settings: TrainSettings, model: Network, learner: MAMLPlusPlus, ima
             "meta_learned_parameters": learner.parameter_count(), **common.data_settings(data)}
 
 
-def _trainer(settings: TrainSettings, learner: MAMLPlusPlus, splits, run_dir, logger, device, summary, is_main):
+def _trainer(settings: TrainSettings, learner: MAMLPlusPlus, splits, run_dir, logger, device, summary, is_main,
+             cuda_graph: bool):
     """The MetaTrainer of one run: episode sampler, fixed validation episodes, the (graphed) step."""
     data, schedule = settings.data, common.schedule_from_args(settings.schedule)
     sampler = EpisodeSampler(splits["train"], n_way=data.n_way, k_shot=data.k_shot, q_query=data.q_query,
@@ -239,7 +241,7 @@ def _trainer(settings: TrainSettings, learner: MAMLPlusPlus, splits, run_dir, lo
                                           episodes=settings.schedule.val_episodes, seed=settings.run.seed + 1)
     per_epoch = schedule.iterations_per_epoch
     meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                       settings.run.cuda_graph, key=learner.settings_key)
+                                       cuda_graph, key=learner.settings_key, log=logger.log)
 
     def step(iteration: int, track: bool):
         learner.set_progress(iteration, per_epoch, schedule.epochs)
@@ -254,13 +256,13 @@ def _trainer(settings: TrainSettings, learner: MAMLPlusPlus, splits, run_dir, lo
                        val_steps=settings.maml.inner_steps_test, is_main=is_main)
 
 
-def _describe(settings: TrainSettings, config: MAMLConfig, summary, device, run_dir) -> str:
+def _describe(settings: TrainSettings, config: MAMLConfig, summary, device, run_dir, cuda_graph: bool) -> str:
     switches = [name for name in MAML_PP_SWITCHES if getattr(config, name)]
     if config.first_order_epochs is not None:
         switches.append(f"first order for {config.first_order_epochs} epoch(s), then second order")
     else:
         switches.append(f"{'first' if config.first_order else 'second'} order")
-    if settings.run.cuda_graph:
+    if cuda_graph:
         switches.append("CUDA graphs, captured again when an epoch changes the settings")
     data = settings.data
     return (f"train ({settings.maml.method}: {', '.join(switches)}) of genotype {settings.genotype} on "
@@ -274,10 +276,11 @@ def run(settings: TrainSettings) -> Dict[str, object]:
     if not settings.genotype:
         raise TnasError("--genotype is required: a published name (auto_maml_1shot, auto_maml_5shot), "
                         "a genotype JSON file or a search run directory")
-    check_settings(settings)
+    graph = check_settings(settings)
     genotype = resolve_genotype(settings.genotype)
     flags = argparse.Namespace(**settings.to_flags())
     run_dir, logger, device = common.prepare_run(flags, "train")
+    logger.log(graph.reason)
     try:
         splits = common.load_splits(flags, ("train", "val"))
         image_shape = tuple(splits["train"].image_shape)
@@ -292,12 +295,12 @@ def run(settings: TrainSettings) -> Dict[str, object]:
         is_main = distributed.current_info().is_main
         if is_main:
             save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
-        trainer = _trainer(settings, learner, splits, run_dir, logger, device, summary, is_main)
+        trainer = _trainer(settings, learner, splits, run_dir, logger, device, summary, is_main, graph.enabled)
         if settings.run.resume:
             trainer.resume()
-        if settings.run.cuda_graph:  # after resume: a checkpoint's optimiser settings replace ours
+        if graph.enabled:  # after resume: a checkpoint's optimiser settings replace ours
             make_optimizers_capturable(learner.optimizers.values())
-        logger.log(_describe(settings, config, summary, device, run_dir))
+        logger.log(_describe(settings, config, summary, device, run_dir, graph.enabled))
         return common.run_trainer(trainer, logger, "train.json")
     finally:
         logger.close()  # also when the set-up above fails
