@@ -124,6 +124,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if loaded:
         first = next(iter(loaded.values()))
         report["image_shape"] = list(first.image_shape)
+        notes = [getattr(split, "shape_note", None) for split in loaded.values()]
+        given = "given by --img_size / --channels" if args.img_size or args.channels else \
+            f"the default of dataset '{args.dataset}'"
+        report["image_shape_chosen_because"] = next((note for note in notes if note), given)
         report["mean"] = [round(v, 4) for v in first.mean]
         report["std"] = [round(v, 4) for v in first.std]
         names = {k: set(v.class_names) for k, v in loaded.items()}

@@ -6,8 +6,9 @@ epochs of ``tasks_per_epoch`` tasks, validates on fixed episodes of the validati
 classes after each epoch, keeps ``best.pt`` by validation accuracy and ``last.pt`` for
 resuming (both written atomically), logs to ``log.txt`` and tensorboard, and writes the
 stage's JSON summary. A resumed run continues exactly: optimiser, sampler and RNG states
-are in ``last.pt``. A non-finite loss stops the run naming the iteration, keeping the
-last good checkpoint; Ctrl-C (SIGINT) or SIGTERM saves ``last.pt`` and stops.
+are in ``last.pt``. A non-finite loss or gradient (or parameter, before a save) stops the run
+naming the iteration, keeping the last good checkpoint untouched; Ctrl-C (SIGINT) or SIGTERM
+saves ``last.pt`` and stops.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 
-from tnas import distributed
+from tnas import distributed, guard, run_dir
 from tnas.errors import TnasError
 from tnas.evaluate import evaluate_episodes, mean_ci95
 from tnas.meta.learner import StepStats
@@ -36,7 +37,7 @@ EpochHook = Callable[[int, Dict[str, object]], Optional[Dict[str, object]]]
 
 
 class NonFiniteLoss(TnasError):
-    """The meta-training loss became NaN or infinite."""
+    """The meta-training loss, a gradient or a parameter became NaN or infinite."""
 
 
 @dataclass
@@ -56,8 +57,12 @@ class Schedule:
 
 
 def rng_state() -> Dict[str, object]:
-    """Python, numpy and torch RNG states (CUDA too when present)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states (CUDA too when present), as tensors and plain data only
+    (numpy's key as a list of ints), so checkpoints load with ``weights_only=True``."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": [int(k) for k in numpy_state["state"]["key"]],
+                            "pos": int(numpy_state["state"]["pos"])}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -65,7 +70,11 @@ def rng_state() -> Dict[str, object]:
 
 def set_rng_state(state: Mapping[str, object]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):  # plain form (see rng_state); older checkpoints hold numpy's tuple
+        numpy_state = dict(numpy_state, state=dict(numpy_state["state"],
+                                                   key=np.asarray(numpy_state["state"]["key"], dtype=np.uint32)))
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -136,6 +145,8 @@ class MetaTrainer:
         self._epoch_accuracy = torch.zeros((), dtype=torch.float64, device=device)
         self._epoch_tasks = 0
         self._pending_losses: List[torch.Tensor] = []
+        self._pending_grads: List[torch.Tensor] = []  # per iteration: its gradients were finite
+        self.overrides: Dict[str, object] = {}  # settings a --resume_override changed (each epoch records them)
         self._pending_first_iteration = 0
         self._started = time.time()
         self._elapsed_before = 0.0
@@ -187,28 +198,46 @@ class MetaTrainer:
         state = load_checkpoint(path)
         if state.get("stage") != self.stage:
             raise TnasError(f"{path} is a '{state.get('stage')}' checkpoint, not '{self.stage}'")
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            reason = " ".join(str(error).split())[:300]
+            raise TnasError(f"--resume: {path} does not fit this run's model or samplers: {reason}") from None
+        self.overrides = run_dir.active_overrides(self.run_dir)
         self.logger.log(f"resumed from {path}: epoch {self.epoch}, iteration {self.iteration}")
 
-    def _check_finite(self) -> None:
-        """Raise :class:`NonFiniteLoss` naming the first bad iteration since the last check (one host sync)."""
-        if not self._pending_losses:
+    def _check_finite(self, parameters: bool = False) -> None:
+        """Raise :class:`NonFiniteLoss` naming the first iteration since the last check whose loss or
+        gradients were not finite (with ``parameters``, before a save: also the parameters). The flags
+        are stacked and read in one host sync."""
+        if not self._pending_losses and not parameters:
             return
-        losses = torch.stack([loss.mean() for loss in self._pending_losses])
-        finite = torch.isfinite(losses)
+        count = len(self._pending_losses)
+        flags = [torch.isfinite(loss.mean()) for loss in self._pending_losses] + \
+                [flag.to(self.device) for flag in self._pending_grads]
+        if parameters:
+            flags.append(guard.parameters_finite(self.learner, self.device))
+        finite = torch.stack(flags)
         if not distributed.all_ranks_true(bool(finite.all()), self.device):
-            if bool(finite.all()):  # another rank saw it
-                raise NonFiniteLoss(f"non-finite meta-training loss on another process before iteration "
-                                    f"{self.iteration} (epoch {self.epoch}); stopped")
-            bad = self._pending_first_iteration + int((~finite).nonzero()[0, 0])
             kept = self.last_path if os.path.exists(self.last_path) else "none yet"
-            raise NonFiniteLoss(f"non-finite meta-training loss at iteration {bad} (epoch {self.epoch}); "
-                                f"stopped; last good checkpoint: {kept}")
+            if bool(finite.all()):  # another rank saw it
+                raise NonFiniteLoss(f"non-finite meta-training loss or gradient on another process before iteration "
+                                    f"{self.iteration} (epoch {self.epoch}); stopped; last good checkpoint: {kept}")
+            losses, grads = finite[:count], finite[count:2 * count]
+            per_iteration = losses & grads
+            if bool(per_iteration.all()):
+                raise NonFiniteLoss(f"non-finite parameters after iteration {self.iteration - 1} "
+                                    f"(epoch {self.epoch}); stopped; last good checkpoint: {kept}")
+            index = int((~per_iteration).nonzero()[0, 0])
+            what = "meta-training loss" if not bool(losses[index]) else "gradient (under a finite loss)"
+            raise NonFiniteLoss(f"non-finite {what} at iteration {self._pending_first_iteration + index} "
+                                f"(epoch {self.epoch}); stopped; last good checkpoint: {kept}")
         self._pending_losses = []
+        self._pending_grads = []
         self._pending_first_iteration = self.iteration
 
     def save_last(self) -> None:
-        self._check_finite()
+        self._check_finite(parameters=True)
         if self.is_main:
             save_checkpoint(self.state_dict(), self.last_path)
 
@@ -246,6 +275,9 @@ class MetaTrainer:
                     track = schedule.log_every > 0 and self.iteration % schedule.log_every == 0
                     stats = self.step(self.iteration, track)
                     self._pending_losses.append(stats.query_loss.detach())
+                    grads_ok = guard.gradients_finite(self.learner, self.device)
+                    self._pending_grads.append(grads_ok if grads_ok is not None else
+                                               torch.ones((), dtype=torch.bool, device=self.device))
                     self._epoch_loss += stats.query_loss.detach().double().sum()
                     self._epoch_accuracy += stats.query_accuracy.detach().double().sum()
                     self._epoch_tasks += int(stats.query_accuracy.shape[0])
@@ -267,7 +299,7 @@ class MetaTrainer:
         return self.write_summary()
 
     def _end_epoch(self) -> None:
-        self._check_finite()
+        self._check_finite(parameters=True)
         sums = distributed.sum_across_ranks(torch.stack([
             self._epoch_loss, self._epoch_accuracy,
             torch.tensor(float(self._epoch_tasks), dtype=torch.float64, device=self.device)]))
@@ -281,6 +313,8 @@ class MetaTrainer:
         record.update(self.validate())
         if self.epoch_hook is not None:
             record.update(self.epoch_hook(self.epoch + 1, record) or {})
+        if self.overrides:
+            record["overrides"] = dict(self.overrides)
         record["elapsed_s"] = self.elapsed()
         self.history.append(record)
         if self.is_main:

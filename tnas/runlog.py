@@ -64,10 +64,20 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+def _write_failed(path, error: OSError, what: str) -> TnasError:
+    """The one-line error of a failed atomic write (the temp file is gone; the old file is intact)."""
+    kept = "the previous one is kept" if Path(path).exists() else "nothing was written"
+    return TnasError(f"cannot write {what}{path}: {error.strerror or error}; {kept}")
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace)."""
-    with _atomic_file(path) as handle:
-        handle.write(data)
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace); a failed
+    write (full disk, no permission) is one :class:`TnasError` line and keeps the previous file."""
+    try:
+        with _atomic_file(path) as handle:
+            handle.write(data)
+    except OSError as error:
+        raise _write_failed(path, error, "") from None
 
 
 def atomic_write_json(path, obj, indent: int = 2) -> None:
@@ -86,29 +96,83 @@ def read_json(path) -> Any:
 
 
 def save_checkpoint(state: dict, path) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically: readers never see a half-written file."""
+    """``torch.save`` ``state`` to ``path`` atomically: readers never see a half-written file.
+
+    ``state`` must hold only what :func:`load_checkpoint` accepts (tensors, plain Python
+    containers and scalars, torch dtypes). A failed write (full disk, say) is one
+    :class:`TnasError` line; the previous file under ``path`` is kept and no temp file is left.
+    """
     import torch
 
-    with _atomic_file(path) as handle:
-        torch.save(state, handle)
+    try:
+        with _atomic_file(path) as handle:
+            torch.save(state, handle)
+    except OSError as error:
+        raise _write_failed(path, error, "checkpoint ") from None
+
+
+# Types a checkpoint written before numpy RNG states were stored as plain lists may hold (a numpy
+# uint32 array); they only build arrays. Anything else a checkpoint names is refused.
+def _legacy_numpy_globals() -> list:
+    import numpy
+
+    names = []
+    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        module = _try_import(module_name)
+        if module is not None and hasattr(module, "_reconstruct"):
+            names.append(module._reconstruct)
+    names += [numpy.ndarray, numpy.dtype]
+    dtypes = _try_import("numpy.dtypes")
+    if dtypes is not None and hasattr(dtypes, "UInt32DType"):
+        names.append(dtypes.UInt32DType)
+    return names
+
+
+def _try_import(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _refusal(error: Exception) -> str:
+    """The one-line reason of a ``weights_only`` refusal (e.g. ``it names os.system``)."""
+    import re
+
+    text = " ".join(str(error).split())
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"Unsupported operand (\S+)", text)
+    what = f"it names {found.group(1)}" if found else "it needs more than tensors and plain data"
+    return (f"{what}, which a tnas checkpoint never holds; refusing to load it (tnas only loads tensors "
+            f"and plain data, so a checkpoint cannot run code)")
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint`.
+    """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
 
-    Uses ``weights_only=False`` because our checkpoints hold numpy RNG states and plain
-    dicts; only load checkpoints you (or your runs) wrote.
+    Only tensors, plain containers and scalars (and the numpy arrays of older RNG states) are
+    accepted, so a crafted file cannot run code: a checkpoint that names anything else is
+    refused with one :class:`TnasError` line naming the file.
     """
+    import pickle
+
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise TnasError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower() or "Unsupported" in str(error):
+            raise TnasError(f"cannot read checkpoint {path}: {_refusal(error)}") from None
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise TnasError(f"cannot read checkpoint {path}: {reason}") from None
     except Exception as error:  # torch raises many types for corrupt files
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise TnasError(f"cannot read checkpoint {path}: {reason}") from error
+        raise TnasError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(state, dict):
         raise TnasError(
             f"cannot read checkpoint {path}: expected a dict, found {type(state).__name__}"

@@ -9,7 +9,12 @@ or ``~/.cache/tnas``.
 
 Writing is atomic: an entry is built in a temporary sibling directory and renamed into place
 (``os.replace``); a process that loses the race drops its copy and uses the winner's. An entry
-whose source fingerprint no longer matches the files on disk is rebuilt.
+whose source fingerprint (every file's name, size and modification time:
+:func:`files_fingerprint`) no longer matches the files on disk is rebuilt. Before decoding, the
+builder checks the free space and reserves the whole images file (``posix_fallocate``), so a
+full disk is one error line instead of a ``SIGBUS`` from a write into a memory map, and the
+half-built entry is removed. Temporary directories of killed builds are removed by the next
+build of that entry.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from tnas.data.decode import convert_array, decode_into
 from tnas.errors import TnasError
 
 __all__ = ["CACHE_VERSION", "default_cache_dir", "RawSplit", "SplitSource", "CacheEntry", "open_cache_entry",
-           "entry_directory"]
+           "entry_directory", "files_fingerprint"]
 
 CACHE_VERSION = 1
 
@@ -38,6 +43,25 @@ CACHE_VERSION = 1
 def default_cache_dir() -> str:
     """``$TNAS_CACHE_DIR`` if set, else ``~/.cache/tnas``."""
     return os.path.abspath(os.path.expanduser(os.environ.get("TNAS_CACHE_DIR") or "~/.cache/tnas"))
+
+
+def files_fingerprint(paths: Sequence[str], names: Optional[Sequence[str]] = None, extra: str = "") -> str:
+    """Hex digest of each file's name (``names``, default the basename), size and modification time:
+    an image edited, replaced, added or removed in place changes it."""
+    digest = hashlib.sha1(extra.encode("utf-8", "surrogateescape"))
+    for index, path in enumerate(paths):
+        try:
+            stat = os.stat(path)
+        except OSError as error:
+            raise TnasError(f"cannot read {path}: {error.strerror or error}") from None
+        name = names[index] if names is not None else os.path.basename(path)
+        digest.update(f"{name}\0{stat.st_size}:{stat.st_mtime_ns};".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
+
+
+def free_bytes(directory: str) -> int:
+    """Bytes free for us under ``directory`` (``shutil.disk_usage``)."""
+    return shutil.disk_usage(directory).free
 
 
 @dataclass
@@ -125,12 +149,13 @@ def open_cache_entry(directory: str, name: str, img_size: int, channels: int,
     if source is None:
         assert source_error is not None
         raise source_error
-    with _build_lock(directory):
+    with _build_lock(directory) as locked:
         # another process (e.g. another rank of a distributed run) may have built it meanwhile
         entry = _read_entry(directory)
         if entry is not None and entry.meta.get("fingerprint") == source.fingerprint:
             return entry
-        return _build_entry(directory, name, img_size, channels, source, num_workers, progress)
+        return _build_entry(directory, name, img_size, channels, source, num_workers, progress,
+                            stale_after=0.0 if locked else 24 * 3600.0)
 
 
 @contextlib.contextmanager
@@ -152,18 +177,18 @@ def _build_lock(directory: str) -> Iterator[None]:
             handle.close()
         handle = None
     try:
-        yield
+        yield handle is not None
     finally:
         if handle is not None:
             handle.close()  # closing releases the lock
 
 
 def _build_entry(directory: str, name: str, img_size: int, channels: int, source: SplitSource,
-                 num_workers: Optional[int], progress: Optional[bool]) -> CacheEntry:
+                 num_workers: Optional[int], progress: Optional[bool], stale_after: float = 24 * 3600.0) -> CacheEntry:
     parent = os.path.dirname(directory)
     try:
         os.makedirs(parent, exist_ok=True)
-        _remove_abandoned(parent, os.path.basename(directory))
+        _remove_abandoned(parent, os.path.basename(directory), stale_after)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     except OSError as error:
         raise TnasError(f"cannot write the cache under {parent}: {error.strerror or error} "
@@ -177,8 +202,7 @@ def _build_entry(directory: str, name: str, img_size: int, channels: int, source
         images_path = os.path.join(tmp, "images.npy")
         if count == 0:
             raise TnasError(f"{name}: no images found in {source.location}")
-        images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8,
-                                           shape=(count, img_size, img_size, channels))
+        images = _reserved_memmap(images_path, (count, img_size, img_size, channels), name, parent)
         desc = f"caching {name}"
         if raw.generate is not None:
             raw.generate(images, num_workers, progress)
@@ -217,14 +241,45 @@ def _build_entry(directory: str, name: str, img_size: int, channels: int, source
     return entry
 
 
+def _reserved_memmap(path: str, shape: tuple, name: str, parent: str) -> np.ndarray:
+    """A writable ``.npy`` memory map of ``shape`` uint8 whose disk blocks are reserved up front.
+
+    Writing into a sparse memory-mapped file on a full disk kills the process with ``SIGBUS``;
+    so the free space is checked first and the file's blocks are allocated with
+    ``posix_fallocate`` (where the OS has it) before any pixel is written. Not enough space is
+    one :class:`TnasError` line.
+    """
+    needed = int(np.prod(shape)) + 4096
+    available = free_bytes(parent)
+    if available < needed + (64 << 20):  # keep a margin for labels, meta.json and the rest of the system
+        raise TnasError(f"{name}: the cache entry needs {needed / 2**20:.1f} MiB in {parent}, only "
+                        f"{available / 2**20:.1f} MiB free (free some space or set --cache_dir / TNAS_CACHE_DIR)")
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is not None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            allocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as error:
+            import errno
+
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                del images
+                raise
+        finally:
+            os.close(fd)
+    return images
+
+
 def _remove_abandoned(parent: str, base: str, age_seconds: float = 24 * 3600) -> None:
-    """Delete temporary build directories of this entry left by killed processes (older than a day)."""
+    """Delete temporary build directories of this entry left by killed processes: all of them when
+    this process holds the entry's build lock (``age_seconds`` 0), else those older than a day."""
     now = time.time()
     for name in os.listdir(parent):
         if name.startswith((f".{base}.tmp-", f"{base}.stale-")):
             path = os.path.join(parent, name)
             try:
-                if now - os.path.getmtime(path) > age_seconds:
+                if now - os.path.getmtime(path) >= age_seconds:
                     shutil.rmtree(path, ignore_errors=True)
             except OSError:
                 pass

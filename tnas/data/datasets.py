@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from tnas.data.cache import CacheEntry, RawSplit, SplitSource, entry_directory, open_cache_entry
+from tnas.data.cache import CacheEntry, RawSplit, SplitSource, default_cache_dir, entry_directory, open_cache_entry
 from tnas.data import formats
 from tnas.data.decode import RESAMPLING
 from tnas.data.glyphs import find_glyphs
@@ -110,6 +110,72 @@ def _check_size(spec: DatasetSpec, img_size: Optional[int], channels: Optional[i
     return int(size), int(chans)
 
 
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+_SHAPE_CHOICES: Dict[str, Tuple[Optional[int], Optional[int], str]] = {}  # fingerprint -> choice (per process)
+
+
+def folder_default_shape(root: str, split: str) -> Optional[Tuple[int, int, str]]:
+    """The image side and channel count a ``folder`` dataset gets by default, and why.
+
+    Read from the image headers of its train split (the split asked for when there is no
+    train folder), so every split of a dataset gets the same shape: the side is the larger
+    dimension of the most common image size; 1 channel when every image is grayscale, else 3.
+    Returns ``(side, channels, reason)``, or None when neither folder exists (the reader then
+    says what is missing).
+    """
+    from collections import Counter
+
+    from PIL import Image
+
+    source = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else os.path.join(root, split)
+    if not os.path.isdir(source):
+        return None
+    paths, _, _, fingerprint = formats.scan_class_folders(source, "folder")
+    if fingerprint in _SHAPE_CHOICES:
+        return _SHAPE_CHOICES[fingerprint]
+    sizes: Counter = Counter()
+    colour = 0
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes[image.size] += 1
+                colour += image.mode not in _GRAY_MODES
+        except (OSError, ValueError):
+            continue  # decoding reports it, naming the file
+    if not sizes:
+        spec = DATASETS["folder"]
+        return spec.default_img_size, spec.default_channels, "no readable image headers: the defaults"
+    (width, height), count = sizes.most_common(1)[0]
+    side = min(max(max(width, height), 4), 1024)
+    total = sum(sizes.values())
+    channels = 3 if colour else 1
+    reason = (f"{width}x{height} is the most common image size in {source} ({count} of {total} images), so the side "
+              f"is {side}; {'every image is grayscale, so 1 channel' if channels == 1 else f'{colour} of {total} images are in colour, so 3 channels'}")
+    _SHAPE_CHOICES[fingerprint] = (side, channels, reason)
+    return side, channels, reason
+
+
+def _cached_folder_shape(cache_dir: Optional[str], root: str, split: str) -> Optional[Tuple[int, int, str]]:
+    """With the raw folder gone: the shape of the newest cache entry built from ``root/split``."""
+    import json
+
+    parent = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir(),
+                          "folder")
+    source, found = os.path.join(root, split), []
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():
+        try:
+            with open(os.path.join(parent, name, "meta.json"), encoding="utf-8") as handle:
+                meta = json.load(handle)
+            if meta.get("source") == source:
+                found.append((os.path.getmtime(os.path.join(parent, name, "meta.json")), meta["image_shape"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not found:
+        return None
+    channels, side = int(max(found)[1][0]), int(max(found)[1][1])
+    return side, channels, f"{root} is gone, so the shape of its cached entry"
+
+
 def _resolve_root(spec: DatasetSpec, data_path: Optional[str]) -> Optional[str]:
     if not spec.needs_data_path or data_path is None:
         return None
@@ -139,9 +205,9 @@ def _open(spec: DatasetSpec, split: str, root: Optional[str], img_size: int, cha
             source = _with_resize(source, resize)
         error: Optional[TnasError] = None
     except TnasError as problem:
-        if spec.needs_data_path and root is None:
-            raise  # no path given: never guess a cache entry
-        source, error = None, problem
+        if spec.needs_data_path and (root is None or os.path.exists(root)):
+            raise  # no path given, or the data is there but unreadable: never hide it behind a cache entry
+        source, error = None, problem  # the raw data is gone altogether: an existing entry still serves
     return open_cache_entry(directory, f"{spec.name}/{split}", img_size, channels, source, error, num_workers, progress)
 
 
@@ -151,9 +217,11 @@ def load_split(dataset: str, split: str, data_path: Optional[str] = None, img_si
     """Load one split of a dataset as an `ImageSplit`, decoding it into the cache on first use.
 
     ``dataset``: a key of `DATASETS`; ``split``: train / val / test; ``data_path``: the
-    dataset's root directory (not needed for glyphs); ``img_size`` / ``channels``: default
-    per dataset (84/3 mini- and tieredImageNet and folder, 28/1 omniglot and glyphs, 32/3
-    CIFAR-FS and FC100); ``cache_dir``: default ``$TNAS_CACHE_DIR`` or ``~/.cache/tnas``.
+    dataset's root directory (not needed for glyphs, refused for it); ``img_size`` /
+    ``channels``: default per dataset (84/3 mini- and tieredImageNet, 28/1 omniglot and glyphs,
+    32/3 CIFAR-FS and FC100; for folder they follow the data, see :func:`folder_default_shape`,
+    and the returned split's ``shape_note`` says what was chosen and why); ``cache_dir``:
+    default ``$TNAS_CACHE_DIR`` or ``~/.cache/tnas``.
     ``normalize``: "split" (the train split's mean/std) or "imagenet" (ImageNet's, RGB only);
     ``resize``: "lanczos" or "bilinear" (see the module docstring).
     ``options``: dataset options (omniglot ``rotations``; glyphs ``images_per_class``,
@@ -163,14 +231,10 @@ def load_split(dataset: str, split: str, data_path: Optional[str] = None, img_si
     """
     spec = get_dataset(dataset)
     split = _check_split(split)
-    size, chans = _check_size(spec, img_size, channels)
     if normalize not in NORMALIZATIONS:
         raise TnasError(f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
     if resize not in RESIZE_METHODS:
         raise TnasError(f"--resize must be one of {', '.join(RESIZE_METHODS)}, got {resize!r}")
-    if normalize == "imagenet" and chans != 3:
-        raise TnasError(f"--normalize imagenet needs RGB images; {spec.name} is loaded with {chans} channel(s) "
-                        f"(use --normalize split)")
     num_workers = options.pop("num_workers", None)
     progress = options.pop("progress", None)
     resolved = spec.resolve_options(options)
@@ -178,6 +242,25 @@ def load_split(dataset: str, split: str, data_path: Optional[str] = None, img_si
     layout = spec.layout.replace("{split}", split)
     if spec.needs_data_path and root is None:
         raise TnasError(f"dataset '{spec.name}' needs --data_path DIR (expected layout: {layout})")
+    shape_note = None
+    if spec.name == "folder" and (img_size is None or channels is None) and root is not None and os.path.isdir(root):
+        choice = folder_default_shape(root, split)
+    elif spec.name == "folder" and (img_size is None or channels is None) and root is not None:
+        choice = _cached_folder_shape(cache_dir, root, split)
+    else:
+        choice = None
+    if choice is not None:
+        side, chans, why = choice
+        shape_note = (f"{spec.name} images at {img_size if img_size is not None else side}px, "
+                      f"{channels if channels is not None else chans} channel(s): {why}")
+        img_size = side if img_size is None else img_size
+        channels = chans if channels is None else channels
+    size, chans = _check_size(spec, img_size, channels)
+    if normalize == "imagenet" and chans != 3:
+        raise TnasError(f"--normalize imagenet needs RGB images; {spec.name} is loaded with {chans} channel(s) "
+                        f"(use --normalize split)")
+    if not spec.needs_data_path and data_path is not None:
+        raise TnasError(f"dataset '{spec.name}' reads no files ({spec.layout}); drop --data_path {data_path}")
     entry = _open(spec, split, root, size, chans, cache_dir, resolved, num_workers, progress, resize)
     mean, std = entry.meta["pixel_mean"], entry.meta["pixel_std"]
     if normalize == "imagenet":
@@ -188,5 +271,7 @@ def load_split(dataset: str, split: str, data_path: Optional[str] = None, img_si
             mean, std = train.meta["pixel_mean"], train.meta["pixel_std"]
         except TnasError:
             pass  # no train split on disk: normalise with this split's own statistics
-    return ImageSplit(images=entry.images, labels=entry.labels, class_names=list(entry.meta["class_names"]),
-                      name=f"{spec.name}/{split}", mean=tuple(mean), std=tuple(std), cache_path=entry.directory)
+    loaded = ImageSplit(images=entry.images, labels=entry.labels, class_names=list(entry.meta["class_names"]),
+                        name=f"{spec.name}/{split}", mean=tuple(mean), std=tuple(std), cache_path=entry.directory)
+    loaded.shape_note = shape_note  # why a folder dataset got its default size and channels (None otherwise)
+    return loaded

@@ -564,14 +564,18 @@ class FixedEpisodes:
             if path.lower().endswith(".json"):
                 with open(path, "r", encoding="utf-8") as stream:
                     data = json.load(stream)
+                if not isinstance(data, dict):
+                    raise ValueError(f"it holds a JSON {type(data).__name__}, not an object with a header and indices")
                 header, indices = data, np.asarray(data["indices"], dtype=np.int64)
             else:
                 with np.load(path, allow_pickle=False) as archive:
                     header = json.loads(str(archive["header"]))
+                    if not isinstance(header, dict):
+                        raise ValueError("its header is not a JSON object")
                     indices = archive["indices"].astype(np.int64)
         except FileNotFoundError:
             raise TnasError(f"episode file {path} does not exist") from None
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
             raise TnasError(f"{path}: not an episode file written by FixedEpisodes.save ({error})") from None
         if header.get("split") != split.name:
             raise TnasError(f"{path}: episodes were drawn from split '{header.get('split')}', not '{split.name}'")

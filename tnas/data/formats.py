@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tnas.data.cache import RawSplit, SplitSource
+from tnas.data.cache import RawSplit, SplitSource, files_fingerprint
 from tnas.data.safe_pickle import load_pickle, normalise_keys
 from tnas.errors import TnasError
 
@@ -30,14 +30,6 @@ def _stat_fingerprint(paths: Iterable[str], extra: str = "") -> str:
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{os.path.basename(path)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()[:16]
-
-
-def _names_fingerprint(names: Iterable[str], extra: str = "") -> str:
-    digest = hashlib.sha1(extra.encode())
-    for name in names:
-        digest.update(name.encode("utf-8", "surrogateescape"))
-        digest.update(b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -73,7 +65,7 @@ def scan_class_folders(split_dir: str, dataset: str) -> Tuple[List[str], np.ndar
         paths.extend(os.path.join(split_dir, name, f) for f in files)
         labels.extend([label] * len(files))
         relative.extend(f"{name}/{f}" for f in files)
-    return paths, np.asarray(labels, np.int64), classes, _names_fingerprint(relative, split_dir)
+    return paths, np.asarray(labels, np.int64), classes, files_fingerprint(paths, relative, split_dir)
 
 
 def _labels_from_values(values: Sequence[Any]) -> Tuple[np.ndarray, List[Any]]:
@@ -145,7 +137,7 @@ def _mini_csv_source(root: str, csv_path: str) -> SplitSource:
     labels, classes = _labels_from_values([r[1].strip() for r in body])
     paths = [os.path.join(images_dir, f) for f in filenames]
     with open(csv_path, "rb") as handle:
-        fingerprint = hashlib.sha1(handle.read()).hexdigest()[:16]
+        fingerprint = files_fingerprint(paths, None, hashlib.sha1(handle.read()).hexdigest())
     classes = [str(c) for c in classes]
     return SplitSource(fingerprint, csv_path, lambda: RawSplit(labels, classes, csv_path, paths=paths))
 
@@ -234,7 +226,7 @@ def find_omniglot(root: Optional[str], split: str, options: Dict[str, Any]) -> S
     label_array = np.asarray(labels, np.int64)
     rotations = bool(options.get("rotations", False))
     postprocess = _rotate_classes if rotations else None
-    fingerprint = _names_fingerprint(relative, f"omniglot:{len(characters)}")
+    fingerprint = files_fingerprint(paths, relative, f"omniglot:{len(characters)}")
     return SplitSource(fingerprint, root, lambda: RawSplit(label_array, names, root, paths=paths,
                                                            postprocess=postprocess))
 

@@ -2,8 +2,8 @@
 
 mini-ImageNet, tieredImageNet and CIFAR-100 are distributed as pickles of dicts, lists and
 numpy arrays. A plain ``pickle.load`` would execute whatever a crafted file asks for, so we
-unpickle with an allow-list of the few classes those files need (numpy array reconstruction,
-dtypes, and a handful of builtins). Python 2 pickles (CIFAR-100, the original tieredImageNet
+unpickle with an explicit allow-list of the few (module, name) pairs those files need (numpy
+array reconstruction, dtypes, and a handful of builtins); a module outside it is never imported. Python 2 pickles (CIFAR-100, the original tieredImageNet
 labels) are read with ``encoding="bytes"`` fallback; dict keys that are bytes are turned into str.
 """
 from __future__ import annotations
@@ -16,9 +16,15 @@ from tnas.errors import TnasError
 
 __all__ = ["load_pickle", "normalise_keys"]
 
+# Exactly these (module, name) pairs may be named by a dataset pickle; nothing is allowed by
+# prefix, since importing a module can itself run code (``numpy.f2py.__main__`` runs f2py).
 _ALLOWED = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    ("numpy.core.multiarray", "ndarray"),
+    ("numpy._core.multiarray", "ndarray"),
+    ("numpy.core.multiarray", "dtype"),
+    ("numpy._core.multiarray", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -55,7 +61,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             module = "builtins"
         if module == "copy_reg":
             module = "copyreg"
-        if (module, name) in _ALLOWED or (module.startswith("numpy") and name in ("dtype", "ndarray")):
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise TnasError(f"{self._path}: the pickle asks for {module}.{name}, which a dataset file should not "
                         f"contain; refusing to load it")

@@ -155,6 +155,12 @@ class MetaLearner:
                 "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore weights and optimiser moments; the optimisers keep this learner's own
+        hyper-parameters (learning rate, weight decay, betas), so a resume with changed flags
+        (``--resume_override``) trains with the new ones, and an exact resume is unchanged."""
         self.model.load_state_dict(state["model"])
         for name, opt in self.optimizers.items():
+            settings = [{key: value for key, value in group.items() if key != "params"} for group in opt.param_groups]
             opt.load_state_dict(state["optimizers"][name])
+            for group, own in zip(opt.param_groups, settings):
+                group.update(own)

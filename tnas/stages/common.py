@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
-from tnas import distributed
+from tnas import distributed, run_dir
 from tnas.config import resolve_device, save_config, seed_everything, set_threads
 from tnas.data import check_episode_shape, load_split
 from tnas.engine import Schedule
@@ -47,6 +47,8 @@ def add_schedule_args(parser: argparse.ArgumentParser, epochs: int, tasks_per_ep
     group.add_argument("--log_every", type=int, default=50, help="meta-iterations between logged steps")
     group.add_argument("--checkpoint_every", type=int, default=200, help="meta-iterations between last.pt saves")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    group.add_argument("--resume_override", action="store_true",
+                       help="with --resume: accept changed hyper-parameters (recorded per epoch in overrides.json)")
     group.add_argument("--amp", action="store_true",
                        help="bf16 autocast (meta-gradients within a cosine of 0.94-0.99 of fp32; see README)")
 
@@ -136,20 +138,14 @@ def default_run_dir(args, stage: str) -> str:
     return os.path.join("runs", f"{stage}_{args.dataset}_{args.n_way}w{args.k_shot}s")
 
 
-def check_positive(settings, *names: str) -> None:
-    """One-line error for the first of the flags ``names`` of ``settings`` that is set and not > 0."""
+def check_positive(args, *names: str, minimum: Optional[int] = None) -> None:
+    """One-line error unless each flag is > 0 (or, with ``minimum``, >= minimum); None passes."""
     for name in names:
-        value = getattr(settings, name, None)
-        if value is not None and value <= 0:
-            raise TnasError(f"--{name} must be positive, got {value}")
-
-
-def check_non_negative(settings, *names: str) -> None:
-    """One-line error for the first of the flags ``names`` of ``settings`` that is set and below 0."""
-    for name in names:
-        value = getattr(settings, name, None)
-        if value is not None and value < 0:
-            raise TnasError(f"--{name} must be >= 0, got {value}")
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if (value <= 0) if minimum is None else (value < minimum):
+            raise TnasError(f"--{name} must be {'positive' if minimum is None else f'>= {minimum}'}, got {value}")
 
 
 def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
@@ -170,20 +166,45 @@ def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
     torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(args.seed)
     args.out = args.out or default_run_dir(args, stage)
-    last = os.path.join(args.out, "last.pt")
     resume = getattr(args, "resume", False)
-    if resume and not os.path.exists(last):
-        raise TnasError(f"--resume: no checkpoint to resume in {args.out} (expected {last})")
-    if not resume and os.path.exists(last):
-        raise TnasError(f"{args.out} already holds a run ({last}); pass --resume to continue it "
-                        f"or choose another --out")
+    changes = _claim_and_check(args, stage, info, resume, device)
     if info.is_main:
-        os.makedirs(args.out, exist_ok=True)
-        save_config(args, os.path.join(args.out, "config.yaml"))
+        saved = {key: old for key, (old, new) in changes.items()}  # config.yaml keeps how the run started
+        save_config(dict(vars(args), **saved), os.path.join(args.out, "config.yaml"))
     distributed.barrier(info)
     log_dir = args.out if info.is_main else os.path.join(args.out, f"rank{info.rank}")
     logger = RunLogger(log_dir, use_tensorboard=info.is_main, quiet=not info.is_main, append=resume)
+    if changes:
+        logger.log(f"resuming with --resume_override: {', '.join(f'{k}: {o!r} -> {n!r}' for k, (o, n) in changes.items())} "
+                   f"(recorded in {os.path.join(args.out, run_dir.OVERRIDES_FILE)})")
     return args.out, logger, device
+
+
+def _claim_and_check(args, stage: str, info, resume: bool, device: torch.device) -> dict:
+    """Rank 0 claims ``--out`` (exclusive lock) and checks a resume before anything is written; a
+    failure there stops every rank with the same one-line error. Returns the accepted overrides."""
+    check_positive(args, "log_every", "checkpoint_every", minimum=0)
+    last = os.path.join(args.out, "last.pt")
+    changes, problem = {}, None
+    if info.is_main:
+        try:
+            if resume and not os.path.exists(last):
+                raise TnasError(f"--resume: no checkpoint to resume in {args.out} (expected {last})")
+            if not resume and os.path.exists(last):
+                raise TnasError(f"{args.out} already holds a run ({last}); pass --resume to continue it "
+                                f"or choose another --out")
+            run_dir.claim_run_dir(args.out)
+            if resume:
+                changes, epoch, iteration = run_dir.check_resume(args, args.out, stage)
+                if changes:
+                    run_dir.record_overrides(args.out, changes, epoch, iteration)
+        except TnasError as error:
+            problem = error
+    if not distributed.all_ranks_true(problem is None, device):
+        raise problem or TnasError(f"rank 0 could not set up the run directory {args.out} (see its error)")
+    if problem is not None:
+        raise problem
+    return changes
 
 
 def data_parallel(learner, tasks_per_batch: int) -> slice:
@@ -200,12 +221,17 @@ def data_parallel(learner, tasks_per_batch: int) -> slice:
     return distributed.task_slice(tasks_per_batch, info)
 
 
-def load_splits(args, names=("train", "val")) -> Dict[str, object]:
-    """The dataset's splits at ``--img_size``, from the uint8 cache; checks each can supply the episodes."""
+def load_splits(args, names=("train", "val"), logger: Optional[RunLogger] = None) -> Dict[str, object]:
+    """The dataset's splits at ``--img_size``, from the uint8 cache; checks each can supply the episodes.
+    When the data chose the image size or channels (``folder``), ``logger`` gets a line saying why."""
     splits = {name: load_split(args.dataset, name, data_path=args.data_path, img_size=args.img_size,
                                cache_dir=args.cache_dir, **data_settings(args)) for name in names}
     for split in splits.values():
         check_episode_shape(split, args.n_way, args.k_shot, args.q_query)
+    notes = {getattr(split, "shape_note", None) for split in splits.values()} - {None}
+    if logger is not None:
+        for note in sorted(notes):
+            logger.log(note)
     return splits
 
 

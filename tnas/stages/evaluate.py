@@ -230,7 +230,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     if not args.checkpoint:
         raise TnasError("--checkpoint PATH is required (a .pt file or a run directory holding best.pt)")
     common.check_positive(args, "n_way", "k_shot", "q_query", "img_size", "episodes", "batch_size")
-    common.check_non_negative(args, "update_step_test")
+    common.check_positive(args, "update_step_test", minimum=0)
     episodes_given = args.episodes is not None
     set_threads(getattr(args, "threads", None))
     device = resolve_device(args.device)

@@ -170,7 +170,7 @@ def check_flags(args) -> None:
     """One-line errors for protocol flags out of range (before anything is loaded)."""
     common.check_positive(args, "epochs", "tasks_per_epoch", "tasks_per_batch", "inner_steps", "val_episodes",
                           "val_batch_size", "C", "layers", "dist_timeout_hours")
-    common.check_non_negative(args, "inner_lr", "meta_lr", "decode_lr_alphas", "decode_lr_weights")
+    common.check_positive(args, "inner_lr", "meta_lr", "decode_lr_alphas", "decode_lr_weights", minimum=0)
     if not args.checkpoint:
         raise TnasError("--checkpoint PATH is required (a T-NAS search run directory or its .pt file)")
 

@@ -229,7 +229,7 @@ def run(settings: SearchSettings) -> Dict[str, object]:
     logger.log(graph.reason)
     is_main = distributed.current_info().is_main
     data, meta = settings.data, settings.meta
-    splits = common.load_splits(flags, ("train", "val"))
+    splits = common.load_splits(flags, ("train", "val"), logger)
     model = build_supernet(settings, common.image_channels(splits["train"])).to(device)
     val_episodes = FixedEpisodes.generate(splits["val"], data.n_way, data.k_shot, data.q_query,
                                           episodes=settings.schedule.val_episodes, seed=settings.run.seed + 1)

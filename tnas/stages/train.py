@@ -166,7 +166,7 @@ def check_settings(settings: TrainSettings) -> common.GraphDecision:
     common.check_positive(settings.network, "C", "layers")
     common.check_positive(settings.maml, "inner_steps", "inner_steps_test", "meta_lr")
     maml = settings.maml
-    common.check_non_negative(maml, "weight_decay")
+    common.check_positive(maml, "weight_decay", minimum=0)
     if not 0.0 <= maml.drop_path_prob < 1.0:
         raise TnasError(f"--drop_path_prob must be in [0, 1), got {maml.drop_path_prob}")
     if maml.msl_epochs < 0 or (maml.first_order_epochs is not None and maml.first_order_epochs < 0):
@@ -282,7 +282,7 @@ def run(settings: TrainSettings) -> Dict[str, object]:
     run_dir, logger, device = common.prepare_run(flags, "train")
     logger.log(graph.reason)
     try:
-        splits = common.load_splits(flags, ("train", "val"))
+        splits = common.load_splits(flags, ("train", "val"), logger)
         image_shape = tuple(splits["train"].image_shape)
         model = _build_network(settings, genotype, image_shape, device)
         # counted before the learner gives the network per-step BatchNorm

@@ -1,0 +1,435 @@
+"""Fault injection: what a hostile or unlucky user does to checkpoints, run directories and caches.
+
+Each test plants one fault (a code-running checkpoint, a second run into a busy --out, an image
+changed under the cache, a NaN gradient, a mismatched or corrupt resume, a full disk, a pickle
+naming an unsafe module, bad small inputs) and checks that tnas answers with one ``error:`` line
+(exit 2) or recovers, and that nothing on disk is lost or half-written. Tiny glyph searches
+(16x16 images, C 4, one cell) run in process where they can, as subprocesses where the test
+needs a second process.
+"""
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data_fixtures as fx
+from test_evaluate import _genotype_json_hook, assert_one_line_error, run_in_process
+from tnas.errors import TnasError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "glyphs", "--img_size", "16", "--device", "cpu", "--n_way", "3", "--k_shot", "1",
+        "--q_query", "2", "--tasks_per_batch", "2", "--C", "4", "--layers", "1", "--inner_steps", "1",
+        "--inner_steps_test", "1", "--val_episodes", "2", "--val_batch_size", "2", "--log_every", "0",
+        "--seed", "3"]
+
+
+def search_main(argv):
+    from tnas.config import parse_args
+    from tnas.stages import search
+
+    search.run(parse_args(search.build_parser(), argv))
+
+
+@pytest.fixture
+def quick_search(monkeypatch, capsys):
+    """``run(out, *flags)``: a tiny in-process search (no cell diagrams) through ``cli_entry``."""
+    from tnas.stages import search
+
+    monkeypatch.setattr(search, "genotype_epoch_hook", _genotype_json_hook)
+
+    def run(out, *flags):
+        return run_in_process(search_main, TINY + ["--out", str(out), *flags], capsys)
+
+    return run
+
+
+def finished_run(quick_search, out, *flags):
+    result = quick_search(out, "--epochs", "1", "--tasks_per_epoch", "4", *flags)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+# ------------------------------------------------------------------------- safe loading
+class _Planted:
+    """Unpickling this runs ``open(marker, "w")``: the stand-in for any code a checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_planted_reduce_in_a_checkpoint_runs_nothing(tmp_path, quick_search, capsys):
+    from tnas.runlog import load_checkpoint
+
+    out = finished_run(quick_search, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    state = torch.load(out / "best.pt", weights_only=False)
+    state["summary"]["payload"] = _Planted(str(marker))
+    torch.save(state, out / "best.pt")
+    torch.save(state, out / "last.pt")
+    with pytest.raises(TnasError, match="best.pt.*refusing"):
+        load_checkpoint(out / "best.pt")
+    from script_loader import load_script
+
+    evaluate = load_script("scripts/evaluate.py")
+    result = run_in_process(evaluate.main, ["--checkpoint", str(out / "best.pt"), "--episodes", "2",
+                                            "--batch_size", "2", "--update_step_test", "1", "--device", "cpu",
+                                            "--out", str(tmp_path / "eval")], capsys)
+    assert_one_line_error(result, "best.pt", "refusing")
+    result = quick_search(out, "--epochs", "2", "--tasks_per_epoch", "4", "--resume")
+    assert_one_line_error(result, "last.pt", "refusing")
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_tensors_and_plain_data(tmp_path, quick_search):
+    out = finished_run(quick_search, tmp_path / "run")
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(out / name, weights_only=True)  # would raise on anything else
+        assert state["stage"] == "search"
+
+
+# ------------------------------------------------------------------------- exclusive run directories
+def test_second_run_into_a_busy_out_is_refused_and_the_first_is_intact(tmp_path, quick_search):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TNAS_PROGRESS="0", PYTHONPATH=REPO)
+    first = subprocess.Popen([sys.executable, os.path.join(REPO, "scripts", "search.py"), *TINY, "--out", str(out),
+                              "--epochs", "2", "--tasks_per_epoch", "40", "--checkpoint_every", "1000"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "config.yaml").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before the second could start"
+        second = quick_search(out, "--epochs", "1", "--tasks_per_epoch", "4")
+        assert_one_line_error(second, f"pid {first.pid}", str(out))
+    finally:
+        _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["epochs_done"] == 2 and summary["epochs"] == 2 and len(summary["history"]) == 2
+    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 40
+
+
+def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, quick_search):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory\n")
+    short = ["--epochs", "1", "--tasks_per_epoch", "2"]
+    assert_one_line_error(quick_search(afile, *short), str(afile), "is a file")
+    assert afile.read_text() == "not a directory\n"
+    assert_one_line_error(quick_search(afile / "below", *short), "--out", "cannot write")
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint_every", "--log_every"])
+def test_negative_intervals_are_refused(tmp_path, quick_search, flag):
+    result = quick_search(tmp_path / "run", "--epochs", "1", "--tasks_per_epoch", "2", flag, "-1")
+    assert_one_line_error(result, flag, "-1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_stale_temp_files_of_a_killed_write_are_cleaned(tmp_path, quick_search):
+    out = finished_run(quick_search, tmp_path / "run")
+    stale = out / ".last.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    result = quick_search(out, "--epochs", "2", "--tasks_per_epoch", "4", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists()
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------- resume compatibility
+@pytest.mark.parametrize("flags, keys", [
+    (["--C", "8"], "C: 4 -> 8"),
+    (["--n_way", "2"], "n_way"),
+    (["--method", "auto_maml"], "method"),
+])
+def test_mismatched_resume_is_one_line_and_leaves_config_alone(tmp_path, quick_search, flags, keys):
+    out = finished_run(quick_search, tmp_path / "run")
+    config, log = (out / "config.yaml").read_bytes(), (out / "log.txt").read_bytes()
+    result = quick_search(out, "--epochs", "2", "--tasks_per_epoch", "4", "--resume", *flags)
+    assert_one_line_error(result, "--resume", keys)
+    assert (out / "config.yaml").read_bytes() == config and (out / "log.txt").read_bytes() == log
+
+
+def test_resume_of_a_corrupt_checkpoint_leaves_config_alone(tmp_path, quick_search):
+    out = finished_run(quick_search, tmp_path / "run")
+    config = (out / "config.yaml").read_bytes()
+    (out / "last.pt").write_bytes(b"\x00garbage, not a checkpoint")
+    result = quick_search(out, "--epochs", "2", "--tasks_per_epoch", "4", "--resume", "--meta_lr_weights", "0.5")
+    assert_one_line_error(result, "last.pt")
+    assert (out / "config.yaml").read_bytes() == config
+
+
+def test_changed_hyper_parameters_need_resume_override_and_are_recorded_per_epoch(tmp_path, quick_search):
+    out = finished_run(quick_search, tmp_path / "run")
+    config = (out / "config.yaml").read_bytes()
+    refused = quick_search(out, "--epochs", "2", "--tasks_per_epoch", "4", "--resume", "--meta_lr_weights", "0.01")
+    assert_one_line_error(refused, "meta_lr_weights: 0.001 -> 0.01", "--resume_override")
+    assert (out / "config.yaml").read_bytes() == config
+    accepted = quick_search(out, "--epochs", "2", "--tasks_per_epoch", "4", "--resume", "--meta_lr_weights", "0.01",
+                            "--resume_override")
+    assert accepted.returncode == 0, accepted.stderr
+    history = json.loads((out / "search.json").read_text())["history"]
+    assert "overrides" not in history[0]  # epoch 1 ran with the original settings
+    assert history[1]["overrides"] == {"meta_lr_weights": 0.01}
+    records = json.loads((out / "overrides.json").read_text())
+    assert records == [{"from_epoch": 2, "from_iteration": 2,
+                        "changed": {"meta_lr_weights": {"was": 0.001, "now": 0.01}}}]
+    assert b"meta_lr_weights: 0.001" in (out / "config.yaml").read_bytes()  # how the run started
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["learner"]["optimizers"]["weights"]["param_groups"][0]["lr"] == 0.01  # and it was used
+
+
+# ------------------------------------------------------------------------- NaN guard
+def test_nan_gradient_under_a_finite_loss_keeps_the_last_good_checkpoint(tmp_path, quick_search, monkeypatch):
+    from tnas.stages import common
+
+    calls = {"n": 0}
+    original = common.data_parallel
+
+    def poisoned(learner, tasks_per_batch):
+        def hook(params):  # runs between backward and the optimiser step
+            calls["n"] += 1
+            if calls["n"] == 3:
+                params[0].grad.view(-1)[0] = float("nan")
+        learner.gradient_hook = hook
+        return original(learner, tasks_per_batch)
+
+    monkeypatch.setattr(common, "data_parallel", poisoned)
+    out = tmp_path / "run"
+    result = quick_search(out, "--epochs", "1", "--tasks_per_epoch", "12", "--checkpoint_every", "1")
+    assert_one_line_error(result, "non-finite gradient", "iteration 2")
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["iteration"] == 2
+    for name, tensor in state["learner"]["model"].items():
+        if tensor.is_floating_point():
+            assert torch.isfinite(tensor).all(), name
+    monkeypatch.setattr(common, "data_parallel", original)
+    resumed = quick_search(out, "--epochs", "1", "--tasks_per_epoch", "12", "--checkpoint_every", "1", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "search.json").read_text())["epochs_done"] == 1
+
+
+# ------------------------------------------------------------------------- full disk
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_on_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    from tnas import runlog
+
+    path = tmp_path / "last.pt"
+    runlog.save_checkpoint({"iteration": torch.tensor(1)}, path)
+    before = path.read_bytes()
+
+    def partial_then_full(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        _enospc()
+
+    monkeypatch.setattr(torch, "save", partial_then_full)
+    with pytest.raises(TnasError, match="cannot write checkpoint .*last.pt: No space left on device; the previous"):
+        runlog.save_checkpoint({"iteration": torch.tensor(2)}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_full_disk_while_building_a_cache_leaves_no_partial_entry(tmp_path, monkeypatch):
+    from tnas.data import cache, load_split
+
+    root = tmp_path / "mine"
+    fx.build_class_folders(root, {"train": 3}, per_class=4)
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setattr(os, "posix_fallocate", _enospc, raising=False)
+    with pytest.raises(TnasError, match="No space left on device") as raised:
+        load_split("folder", "train", data_path=str(root), cache_dir=str(cache_dir))
+    assert "\n" not in str(raised.value)
+    leftovers = [name for name in os.listdir(cache_dir / "folder") if not name.endswith(".lock")]
+    assert leftovers == []
+    monkeypatch.setattr(cache, "free_bytes", lambda directory: 1 << 20)
+    with pytest.raises(TnasError, match="MiB free"):
+        load_split("folder", "train", data_path=str(root), cache_dir=str(cache_dir))
+    assert [name for name in os.listdir(cache_dir / "folder") if not name.endswith(".lock")] == []
+
+
+def test_abandoned_cache_builds_are_removed_by_the_next_build(tmp_path):
+    from tnas.data import load_split
+
+    root = tmp_path / "mine"
+    fx.build_class_folders(root, {"train": 3}, per_class=4)
+    first = load_split("folder", "train", data_path=str(root), cache_dir=str(tmp_path / "c"))
+    abandoned = f"{os.path.dirname(first.cache_path)}/.{os.path.basename(first.cache_path)}.tmp-killed"
+    os.makedirs(abandoned)
+    np.save(os.path.join(abandoned, "images.npy"), np.zeros(3, np.uint8))
+    fx.write_image(str(root / "train" / fx.wnid("train", 0) / "extra.png"), np.random.default_rng(7))
+    load_split("folder", "train", data_path=str(root), cache_dir=str(tmp_path / "c"))  # rebuilds
+    assert not os.path.exists(abandoned)
+
+
+# ------------------------------------------------------------------------- validated caches
+def _first_image(root):
+    folder = root / "train" / sorted(os.listdir(root / "train"))[0]
+    return folder / sorted(os.listdir(folder))[0]
+
+
+def test_an_image_changed_in_place_rebuilds_the_cache(tmp_path):
+    from PIL import Image
+
+    from tnas.data import load_split
+
+    root = tmp_path / "mine"
+    fx.build_class_folders(root, {"train": 3}, per_class=4)
+    cache_dir = str(tmp_path / "cache")
+    before = load_split("folder", "train", data_path=str(root), cache_dir=cache_dir, img_size=8)
+    old = np.array(before.images[0])
+    path = _first_image(root)
+    with Image.open(path) as image:
+        size, mode = image.size, image.mode
+    Image.new(mode, size, color=(255,) * len(mode)).save(path, format=Image.open(path).format)
+    stamp = os.stat(path)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # a later edit, whatever the clock
+    after = load_split("folder", "train", data_path=str(root), cache_dir=cache_dir, img_size=8)
+    assert after.cache_path == before.cache_path and len(after) == len(before)
+    assert not np.array_equal(np.array(after.images[0]), old)
+    assert (np.array(after.images[0]) == 255).all()
+
+
+def test_an_emptied_class_folder_is_an_error_even_with_a_cache(tmp_path):
+    from tnas.data import load_split
+
+    root = tmp_path / "mine"
+    fx.build_class_folders(root, {"train": 3}, per_class=4)
+    cache_dir = str(tmp_path / "cache")
+    load_split("folder", "train", data_path=str(root), cache_dir=cache_dir, img_size=8)
+    folder = _first_image(root).parent
+    for name in os.listdir(folder):
+        os.unlink(folder / name)
+    with pytest.raises(TnasError, match=f"{folder.name}.* no "):
+        load_split("folder", "train", data_path=str(root), cache_dir=cache_dir, img_size=8)
+
+
+def test_a_csv_row_naming_a_missing_file_is_an_error_even_with_a_cache(tmp_path):
+    from tnas.data import load_split
+
+    root = tmp_path / "mini"
+    fx.build_mini_csv(str(root))
+    cache_dir = str(tmp_path / "cache")
+    load_split("miniimagenet", "val", data_path=str(root), cache_dir=cache_dir, img_size=8)
+    with open(root / "val.csv", "a", encoding="utf-8") as handle:
+        handle.write("missing_image.jpg,n0000000\n")
+    with pytest.raises(TnasError, match="missing_image.jpg"):
+        load_split("miniimagenet", "val", data_path=str(root), cache_dir=cache_dir, img_size=8)
+
+
+def test_data_path_for_glyphs_is_not_silently_ignored(tmp_path):
+    from tnas.data import load_split
+
+    with pytest.raises(TnasError, match="glyphs.*--data_path"):
+        load_split("glyphs", "train", data_path=str(tmp_path), img_size=16)
+
+
+# ------------------------------------------------------------------------- pickle allow-list
+def test_pickle_allow_list_names_pairs_not_prefixes(tmp_path):
+    """A dataset pickle naming ``numpy.f2py.__main__`` must not import it (importing runs f2py)."""
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(b"\x80\x02cnumpy.f2py.__main__\ndtype\nq\x00.")
+    probe = ("import sys\nfrom tnas.data.safe_pickle import load_pickle\nfrom tnas.errors import TnasError\n"
+             f"try:\n    load_pickle({str(path)!r})\nexcept TnasError as error:\n    print('refused:', error)\n"
+             "print('imported' if 'numpy.f2py' in sys.modules else 'not imported')\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert "refused:" in result.stdout and "numpy.f2py.__main__.dtype" in result.stdout, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("not imported"), result.stdout
+
+
+def test_pickle_allow_list_still_reads_numpy_arrays(tmp_path):
+    from tnas.data.safe_pickle import load_pickle
+
+    data = {"data": np.arange(12, dtype=np.uint8).reshape(3, 4), "labels": [1, 2, 3]}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        path = tmp_path / f"ok{protocol}.pkl"
+        path.write_bytes(pickle.dumps(data, protocol=protocol))
+        loaded = load_pickle(str(path))
+        assert np.array_equal(loaded["data"], data["data"]) and loaded["labels"] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------- episode files
+def test_episodes_file_holding_a_json_list_is_one_line(tmp_path):
+    from tnas.data import FixedEpisodes, load_split
+
+    split = load_split("glyphs", "test", img_size=16)
+    bad = tmp_path / "episodes.json"
+    bad.write_text("[1, 2, 3]\n")
+    with pytest.raises(TnasError, match="episodes.json: not an episode file.*list") as raised:
+        FixedEpisodes.load(bad, split, n_way=3, k_shot=1, q_query=2)
+    assert "\n" not in str(raised.value)
+
+
+# ------------------------------------------------------------------------- folder data keeps its shape
+def _gray_folder(root, side=28, classes=3, per_class=4, mode="L"):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for c in range(classes):
+            for i in range(per_class):
+                fx.write_image(str(root / split / f"class{c}" / f"{i}.png"), rng, size=(side, side), mode=mode)
+
+
+def test_folder_default_shape_follows_the_data(tmp_path):
+    from tnas.data import load_split
+
+    _gray_folder(tmp_path / "gray")
+    fx.write_image(str(tmp_path / "gray" / "train" / "class0" / "odd.png"), np.random.default_rng(1), size=(40, 30),
+                   mode="L")
+    split = load_split("folder", "val", data_path=str(tmp_path / "gray"), cache_dir=str(tmp_path / "c"))
+    assert split.image_shape == (1, 28, 28)
+    assert "28x28" in split.shape_note and "12 of 13" in split.shape_note and "grayscale" in split.shape_note
+    _gray_folder(tmp_path / "rgb", side=20, mode="RGB")
+    split = load_split("folder", "train", data_path=str(tmp_path / "rgb"), cache_dir=str(tmp_path / "c"))
+    assert split.image_shape == (3, 20, 20) and "colour" in split.shape_note
+    given = load_split("folder", "train", data_path=str(tmp_path / "gray"), cache_dir=str(tmp_path / "c"),
+                       img_size=16, channels=3)
+    assert given.image_shape == (3, 16, 16)
+
+
+def test_folder_shape_choice_is_in_the_run_log_and_inspect_data(tmp_path, quick_search, capsys):
+    from script_loader import load_script
+
+    _gray_folder(tmp_path / "gray", per_class=4, classes=4)
+    flags = [flag for flag in TINY if flag not in ("glyphs", "--dataset", "--img_size", "16")]
+    result = run_in_process(search_main, flags + ["--dataset", "folder", "--data_path", str(tmp_path / "gray"),
+                                                  "--out", str(tmp_path / "run"), "--epochs", "1",
+                                                  "--tasks_per_epoch", "2", "--cache_dir", str(tmp_path / "c")],
+                            capsys)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "folder images at 28px, 1 channel(s)" in log and "every image is grayscale" in log
+    summary = json.loads((tmp_path / "run" / "search.json").read_text())
+    assert summary["image_shape"] == [1, 28, 28]
+    inspect = load_script("scripts/inspect_data.py")
+    capsys.readouterr()
+    inspect.main(["--dataset", "folder", "--data_path", str(tmp_path / "gray"), "--cache_dir", str(tmp_path / "c"),
+                  "--split", "train", "--out", str(tmp_path / "inspect"), "--n_way", "2", "--k_shot", "1",
+                  "--q_query", "1"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["image_shape"] == [1, 28, 28] and "grayscale" in report["image_shape_chosen_because"]
+
+
+def test_readme_promises_name_tests_that_exist():
+    import re
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    section = text[text.index("### What tnas promises"):]
+    section = section[:section.index("\n## ")]
+    named = re.findall(r"`(?:tests/(test_\w+)\.py::)?(test_\w+)`", section)
+    assert len(named) >= 10
+    for module, name in named:
+        with open(os.path.join(REPO, "tests", f"{module or 'test_faults'}.py"), encoding="utf-8") as handle:
+            assert f"def {name}(" in handle.read(), name
