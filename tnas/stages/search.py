@@ -223,6 +223,8 @@ def check_settings(settings: SearchSettings) -> common.GraphDecision:
 
 def run(settings: SearchSettings) -> Dict[str, object]:
     """Run the search stage described by ``settings``; returns the summary (``search.json``)."""
+    if isinstance(settings, argparse.Namespace):  # parsed flags (callers not yet converted)
+        settings = settings_from_args(settings)
     graph = check_settings(settings)
     flags = argparse.Namespace(**settings.to_flags())
     run_dir, logger, device = common.prepare_run(flags, "search")

@@ -111,6 +111,7 @@ class RunSettings(Settings):
     seed: int = 0
     threads: Optional[int] = free()
     resume: bool = free(False)
+    resume_override: bool = free(False)
     amp: bool = free(False)
     cuda_graph: str = free("auto")  # auto | on | off: graphed or eager, the same steps
 

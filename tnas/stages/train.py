@@ -273,6 +273,8 @@ def _describe(settings: TrainSettings, config: MAMLConfig, summary, device, run_
 
 def run(settings: TrainSettings) -> Dict[str, object]:
     """Train the network of ``settings.genotype`` from scratch; returns the summary (``train.json``)."""
+    if isinstance(settings, argparse.Namespace):  # parsed flags (callers not yet converted)
+        settings = settings_from_args(settings)
     if not settings.genotype:
         raise TnasError("--genotype is required: a published name (auto_maml_1shot, auto_maml_5shot), "
                         "a genotype JSON file or a search run directory")
