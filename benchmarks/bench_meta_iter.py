@@ -17,7 +17,7 @@ timed ones, synchronising the device before reading the clock. Prints one JSON o
 of one meta-iteration (``torch.utils.flop_counter``: convolutions and matrix products, forward
 and backward) and, on a GPU of known peak, the fraction of it achieved.
 
-Reference, the original code on one H200 (DESIGN.md): T-NAS 3.68 s per meta-iteration of
+Reference, the original code on one H200 (docs/design.md section 3): T-NAS 3.68 s per meta-iteration of
 4 tasks, 1-shot (1.09 tasks/s); auto-MAML 6.17 s per meta-iteration of 4 tasks; meta-test
 adaptation 1.61 s per task.
 

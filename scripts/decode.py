@@ -5,19 +5,13 @@
     python scripts/decode.py --checkpoint runs/search/best.pt --episodes_file runs/test_episodes.npz \\
         --out runs/search/episode_genotypes.jsonl
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnas.config import parse_args  # noqa: E402
-from tnas.errors import cli_entry  # noqa: E402
+from tnas.config import parse_args
+from tnas.errors import cli_entry
+from tnas.stages import decode
 
 
 def main(argv=None):
-    from tnas.stages import decode
-
-    decode.run(parse_args(decode.build_parser(), argv))
+    decode.run(decode.settings_from_args(parse_args(decode.build_parser(), argv)))
 
 
 if __name__ == "__main__":

@@ -9,19 +9,13 @@ trained from scratch (MAML / MAML++), each test task scored by its own genotype'
     torchrun --nproc_per_node=8 scripts/evaluate_tnas.py --config configs/protocol_miniimagenet_5w1s.yaml \\
         --checkpoint runs/tnas_5w1s
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnas.config import parse_args  # noqa: E402
-from tnas.errors import cli_entry  # noqa: E402
+from tnas.config import parse_args
+from tnas.errors import cli_entry
+from tnas.stages import protocol
 
 
 def main(argv=None):
-    from tnas.stages import protocol
-
-    protocol.run(parse_args(protocol.build_parser(), argv))
+    protocol.run(protocol.settings_from_args(parse_args(protocol.build_parser(), argv)))
 
 
 if __name__ == "__main__":

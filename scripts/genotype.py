@@ -9,20 +9,18 @@ a run directory holding genotype.json, or a JSON object given inline ('{"normal"
 MACs are per image, counted by ptflops (convolutions, linear, BatchNorm, pooling and
 elementwise ops) and checked against a count of convolution + linear MACs alone.
 """
-import os, sys  # noqa: E401  (run from a checkout without installation: put the repo root on the path)
-try: import tnas  # noqa: E701,F401
-except ImportError: sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E701
+import argparse
+import json
+import os
 
-import argparse  # noqa: E402
-import json  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from tnas.errors import TnasError, cli_entry  # noqa: E402
-from tnas.genotypes import PUBLISHED, Genotype, genotype_from_dict, resolve_genotype  # noqa: E402
-from tnas.models.complexity import count_macs  # noqa: E402
-from tnas.models.network import Network  # noqa: E402
-from tnas.models.skeleton import min_image_size  # noqa: E402
+from tnas.errors import TnasError, cli_entry
+from tnas.genotypes import PUBLISHED, Genotype, genotype_from_dict, resolve_genotype
+from tnas.models.complexity import count_macs
+from tnas.models.network import Network
+from tnas.models.skeleton import min_image_size
+from tnas.visualize import plot_genotype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,7 +87,6 @@ def main(argv=None) -> int:
     macs = count_macs(model, input_shape)
     plots = []
     if args.plot:
-        from tnas.visualize import plot_genotype
         try:
             plots = plot_genotype(genotype, args.plot)
         except OSError as error:

@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnas.data import DATASETS, SPLITS, ImageSplit, load_split, sample_episode_indices  # noqa: E402
-from tnas.errors import TnasError, cli_entry  # noqa: E402
+from tnas.data import DATASETS, SPLITS, ImageSplit, load_split, sample_episode_indices
+from tnas.errors import TnasError, cli_entry
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -14,9 +14,7 @@ import os
 import shlex
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnas.errors import TnasError, cli_entry  # noqa: E402
+from tnas.errors import TnasError, cli_entry
 
 PAPER_PLAN = "configs/reproduce_paper.yaml"
 DEMO_PLAN = "configs/reproduce_demo.yaml"

@@ -4,18 +4,13 @@
     python scripts/search.py --config configs/demo.yaml --out runs/demo_search
     python scripts/search.py --config configs/tnas_miniimagenet_5w1s.yaml --data_path DIR
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnas.config import parse_args  # noqa: E402
-from tnas.errors import cli_entry  # noqa: E402
-from tnas.stages import search  # noqa: E402
+from tnas.config import parse_args
+from tnas.errors import cli_entry
+from tnas.stages import search
 
 
 def main():
-    search.run(parse_args(search.build_parser()))
+    search.run(search.settings_from_args(parse_args(search.build_parser())))
 
 
 if __name__ == "__main__":

@@ -6,18 +6,13 @@
         --genotype runs/auto_maml_miniimagenet_5w1s
     python scripts/train_from_scratch.py --genotype auto_maml_1shot --method maml++ ...
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnas.config import parse_args  # noqa: E402
-from tnas.errors import cli_entry  # noqa: E402
-from tnas.stages import train  # noqa: E402
+from tnas.config import parse_args
+from tnas.errors import cli_entry
+from tnas.stages import train
 
 
 def main():
-    train.run(parse_args(train.build_parser()))
+    train.run(train.settings_from_args(parse_args(train.build_parser())))
 
 
 if __name__ == "__main__":

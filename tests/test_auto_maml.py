@@ -14,7 +14,7 @@ import torch
 
 from tnas.data import synthetic_split
 from tnas.meta.auto_maml import AutoMAML, AutoMAMLConfig, build_auto_maml_learner
-from tnas.stages.search import build_auto_maml
+from tnas.stages.search import SearchSettings, build_auto_maml
 from tnas.meta.maml import inner_loop, model_forward, query_loss_and_accuracy
 from tnas.models.supernet import Supernet
 from tnas.runlog import load_checkpoint
@@ -33,7 +33,7 @@ def search_args(**overrides):
                   meta_lr_weights=1e-2, meta_lr_alphas=1e-2, alpha_weight_decay=1e-3, second_order=False,
                   tasks_per_batch=2, n_way=3, k_shot=1, q_query=2, seed=0, augment=False, amp=False)
     values.update(overrides)
-    return SimpleNamespace(**values)
+    return SearchSettings.from_flags(values)
 
 
 def tiny_supernet(dtype=torch.float32, layers=1):

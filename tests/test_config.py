@@ -165,3 +165,85 @@ def test_seed_everything_repeats_streams():
     seed_everything(123)
     second = (random.random(), np.random.rand(), torch.rand(1).item())
     assert first == second
+
+
+# -- a run's saved config.yaml fed back with --config --------------------------------------------
+def stage_parsers():
+    from tnas.stages import decode, evaluate, protocol, search, train
+
+    return {"search": search.build_parser, "train": train.build_parser, "evaluate": evaluate.build_parser,
+            "decode": decode.build_parser, "protocol": protocol.build_parser}
+
+
+def flag_values(parser: argparse.ArgumentParser, switches_on: bool) -> list:
+    """Command-line tokens that set every flag of ``parser`` away from its default: each switch
+    on (``--x``) or off (``--no-x``; a store_true switch left out), each other flag a value of
+    its type (the last of its choices)."""
+    argv = []
+    for action in parser._actions:
+        if action.dest in ("help", "config") or not action.option_strings:
+            continue
+        option = action.option_strings[0]
+        if action.nargs == 0:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                argv.append(option if switches_on else "--no-" + option[2:])
+            elif switches_on:
+                argv.append(option)
+            continue
+        if action.dest == "cuda_graph":  # auto | on | off, a flag of its own kind
+            value = "on" if switches_on else "off"
+        elif action.choices is not None:
+            value = str(list(action.choices)[-1])
+        elif action.type is int:
+            value = "7"
+        elif action.type is float:
+            value = "0.25"
+        else:
+            value = f"value_of_{action.dest}"
+        count = action.nargs if isinstance(action.nargs, int) else (2 if action.nargs in ("+", "*") else None)
+        argv += [option] + [value] * count if count else [option, value]
+    return argv
+
+
+@pytest.mark.parametrize("stage", ["search", "train", "evaluate", "decode", "protocol"])
+@pytest.mark.parametrize("switches", ["on", "off", "defaults"])
+def test_saved_config_reproduces_the_settings(tmp_path, stage, switches):
+    """Every stage: the resolved flags a run saves as config.yaml give the same flags back through
+    --config, with every boolean flag set each way (and left at its default)."""
+    build = stage_parsers()[stage]
+    argv = [] if switches == "defaults" else flag_values(build(), switches == "on")
+    args = parse_args(build(), argv)
+    save_config(args, tmp_path / "config.yaml")
+    again = parse_args(build(), ["--config", str(tmp_path / "config.yaml")])
+    want, got = vars(args), vars(again)
+    del want["config"], got["config"]
+    assert got == want
+    if switches != "defaults":  # the flags really moved away from their defaults
+        assert want != {k: v for k, v in vars(parse_args(build(), [])).items() if k != "config"}
+
+
+def test_boolean_optional_switch_from_yaml_and_cli(tmp_path):
+    """``--x/--no-x`` flags read true, false and null from a file; the command line still wins."""
+    from tnas.stages import train
+
+    config = write(tmp_path / "x.yaml", "cosine_lr: false\nper_step_bn: true\nlearn_inner_lr: null\n")
+    args = parse_args(train.build_parser(), ["--config", str(config)])
+    assert args.cosine_lr is False and args.per_step_bn is True and args.learn_inner_lr is None
+    args = parse_args(train.build_parser(), ["--config", str(config), "--cosine_lr", "--no-per_step_bn"])
+    assert args.cosine_lr is True and args.per_step_bn is False
+    with pytest.raises(TnasError, match="cosine_lr.*true or false"):
+        parse_args(train.build_parser(), ["--config", str(write(tmp_path / "y.yaml", "cosine_lr: 1\n"))])
+
+
+@pytest.mark.parametrize("stage", ["search", "train", "evaluate", "decode", "protocol"])
+def test_stage_settings_hold_every_flag(stage):
+    """Each stage's typed settings carry exactly its parser's flags (a flag added to one and not the
+    other fails here), and flatten back to the parsed values."""
+    from tnas.stages import decode, evaluate, protocol, search, train
+
+    module = {"search": search, "train": train, "evaluate": evaluate, "decode": decode, "protocol": protocol}[stage]
+    parser = module.build_parser()
+    args = parse_args(parser, flag_values(parser, switches_on=True))
+    flags = module.settings_from_args(args).to_flags()
+    want = {k: v for k, v in vars(args).items() if k != "config"}
+    assert flags == want

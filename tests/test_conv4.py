@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from tnas.config import parse_args
-from tnas.meta import reference
+import reference
 from tnas.meta.maml import batched_forward, expand_to_tasks, model_forward
 from tnas.models.conv4 import Conv4, conv4_parameter_count, pooled_side
 from tnas.models.factory import network_from_config

@@ -6,8 +6,7 @@ import shutil
 import pytest
 
 from tnas.diversity import op_counts
-from tnas.evaluate import genotype_counts
-from tnas.genotypes import genotype_from_dict
+from tnas.genotypes import genotype_counts, genotype_from_dict
 from script_loader import load_script
 from tb_events import summary_values
 

@@ -151,5 +151,5 @@ def test_the_protocol_lets_processes_share_gpus(monkeypatch, tmp_path):
     monkeypatch.setattr(distributed, "init_distributed", fake_init)
     args = protocol.build_parser().parse_args(["--checkpoint", str(tmp_path), "--device", "cpu"])
     with pytest.raises(Joined):
-        protocol.run(args)
+        protocol.run(protocol.settings_from_args(args))
     assert seen["share_gpus"] is True

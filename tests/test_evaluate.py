@@ -59,9 +59,10 @@ def tiny_runs(base: Path) -> dict:
               "--q_query", "2", "--C", "4", "--layers", "1", "--img_size", "16", "--inner_steps", "1",
               "--inner_steps_test", "1", "--device", "cpu", "--log_every", "0", "--cache_dir", runs["cache_dir"]]
     try:
-        search.run(parse_args(search.build_parser(), common + ["--out", str(runs["search"])]))
-        train.run(parse_args(train.build_parser(), common + ["--genotype", str(runs["search"]),
-                                                             "--out", str(runs["train"])]))
+        search.run(search.settings_from_args(parse_args(search.build_parser(),
+                                                        common + ["--out", str(runs["search"])])))
+        train.run(train.settings_from_args(parse_args(train.build_parser(), common + [
+            "--genotype", str(runs["search"]), "--out", str(runs["train"])])))
     finally:
         search.genotype_epoch_hook = hook
     done.write_text("ok\n")

@@ -146,9 +146,10 @@ def test_auto_maml_takes_an_alpha_step_and_a_weight_step_every_iteration():
     split = synthetic_split(num_classes=6, images_per_class=8, img_size=8, seed=1)
     torch.manual_seed(0)
     model = Supernet(n_way=3, C=4, layers=2, steps=2, multiplier=2, in_channels=1)
-    args = SimpleNamespace(inner_steps=1, inner_steps_test=2, inner_lr_weights=0.1, meta_lr_weights=1e-2,
-                           meta_lr_alphas=None, alpha_weight_decay=1e-3, second_order=False, tasks_per_batch=2,
-                           n_way=3, k_shot=1, q_query=2, seed=0, augment=False, amp=False, method="auto_maml")
+    args = search.SearchSettings.from_flags(dict(
+        inner_steps=1, inner_steps_test=2, inner_lr_weights=0.1, meta_lr_weights=1e-2, meta_lr_alphas=None,
+        alpha_weight_decay=1e-3, second_order=False, tasks_per_batch=2, n_way=3, k_shot=1, q_query=2, seed=0,
+        augment=False, amp=False, method="auto_maml"))
     learner, samplers, step = build_auto_maml(args, model, split, torch.device("cpu"))
     assert learner.config.alternate is False and learner.step_kinds(0) == learner.step_kinds(1) == (ALPHA_STEP,
                                                                                                     WEIGHT_STEP)
@@ -173,7 +174,7 @@ def test_search_alpha_rate_defaults_per_method():
 
 def test_weight_decay_flag_reaches_the_outer_adam():
     args = parse_args(train.build_parser(), ["--weight_decay", "3e-4", "--method", "maml++"])
-    config = train.maml_config(args)
+    config = train.maml_config(train.settings_from_args(args))
     assert config.weight_decay == 3e-4
     torch.manual_seed(0)
     network = Network(PUBLISHED["auto_maml_1shot"], n_way=3, C=4, layers=1, in_channels=1)
@@ -286,12 +287,12 @@ def test_protocol_trains_genotypes_with_the_search_data_settings_and_no_weight_d
     from tnas.stages import protocol
 
     config = os.path.join(REPO, "configs", "protocol_miniimagenet_5w1s.yaml")
-    args = parse_args(protocol.build_parser(), ["--config", config, "--checkpoint", "x"])
+    args = protocol.settings_from_args(parse_args(protocol.build_parser(), ["--config", config, "--checkpoint", "x"]))
     args.dataset, args.n_way, args.k_shot, args.q_query, args.img_size = "miniimagenet", 5, 1, 15, 84
     summary = {"model": {"C": 16, "layers": 2}}
     if normalize:
         summary.update(normalize=normalize, resize=resize)
-    trained = protocol.parse_train_args(protocol.train_argv(args, summary, "cpu"))
+    trained = SimpleNamespace(**protocol.train_settings(args, summary, "cpu").to_flags())
     assert trained.weight_decay == 0.0 and trained.task_pool == 15000
     # the genotypes see images as the search did (a run from before the choice: split statistics, Lanczos)
     assert (trained.normalize, trained.resize) == ((normalize, resize) if normalize else ("split", "lanczos"))

@@ -193,7 +193,7 @@ def pairs(*flat):
     return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
 
 
-# DESIGN.md section 5, typed out again here on purpose.
+# docs/design.md section 5, typed out again here on purpose.
 DESIGN_PUBLISHED = {
     "auto_maml_1shot": dict(
         normal=pairs("avg_pool_3x3", 0, "avg_pool_3x3", 1, "avg_pool_3x3", 1, "avg_pool_3x3", 2,

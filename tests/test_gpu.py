@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tnas.meta import reference
+import reference
 from tnas.meta.maml import inner_loop, model_forward, query_loss_and_accuracy
 from tnas.models.supernet import Supernet
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tnas.genotypes import PUBLISHED
-from tnas.meta import reference
+import reference
 from tnas.meta.maml import expand_to_tasks, inner_loop, model_forward, query_loss_and_accuracy
 from tnas.meta.tnas import TNAS, TNASConfig
 from tnas.models.network import Network
@@ -147,7 +147,8 @@ def test_tnas_meta_step_updates_weights_and_alphas_with_adam():
         if name == "alpha_normal":  # unused with layers=1
             continue
         assert not torch.equal(before[name], param.detach()), f"{name} was not updated"
-    assert learner.alpha_optimizer_settings() == ((0.5, 0.999), 1e-3)
+    group = learner.optimizers["alphas"].param_groups[0]
+    assert (tuple(group["betas"]), group["weight_decay"]) == ((0.5, 0.999), 1e-3)
     genotypes = learner.decode(batch)
     assert len(genotypes) == TASKS
 
@@ -202,7 +203,7 @@ def test_bf16_autocast_meta_gradient_close_to_fp32():
     0.986 and 0.17; float16 gives 0.996 and 0.09 on the same case, and at 16x16 bf16 gives
     0.966 and 0.26. The meta-gradient amplifies rounding (BatchNorm over a few support images,
     inner steps on alpha), so bf16 cannot agree more closely; it is an option, not the default
-    (DESIGN.md section 3). Every convolution really runs in bf16 here: tasks are folded into
+    (docs/design.md section 3). Every convolution really runs in bf16 here: tasks are folded into
     channel groups, and autocast reaches the convolutions (under ``vmap`` it does not).
     """
     assert_bf16_meta_gradient_close_to_fp32(*bf16_case("cpu"))

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ import torch
 from tnas.config import parse_args
 from tnas.errors import TnasError, cli_entry
 from tnas.evaluate import mean_ci95
+from tnas.genotypes import group_genotypes
 from tnas.stages import protocol
+from tnas.stages.cost import cost_record
 from script_loader import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +74,7 @@ def search_run(tmp_path_factory):
     hook, search.genotype_epoch_hook = search.genotype_epoch_hook, genotype_json_hook
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            search.run(parse_args(search.build_parser(), argv))
+            search.run(search.settings_from_args(parse_args(search.build_parser(), argv)))
     finally:
         search.genotype_epoch_hook = hook
     return out
@@ -81,7 +84,7 @@ def run_protocol(*argv):
     """``protocol.run`` in process: (record, printed text)."""
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink):
-        record = protocol.run(parse_args(protocol.build_parser(), list(argv)))
+        record = protocol.run(protocol.settings_from_args(parse_args(protocol.build_parser(), list(argv))))
     return record, sink.getvalue()
 
 
@@ -122,14 +125,19 @@ def assert_one_line_error(code, err, *fragments):
 def test_group_genotypes_ids_by_first_occurrence():
     a, b, c = ({"normal": [["skip_connect", 0]], "reduce": [["avg_pool_3x3", i]]} for i in range(3))
     b_reordered = {"reduce": b["reduce"], "normal": b["normal"]}  # same genotype, other key order
-    ids, by_id, episodes = protocol.group_genotypes([b, a, b_reordered, c, a])
+    ids, by_id, episodes = group_genotypes([b, a, b_reordered, c, a])
     assert ids == ["g0000", "g0001", "g0000", "g0002", "g0001"]
     assert by_id == {"g0000": b, "g0001": a, "g0002": c}
     assert episodes == {"g0000": [0, 2], "g0001": [1, 4], "g0002": [3]}
 
 
+def from_scratch(args, search_summary):
+    """The protocol's from-scratch settings as one flat namespace of train-stage flags."""
+    return SimpleNamespace(**protocol.train_settings(args, search_summary, torch.device("cpu")).to_flags())
+
+
 def _protocol_args(*argv):
-    args = parse_args(protocol.build_parser(), ["--checkpoint", "x", *argv])
+    args = protocol.settings_from_args(parse_args(protocol.build_parser(), ["--checkpoint", "x", *argv]))
     args.dataset, args.n_way, args.k_shot, args.q_query, args.img_size = "glyphs", 3, 1, 2, 16
     return args
 
@@ -142,7 +150,7 @@ def test_cost_counts_gpus_shared_by_processes_once():
     runs = {"g0000": {"rank": 0, "status": "trained", "wall_time_s": 3600.0, "total_train_wall_time_s": 3600.0}}
     schedule = {"epochs": 1, "tasks_per_epoch": 1000}
     parts = [part(rank, rank % 2) for rank in range(8)]  # 8 processes on 2 GPUs
-    cost = protocol.cost_record(parts, runs, 7200.0, schedule, decode_cached=False)
+    cost = cost_record(parts, runs, 7200.0, schedule, decode_cached=False)
     assert cost["world_size"] == 8 and cost["devices"] == 2 and cost["processes_per_device"] == 4
     assert cost["allocated_device_hours"] == pytest.approx(2 * 7200.0 / 3600)
     assert cost["stages"]["train"]["device_hours"] == pytest.approx(8.0)  # process-hours
@@ -151,7 +159,7 @@ def test_cost_counts_gpus_shared_by_processes_once():
 
 def test_from_scratch_settings_budget_config_and_flags(tmp_path):
     search_summary = {"model": {"C": 4, "layers": 1}}
-    train = lambda args: protocol.parse_train_args(protocol.train_argv(args, search_summary, torch.device("cpu")))
+    train = lambda args: from_scratch(args, search_summary)
     plain = train(_protocol_args())
     assert (plain.epochs, plain.tasks_per_epoch) == (15, 15000)  # the paper's schedule by default
     assert (plain.method, plain.C, plain.layers, plain.n_way, plain.inner_steps_test) == ("maml", 4, 1, 3, 10)
@@ -177,11 +185,11 @@ def test_from_scratch_settings_budget_config_and_flags(tmp_path):
                                   "protocol_plusplus_miniimagenet_5w1s", "protocol_plusplus_miniimagenet_5w5s",
                                   "demo_protocol"])
 def test_protocol_configs(name):
-    args = parse_args(protocol.build_parser(), ["--config", os.path.join(REPO, "configs", f"{name}.yaml"),
-                                                "--checkpoint", "x"])
+    args = protocol.settings_from_args(parse_args(
+        protocol.build_parser(), ["--config", os.path.join(REPO, "configs", f"{name}.yaml"), "--checkpoint", "x"]))
     args.dataset, args.n_way, args.q_query, args.img_size = "miniimagenet", 5, 15, 84
     args.k_shot = 5 if name.endswith("5s") else 1
-    train = protocol.parse_train_args(protocol.train_argv(args, {"model": {"C": 16, "layers": 2}}, "cpu"))
+    train = from_scratch(args, {"model": {"C": 16, "layers": 2}})
     assert train.method == protocol.METHODS[args.method] and train.k_shot == args.k_shot
     if name == "demo_protocol":
         assert args.method == "tnas" and (train.epochs, train.tasks_per_epoch, train.C) == (1, 200, 8)
@@ -221,9 +229,9 @@ def test_results_fields_and_genotypes_match_the_decode_stage(single, search_run,
 
     jsonl = tmp_path / "decoded.jsonl"
     with contextlib.redirect_stdout(io.StringIO()):
-        decode.run(parse_args(decode.build_parser(), ["--checkpoint", str(search_run), "--out", str(jsonl),
-                                                      "--episodes", str(EPISODES), "--update_step_test", "1",
-                                                      "--device", "cpu"]))
+        decode.run(decode.settings_from_args(parse_args(decode.build_parser(), [
+            "--checkpoint", str(search_run), "--out", str(jsonl), "--episodes", str(EPISODES),
+            "--update_step_test", "1", "--device", "cpu"])))
     decoded = [json.loads(line)["genotype"] for line in jsonl.read_text().splitlines()]
     assert [record["genotypes"][gid] for gid in ids] == decoded
     cached = [json.loads(line) for line in (out / "episode_genotypes.jsonl").read_text().splitlines()]
@@ -256,9 +264,9 @@ def test_each_episode_is_scored_by_its_own_genotype(single, tmp_path):
     record = single["record"]
     gid = record["genotype_id"][0]
     with contextlib.redirect_stdout(io.StringIO()):
-        scored = evaluate.run(parse_args(evaluate.build_parser(), [
+        scored = evaluate.run(evaluate.settings_from_args(parse_args(evaluate.build_parser(), [
             "--checkpoint", str(single["out"] / "genotypes" / gid), "--out", str(tmp_path), "--episodes",
-            str(EPISODES), "--update_step_test", "1", "--device", "cpu"]))
+            str(EPISODES), "--update_step_test", "1", "--device", "cpu"])))
     for episode, owner in enumerate(record["genotype_id"]):
         if owner == gid:
             assert scored["per_episode"][episode] == record["per_episode"][episode]

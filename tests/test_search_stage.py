@@ -57,20 +57,35 @@ def test_search_writes_every_output(tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
 
 
+# Runs the search script with the trainer's checkpoint writer wrapped: right after last.pt of
+# iteration KILL_AT is on disk the process SIGKILLs itself, as a crash or an OOM kill would, at
+# a known point however fast or slow the machine is.
+KILL_AT = 3
+KILLED_RUN = f"""
+import os, runpy, signal, sys
+import tnas.engine as engine
+save = engine.save_checkpoint
+def save_then_die(state, path):
+    save(state, path)
+    if os.path.basename(str(path)) == "last.pt" and state["iteration"] >= {KILL_AT}:
+        os.kill(os.getpid(), signal.SIGKILL)
+engine.save_checkpoint = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_killed_search_resumes_to_the_same_parameters(tmp_path):
     schedule = ["--epochs", "2", "--tasks_per_epoch", "12"]  # 6 iterations per epoch
     reference = tmp_path / "reference"
     assert run_search(reference, *schedule).returncode == 0
     interrupted = tmp_path / "interrupted"
-    process = run_search(interrupted, *schedule, wait=False)
-    deadline = time.time() + 300
-    while checkpoint_iteration(interrupted / "last.pt") < 3 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    if process.poll() is not None:
-        pytest.skip("the run finished before it could be killed")
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert 0 < checkpoint_iteration(interrupted / "last.pt") < 12
+    env = dict(os.environ, OMP_NUM_THREADS="1", TNAS_PROGRESS="0")
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, os.path.join(REPO, "scripts", "search.py"), *TINY,
+                             "--out", str(interrupted), *schedule], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_iteration(interrupted / "last.pt") == KILL_AT  # mid first epoch
     resumed = run_search(interrupted, *schedule, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     want, got = model_state(reference), model_state(interrupted)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from tnas import task_folding
 from tnas.genotypes import PUBLISHED
-from tnas.meta import reference
+import reference
 from tnas.meta.maml import batched_forward, expand_to_tasks, model_forward
 from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
 from tnas.models.network import Network

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tnas.runlog import load_checkpoint
-from tnas.stages import train
+from tnas.stages import restore, train
 from script_loader import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,11 +109,11 @@ def test_maml_end_to_end_resume_and_rebuild(runs, cache_dir, monkeypatch, capsys
 
     # the contract with the evaluator: rebuild from the summary, then load the learner state
     state = load_checkpoint(os.path.join(out, "best.pt"))
-    learner = train.build_learner(state["summary"], torch.device("cpu"))
+    learner = restore.build_learner(state, torch.device("cpu"))
     learner.load_state_dict(state["learner"])
     for name, value in learner.model.state_dict().items():
         assert torch.equal(value, state["learner"]["model"][name])
-    rebuilt_from_json = train.build_learner(summary, "cpu")
+    rebuilt_from_json = restore.build_learner({"stage": "train", "summary": summary}, "cpu")
     rebuilt_from_json.load_state_dict(state["learner"])
 
     # resuming with another genotype: one line, exit 2
@@ -137,7 +137,7 @@ def test_maml_plus_plus_end_to_end(runs, cache_dir, monkeypatch, capsys):
     assert first["meta_lr"] == pytest.approx(1e-3) and second["meta_lr"] == pytest.approx(1e-5)
     assert summary["meta_learned_parameters"] > summary["parameters"]
     state = load_checkpoint(os.path.join(out, "last.pt"))
-    learner = train.build_learner(state["summary"], "cpu")
+    learner = restore.build_learner(state, "cpu")
     learner.load_state_dict(state["learner"])
     assert learner.batch_norm_names and learner.learned_lrs
     # resuming with a learner of another shape is a one-line error
@@ -168,20 +168,25 @@ def test_bad_genotype_is_one_line_error(tmp_path, monkeypatch, capsys, genotype,
     assert len(err.strip().splitlines()) == 1
 
 
+def settings(parser, argv):
+    return train.settings_from_args(parser.parse_args(argv))
+
+
 def test_flags_to_learner_settings():
     parser = train.build_parser()
-    plain = train.maml_config(parser.parse_args(["--genotype", "auto_maml_1shot"]))
-    assert not plain.is_maml_plus_plus and plain.first_order and plain.inner_steps == 5
+    plain = train.maml_config(settings(parser, ["--genotype", "auto_maml_1shot"]))
+    assert not any(getattr(plain, name) for name in train.MAML_PP_SWITCHES) and plain.first_order_epochs is None
+    assert plain.first_order and plain.inner_steps == 5
     assert plain.inner_steps_test == 10 and plain.inner_lr == 0.01 and plain.meta_lr == 1e-3
-    second = train.maml_config(parser.parse_args(["--genotype", "x", "--second_order"]))
+    second = train.maml_config(settings(parser, ["--genotype", "x", "--second_order"]))
     assert not second.first_order
-    plus = train.maml_config(parser.parse_args(["--genotype", "x", "--method", "maml++"]))
+    plus = train.maml_config(settings(parser, ["--genotype", "x", "--method", "maml++"]))
     assert plus.per_step_bn and plus.learn_inner_lr and plus.multi_step_loss and plus.cosine_lr
     assert plus.first_order_epochs == 5 and plus.msl_epochs == 10  # a third of the 15 epochs
-    some = train.maml_config(parser.parse_args(["--genotype", "x", "--method", "maml++", "--no-per_step_bn",
+    some = train.maml_config(settings(parser, ["--genotype", "x", "--method", "maml++", "--no-per_step_bn",
                                                 "--first_order_epochs", "2"]))
     assert not some.per_step_bn and some.learn_inner_lr and some.first_order_epochs == 2
-    one = train.maml_config(parser.parse_args(["--genotype", "x", "--learn_inner_lr"]))
+    one = train.maml_config(settings(parser, ["--genotype", "x", "--learn_inner_lr"]))
     assert one.learn_inner_lr and not one.per_step_bn and not one.multi_step_loss
 
 

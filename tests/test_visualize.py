@@ -6,13 +6,14 @@ import stat
 import sys
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 
 from tnas import visualize
 from tnas.errors import TnasError
 from tnas.genotypes import PRIMITIVES, PUBLISHED, Genotype, num_edges
-from tnas.visualize import alpha_heatmap_figure, edge_labels, genotype_to_dot, plot_genotype, render_cell
+from tnas.visualize import edge_labels, genotype_to_dot, plot_genotype, render_cell
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CELLS = ("normal", "reduce")
@@ -151,32 +152,13 @@ def test_edge_labels():
     assert labels[-1] == "3 <- 2"
 
 
-def test_alpha_heatmap_figure(tmp_path):
-    from matplotlib.figure import Figure
+def test_alpha_heatmap_of_the_search_stage_is_labelled_by_edge_and_op():
+    """The search stage logs softmax(alpha) through RunLogger.heatmap (runlog.render_heatmap), rows
+    labelled by edge, columns by op: an RGB image whose size grows with the rows."""
+    from tnas.runlog import render_heatmap
 
     alpha = torch.softmax(torch.randn(14, 8), dim=-1)
-    figure = alpha_heatmap_figure(alpha, "alpha normal, epoch 3")
-    assert isinstance(figure, Figure)
-    axes = figure.axes[0]
-    assert [label.get_text() for label in axes.get_xticklabels()] == list(PRIMITIVES)
-    assert [label.get_text() for label in axes.get_yticklabels()] == edge_labels(4)
-    assert axes.get_title() == "alpha normal, epoch 3"
-    assert axes.get_xlabel() == "operation" and axes.get_ylabel() == "edge (node <- input)"
-    image = axes.get_images()[0].get_array()
-    assert image.shape == (14, 8)
-    assert abs(float(image[3, 5]) - float(alpha[3, 5])) < 1e-6
-    figure.savefig(str(tmp_path / "heat.png"))
-    assert_png(str(tmp_path / "heat.png"))
-
-
-def test_alpha_heatmap_accepts_grad_tensors_lists_and_other_steps():
-    alpha = torch.randn(14, 8, requires_grad=True)
-    alpha_heatmap_figure(torch.softmax(alpha, dim=-1), "with grad")
-    figure = alpha_heatmap_figure([[1 / 8] * 8] * num_edges(2), "two steps")
-    assert len(figure.axes[0].get_yticklabels()) == num_edges(2)
-
-
-@pytest.mark.parametrize("shape", [(14, 7), (13, 8), (14,)])
-def test_alpha_heatmap_rejects_bad_shapes(shape):
-    with pytest.raises(ValueError):
-        alpha_heatmap_figure(torch.zeros(shape), "bad")
+    image = render_heatmap(alpha, edge_labels(4), PRIMITIVES, "alpha normal, epoch 3")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    smaller = render_heatmap(alpha[:num_edges(2)], edge_labels(2), PRIMITIVES)
+    assert smaller.shape[0] < image.shape[0]

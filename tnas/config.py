@@ -14,7 +14,7 @@ import difflib
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import yaml
@@ -49,8 +49,22 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                             "tiny CPU configs and on a busy machine)")
 
 
-def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse ``argv`` with defaults taken from ``--config`` (if given); see module docstring."""
+def set_flag(parser: argparse.ArgumentParser, dest: str, **changes) -> None:
+    """Change an existing flag of ``parser`` (its help, default, metavar, ...) in place."""
+    for action in parser._actions:
+        if action.dest == dest:
+            for key, value in changes.items():
+                setattr(action, key, value)
+    if "default" in changes:
+        parser.set_defaults(**{dest: changes["default"]})
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None,
+               namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+    """Parse ``argv`` with defaults taken from ``--config`` (if given); see module docstring.
+
+    ``namespace``: parse onto these values (flags not in ``argv`` keep them, as argparse does).
+    """
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config", default=None)
     known, _ = pre_parser.parse_known_args(argv)
@@ -64,7 +78,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
             if action.dest in defaults and action.required:
                 action.required = False  # the file supplies it
         parser.set_defaults(**defaults)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(argv, namespace)
     if unknown:
         raise TnasError(_unknown_flags_message(parser, unknown))
     return args
@@ -81,7 +95,7 @@ def load_config(path) -> dict:
 def save_config(args: argparse.Namespace | dict, path) -> None:
     """Write the resolved arguments as YAML (sorted keys, plain types) atomically."""
     mapping = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    plain = {str(key): _to_plain(value) for key, value in mapping.items()}
+    plain = {str(key): to_plain(value) for key, value in mapping.items()}
     text = yaml.safe_dump(plain, sort_keys=True, default_flow_style=False, allow_unicode=True)
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -178,7 +192,9 @@ def _load_with_includes(path: Path, chain: tuple) -> dict:
 
 
 def _config_to_defaults(parser: argparse.ArgumentParser, values: dict, path) -> dict:
-    """Map config keys to parser dests, checking each key exists and each value fits its flag."""
+    """Map config keys to parser dests; each key must be a flag, and argparse itself parses each
+    value (as the command-line tokens :func:`_value_tokens` writes for it), so a value is valid
+    in a file exactly when it is valid on the command line."""
     actions = {action.dest: action for action in parser._actions
                if action.dest not in _IGNORED_KEYS and action.dest is not argparse.SUPPRESS}
     defaults = {}
@@ -191,47 +207,68 @@ def _config_to_defaults(parser: argparse.ArgumentParser, values: dict, path) -> 
             hint = f"did you mean {', '.join(close)}? " if close else ""
             raise TnasError(f"unknown key '{key}' in config {path} "
                             f"({hint}known: {', '.join(sorted(actions))})")
-        defaults[dest] = _coerce_value(actions[dest], key, value, path)
+        where = f"key '{key}' in config {path}"
+        if value is None:  # a flag left unset (saved configs write null for it)
+            defaults[dest] = None
+            continue
+        tokens = _value_tokens(actions[dest], value, where)
+        defaults[dest] = getattr(_parse_strictly(parser, tokens, where), dest)
     return defaults
 
 
-def _coerce_value(action: argparse.Action, key: str, value: Any, path) -> Any:
-    """Check a config value against its flag: bool for switches, list for nargs, type, choices."""
-    where = f"key '{key}' in config {path}"
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+def _value_tokens(action: argparse.Action, value: Any, where: str) -> list:
+    """The command-line tokens that give ``action`` the config ``value``.
+
+    A switch (``store_true``, ``--x/--no-x``) takes true or false; a flag of several values
+    (``nargs``) a list or one value; any other flag one value, written ``--flag=value``.
+    """
+    options = [option for option in action.option_strings if option.startswith("--")
+               and not option.startswith("--no-")] or list(action.option_strings)
+    if not options:
+        raise TnasError(f"{where}: the positional argument '{action.dest}' cannot be set from a config file")
+    option = options[0]
+    if action.nargs == 0:
         if not isinstance(value, bool):
             raise TnasError(f"{where} must be true or false, got {value!r}")
-        return value
-    if value is None:
-        return None
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [option if value else "--no-" + option[2:]]
+        return [option] if value == action.const else []
+    if isinstance(value, dict):
+        raise TnasError(f"{where} takes a value or a list of values, got a mapping {value!r}")
     takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     if takes_list:
         items = value if isinstance(value, list) else [value]
-        if action.nargs == "+" and not items:
-            raise TnasError(f"{where} needs at least one value")
-        if isinstance(action.nargs, int) and len(items) != action.nargs:
-            raise TnasError(f"{where} needs {action.nargs} values, got {len(items)}")
-        return [_convert_one(action, where, item) for item in items]
-    if isinstance(value, (list, dict)):
+        return [option] + [_token(item) for item in items]
+    if isinstance(value, list):
         raise TnasError(f"{where} takes a single value, got {value!r}")
-    return _convert_one(action, where, value)
+    return [f"{option}={_token(value)}"]
 
 
-def _convert_one(action: argparse.Action, where: str, value: Any) -> Any:
-    """Apply the flag's ``type`` like the command line would, and check ``choices``."""
-    converter = action.type
-    if converter is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise TnasError(f"{where} must be an integer, got {value!r}")
-    if converter is not None and not isinstance(value, bool):
-        try:
-            value = converter(value)
-        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-            raise TnasError(f"{where} has an invalid value {value!r}: {error}") from error
-    if action.choices is not None and value not in action.choices:
-        choices = ", ".join(map(str, action.choices))
-        raise TnasError(f"{where} must be one of {choices}, got {value!r}")
-    return value
+def _token(value: Any) -> str:
+    """A YAML scalar as command-line text (``true`` becomes ``True``, which an int or float flag refuses)."""
+    return str(value)
+
+
+def _parse_strictly(parser: argparse.ArgumentParser, tokens: list, where: str) -> argparse.Namespace:
+    """``parser`` on ``tokens`` alone, its errors raised as one :class:`TnasError` line naming ``where``
+    (no flag is required here: a config file sets some flags, the command line the others)."""
+    required = [(action, action.required) for action in parser._actions]
+
+    def fail(message: str):
+        raise TnasError(f"{where}: {message}")
+
+    parser.error = fail  # argparse reports every parse problem through self.error
+    try:
+        for action, _ in required:
+            action.required = False
+        namespace, unknown = parser.parse_known_args(tokens, argparse.Namespace())
+    finally:
+        del parser.error
+        for action, was_required in required:
+            action.required = was_required
+    if unknown:
+        fail(f"cannot use {' '.join(unknown)}")
+    return namespace
 
 
 def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list) -> str:
@@ -248,15 +285,15 @@ def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list) -> st
     return f"unknown command-line argument(s): {' '.join(unknown)}{hint}"
 
 
-def _to_plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     """Make a value YAML-safe: paths and devices become text, tuples lists, numpy scalars numbers."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, dict):
-        return {str(key): _to_plain(item) for key, item in value.items()}
+        return {str(key): to_plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
-        return [_to_plain(item) for item in items]
+        return [to_plain(item) for item in items]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

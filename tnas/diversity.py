@@ -21,9 +21,9 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 
 from tnas.errors import TnasError
-from tnas.evaluate import genotype_counts
-from tnas.genotypes import PRIMITIVES, Genotype, edge_inputs, genotype_from_dict, num_edges
-from tnas.visualize import edge_labels
+from tnas.genotypes import PRIMITIVES, Genotype, edge_inputs, genotype_counts, genotype_from_dict, num_edges
+from tnas.runlog import atomic_write_bytes, atomic_write_json
+from tnas.visualize import edge_labels, op_frequency_image, png_bytes
 
 CELLS = ("normal", "reduce")
 GenotypeLike = Union[Genotype, Dict[str, object]]
@@ -130,9 +130,6 @@ def write_task_choices(out_dir: str, genotypes: Sequence[GenotypeLike], meta_gen
     ``tasks/...``). Each picture: the fraction of tasks keeping each op on each edge, beside the
     meta-architecture's choice. Returns the diversity record with the written paths.
     """
-    from tnas.runlog import atomic_write_bytes, atomic_write_json
-    from tnas.visualize import op_frequency_image, png_bytes
-
     record = genotype_diversity(genotypes, meta_genotype)
     tasks = record["tasks"]
     images = {}

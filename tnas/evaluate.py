@@ -13,6 +13,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from tnas.meta.cuda_graph import GraphedStep, capture_failure_logger
 from tnas.progress import TaskProgress
 from tnas.runlog import progress
 
@@ -44,8 +45,6 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
     if cuda_graph:
         if torch.device(device).type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
-        from tnas.meta.cuda_graph import GraphedStep, capture_failure_logger
-
         failure_line = log.log if log is not None else (lambda line: print(line, file=sys.stderr))
         evaluate = GraphedStep(evaluate, warmup=1, on_failure=capture_failure_logger(failure_line))
     accuracies, losses, per_step = [], [], []
@@ -69,7 +68,7 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
 
 def results_record(method: str, dataset: str, n_way: int, k_shot: int, accuracies: Sequence[float],
                    genotypes=None, **extra) -> Dict[str, object]:
-    """The ``results.json`` record of an evaluation (DESIGN.md §4), accuracies in percent.
+    """The ``results.json`` record of an evaluation (docs/design.md section 4), accuracies in percent.
 
     ``accuracies``: per-episode query accuracy in percent, in episode order. ``genotypes``:
     the evaluated architecture (a genotype dict, or a list of them). ``extra`` fields
@@ -90,20 +89,3 @@ def format_accuracy(record: Dict[str, object]) -> str:
     """One line such as ``5-way 1-shot glyphs: 63.42 ± 1.21% (600 episodes)``."""
     return (f"{record['n_way']}-way {record['k_shot']}-shot {record['dataset']}: "
             f"{record['accuracy_mean']:.2f} \u00b1 {record['ci95']:.2f}% ({record['episodes']} episodes)")
-
-
-def genotype_counts(genotypes: Sequence[Dict[str, object]]) -> list:
-    """Distinct genotypes (JSON dicts) of a list, most frequent first (ties: first seen first).
-
-    Returns ``[{"genotype": dict, "count": n, "episodes": [indices]}, ...]``; counts sum to ``len(genotypes)``.
-    """
-    import json
-
-    groups: Dict[str, Dict[str, object]] = {}
-    for index, genotype in enumerate(genotypes):
-        key = json.dumps(genotype, sort_keys=True)
-        if key not in groups:
-            groups[key] = {"genotype": genotype, "count": 0, "episodes": []}
-        groups[key]["count"] += 1
-        groups[key]["episodes"].append(index)
-    return sorted(groups.values(), key=lambda group: (-group["count"], group["episodes"][0]))

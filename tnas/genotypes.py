@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -126,6 +126,45 @@ def genotype_from_dict(data: object, source: str = "genotype") -> Genotype:
             raise TnasError(f"{source}: '{concat_key}' must be a list of integers")
         cells[concat_key] = concat
     return validate_genotype(Genotype(**cells), source)
+
+
+def canonical_key(genotype: Dict[str, object]) -> str:
+    """The text that identifies a genotype dict whatever its key order (sorted-key compact JSON)."""
+    return json.dumps(genotype, sort_keys=True, separators=(",", ":"))
+
+
+def group_genotypes(genotypes: Sequence[Dict[str, object]]) -> Tuple[List[str], Dict[str, Dict[str, object]],
+                                                                     Dict[str, List[int]]]:
+    """Identical genotypes (by :func:`canonical_key`) of a per-episode list, grouped.
+
+    Returns ``(id per episode, {id: genotype}, {id: episode indices})`` with ids ``g0000``,
+    ``g0001``, ... in order of first occurrence.
+    """
+    ids: Dict[str, str] = {}
+    per_episode: List[str] = []
+    by_id: Dict[str, Dict[str, object]] = {}
+    episodes: Dict[str, List[int]] = {}
+    for index, genotype in enumerate(genotypes):
+        key = canonical_key(genotype)
+        if key not in ids:
+            ids[key] = f"g{len(ids):04d}"
+            by_id[ids[key]] = genotype
+            episodes[ids[key]] = []
+        per_episode.append(ids[key])
+        episodes[ids[key]].append(index)
+    return per_episode, by_id, episodes
+
+
+def genotype_counts(genotypes: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Distinct genotypes of a list, most frequent first (ties: first seen first).
+
+    Returns ``[{"id": "g0000", "genotype": dict, "count": n, "episodes": [indices]}, ...]`` (ids as
+    :func:`group_genotypes` gives them); counts sum to ``len(genotypes)``.
+    """
+    _, by_id, episodes = group_genotypes(genotypes)
+    groups = [{"id": gid, "genotype": by_id[gid], "count": len(episodes[gid]), "episodes": episodes[gid]}
+              for gid in by_id]
+    return sorted(groups, key=lambda group: (-group["count"], group["episodes"][0]))
 
 
 def save_genotype(genotype: Genotype, path: str) -> None:

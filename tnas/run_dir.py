@@ -105,9 +105,9 @@ def remove_stale_temp_files(out: str) -> None:
 
 
 def _plain(value: Any) -> Any:
-    from tnas.config import _to_plain
+    from tnas.config import to_plain
 
-    return json.loads(json.dumps(_to_plain(value)))
+    return json.loads(json.dumps(to_plain(value)))
 
 
 def _read_config(path: str) -> Dict[str, Any]:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Iterator, Mapping, Sequence
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -84,6 +84,15 @@ def atomic_write_json(path, obj, indent: int = 2) -> None:
     """Write ``obj`` as JSON (UTF-8, trailing newline) to ``path`` atomically."""
     text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path) -> Any:
+    """The JSON value in ``path``, or None when the file is missing, unreadable or not JSON."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
 
 
 def save_checkpoint(state: dict, path) -> None:

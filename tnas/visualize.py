@@ -1,4 +1,4 @@
-"""Pictures of the search space: cell diagrams of a genotype and heatmaps of alpha.
+"""Pictures of the search space: cell diagrams of a genotype, edge labels, op-frequency heatmaps.
 
 A cell diagram is the usual DARTS picture: the two cell inputs ``c_{k-2}`` and
 ``c_{k-1}``, the intermediate nodes ``0 .. steps-1``, one arrow per kept ``(op, input)``
@@ -12,13 +12,17 @@ global backend is never changed.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
+from PIL import Image
+
 from tnas.genotypes import PRIMITIVES, Genotype, edge_inputs, num_edges, validate_genotype
-from tnas.runlog import atomic_write_bytes
+from tnas.runlog import atomic_write_bytes, render_heatmap
 
 CELLS = ("normal", "reduce")
 INPUT_NAMES = ("c_{k-2}", "c_{k-1}")
@@ -88,8 +92,6 @@ def _layout(steps: int) -> Dict[str, Tuple[float, float]]:
 
 def _draw_cell_png(genotype: Genotype, cell: str, png_path: str) -> None:
     """Draw the cell diagram with matplotlib (no global backend change); written atomically."""
-    import io
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch
@@ -187,6 +189,7 @@ def edge_labels(steps: int) -> List[str]:
 
 
 def _steps_of(rows: int) -> int:
+    """The node count of a cell with ``rows`` edges (a ValueError when no cell has that many)."""
     steps = 1
     while num_edges(steps) < rows:
         steps += 1
@@ -195,57 +198,18 @@ def _steps_of(rows: int) -> int:
     return steps
 
 
-def alpha_heatmap_figure(alpha_softmax: Sequence, title: str = ""):
-    """A matplotlib Figure showing ``alpha_softmax`` ([edges, len(PRIMITIVES)], rows edges, columns ops).
 
-    Accepts a torch tensor, numpy array or nested lists; the values are drawn as given
-    (pass softmax weights). Rows are labelled ``node <- input``, columns by primitive.
-    """
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if hasattr(alpha_softmax, "detach"):
-        alpha_softmax = alpha_softmax.detach().cpu().double().numpy()
-    values = np.asarray(alpha_softmax, dtype=float)
-    if values.ndim != 2 or values.shape[1] != len(PRIMITIVES):
-        raise ValueError(f"alpha_softmax has shape {values.shape}, expected [edges, {len(PRIMITIVES)}]")
-    steps = _steps_of(values.shape[0])
-    rows = values.shape[0]
-    figure = Figure(figsize=(7.5, 1.0 + 0.35 * rows))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    image = axes.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
-    axes.set_xticks(range(len(PRIMITIVES)))
-    axes.set_xticklabels(PRIMITIVES, rotation=45, ha="right", fontsize=8)
-    axes.set_yticks(range(rows))
-    axes.set_yticklabels(edge_labels(steps), fontsize=8)
-    axes.set_xlabel("operation")
-    axes.set_ylabel("edge (node <- input)")
-    if title:
-        axes.set_title(title)
-    if values.size and np.isfinite(values).all():
-        middle = (values.min() + values.max()) / 2
-        for row in range(rows):
-            for column in range(values.shape[1]):
-                value = values[row, column]
-                axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                          color="black" if value > middle else "white")
-    figure.colorbar(image, ax=axes, fraction=0.04, pad=0.02)
-    figure.tight_layout()
-    return figure
-
-
-def op_frequency_image(frequency: Sequence, meta_choice: Sequence, title: str = ""):
+def op_frequency_image(frequency: Sequence, meta_choice: Sequence, title: str = "") -> np.ndarray:
     """RGB uint8 image [H, W, 3]: heatmap of ``frequency`` ([edges, len(PRIMITIVES)], the fraction of
     tasks keeping each op on each edge; ``none``: edge dropped) beside the meta-architecture's 0/1
-    choice of the same shape (rows line up)."""
-    import numpy as np
-
-    from tnas.runlog import figure_to_array
-
-    left = figure_to_array(alpha_heatmap_figure(frequency, title=title))
-    right = figure_to_array(alpha_heatmap_figure(meta_choice, title="meta-architecture's choice"))
+    choice of the same shape (rows line up), both drawn by :func:`tnas.runlog.render_heatmap`."""
+    frequency, meta_choice = np.asarray(frequency, dtype=float), np.asarray(meta_choice, dtype=float)
+    if frequency.ndim != 2 or frequency.shape[1] != len(PRIMITIVES) or meta_choice.shape != frequency.shape:
+        raise ValueError(f"op frequencies of shape {frequency.shape} and a meta choice of shape {meta_choice.shape}: "
+                         f"expected both [edges, {len(PRIMITIVES)}]")
+    rows = edge_labels(_steps_of(frequency.shape[0]))
+    left = render_heatmap(frequency, rows, PRIMITIVES, title)
+    right = render_heatmap(meta_choice, rows, PRIMITIVES, "meta-architecture's choice")
     height = max(left.shape[0], right.shape[0])
     pad = lambda image: np.pad(image, ((0, height - image.shape[0]), (0, 0), (0, 0)),  # noqa: E731
                                constant_values=255)
@@ -254,10 +218,6 @@ def op_frequency_image(frequency: Sequence, meta_choice: Sequence, title: str = 
 
 def png_bytes(image) -> bytes:
     """PNG encoding of an RGB uint8 image [H, W, 3]."""
-    import io
-
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="png", optimize=True)
     return buffer.getvalue()

@@ -21,7 +21,7 @@ import functools
 import importlib.util
 import os
 import unicodedata
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -241,15 +241,3 @@ def find_glyphs(root: Optional[str], split: str, options: Dict[str, Any]) -> Spl
         return RawSplit(labels, names, "glyphs (rendered from matplotlib's fonts)", generate=generate)
 
     return SplitSource(fingerprint, f"glyphs rendered from {font_directory()}", load)
-
-
-def glyph_summary() -> Dict[str, Any]:
-    """Number of classes per split and the characters, for docs and inspection."""
-    classes = glyph_classes()
-    return {split: [classes[c][0] for c in glyph_split_classes(split)] for split in ("train", "val", "test")}
-
-
-def render_sample_grid(characters: Sequence[str], img_size: int = 28) -> np.ndarray:  # pragma: no cover - debugging aid
-    index = {char: i for i, (char, _) in enumerate(glyph_classes())}
-    rows = [render_class((index[c], 8, img_size, 1, 0))[..., 0] for c in characters]
-    return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)

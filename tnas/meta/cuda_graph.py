@@ -1,6 +1,6 @@
 """Replay a whole meta-iteration as one CUDA graph.
 
-A meta-iteration at the paper setting is tens of thousands of small kernels (DESIGN.md
+A meta-iteration at the paper setting is tens of thousands of small kernels (docs/design.md
 section 3): the GPU waits on the host that launches them. A CUDA graph records the
 kernels of one call once and replays them with a single launch, so the host cost goes
 away. Everything a meta-step does is capturable: the batched inner loop (tasks folded

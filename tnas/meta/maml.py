@@ -7,7 +7,7 @@ Models built from :mod:`tnas.task_folding` layers (every model of :mod:`tnas.mod
 the tasks into channel groups: one plain-autograd forward in which a conv with per-task
 weights is one grouped conv. Any other model runs through ``torch.func.vmap`` over
 ``torch.func.functional_call``. Both give the same result; folding dispatches about a third
-as many operations (the GPU is host-bound at the paper setting, DESIGN.md section 3).
+as many operations (the GPU is host-bound at the paper setting, docs/design.md section 3).
 Parameters that are not adapted are shared by all tasks and enter unbatched.
 
 The inner gradient is plain ``torch.autograd.grad`` of the sum of the per-task mean

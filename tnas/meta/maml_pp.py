@@ -87,11 +87,6 @@ class MAMLConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in values.items() if k in known}, **overrides})
 
-    @property
-    def is_maml_plus_plus(self) -> bool:
-        return (self.per_step_bn or self.learn_inner_lr or self.multi_step_loss or self.cosine_lr
-                or self.first_order_epochs is not None)
-
 
 # -- schedules (pure functions) -------------------------------------------------------------
 def msl_weights(epoch: int, steps: int, msl_epochs: int, dtype: torch.dtype = torch.float32,

@@ -85,11 +85,6 @@ class TNAS(MetaLearner):
                          optimizers, inner_steps=config.inner_steps, inner_steps_test=config.inner_steps_test,
                          first_order=config.first_order, amp_dtype=config.amp_dtype)
 
-    def alpha_optimizer_settings(self):
-        """(betas, weight decay) of the outer alpha optimiser."""
-        group = self.optimizers["alphas"].param_groups[0]
-        return tuple(group["betas"]), group["weight_decay"]
-
     def genotype(self) -> Genotype:
         """The meta-architecture: decoded from the meta-learned alphas (before any adaptation)."""
         return self.model.genotype()

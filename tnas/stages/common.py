@@ -9,11 +9,12 @@ import torch
 
 from tnas import distributed, run_dir
 from tnas.config import resolve_device, save_config, seed_everything, set_threads
+from tnas.data import check_episode_shape, load_split
 from tnas.engine import Schedule
 from tnas.errors import TnasError
+from tnas.hparams import log_hparams
 from tnas.meta.cuda_graph import (GraphDecision, GraphedStep, KeyedGraphedStep, capture_failure_logger,  # noqa: F401
                                   cuda_graph_mode, resolve_cuda_graph)
-from tnas.hparams import log_hparams
 from tnas.runlog import RunLogger
 
 
@@ -127,6 +128,7 @@ def graph_untracked(call: Callable[[Any, bool], Any], enabled: bool,
 
 
 def schedule_from_args(args) -> Schedule:
+    """The trainer's :class:`~tnas.engine.Schedule` of the schedule flags (or ``ScheduleSettings``)."""
     return Schedule(epochs=args.epochs, tasks_per_epoch=args.tasks_per_epoch, tasks_per_batch=args.tasks_per_batch,
                     log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                     val_batch_size=args.val_batch_size)
@@ -222,8 +224,6 @@ def data_parallel(learner, tasks_per_batch: int) -> slice:
 def load_splits(args, names=("train", "val"), logger: Optional[RunLogger] = None) -> Dict[str, object]:
     """The dataset's splits at ``--img_size``, from the uint8 cache; checks each can supply the episodes.
     When the data chose the image size or channels (``folder``), ``logger`` gets a line saying why."""
-    from tnas.data import check_episode_shape, load_split
-
     splits = {name: load_split(args.dataset, name, data_path=args.data_path, img_size=args.img_size,
                                cache_dir=args.cache_dir, **data_settings(args)) for name in names}
     for split in splits.values():
@@ -246,8 +246,9 @@ def image_channels(split) -> int:
     return int(split.image_shape[0])
 
 
-def amp_dtype(args, device: torch.device) -> Optional[torch.dtype]:
-    return torch.bfloat16 if getattr(args, "amp", False) else None
+def amp_dtype(settings) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp`` (bf16), None without it."""
+    return torch.bfloat16 if getattr(settings, "amp", False) else None
 
 
 def run_trainer(trainer, logger: RunLogger, summary_file: str) -> Dict[str, object]:

@@ -23,9 +23,14 @@ import json
 import math
 import os
 import time
-from typing import Dict
+from typing import Any, Dict, List, Optional, Sequence
 
+from tnas.config import set_flag
+from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
+from tnas.genotypes import genotype_counts, genotype_from_dict
+from tnas.progress import TaskProgress
+from tnas.runlog import atomic_write_bytes, atomic_write_json
 from tnas.stages import evaluate as evaluate_stage
 
 GENOTYPES_FILE = "episode_genotypes.jsonl"
@@ -37,34 +42,69 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decode one genotype per fixed test episode from a T-NAS search checkpoint (adapt weights "
                     "and alphas on each task's support set, then the DARTS rule).")
     evaluate_stage.add_checkpoint_args(parser)
-    evaluate_stage._set_flag(parser, "out", metavar="FILE",
-                             help=f"JSON-lines output (default: <run_dir>/{GENOTYPES_FILE}); "
-                                  f"{SUMMARY_FILE} is written beside it")
+    set_flag(parser, "out", metavar="FILE",
+             help=f"JSON-lines output (default: <run_dir>/{GENOTYPES_FILE}); {SUMMARY_FILE} is written beside it")
     return parser
 
 
-def _check_tnas_search(summary: Dict[str, object], checkpoint: str) -> None:
+def settings_from_args(args: argparse.Namespace) -> evaluate_stage.CheckpointSettings:
+    """The typed settings of the parsed flags (the CLI layer's only conversion)."""
+    return evaluate_stage.CheckpointSettings.from_flags(vars(args))
+
+
+def check_tnas_search(summary: Dict[str, object], checkpoint: str, user: str = "decode") -> None:
+    """A one-line error unless the checkpoint is a T-NAS search (``user``: who needs one, for the message)."""
     stage, method = summary.get("stage"), summary.get("method")
     if stage != "search" or method != "tnas":
         what = f"a '{stage}' checkpoint" + (f" of method '{method}'" if method else "")
         extra = (" (auto-MAML searches one genotype for all tasks: see the run's genotype.json)"
                  if method == "auto_maml" else "")
-        raise TnasError(f"decode needs a T-NAS search checkpoint (stage 'search', method 'tnas'); "
+        raise TnasError(f"{user} needs a T-NAS search checkpoint (stage 'search', method 'tnas'); "
                         f"{checkpoint} is {what}{extra}")
 
 
-def run(args) -> Dict[str, object]:
-    """Decode the per-episode genotypes described by ``args``; returns the summary (``decode_summary.json``)."""
-    from tnas.diversity import diversity_line, write_task_choices
-    from tnas.evaluate import genotype_counts
-    from tnas.progress import TaskProgress
-    from tnas.runlog import atomic_write_bytes, atomic_write_json
+def episodes_seed(prepared, args) -> int:
+    """The seed the test episodes were drawn from (an episodes file's own, else ``--seed``)."""
+    return prepared.episodes.seed if prepared.episodes.seed is not None else args.seed
 
+
+def write_genotype_lines(path: str, genotypes: Sequence[Dict[str, Any]], ids: Optional[Sequence[str]] = None) -> None:
+    """``{"episode": i, "genotype": {...}}`` per line (plus ``"genotype_id"`` when ``ids`` are given), atomically."""
+    lines = []
+    for index, genotype in enumerate(genotypes):
+        line = {"episode": index, "genotype": genotype}
+        if ids is not None:
+            line["genotype_id"] = ids[index]
+        lines.append(json.dumps(line) + "\n")
+    atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+
+
+def decode_record(prepared, args, genotypes: List[Dict[str, Any]], genotypes_file: str,
+                  meta_genotype: Dict[str, Any], wall_time_s: float) -> Dict[str, Any]:
+    """The ``decode_summary.json`` record (the decode stage's and the protocol's): the set-up, the
+    distinct genotypes with their counts and episodes (most frequent first), and how many episodes
+    keep the meta-architecture."""
+    counts = genotype_counts(genotypes)
+    return {
+        "checkpoint": os.path.abspath(prepared.checkpoint), "method": prepared.summary.get("method"),
+        "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
+        "episodes": len(genotypes), "distinct": len(counts), "update_step_test": args.update_step_test,
+        "seed": episodes_seed(prepared, args),
+        "episodes_file": os.path.abspath(args.episodes_file) if args.episodes_file else None,
+        "split": prepared.split.name, "genotypes_file": os.path.abspath(genotypes_file),
+        "meta_genotype": meta_genotype,
+        "episodes_with_meta_genotype": sum(group["count"] for group in counts if group["genotype"] == meta_genotype),
+        "counts": counts, "wall_time_s": wall_time_s,
+    }
+
+
+def run(args: evaluate_stage.CheckpointSettings) -> Dict[str, object]:
+    """Decode the per-episode genotypes the settings describe; returns the summary (``decode_summary.json``)."""
     started = time.time()
     if args.out and os.path.isdir(args.out):
         raise TnasError(f"--out {args.out} is a directory; give a file name "
                         f"(e.g. {os.path.join(args.out, GENOTYPES_FILE)})")
-    prepared = evaluate_stage.prepare(args, check_summary=_check_tnas_search)
+    prepared = evaluate_stage.prepare(args, check_summary=check_tnas_search)
     learner, episodes = prepared.learner, prepared.episodes
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(prepared.checkpoint)), GENOTYPES_FILE)
 
@@ -76,41 +116,17 @@ def run(args) -> Dict[str, object]:
         genotypes.extend(genotype.to_dict() for genotype in decoded)
         meter.add(len(decoded))
     meta_genotype = learner.genotype().to_dict()
-    counts = genotype_counts(genotypes)
+    summary = decode_record(prepared, args, genotypes, out, meta_genotype, time.time() - started)
     summary_path = os.path.join(os.path.dirname(os.path.abspath(out)), SUMMARY_FILE)
-    summary = {
-        "checkpoint": os.path.abspath(prepared.checkpoint),
-        "method": prepared.summary.get("method"),
-        "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
-        "episodes": len(genotypes),
-        "distinct": len(counts),
-        "update_step_test": args.update_step_test,
-        "seed": episodes.seed if episodes.seed is not None else args.seed,
-        "episodes_file": os.path.abspath(args.episodes_file) if args.episodes_file else None,
-        "split": prepared.split.name,
-        "genotypes_file": os.path.abspath(out),
-        "meta_genotype": meta_genotype,
-        "episodes_with_meta_genotype": sum(group["count"] for group in counts if group["genotype"] == meta_genotype),
-        "counts": counts,
-        "wall_time_s": time.time() - started,
-    }
-    lines = "".join(json.dumps({"episode": index, "genotype": genotype}) + "\n"
-                    for index, genotype in enumerate(genotypes))
-    atomic_write_bytes(out, lines.encode("utf-8"))
+    write_genotype_lines(out, genotypes)
     atomic_write_json(summary_path, summary)
     diversity = write_task_choices(os.path.dirname(summary_path), genotypes, meta_genotype)
-    top = counts[0]
-    print(f"{len(genotypes)} episodes -> {len(counts)} distinct genotype(s); most common ({top['count']} "
-          f"episodes): {_short(top['genotype'])}; {summary['episodes_with_meta_genotype']} episode(s) keep the "
-          f"meta-architecture")
+    top = summary["counts"][0]
+    print(f"{len(genotypes)} episodes -> {summary['distinct']} distinct genotype(s); most common ({top['count']} "
+          f"episodes): {genotype_from_dict(top['genotype'])}; {summary['episodes_with_meta_genotype']} episode(s) "
+          f"keep the meta-architecture")
     print(f"genotypes: {out}")
     print(f"summary: {summary_path}")
     print(f"what the tasks chose: {diversity_line(diversity)}; {os.path.dirname(summary_path)}/"
           f"{{genotype_diversity.json,op_frequency_normal.png,op_frequency_reduce.png}}")
     return summary
-
-
-def _short(genotype: Dict[str, object]) -> str:
-    from tnas.genotypes import genotype_from_dict
-
-    return str(genotype_from_dict(genotype))

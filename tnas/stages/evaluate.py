@@ -13,13 +13,14 @@ an n-way, image size, channel count or ``--genotype`` that contradicts the check
 one-line error naming both values.
 
 Output: ``results.json`` in ``--out`` (default: the checkpoint's run directory), written
-atomically and only after a successful evaluation, with DESIGN.md §4's fields (method,
+atomically and only after a successful evaluation, with docs/design.md section 4's fields (method,
 dataset, n_way, k_shot, episodes, accuracy_mean, ci95, per_episode in percent, genotypes)
 plus checkpoint, update_step_test, seed, wall_time_s and the rest of the set-up.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -27,31 +28,29 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
+import yaml
 
-from tnas.config import add_common_args, resolve_device, seed_everything, set_threads
+from tnas.config import add_common_args, resolve_device, seed_everything, set_flag, set_threads
+from tnas.data import FixedEpisodes, load_split
 from tnas.errors import TnasError
+from tnas.evaluate import evaluate_episodes, format_accuracy, results_record
+from tnas.genotypes import genotype_from_dict, resolve_genotype
+from tnas.progress import StdoutLog
+from tnas.runlog import atomic_write_json
 from tnas.stages import common, restore
+from tnas.stages.settings import Settings
 
 RESULTS_FILE = "results.json"
 
 
 # -- flags ---------------------------------------------------------------------------------------
-def _set_flag(parser: argparse.ArgumentParser, dest: str, **changes) -> None:
-    for action in parser._actions:
-        if action.dest == dest:
-            for key, value in changes.items():
-                setattr(action, key, value)
-    if "default" in changes:
-        parser.set_defaults(**{dest: changes["default"]})
-
-
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """The common flags, with dataset defaulting to the checkpoint's, plus the test-episode flags."""
     add_common_args(parser)
-    _set_flag(parser, "dataset", default=None, help="dataset name (default: the checkpoint's)")
-    _set_flag(parser, "data_path", help="where the raw dataset lives (default: the checkpoint run's, if the "
-                                        "dataset is the checkpoint's)")
-    _set_flag(parser, "seed", help="seed of the fixed test episodes (default: 0)")
+    set_flag(parser, "dataset", default=None, help="dataset name (default: the checkpoint's)")
+    set_flag(parser, "data_path", help="where the raw dataset lives (default: the checkpoint run's, if the "
+                                       "dataset is the checkpoint's)")
+    set_flag(parser, "seed", help="seed of the fixed test episodes (default: 0)")
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="checkpoint .pt file, or a run directory (its best.pt) (required)")
     group = parser.add_argument_group("test episodes (default: the checkpoint's settings)")
@@ -67,6 +66,43 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch_size", type=int, default=50, help="tasks adapted at once (default: 50)")
 
 
+@dataclass
+class CheckpointSettings(Settings):
+    """The flags of the stages that score a checkpoint on fixed test episodes (evaluate, decode, and
+    the protocol's first part). Mutable: the dataset, task shape and data location not given are
+    filled in from the checkpoint (:func:`fill_from_checkpoint`)."""
+
+    checkpoint: Optional[str] = None
+    dataset: Optional[str] = None
+    data_path: Optional[str] = None
+    cache_dir: Optional[str] = None
+    out: Optional[str] = None
+    device: str = "auto"
+    seed: int = 0
+    threads: Optional[int] = None
+    n_way: Optional[int] = None
+    k_shot: Optional[int] = None
+    q_query: Optional[int] = None
+    img_size: Optional[int] = None
+    episodes: Optional[int] = None
+    episodes_file: Optional[str] = None
+    update_step_test: int = 10
+    batch_size: int = 50
+
+
+@dataclass
+class EvaluateSettings(CheckpointSettings):
+    """The evaluate stage's settings: a checkpoint's, plus an expected genotype and CUDA graphs."""
+
+    genotype: Optional[str] = None
+    cuda_graph: str = "auto"  # auto | on | off (tnas.meta.cuda_graph.cuda_graph_mode)
+
+
+def settings_from_args(args: argparse.Namespace) -> EvaluateSettings:
+    """The typed settings of the parsed flags (the CLI layer's only conversion)."""
+    return EvaluateSettings.from_flags(vars(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Score a checkpoint (derived network or supernet) on fixed test episodes: "
@@ -75,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--genotype", default=None, metavar="NAME|JSON|RUN_DIR",
                         help="check that the checkpoint's architecture is this genotype (published name, JSON "
                              "file, run directory with genotype.json, or an inline JSON object)")
-    _set_flag(parser, "out", help="directory for results.json (default: the checkpoint's run directory)")
+    set_flag(parser, "out", help="directory for results.json (default: the checkpoint's run directory)")
     common.add_cuda_graph_arg(parser)  # graphs replay the adaptation of each batch of episodes
     return parser
 
@@ -90,7 +126,6 @@ class Prepared:
     summary: Dict[str, Any]
     device: torch.device
     episodes: Any  # FixedEpisodes
-    episodes_file: Optional[str]
     split: Any
 
 
@@ -98,8 +133,6 @@ def _run_config(checkpoint: str) -> Dict[str, Any]:
     """The resolved flags of the run that wrote the checkpoint (its config.yaml), or {}."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
     try:
-        import yaml
-
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
         return data if isinstance(data, dict) else {}
@@ -138,8 +171,6 @@ def fill_from_checkpoint(args, summary: Dict[str, Any], checkpoint: str) -> None
         args.img_size = int(shape[1])
     if args.episodes is None:
         args.episodes = 600
-    # images are loaded as in training (runs made before the choice existed: split statistics, Lanczos)
-    args.normalize, args.resize = summary.get("normalize", "split"), summary.get("resize", "lanczos")
     if args.dataset == summary.get("dataset"):
         run_config = _run_config(checkpoint)
         for flag in ("data_path", "cache_dir"):
@@ -147,14 +178,16 @@ def fill_from_checkpoint(args, summary: Dict[str, Any], checkpoint: str) -> None
                 setattr(args, flag, run_config[flag])
 
 
+def checkpoint_data_settings(summary: Dict[str, Any]) -> Dict[str, str]:
+    """How the checkpoint's run loaded its images, so the test split is loaded the same way (runs made
+    before the choice existed: split statistics, Lanczos)."""
+    return {"normalize": summary.get("normalize", "split"), "resize": summary.get("resize", "lanczos")}
+
+
 def check_genotype(args, learner, summary: Dict[str, Any], checkpoint: str) -> None:
     """``--genotype``, when given, must be the checkpoint's architecture."""
     if not getattr(args, "genotype", None):
         return
-    import json
-
-    from tnas.genotypes import genotype_from_dict, resolve_genotype
-
     text = args.genotype
     if text.lstrip().startswith("{") and not os.path.exists(text):
         try:
@@ -173,22 +206,13 @@ def check_genotype(args, learner, summary: Dict[str, Any], checkpoint: str) -> N
                         f"({actual})")
 
 
-def check_positive(args, *names: str, minimum: int = 1) -> None:
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < minimum:
-            raise TnasError(f"--{name} must be >= {minimum}, got {value}")
-
-
-def load_test_episodes(args, split):
+def load_test_episodes(args, split, episodes_given: bool):
     """The fixed test episodes: read from ``--episodes_file`` when it exists, else generated from
     ``--seed`` (and saved to ``--episodes_file`` when one is named)."""
-    from tnas.data import FixedEpisodes
-
     path = args.episodes_file
     if path and os.path.exists(path):
         episodes = FixedEpisodes.load(path, split, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query)
-        if args.episodes_given and args.episodes != len(episodes):
+        if episodes_given and args.episodes != len(episodes):
             raise TnasError(f"--episodes {args.episodes} does not match the {len(episodes)} episodes of "
                             f"--episodes_file {path}")
         args.episodes = len(episodes)
@@ -208,9 +232,9 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     """
     if not args.checkpoint:
         raise TnasError("--checkpoint PATH is required (a .pt file or a run directory holding best.pt)")
-    check_positive(args, "n_way", "k_shot", "q_query", "img_size", "episodes", "batch_size")
-    check_positive(args, "update_step_test", minimum=0)
-    args.episodes_given = args.episodes is not None
+    common.check_positive(args, "n_way", "k_shot", "q_query", "img_size", "episodes", "batch_size")
+    common.check_positive(args, "update_step_test", minimum=0)
+    episodes_given = args.episodes is not None
     set_threads(getattr(args, "threads", None))
     device = resolve_device(args.device)
     seed_everything(args.seed)
@@ -225,11 +249,8 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     learner = restore.learner_from_state(state, device, source=checkpoint)
     del state
     check_genotype(args, learner, summary, checkpoint)
-
-    from tnas.data import load_split
-
     split = load_split(args.dataset, "test", data_path=args.data_path, img_size=args.img_size,
-                       cache_dir=args.cache_dir, normalize=args.normalize, resize=args.resize)
+                       cache_dir=args.cache_dir, **checkpoint_data_settings(summary))
     shape = summary.get("image_shape") or [summary.get("model", {}).get("in_channels")] + list(split.image_shape[1:])
     if shape[0] is not None and int(split.image_shape[0]) != int(shape[0]):
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[0]}-channel images, but the checkpoint "
@@ -237,8 +258,8 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     if tuple(split.image_shape[1:]) != tuple(shape[1:]):
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[1]}x{split.image_shape[2]} images, but the "
                         f"checkpoint {checkpoint} was trained on {shape[1]}x{shape[2]} images")
-    episodes = load_test_episodes(args, split)
-    return Prepared(checkpoint, learner, summary, device, episodes, args.episodes_file, split)
+    episodes = load_test_episodes(args, split, episodes_given)
+    return Prepared(checkpoint, learner, summary, device, episodes, split)
 
 
 def default_out_dir(args, checkpoint: str) -> str:
@@ -246,12 +267,8 @@ def default_out_dir(args, checkpoint: str) -> str:
 
 
 # -- the stage -----------------------------------------------------------------------------------
-def run(args) -> Dict[str, object]:
-    """Evaluate the checkpoint described by ``args``; returns the record written to ``results.json``."""
-    from tnas.evaluate import evaluate_episodes, format_accuracy, results_record
-    from tnas.progress import StdoutLog
-    from tnas.runlog import atomic_write_json
-
+def run(args: EvaluateSettings) -> Dict[str, object]:
+    """Evaluate the checkpoint described by the settings; returns the record written to ``results.json``."""
     started = time.time()
     graph = common.check_cuda_graph(args)
     prepared = prepare(args)

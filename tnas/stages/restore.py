@@ -8,8 +8,11 @@ the summary says which model and learner to build:
   ``TNAS(TNASConfig.from_dict(summary["learner"]))`` (adapts weights and alphas);
 - ``stage "search"``, ``method "auto_maml"``: the auto-MAML supernet learner
   (:func:`tnas.meta.auto_maml.build_auto_maml_learner`), which adapts the weights only;
-- ``stage "train"``: :func:`tnas.stages.train.build_learner` (the derived network, or Conv-4,
-  with MAML or MAML++).
+- ``stage "train"``: the derived network, or Conv-4 (:func:`tnas.models.factory.network_from_config`),
+  with MAML or MAML++.
+
+:data:`LEARNERS` maps ``(stage, method)`` to the function that builds it (method None: any);
+every place that rebuilds a learner (restore, evaluate, decode, the protocol) goes through it.
 
 Then ``learner.load_state_dict(state["learner"])``. Every problem (missing or corrupt file,
 a checkpoint of an unknown stage or method, weights that do not fit the described model) is
@@ -18,16 +21,47 @@ one :class:`~tnas.errors.TnasError` line.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from tnas.errors import TnasError
 from tnas.genotypes import Genotype, genotype_from_dict
+from tnas.meta.auto_maml import build_auto_maml_learner
+from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
+from tnas.meta.tnas import TNAS, TNASConfig
+from tnas.models.factory import model_kind, network_from_config
+from tnas.models.supernet import Supernet
 from tnas.runlog import load_checkpoint
 
-STAGES = ("search", "train")
-SEARCH_METHODS = ("tnas", "auto_maml")
+
+# -- the learner registry ------------------------------------------------------------------------
+def _tnas_learner(summary: Mapping[str, Any], device: torch.device) -> TNAS:
+    return TNAS(Supernet(**summary["model"]).to(device), TNASConfig.from_dict(summary.get("learner", {})))
+
+
+def _scratch_learner(summary: Mapping[str, Any], device: torch.device) -> MAMLPlusPlus:
+    model = network_from_config(summary["model"], float(summary.get("drop_path_prob", 0.0))).to(device)
+    return MAMLPlusPlus(model, MAMLConfig.from_dict(summary["learner"]))
+
+
+LEARNERS: Dict[Tuple[str, Any], Callable[[Mapping[str, Any], torch.device], Any]] = {
+    ("search", "tnas"): _tnas_learner,
+    ("search", "auto_maml"): build_auto_maml_learner,
+    ("train", None): _scratch_learner,  # MAML or MAML++: the summary's learner settings say which
+}
+STAGES = tuple(dict.fromkeys(stage for stage, _ in LEARNERS))
+
+
+def learner_builder(stage: Any, method: Any) -> Callable[[Mapping[str, Any], torch.device], Any]:
+    """The registered builder of a ``(stage, method)`` checkpoint; a one-line error for unknown ones."""
+    builder = LEARNERS.get((stage, method)) or LEARNERS.get((stage, None))
+    if builder is not None:
+        return builder
+    if stage in STAGES:
+        known = ", ".join(str(m) for s, m in LEARNERS if s == stage)
+        raise TnasError(f"unknown {stage} method {method!r} in the checkpoint (known: {known})")
+    raise TnasError(f"unknown checkpoint stage {stage!r} (known: {', '.join(STAGES)})")
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -54,40 +88,19 @@ def load_state(path: str) -> Dict[str, Any]:
     return state
 
 
-def _search_learner(summary: Mapping[str, Any], device: torch.device):
-    from tnas.meta.tnas import TNAS, TNASConfig
-    from tnas.models.supernet import Supernet
-
-    method = summary.get("method")
-    if method == "tnas":
-        model = Supernet(**summary["model"]).to(device)
-        return TNAS(model, TNASConfig.from_dict(summary.get("learner", {})))
-    if method == "auto_maml":
-        from tnas.meta.auto_maml import build_auto_maml_learner
-
-        return build_auto_maml_learner(summary, device)
-    raise TnasError(f"unknown search method {method!r} in the checkpoint (known: {', '.join(SEARCH_METHODS)})")
-
-
 def build_learner(state: Mapping[str, Any], device, source: str = "checkpoint"):
-    """An untrained learner of the model and learner ``state["summary"]`` describes."""
+    """An untrained learner of the model and learner ``state["summary"]`` describes (``state``: a
+    checkpoint's ``{"stage", "summary", ...}``)."""
     stage, summary = state.get("stage"), state["summary"]
-    device = torch.device(device)
     if "model" not in summary:
         raise TnasError(f"{source}: the checkpoint's summary has no 'model' entry (stage {stage!r})")
     try:
-        if stage == "search":
-            return _search_learner(summary, device)
-        if stage == "train":
-            from tnas.stages.train import build_learner as build_train_learner
-
-            return build_train_learner(summary, device)
+        return learner_builder(stage, summary.get("method"))(summary, torch.device(device))
     except TnasError as error:
         raise TnasError(f"{source}: {error}") from None
     except (TypeError, ValueError, KeyError) as error:
         raise TnasError(f"{source}: cannot rebuild the {stage} model from the checkpoint's summary "
                         f"({type(error).__name__}: {error})") from None
-    raise TnasError(f"{source}: unknown checkpoint stage {stage!r} (known: {', '.join(STAGES)})")
 
 
 def learner_from_state(state: Mapping[str, Any], device, source: str = "checkpoint"):
@@ -119,7 +132,7 @@ def learner_from_checkpoint(path: str, device="cpu") -> Tuple[Any, Dict[str, Any
 def checkpoint_genotype(learner, summary: Mapping[str, Any]) -> Optional[Genotype]:
     """The architecture a checkpoint scores: the derived network's genotype, for a supernet the
     genotype decoded from its (meta-learned) alphas, and None for a fixed network (Conv-4)."""
-    if summary.get("model", {}).get("kind", "network") != "network":
+    if model_kind(summary.get("model", {})) != "network":
         return None
     if summary.get("stage") == "train" or "genotype" in summary.get("model", {}):
         genotype = summary["model"]["genotype"]

@@ -4,11 +4,15 @@ Outputs in the run directory: ``config.yaml``, ``log.txt``, ``tb/``, ``last.pt``
 ``best.pt``, ``genotype.json`` (the meta-architecture, rewritten each epoch),
 ``cells/`` (diagrams of the latest genotype) and ``search.json`` (per-epoch meta-train
 and validation accuracy after adaptation, in percent; the best epoch and its genotype).
+
+Library use: ``run(SearchSettings)``; the command line builds the settings with
+``settings_from_args(parse_args(build_parser()))``.
 """
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -17,15 +21,48 @@ from PIL import Image
 
 from tnas import distributed
 from tnas.config import add_common_args
+from tnas.data import EpisodeSampler, FixedEpisodes, split_images_in_half
 from tnas.engine import MetaTrainer
-from tnas.genotypes import PRIMITIVES, edge_inputs, save_genotype
 from tnas.errors import TnasError
+from tnas.genotypes import PRIMITIVES, save_genotype
 from tnas.meta.auto_maml import ALPHA_STEP, WEIGHT_STEP, AutoMAML, AutoMAMLConfig
+from tnas.meta.cuda_graph import make_optimizers_capturable
 from tnas.meta.tnas import TNAS, TNASConfig
 from tnas.models.supernet import Supernet
 from tnas.stages import common
+from tnas.stages.settings import (DataSettings, NetworkSettings, RunSettings, ScheduleSettings, Settings,
+                                  register_part)
+from tnas.visualize import edge_labels, plot_genotype
 
 METHODS = ("tnas", "auto_maml")
+
+
+@register_part
+@dataclass(frozen=True)
+class SearchMetaSettings(Settings):
+    """The search learner's flags: method, inner steps, inner and outer learning rates of w and alpha."""
+
+    method: str = "tnas"
+    inner_steps: int = 5
+    inner_steps_test: int = 10
+    inner_lr_weights: float = 0.01
+    inner_lr_alphas: float = 30.0
+    meta_lr_weights: float = 1e-3
+    meta_lr_alphas: Optional[float] = None  # None: the method's default (meta_lr_alphas())
+    alpha_weight_decay: float = 1e-3
+    second_order: bool = False
+    alternate_steps: bool = False
+
+
+@dataclass(frozen=True)
+class SearchSettings(Settings):
+    """Everything a search run reads."""
+
+    data: DataSettings = DataSettings()
+    schedule: ScheduleSettings = ScheduleSettings(epochs=10, tasks_per_epoch=5000)
+    network: NetworkSettings = NetworkSettings()
+    meta: SearchMetaSettings = SearchMetaSettings()
+    run: RunSettings = RunSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,27 +88,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def meta_lr_alphas(args) -> float:
-    """``--meta_lr_alphas``, else the method's default (T-NAS 1e-3, auto-MAML 3e-4)."""
-    if args.meta_lr_alphas is not None:
-        return args.meta_lr_alphas
-    return AutoMAMLConfig.meta_lr_alphas if args.method == "auto_maml" else TNASConfig.meta_lr_alphas
+def settings_from_args(args: argparse.Namespace) -> SearchSettings:
+    """The typed settings of the parsed flags (the CLI layer's only conversion)."""
+    return SearchSettings.from_flags(vars(args))
 
 
-def build_supernet(args, in_channels: int) -> Supernet:
-    return Supernet(n_way=args.n_way, C=args.C, layers=args.layers, in_channels=in_channels)
+def meta_lr_alphas(settings) -> float:
+    """``--meta_lr_alphas``, else the method's default (T-NAS 1e-3, auto-MAML 3e-4). ``settings``:
+    :class:`SearchSettings` or its ``meta`` part (or parsed flags)."""
+    meta = getattr(settings, "meta", settings)
+    if meta.meta_lr_alphas is not None:
+        return meta.meta_lr_alphas
+    return AutoMAMLConfig.meta_lr_alphas if meta.method == "auto_maml" else TNASConfig.meta_lr_alphas
 
 
-def tnas_config(args, device: torch.device) -> TNASConfig:
-    return TNASConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
-                      inner_lr_weights=args.inner_lr_weights, inner_lr_alphas=args.inner_lr_alphas,
-                      meta_lr_weights=args.meta_lr_weights, meta_lr_alphas=meta_lr_alphas(args),
-                      alpha_weight_decay=args.alpha_weight_decay, first_order=not args.second_order,
-                      amp_dtype=common.amp_dtype(args, device))
+def build_supernet(settings: SearchSettings, in_channels: int) -> Supernet:
+    return Supernet(n_way=settings.data.n_way, C=settings.network.C, layers=settings.network.layers,
+                    in_channels=in_channels)
 
 
-def edge_labels(steps: int):
-    return [f"n{node}<-{source}" for node, source in edge_inputs(steps)]
+def tnas_config(settings: SearchSettings) -> TNASConfig:
+    meta = settings.meta
+    return TNASConfig(inner_steps=meta.inner_steps, inner_steps_test=meta.inner_steps_test,
+                      inner_lr_weights=meta.inner_lr_weights, inner_lr_alphas=meta.inner_lr_alphas,
+                      meta_lr_weights=meta.meta_lr_weights, meta_lr_alphas=meta_lr_alphas(meta),
+                      alpha_weight_decay=meta.alpha_weight_decay, first_order=not meta.second_order,
+                      amp_dtype=common.amp_dtype(settings.run))
 
 
 def genotype_epoch_hook(learner, run_dir: str, logger, is_main: Optional[bool] = None):
@@ -81,8 +123,6 @@ def genotype_epoch_hook(learner, run_dir: str, logger, is_main: Optional[bool] =
     (``is_main``, default: this process's rank is 0) writes files, so data-parallel ranks
     never race on the same diagram.
     """
-    from tnas.visualize import plot_genotype
-
     model = learner.model
     if is_main is None:
         is_main = distributed.current_info().is_main
@@ -107,35 +147,37 @@ def genotype_epoch_hook(learner, run_dir: str, logger, is_main: Optional[bool] =
     return hook
 
 
-def build_auto_maml(args, model: Supernet, train_split, device: torch.device, cuda_graph: bool = False,
-                    log: Optional[Callable[[str], None]] = None):
+def _sampler(settings: SearchSettings, split, device, seed: int, task_slice) -> EpisodeSampler:
+    data = settings.data
+    return EpisodeSampler(split, n_way=data.n_way, k_shot=data.k_shot, q_query=data.q_query,
+                          tasks_per_batch=settings.schedule.tasks_per_batch, device=device, seed=seed,
+                          augment=data.augment, task_pool=settings.schedule.task_pool, task_slice=task_slice)
+
+
+def build_auto_maml(settings: SearchSettings, model: Supernet, train_split, device: torch.device,
+                    cuda_graph: bool = False, log: Optional[Callable[[str], None]] = None):
     """The learner, its two episode samplers and the step function of an auto-MAML search.
 
-    ``args``: the search stage's flags; ``cuda_graph``: the resolved ``--cuda_graph`` (``log``
-    takes the line of a failed capture). The meta-train split's images are halved per class
-    with ``seed = args.seed``; sampler ``"weights"`` draws from the first half, ``"alphas"``
-    from the second. Returns ``(learner, {"weights": ..., "alphas": ...}, step)`` where
-    ``step(iteration, track)`` takes the steps of one meta-iteration (:meth:`AutoMAML.step_kinds`:
-    an alpha-step then a w-step, or one of them in turn) and returns the last one's statistics.
+    ``cuda_graph``: the resolved ``--cuda_graph`` (``log`` takes the line of a failed capture).
+    The meta-train split's images are halved per class with ``seed = settings.run.seed``;
+    sampler ``"weights"`` draws from the first half, ``"alphas"`` from the second. Returns
+    ``(learner, {"weights": ..., "alphas": ...}, step)`` where ``step(iteration, track)`` takes the
+    steps of one meta-iteration (:meth:`AutoMAML.step_kinds`: an alpha-step then a w-step, or one
+    of them in turn) and returns the last one's statistics.
     """
-    from tnas.data import EpisodeSampler, split_images_in_half
-
-    config = AutoMAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test,
-                            inner_lr_weights=args.inner_lr_weights, meta_lr_weights=args.meta_lr_weights,
-                            meta_lr_alphas=meta_lr_alphas(args), alpha_weight_decay=args.alpha_weight_decay,
-                            first_order=not args.second_order, split_seed=args.seed,
-                            alternate=getattr(args, "alternate_steps", False),
-                            amp_dtype=common.amp_dtype(args, device))
+    meta, seed = settings.meta, settings.run.seed
+    config = AutoMAMLConfig(inner_steps=meta.inner_steps, inner_steps_test=meta.inner_steps_test,
+                            inner_lr_weights=meta.inner_lr_weights, meta_lr_weights=meta.meta_lr_weights,
+                            meta_lr_alphas=meta_lr_alphas(meta), alpha_weight_decay=meta.alpha_weight_decay,
+                            first_order=not meta.second_order, split_seed=seed, alternate=meta.alternate_steps,
+                            amp_dtype=common.amp_dtype(settings.run))
     learner = AutoMAML(model, config)
-    task_slice = common.data_parallel(learner, args.tasks_per_batch)
+    task_slice = common.data_parallel(learner, settings.schedule.tasks_per_batch)
     halves = split_images_in_half(train_split, seed=config.split_seed)
     samplers = {}
     for offset, (kind, half) in enumerate(zip((WEIGHT_STEP, ALPHA_STEP), halves)):
         try:
-            samplers[kind] = EpisodeSampler(half, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
-                                            tasks_per_batch=args.tasks_per_batch, device=device,
-                                            seed=args.seed + 1000 * offset, augment=args.augment,
-                                            task_slice=task_slice, task_pool=getattr(args, "task_pool", 0))
+            samplers[kind] = _sampler(settings, half, device, seed + 1000 * offset, task_slice)
         except TnasError as error:
             raise TnasError(f"auto-MAML halves the images of each class: {error}") from None
 
@@ -153,52 +195,59 @@ def build_auto_maml(args, model: Supernet, train_split, device: torch.device, cu
     return learner, samplers, step
 
 
-def run(args) -> Dict[str, object]:
-    """Run the search stage described by ``args`` (the parsed flags); returns the summary."""
-    common.check_positive(args, "n_way", "k_shot", "q_query", "tasks_per_batch", "epochs", "tasks_per_epoch",
-                          "inner_steps", "inner_steps_test", "C", "layers", "val_episodes", "val_batch_size")
-    from tnas.data import EpisodeSampler, FixedEpisodes
+def build_tnas(settings: SearchSettings, model: Supernet, train_split, device: torch.device,
+               cuda_graph: bool = False, log: Optional[Callable[[str], None]] = None):
+    """The T-NAS learner, its episode sampler and step function (as :func:`build_auto_maml`)."""
+    learner = TNAS(model, tnas_config(settings))
+    sampler = _sampler(settings, train_split, device, settings.run.seed,
+                       common.data_parallel(learner, settings.schedule.tasks_per_batch))
+    meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
+                                       cuda_graph, log=log)
 
-    graph = common.check_cuda_graph(args)
-    run_dir, logger, device = common.prepare_run(args, "search")
+    def step(iteration: int, track: bool):
+        return meta_step(sampler.sample(), track)
+
+    return learner, {"train": sampler}, step
+
+
+def check_settings(settings: SearchSettings) -> common.GraphDecision:
+    """One-line errors for sizes out of range or a ``--cuda_graph on`` this run cannot use; returns
+    the resolved ``--cuda_graph``."""
+    common.check_positive(settings.data, "n_way", "k_shot", "q_query")
+    common.check_positive(settings.schedule, "tasks_per_batch", "epochs", "tasks_per_epoch", "val_episodes",
+                          "val_batch_size")
+    common.check_positive(settings.meta, "inner_steps", "inner_steps_test")
+    common.check_positive(settings.network, "C", "layers")
+    return common.check_cuda_graph(settings.run)
+
+
+def run(settings: SearchSettings) -> Dict[str, object]:
+    """Run the search stage described by ``settings``; returns the summary (``search.json``)."""
+    if isinstance(settings, argparse.Namespace):  # parsed flags (callers not yet converted)
+        settings = settings_from_args(settings)
+    graph = check_settings(settings)
+    flags = argparse.Namespace(**settings.to_flags())
+    run_dir, logger, device = common.prepare_run(flags, "search")
     logger.log(graph.reason)
     is_main = distributed.current_info().is_main
-    splits = common.load_splits(args, ("train", "val"), logger)
-    in_channels = common.image_channels(splits["train"])
-    model = build_supernet(args, in_channels).to(device)
-    summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,
-               "q_query": args.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config,
-               **common.data_settings(args)}
-    val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
-                                          episodes=args.val_episodes, seed=args.seed + 1)
-    if args.method == "auto_maml":
-        learner, samplers, step = build_auto_maml(args, model, splits["train"], device, graph.enabled, logger.log)
-        summary["learner"] = learner.config.to_dict()
-    else:
-        learner = TNAS(model, tnas_config(args, device))
-        summary["learner"] = learner.config.to_dict()
-        sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
-                                 tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
-                                 augment=args.augment, task_pool=args.task_pool,
-                                 task_slice=common.data_parallel(learner, args.tasks_per_batch))
-        samplers = {"train": sampler}
-
-        meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                           graph.enabled, log=logger.log)
-
-        def step(iteration: int, track: bool):
-            return meta_step(sampler.sample(), track)
-
-    trainer = MetaTrainer(learner, samplers, step, val_episodes, run_dir, logger, common.schedule_from_args(args),
-                          device, stage="search", summary=summary,
+    data, meta = settings.data, settings.meta
+    splits = common.load_splits(flags, ("train", "val"), logger)
+    model = build_supernet(settings, common.image_channels(splits["train"])).to(device)
+    val_episodes = FixedEpisodes.generate(splits["val"], data.n_way, data.k_shot, data.q_query,
+                                          episodes=settings.schedule.val_episodes, seed=settings.run.seed + 1)
+    build = build_auto_maml if meta.method == "auto_maml" else build_tnas
+    learner, samplers, step = build(settings, model, splits["train"], device, graph.enabled, logger.log)
+    summary = {"method": meta.method, "dataset": data.dataset, "n_way": data.n_way, "k_shot": data.k_shot,
+               "q_query": data.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config,
+               "learner": learner.config.to_dict(), **common.data_settings(data)}
+    trainer = MetaTrainer(learner, samplers, step, val_episodes, run_dir, logger,
+                          common.schedule_from_args(settings.schedule), device, stage="search", summary=summary,
                           epoch_hook=genotype_epoch_hook(learner, run_dir, logger),
-                          val_steps=args.inner_steps_test, is_main=is_main)
-    if args.resume:
+                          val_steps=meta.inner_steps_test, is_main=is_main)
+    if settings.run.resume:
         trainer.resume()
     if graph.enabled:  # after resume: a checkpoint's optimiser settings replace ours
-        from tnas.meta.cuda_graph import make_optimizers_capturable
-
         make_optimizers_capturable(learner.optimizers.values())
-    logger.log(f"search ({args.method}) on {args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}, "
+    logger.log(f"search ({meta.method}) on {data.dataset} {data.n_way}-way {data.k_shot}-shot, device {device}, "
                f"supernet {sum(p.numel() for p in model.weights()):,} weights; run directory {run_dir}")
     return common.run_trainer(trainer, logger, "search.json")

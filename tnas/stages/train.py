@@ -9,35 +9,91 @@ after each epoch it is adapted on fixed episodes of the *validation* classes, an
 Outputs in the run directory: ``config.yaml``, ``log.txt``, ``tb/``, ``last.pt``,
 ``best.pt``, ``genotype.json`` (the trained architecture; not for Conv-4) and ``train.json`` (per-epoch
 meta-train and validation accuracy in percent, the best epoch, the parameter and MAC
-counts, and in ``"model"`` / ``"learner"`` everything :func:`build_learner` needs).
+counts, and in ``"model"`` / ``"learner"`` everything :func:`tnas.stages.restore.build_learner` needs).
 
 ``--method maml`` (default) is first-order MAML (``--second_order`` for exact MAML);
 ``--method maml++`` switches on every MAML++ component (per-step BN, learned per-step inner
 learning rates, multi-step loss, derivative-order annealing, cosine meta learning rate),
 each of which is also a flag of its own (``--no-per_step_bn`` etc. to leave one out).
+
+Library use: ``run(TrainSettings)`` trains one network; :func:`train_genotypes` trains (or resumes,
+or skips when already done) one run per genotype, which is how the T-NAS protocol calls it.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
-from typing import Dict, Mapping, Optional
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from tnas import distributed
-from tnas.config import add_common_args
+from tnas.config import add_common_args, load_config, to_plain
+from tnas.data import EpisodeSampler, FixedEpisodes
 from tnas.engine import MetaTrainer
 from tnas.errors import TnasError
-from tnas.genotypes import resolve_genotype, save_genotype
+from tnas.genotypes import canonical_key, genotype_from_dict, resolve_genotype, save_genotype
+from tnas.meta.cuda_graph import make_optimizers_capturable
 from tnas.meta.maml_pp import COSINE_UNITS, MAMLConfig, MAMLPlusPlus
 from tnas.models.complexity import count_macs
 from tnas.models import factory
-from tnas.runlog import load_checkpoint
+from tnas.runlog import load_checkpoint, read_json
 from tnas.stages import common
+from tnas.stages.settings import (DataSettings, NetworkSettings, RunSettings, ScheduleSettings, Settings,
+                                  differences, free, register_part)
 
 METHODS = ("maml", "maml++")
 MAML_PP_SWITCHES = ("per_step_bn", "learn_inner_lr", "multi_step_loss", "cosine_lr")
+
+
+# -- settings ------------------------------------------------------------------------------------
+@register_part
+@dataclass(frozen=True)
+class MAMLSettings(Settings):
+    """The learner's flags: ``method`` and the MAML++ switches (None: on for maml++, off for maml)."""
+
+    method: str = "maml"
+    inner_steps: int = 5
+    inner_steps_test: int = 10
+    inner_lr: float = 0.01
+    meta_lr: float = 1e-3
+    weight_decay: float = 0.0
+    drop_path_prob: float = 0.0
+    second_order: bool = False
+    per_step_bn: Optional[bool] = None
+    learn_inner_lr: Optional[bool] = None
+    multi_step_loss: Optional[bool] = None
+    msl_epochs: int = 10
+    first_order_epochs: Optional[int] = None
+    cosine_lr: Optional[bool] = None
+    min_meta_lr: float = 1e-5
+    cosine_unit: str = "epoch"
+
+
+@dataclass(frozen=True)
+class TrainSettings(Settings):
+    """Everything a from-scratch training run reads. ``genotype``: a published name, a genotype JSON
+    file or a search run directory (rerun-free: the protocol compares genotypes themselves)."""
+
+    genotype: Optional[str] = free()
+    model: str = "network"
+    filters: int = 32
+    data: DataSettings = DataSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    network: NetworkSettings = NetworkSettings()
+    maml: MAMLSettings = MAMLSettings()
+    run: RunSettings = RunSettings()
+
+    def replace(self, **changes) -> "TrainSettings":
+        """A copy with flags changed by name, wherever they live (``replace(epochs=2, out=...)``)."""
+        flags = self.to_flags()
+        unknown = sorted(set(changes) - set(flags))
+        if unknown:
+            raise TypeError(f"TrainSettings has no flag {', '.join(unknown)}")
+        return TrainSettings.from_flags({**flags, **changes})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,48 +141,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def maml_config(args, device: Optional[torch.device] = None) -> MAMLConfig:
-    """The learner settings of the flags; ``--method maml++`` turns on what is not set explicitly."""
-    plus = args.method == "maml++"
-    switches = {name: plus if getattr(args, name) is None else bool(getattr(args, name)) for name in MAML_PP_SWITCHES}
-    first_order_epochs = args.first_order_epochs
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """The typed settings of the parsed flags (the CLI layer's only conversion)."""
+    return TrainSettings.from_flags(vars(args))
+
+
+def maml_config(settings: TrainSettings, device: Optional[torch.device] = None) -> MAMLConfig:
+    """The learner settings; ``method maml++`` turns on every switch that is not set explicitly."""
+    maml = settings.maml
+    plus = maml.method == "maml++"
+    switches = {name: plus if getattr(maml, name) is None else bool(getattr(maml, name)) for name in MAML_PP_SWITCHES}
+    first_order_epochs = maml.first_order_epochs
     if first_order_epochs is None and plus:
-        first_order_epochs = args.epochs // 3  # MAML++: first order for the first third of training
-    return MAMLConfig(inner_steps=args.inner_steps, inner_steps_test=args.inner_steps_test, inner_lr=args.inner_lr,
-                      meta_lr=args.meta_lr, first_order=not args.second_order, msl_epochs=args.msl_epochs,
-                      first_order_epochs=first_order_epochs, min_meta_lr=args.min_meta_lr,
-                      cosine_unit=args.cosine_unit, weight_decay=getattr(args, "weight_decay", 0.0),
-                      amp_dtype=common.amp_dtype(args, device) if device else None,
+        first_order_epochs = settings.schedule.epochs // 3  # MAML++: first order for the first third of training
+    return MAMLConfig(inner_steps=maml.inner_steps, inner_steps_test=maml.inner_steps_test, inner_lr=maml.inner_lr,
+                      meta_lr=maml.meta_lr, first_order=not maml.second_order, msl_epochs=maml.msl_epochs,
+                      first_order_epochs=first_order_epochs, min_meta_lr=maml.min_meta_lr,
+                      cosine_unit=maml.cosine_unit, weight_decay=maml.weight_decay,
+                      amp_dtype=common.amp_dtype(settings.run) if device else None,
                       **switches)
 
 
-def check_cuda_graph(args) -> "common.GraphDecision":
-    """``--cuda_graph`` resolved for this stage: graphs need a CUDA device, a meta-batch kept in
-    one process, and no cosine learning rate that changes every iteration (a graph freezes it
-    until the next capture, once per epoch). ``on`` where impossible is a one-line error."""
+def check_settings(settings: TrainSettings) -> common.GraphDecision:
+    """One-line errors for settings the stage cannot run, before anything is written (sizes out of
+    range, ``--cuda_graph on`` where graphs cannot run); returns the resolved ``--cuda_graph``.
+    Graphs need a CUDA device, a meta-batch kept in one process, and no cosine learning rate that
+    changes every iteration (a graph freezes it until the next capture, once per epoch)."""
+    common.check_positive(settings.data, "n_way", "k_shot", "q_query")
+    common.check_positive(settings.schedule, "tasks_per_batch", "epochs", "tasks_per_epoch", "val_episodes",
+                          "val_batch_size")
+    common.check_positive(settings.network, "C", "layers")
+    common.check_positive(settings, "filters")
+    common.check_positive(settings.maml, "inner_steps", "inner_steps_test", "meta_lr")
+    maml = settings.maml
+    common.check_positive(maml, "weight_decay", minimum=0)
+    if not 0.0 <= maml.drop_path_prob < 1.0:
+        raise TnasError(f"--drop_path_prob must be in [0, 1), got {maml.drop_path_prob}")
+    if maml.msl_epochs < 0 or (maml.first_order_epochs is not None and maml.first_order_epochs < 0):
+        raise TnasError("--msl_epochs and --first_order_epochs must be >= 0")
     blocker = None
-    if maml_config(args).cosine_lr and args.cosine_unit != "epoch":
+    if maml_config(settings).cosine_lr and maml.cosine_unit != "epoch":
         blocker = (f"--cosine_unit epoch (a graph freezes the learning rate until the next capture), "
-                   f"got --cosine_unit {args.cosine_unit}")
-    return common.check_cuda_graph(args, blocker)
+                   f"got --cosine_unit {maml.cosine_unit}")
+    return common.check_cuda_graph(settings.run, blocker)
 
 
-# -- models and learners from a summary ------------------------------------------------------
-network_from_config = factory.network_from_config  # the network a summary's "model" config describes
-
-
-def build_learner(summary: Mapping[str, object], device) -> MAMLPlusPlus:
-    """An untrained learner rebuilt from a train run's ``summary`` (``state["summary"]`` or
-    ``train.json``), so that ``learner.load_state_dict(state["learner"])`` restores it."""
-    model = network_from_config(summary["model"], float(summary.get("drop_path_prob", 0.0))).to(device)
-    return MAMLPlusPlus(model, MAMLConfig.from_dict(summary["learner"]))
-
-
-# -- the stage -----------------------------------------------------------------------------
-def _plain(value):
-    return json.loads(json.dumps(value))
-
-
+# -- resuming ------------------------------------------------------------------------------------
 STRUCTURAL_LEARNER_KEYS = ("inner_steps", "per_step_bn", "learn_inner_lr")
 """Learner settings that shape the checkpoint (per-step BN sets, learned rates); the others may change on resume."""
 
@@ -134,16 +194,15 @@ STRUCTURAL_LEARNER_KEYS = ("inner_steps", "per_step_bn", "learn_inner_lr")
 def check_resumable(run_dir: str, summary: Mapping[str, object], logger=None) -> None:
     """A one-line error when ``--resume`` would continue a run of another network (genotype, C,
     layers, ...) or a learner of another shape; changed schedule settings are only logged."""
-    state = load_checkpoint(os.path.join(run_dir, "last.pt"))
-    saved = state.get("summary", {})
-    old_model, new_model = _plain(saved.get("model")), _plain(summary["model"])
+    saved = load_checkpoint(os.path.join(run_dir, "last.pt")).get("summary", {})
+    old_model, new_model = to_plain(saved.get("model")), to_plain(summary["model"])
     if old_model is not None and old_model != new_model:
         keys = [k for k in sorted(set(old_model) | set(new_model)) if old_model.get(k) != new_model.get(k)]
         detail = ", ".join("genotype differs" if k == "genotype" else f"{k}: {old_model.get(k)} -> {new_model.get(k)}"
                            for k in keys)
         raise TnasError(f"--resume: {run_dir} holds another network ({detail}); use the same --genotype and "
                         f"network flags, or another --out")
-    old_learner, new_learner = _plain(saved.get("learner") or {}), _plain(summary["learner"])
+    old_learner, new_learner = to_plain(saved.get("learner") or {}), to_plain(summary["learner"])
     changed = [k for k in sorted(set(old_learner) | set(new_learner)) if old_learner.get(k) != new_learner.get(k)]
     structural = [k for k in changed if k in STRUCTURAL_LEARNER_KEYS]
     if structural:
@@ -155,94 +214,192 @@ def check_resumable(run_dir: str, summary: Mapping[str, object], logger=None) ->
             f"{k}: {old_learner.get(k)} -> {new_learner.get(k)}" for k in changed))
 
 
-def run(args) -> Dict[str, object]:
-    """Run the from-scratch training stage described by ``args``; returns the summary (``train.json``)."""
-    conv4 = args.model == "conv4"
-    if not args.genotype and not conv4:
+# -- the stage -----------------------------------------------------------------------------------
+def _build_network(settings: TrainSettings, genotype, image_shape, device) -> torch.nn.Module:
+    """The genotype's derived network, or Conv-4 with ``--model conv4``, on ``device``."""
+    smallest = factory.smallest_image(settings.model, settings.network.layers)
+    if min(image_shape[1:]) < smallest:
+        what = "--model conv4" if settings.model == "conv4" else f"--layers {settings.network.layers}"
+        raise TnasError(f"images of {image_shape[1]}x{image_shape[2]} are too small for {what} "
+                        f"(need at least {smallest}; see --img_size)")
+    network = settings.network
+    return factory.build_network(settings.model, settings.data.n_way, image_shape, genotype, C=network.C,
+                                 layers=network.layers, filters=settings.filters,
+                                 drop_path_prob=settings.maml.drop_path_prob).to(device)
+
+
+def _summary(settings: TrainSettings, model: torch.nn.Module, learner: MAMLPlusPlus, image_shape,
+             counted: Dict[str, Any]) -> Dict[str, object]:
+    """The run's ``train.json`` head: task shape, complexity (``counted``: :func:`count_macs` of the
+    network before the learner wraps it) and what rebuilds the learner."""
+    data = settings.data
+    return {"method": settings.maml.method, "dataset": data.dataset, "n_way": data.n_way, "k_shot": data.k_shot,
+            "q_query": data.q_query, "image_shape": list(image_shape), "genotype_source": settings.genotype if settings.model == "network" else None,
+            "model": model.config, "learner": learner.config.to_dict(),
+            "drop_path_prob": settings.maml.drop_path_prob, "parameters": counted["parameters"],
+            "macs": counted["macs"], "macs_source": counted["macs_source"],
+            "meta_learned_parameters": learner.parameter_count(), **common.data_settings(data)}
+
+
+def _trainer(settings: TrainSettings, learner: MAMLPlusPlus, splits, run_dir, logger, device, summary, is_main,
+             cuda_graph: bool):
+    """The MetaTrainer of one run: episode sampler, fixed validation episodes, the (graphed) step."""
+    data, schedule = settings.data, common.schedule_from_args(settings.schedule)
+    sampler = EpisodeSampler(splits["train"], n_way=data.n_way, k_shot=data.k_shot, q_query=data.q_query,
+                             tasks_per_batch=schedule.tasks_per_batch, device=device, seed=settings.run.seed,
+                             augment=data.augment, task_pool=settings.schedule.task_pool,
+                             task_slice=common.data_parallel(learner, schedule.tasks_per_batch))
+    val_episodes = FixedEpisodes.generate(splits["val"], data.n_way, data.k_shot, data.q_query,
+                                          episodes=settings.schedule.val_episodes, seed=settings.run.seed + 1)
+    per_epoch = schedule.iterations_per_epoch
+    meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
+                                       cuda_graph, key=learner.settings_key, log=logger.log)
+
+    def step(iteration: int, track: bool):
+        learner.set_progress(iteration, per_epoch, schedule.epochs)
+        return meta_step(sampler.sample(), track)
+
+    def epoch_hook(epoch: int, record: Dict[str, object]) -> Dict[str, object]:
+        return {"meta_lr": learner.optimizers["weights"].param_groups[0]["lr"],
+                "first_order": learner.first_order, "multi_step_loss": learner.multi_step_loss_active()}
+
+    return MetaTrainer(learner, {"train": sampler}, step, val_episodes, run_dir, logger, schedule, device,
+                       stage="train", summary=summary, epoch_hook=epoch_hook,
+                       val_steps=settings.maml.inner_steps_test, is_main=is_main)
+
+
+def _describe(settings: TrainSettings, config: MAMLConfig, summary, device, run_dir, cuda_graph: bool) -> str:
+    switches = [name for name in MAML_PP_SWITCHES if getattr(config, name)]
+    if config.first_order_epochs is not None:
+        switches.append(f"first order for {config.first_order_epochs} epoch(s), then second order")
+    else:
+        switches.append(f"{'first' if config.first_order else 'second'} order")
+    if cuda_graph:
+        switches.append("CUDA graphs, captured again when an epoch changes the settings")
+    data = settings.data
+    subject = f"Conv-4 ({settings.filters} filters)" if settings.model == "conv4" else f"genotype {settings.genotype}"
+    return (f"train ({settings.maml.method}: {', '.join(switches)}) of {subject} on "
+            f"{data.dataset} {data.n_way}-way {data.k_shot}-shot, device {device}; {summary['parameters']:,} "
+            f"parameters, {summary['macs'] / 1e6:.2f}M MACs per image ({summary['macs_source']}); "
+            f"run directory {run_dir}")
+
+
+def run(settings: TrainSettings) -> Dict[str, object]:
+    """Train the network of ``settings.genotype`` from scratch; returns the summary (``train.json``)."""
+    if isinstance(settings, argparse.Namespace):  # parsed flags (callers not yet converted)
+        settings = settings_from_args(settings)
+    conv4 = settings.model == "conv4"
+    if not settings.genotype and not conv4:
         raise TnasError("--genotype is required: a published name (auto_maml_1shot, auto_maml_5shot), "
                         "a genotype JSON file or a search run directory")
-    common.check_positive(args, "n_way", "k_shot", "q_query", "tasks_per_batch", "epochs", "tasks_per_epoch",
-                          "inner_steps", "inner_steps_test", "C", "layers", "filters", "val_episodes",
-                          "val_batch_size", "meta_lr")
-    if args.weight_decay < 0:
-        raise TnasError(f"--weight_decay must be >= 0, got {args.weight_decay}")
-    if not 0.0 <= args.drop_path_prob < 1.0:
-        raise TnasError(f"--drop_path_prob must be in [0, 1), got {args.drop_path_prob}")
-    if args.msl_epochs < 0 or (args.first_order_epochs is not None and args.first_order_epochs < 0):
-        raise TnasError("--msl_epochs and --first_order_epochs must be >= 0")
-    graph = check_cuda_graph(args)
-    genotype = None if conv4 else resolve_genotype(args.genotype)
-    from tnas.data import EpisodeSampler, FixedEpisodes
-
-    run_dir, logger, device = common.prepare_run(args, "train")
+    graph = check_settings(settings)
+    genotype = None if conv4 else resolve_genotype(settings.genotype)
+    flags = argparse.Namespace(**settings.to_flags())
+    run_dir, logger, device = common.prepare_run(flags, "train")
     logger.log(graph.reason)
     try:
-        splits = common.load_splits(args, ("train", "val"), logger)
+        splits = common.load_splits(flags, ("train", "val"), logger)
         image_shape = tuple(splits["train"].image_shape)
-        smallest = factory.smallest_image(args.model, args.layers)
-        if min(image_shape[1:]) < smallest:
-            what = "--model conv4" if conv4 else f"--layers {args.layers}"
-            raise TnasError(f"images of {image_shape[1]}x{image_shape[2]} are too small for {what} "
-                            f"(need at least {smallest}; see --img_size)")
-        model = factory.build_network(args.model, args.n_way, image_shape, genotype, C=args.C, layers=args.layers,
-                                      filters=args.filters, drop_path_prob=args.drop_path_prob).to(device)
-        parameters = sum(p.numel() for p in model.parameters())
-        counted = count_macs(model, image_shape)
-        macs, macs_source = counted["macs"], counted["macs_source"]
-        config = maml_config(args, device)
+        model = _build_network(settings, genotype, image_shape, device)
+        # counted before the learner gives the network per-step BatchNorm
+        counted = {**count_macs(model, image_shape), "parameters": sum(p.numel() for p in model.parameters())}
+        config = maml_config(settings, device)
         learner = MAMLPlusPlus(model, config)
-        summary = {"method": args.method, "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot,
-                   "q_query": args.q_query, "image_shape": list(image_shape),
-                   "genotype_source": None if conv4 else args.genotype,
-                   "model": model.config, "learner": config.to_dict(), "drop_path_prob": args.drop_path_prob,
-                   "parameters": parameters, "macs": macs, "macs_source": macs_source,
-                   "meta_learned_parameters": learner.parameter_count(), **common.data_settings(args)}
-        if args.resume:
+        summary = _summary(settings, model, learner, image_shape, counted)
+        if settings.run.resume:
             check_resumable(run_dir, summary, logger)
         is_main = distributed.current_info().is_main
         if is_main and genotype is not None:
             save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
-        sampler = EpisodeSampler(splits["train"], n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
-                                 tasks_per_batch=args.tasks_per_batch, device=device, seed=args.seed,
-                                 augment=args.augment, task_pool=args.task_pool,
-                                 task_slice=common.data_parallel(learner, args.tasks_per_batch))
-        val_episodes = FixedEpisodes.generate(splits["val"], args.n_way, args.k_shot, args.q_query,
-                                              episodes=args.val_episodes, seed=args.seed + 1)
-        schedule = common.schedule_from_args(args)
-        per_epoch = schedule.iterations_per_epoch
-
-        meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                           graph.enabled, key=learner.settings_key, log=logger.log)
-
-        def step(iteration: int, track: bool):
-            learner.set_progress(iteration, per_epoch, schedule.epochs)
-            return meta_step(sampler.sample(), track)
-
-        def epoch_hook(epoch: int, record: Dict[str, object]) -> Dict[str, object]:
-            return {"meta_lr": learner.optimizers["weights"].param_groups[0]["lr"],
-                    "first_order": learner.first_order,
-                    "multi_step_loss": learner.multi_step_loss_active()}
-
-        trainer = MetaTrainer(learner, {"train": sampler}, step, val_episodes, run_dir, logger, schedule, device,
-                              stage="train", summary=summary, epoch_hook=epoch_hook, val_steps=args.inner_steps_test,
-                              is_main=is_main)
-        if args.resume:
+        trainer = _trainer(settings, learner, splits, run_dir, logger, device, summary, is_main, graph.enabled)
+        if settings.run.resume:
             trainer.resume()
         if graph.enabled:  # after resume: a checkpoint's optimiser settings replace ours
-            from tnas.meta.cuda_graph import make_optimizers_capturable
-
             make_optimizers_capturable(learner.optimizers.values())
-        switches = [name for name in MAML_PP_SWITCHES if getattr(config, name)]
-        if config.first_order_epochs is not None:
-            switches.append(f"first order for {config.first_order_epochs} epoch(s), then second order")
-        else:
-            switches.append(f"{'first' if config.first_order else 'second'} order")
-        if graph.enabled:
-            switches.append("CUDA graphs, captured again when an epoch changes the settings")
-        subject = f"Conv-4 ({args.filters} filters)" if conv4 else f"genotype {args.genotype}"
-        logger.log(f"train ({args.method}: {', '.join(switches)}) of {subject} on "
-                   f"{args.dataset} {args.n_way}-way {args.k_shot}-shot, device {device}; {parameters:,} parameters, "
-                   f"{macs / 1e6:.2f}M MACs per image ({macs_source}); run directory {run_dir}")
+        logger.log(_describe(settings, config, summary, device, run_dir, graph.enabled))
         return common.run_trainer(trainer, logger, "train.json")
     finally:
         logger.close()  # also when the set-up above fails
+
+
+# -- one run per genotype (the T-NAS protocol) -----------------------------------------------------
+def saved_settings(run_dir: str) -> Optional[TrainSettings]:
+    """The settings of the run in ``run_dir`` (its config.yaml), None when there is none to read."""
+    try:
+        return TrainSettings.from_flags(load_config(os.path.join(run_dir, "config.yaml")))
+    except (TnasError, TypeError):
+        return None
+
+
+def genotype_run_status(run_dir: str, genotype: Dict[str, Any], settings: TrainSettings) -> str:
+    """``"new"``, ``"done"`` (every epoch trained, best.pt there) or ``"resume"``; a one-line error when
+    ``run_dir`` holds another genotype or a run whose settings differ in more than rerun-free fields."""
+    saved_genotype = read_json(os.path.join(run_dir, "genotype.json"))
+    if saved_genotype is not None:
+        try:
+            same = canonical_key(genotype_from_dict(saved_genotype).to_dict()) == canonical_key(genotype)
+        except TnasError:
+            same = False
+        if not same:
+            raise TnasError(f"{run_dir} holds the run of another genotype (its genotype.json differs from the one "
+                            f"decoded now: other checkpoint or episodes?); choose another --out")
+    if not os.path.exists(os.path.join(run_dir, "last.pt")):
+        return "new"
+    saved = saved_settings(run_dir) or settings
+    # more epochs may continue a run; fewer than it already has is another run
+    differ = [item for item in differences(saved, settings) if item[0] != "epochs"]
+    if differ:
+        detail = ", ".join(f"{name}: {old} -> {new}" for name, old, new in differ[:4])
+        raise TnasError(f"{run_dir} was trained with other from-scratch settings ({detail}); use the same "
+                        f"settings or another --out")
+    if saved.schedule.epochs > settings.schedule.epochs:
+        raise TnasError(f"{run_dir} was trained for {saved.schedule.epochs} epochs, more than --epochs "
+                        f"{settings.schedule.epochs}; use the same settings or another --out")
+    summary = read_json(os.path.join(run_dir, "train.json")) or {}
+    if int(summary.get("epochs_done") or 0) >= settings.schedule.epochs and \
+            os.path.exists(os.path.join(run_dir, "best.pt")):
+        return "done"
+    return "resume"
+
+
+@dataclass
+class GenotypeResult:
+    """What :func:`train_genotypes` did for one genotype: ``status`` trained | resumed | skipped, the
+    run's summary (``train.json``) and the training time of this call."""
+
+    status: str
+    summary: Dict[str, Any]
+    wall_time_s: float = 0.0
+
+
+def train_genotypes(settings: TrainSettings, genotypes: Sequence[Dict[str, Any]], out_dirs: Sequence[str],
+                    log: Callable[[str], None] = print) -> List[GenotypeResult]:
+    """Train each genotype (a genotype dict) from scratch into its run directory, one after another.
+
+    A run that already finished is skipped, an interrupted one resumed; each trains as a process
+    of its own (:func:`tnas.distributed.local_process`), so torchrun ranks can each train their
+    share. ``settings``: shared by every genotype (its ``genotype``, ``out`` and ``resume`` are
+    set per run). ``log``: where the one-line notes on each run go.
+    """
+    results = []
+    for genotype, run_dir in zip(genotypes, out_dirs):
+        genotype_path = os.path.join(run_dir, "genotype.json")
+        wanted = settings.replace(genotype=genotype_path, out=run_dir, resume=False)
+        status = genotype_run_status(run_dir, genotype, wanted)
+        if status == "done":
+            summary = read_json(os.path.join(run_dir, "train.json")) or {}
+            log(f"already trained ({summary.get('epochs_done')} epoch(s), best epoch {summary.get('best_epoch')}), "
+                f"skipped")
+            results.append(GenotypeResult("skipped", summary))
+            continue
+        os.makedirs(run_dir, exist_ok=True)
+        if not os.path.exists(genotype_path):
+            save_genotype(genotype_from_dict(genotype), genotype_path)
+        resume = status == "resume"
+        log(f"{'resuming the interrupted' if resume else 'starting the'} from-scratch {settings.maml.method} "
+            f"run in {run_dir}")
+        started = time.perf_counter()
+        with distributed.local_process():
+            summary = run(dataclasses.replace(wanted, run=dataclasses.replace(wanted.run, resume=resume)))
+        results.append(GenotypeResult("resumed" if resume else "trained", summary, time.perf_counter() - started))
+    return results

@@ -1,0 +1,89 @@
+"""The protocol's decoding step: per-episode genotypes decoded across ranks, and their cache.
+
+The per-episode genotypes depend only on the checkpoint's bytes, the test episodes and the
+adaptation settings (:func:`decode_cache_key`); the protocol writes them in the decode stage's
+format (``episode_genotypes.jsonl`` and ``decode_summary.json``, the latter with the key) and
+reuses them when a later invocation asks for the same key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+from tnas import distributed
+from tnas.errors import TnasError
+from tnas.genotypes import genotype_from_dict
+from tnas.progress import TaskProgress
+from tnas.runlog import atomic_write_json
+from tnas.stages.decode import GENOTYPES_FILE, SUMMARY_FILE, decode_record, write_genotype_lines
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def decode_cache_key(prepared, args) -> Dict[str, Any]:
+    """What the per-episode genotypes depend on: the checkpoint's bytes, the episodes, the adaptation."""
+    episodes = prepared.episodes
+    return {"checkpoint_sha256": sha256_file(prepared.checkpoint),
+            "episodes_sha256": hashlib.sha256(episodes.indices.astype("int64").tobytes()).hexdigest(),
+            "episodes": len(episodes), "split": prepared.split.name, "dataset": args.dataset,
+            "image_shape": list(prepared.split.image_shape), "n_way": args.n_way, "k_shot": args.k_shot,
+            "q_query": args.q_query, "update_step_test": args.update_step_test,
+            "inner_lrs": {name: float(value) for name, value in sorted(prepared.learner.inner_lrs.items())}}
+
+
+def read_decode_cache(out_dir: str, key: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+    """The cached per-episode genotypes when they were decoded with ``key``, else None."""
+    summary_path, lines_path = os.path.join(out_dir, SUMMARY_FILE), os.path.join(out_dir, GENOTYPES_FILE)
+    try:
+        with open(summary_path, encoding="utf-8") as handle:
+            if json.load(handle).get("cache_key") != key:
+                return None
+        with open(lines_path, encoding="utf-8") as handle:
+            lines = [json.loads(line) for line in handle if line.strip()]
+        if [line.get("episode") for line in lines] != list(range(key["episodes"])):
+            return None
+        return [genotype_from_dict(line["genotype"], lines_path).to_dict() for line in lines]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, TnasError):
+        return None
+
+
+def decode_episodes(prepared, args, info: distributed.DistInfo, log=None) -> List[Dict[str, Any]]:
+    """Per-episode genotypes; decoding batches dealt round robin to the ranks (the same batches as one
+    process uses, so the same genotypes), gathered on rank 0 and sent back to every rank. ``log`` gets
+    progress lines (this rank's share)."""
+    episodes, learner = prepared.episodes, prepared.learner
+    starts = list(range(0, len(episodes), args.batch_size))
+    local: Dict[int, List[Dict[str, Any]]] = {}
+    mine = distributed.shard(starts, info)
+    meter = TaskProgress("decode", sum(min(args.batch_size, len(episodes) - start) for start in mine), len(mine),
+                         log=log)
+    for start in meter.wrap(mine):
+        batch = episodes.batch(slice(start, start + args.batch_size), prepared.device)
+        local[start] = [genotype.to_dict() for genotype in learner.decode(batch, steps=args.update_step_test)]
+        meter.add(len(local[start]))
+    parts = distributed.gather_to_main(local, info)
+    genotypes = None
+    if info.is_main:
+        merged = {start: value for part in parts for start, value in part.items()}
+        genotypes = [genotype for start in starts for genotype in merged[start]]
+    return distributed.broadcast_from_main(genotypes, info)
+
+
+def write_decode_files(out_dir: str, genotypes: List[Dict[str, Any]], ids: List[str], key: Dict[str, Any],
+                       prepared, args, meta_genotype: Dict[str, Any], wall_time_s: float) -> None:
+    """``episode_genotypes.jsonl`` (with each episode's genotype id) and ``decode_summary.json`` in the
+    decode stage's format, plus the cache key."""
+    lines_path = os.path.join(out_dir, GENOTYPES_FILE)
+    write_genotype_lines(lines_path, genotypes, ids)
+    record = decode_record(prepared, args, genotypes, lines_path, meta_genotype, wall_time_s)
+    record["cache_key"] = key
+    atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), record)
