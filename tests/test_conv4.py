@@ -12,12 +12,13 @@ from torch.func import functional_call
 
 from tnas.config import parse_args
 import reference
-from tnas.meta.maml import batched_forward, expand_to_tasks, model_forward
+from tnas.meta.maml import batched_forward, model_forward
 from tnas.models.conv4 import Conv4, conv4_parameter_count, pooled_side
 from tnas.models.factory import network_from_config
 from tnas.task_folding import supports_folding
 
 from test_maml import TASKS, assert_close_relative, batched_meta_gradient, make_batch
+from test_task_folding import per_task_params
 
 
 def tiny_conv4(seed=0):
@@ -56,16 +57,6 @@ def test_rebuilt_from_its_config():
     rebuilt = network_from_config(json.loads(json.dumps(model.config)))
     assert isinstance(rebuilt, Conv4) and rebuilt.config == model.config
     rebuilt.load_state_dict(model.state_dict())
-
-
-def per_task_params(model, seed=1):
-    """Every parameter as ``[T, *shape]``, each task's copy perturbed differently (a leaf that requires grad)."""
-    generator = torch.Generator().manual_seed(seed)
-    params = expand_to_tasks(dict(model.named_parameters()), TASKS, meta_gradient=False)
-    with torch.no_grad():
-        for value in params.values():
-            value.add_(0.1 * torch.randn(value.shape, generator=generator, dtype=value.dtype))
-    return {name: value.detach().requires_grad_(True) for name, value in params.items()}
 
 
 def test_folded_logits_and_gradients_equal_per_task_networks():
