@@ -59,7 +59,7 @@ for r in report["results"]:
           "TFLOP/s", r.get("achieved_tflops"), "fraction of peak", r.get("fraction_of_peak"), r.get("peak_basis"),
           r.get("cuda_graph"), "error", r.get("error"))
 PY
-  # Genotype batches first: G genotypes (random decodes, 4 tasks each) trained as one network,
+  # Then genotype batches: G genotypes (random decodes, 4 tasks each) trained as one network,
   # first-order MAML and MAML++, 1-shot; aggregate tasks/s, peak memory, protocol_hours_600
   step "genotype batches fp32, eager" 150 bench_meta_iter_genobatch.json $bench --iterations 3 --warmup 1 --cuda_graph off \
     --cases genobatch_1shot_G1_T4 genobatch_1shot_G8_T4 genobatch_1shot_G32_T4 genobatch_1shot_G64_T4 \
