@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional
@@ -27,10 +26,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnas.data import EpisodeSampler, FixedEpisodes, load_split, sample_episode_indices  # noqa: E402
-from tnas.errors import TnasError, cli_entry  # noqa: E402
+from tnas.data import EpisodeSampler, FixedEpisodes, load_split, sample_episode_indices
+from tnas.errors import TnasError, cli_entry
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -52,21 +51,19 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnas.genotypes import PRIMITIVES, PUBLISHED, decode_genotype, num_edges  # noqa: E402
-from tnas.meta.cuda_graph import (GraphedStep, make_optimizers_capturable,  # noqa: E402
+from tnas.genotypes import PRIMITIVES, PUBLISHED, decode_genotype, num_edges
+from tnas.meta.cuda_graph import (GraphedStep, make_optimizers_capturable,
                                   resolve_cuda_graph)
-from tnas.meta.genotype_batch import GenotypeBatchLearner  # noqa: E402
-from tnas.meta.maml import model_forward  # noqa: E402
-from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus  # noqa: E402
-from tnas.meta.tnas import TNAS, TNASConfig  # noqa: E402
-from tnas.models.fast_edges import ExecutionPlan  # noqa: E402
-from tnas.models.genotype_batch import GenotypeBatchNetwork  # noqa: E402
-from tnas.models.network import Network  # noqa: E402
-from tnas.models.supernet import Supernet  # noqa: E402
-from tnas.stages.common import add_cuda_graph_arg  # noqa: E402
-from tnas.task_folding import POINTWISE_MODES, use_pointwise_mode  # noqa: E402
+from tnas.meta.genotype_batch import GenotypeBatchLearner
+from tnas.meta.maml import model_forward
+from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
+from tnas.meta.tnas import TNAS, TNASConfig
+from tnas.models.fast_edges import ExecutionPlan
+from tnas.models.genotype_batch import GenotypeBatchNetwork
+from tnas.models.network import Network
+from tnas.models.supernet import Supernet
+from tnas.stages.common import add_cuda_graph_arg
+from tnas.task_folding import POINTWISE_MODES, use_pointwise_mode
 
 ORIGINAL_SECONDS = {"tnas": 3.68 / 4, "auto_maml": 6.17 / 4, "adapt": 1.61, "scratch": 6 * 3600 / 225_000,
                     "genobatch": 6 * 3600 / 225_000}

@@ -14,14 +14,12 @@ the supernet at the paper setting; meant for the GPU (``benchmarks/gpu_check.sh`
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_meta_iter import CASES, parse_args, prepare_case, synchronize  # noqa: E402
+from bench_meta_iter import CASES, parse_args, prepare_case, synchronize  # the sibling script (its folder is on sys.path)
 
 
 def main(argv=None) -> None:

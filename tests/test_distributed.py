@@ -94,8 +94,8 @@ def test_torchrun_search_with_two_ranks_matches_one_process(tmp_path):
     parallel = subprocess.run([*launcher, script, *tiny, "--out", str(tmp_path / "two")], env=env,
                               capture_output=True, text=True, timeout=300)
     assert parallel.returncode == 0, parallel.stderr[-3000:]
-    one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
-    two = torch.load(tmp_path / "two" / "last.pt", weights_only=False)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
     for name, value in one["learner"]["model"].items():
         torch.testing.assert_close(two["learner"]["model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
     assert one["history"][0]["train_accuracy"] == pytest.approx(two["history"][0]["train_accuracy"], abs=1e-6)

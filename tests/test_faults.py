@@ -72,7 +72,7 @@ def test_planted_reduce_in_a_checkpoint_runs_nothing(tmp_path, quick_search, cap
 
     out = finished_run(quick_search, tmp_path / "run")
     marker = tmp_path / "pwned"
-    state = torch.load(out / "best.pt", weights_only=False)
+    state = torch.load(out / "best.pt", weights_only=True)
     state["summary"]["payload"] = _Planted(str(marker))
     torch.save(state, out / "best.pt")
     torch.save(state, out / "last.pt")

@@ -77,7 +77,7 @@ def test_search_runs_on_cuda(tmp_path, extra):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "search.json").is_file()
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert all(torch.isfinite(value).all() for value in state["learner"]["model"].values())
 
 
@@ -186,7 +186,7 @@ def test_train_from_scratch_runs_with_cuda_graphs(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
     assert summary["epochs_done"] == 3
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert all(torch.isfinite(value).all() for value in state["learner"]["model"].values())
 
 

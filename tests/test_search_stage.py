@@ -26,13 +26,13 @@ def run_search(out, *extra, wait=True):
 
 def checkpoint_iteration(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)["iteration"]
+        return torch.load(path, map_location="cpu", weights_only=True)["iteration"]
     except Exception:  # not there yet
         return -1
 
 
 def model_state(run_dir):
-    return torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=False)["learner"]["model"]
+    return torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=True)["learner"]["model"]
 
 
 def test_search_writes_every_output(tmp_path):
