@@ -36,7 +36,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 import torch
 
 from tnas.meta.learner import MetaLearner, StepStats
-from tnas.meta.maml import ForwardFn, InnerLoopResult, Params, inner_loop
+from tnas.meta.maml import ForwardFn, Params
 from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
 from tnas.models.genotype_batch import GenotypeBatchNetwork, repeat_rows
 
@@ -142,21 +142,11 @@ class GenotypeBatchLearner(MAMLPlusPlus):
         return expand
 
     # -- adaptation and meta-training ------------------------------------------------------------
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None,
-              adapt_groups: Optional[Iterable[str]] = None, meta_gradient: bool = False,
-              query_x: Optional[torch.Tensor] = None, query_y: Optional[torch.Tensor] = None,
-              track_query: bool = False, on_step=None) -> InnerLoopResult:
-        """Adapt on ``support_x [G*T, N, C, H, W]`` (genotype-major); fast parameters ``[R*T, ...]``."""
-        steps = self.inner_steps_test if steps is None else steps
+    def inner_loop_setup(self, support_x: torch.Tensor, adapt_groups: Optional[Iterable[str]], steps: int):
+        """For :meth:`MAMLPlusPlus.adapt` on ``support_x [G*T, N, C, H, W]`` (genotype-major): each
+        genotype's rates spread over its T tasks, fast parameters ``[R*T, ...]``."""
         tasks = self.tasks_per_genotype(support_x.shape[0])
-        rates = self.learning_rates(adapt_groups, steps, tasks)
-        if not meta_gradient:
-            rates = {n: r.detach() if isinstance(r, torch.Tensor) else r for n, r in rates.items()}
-        with self._autocast(support_x.device):
-            return inner_loop(self.forward_for(steps), self.params(), rates, support_x, support_y, steps,
-                              first_order=self.first_order, meta_gradient=meta_gradient, query_x=query_x,
-                              query_y=query_y, track_query=track_query, on_step=on_step,
-                              expand=self.expand(tasks))
+        return self.learning_rates(adapt_groups, steps, tasks), self.expand(tasks)
 
     def meta_step(self, batch, adapt_groups: Optional[Iterable[str]] = None,
                   update_groups: Optional[Iterable[str]] = None, track_steps: bool = False,

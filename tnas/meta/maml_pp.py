@@ -228,18 +228,23 @@ class MAMLPlusPlus(MetaLearner):
         return rates
 
     # -- adaptation ---------------------------------------------------------------------------
+    def inner_loop_setup(self, support_x: torch.Tensor, adapt_groups: Optional[Iterable[str]], steps: int):
+        """The inner loop's learning rates for ``steps`` steps and its ``expand`` (None: every parameter
+        copied once per task of ``support_x [T, N, C, H, W]``). A genotype batch overrides it."""
+        return self.learning_rates(adapt_groups, steps), None
+
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None,
               adapt_groups: Optional[Iterable[str]] = None, meta_gradient: bool = False,
               query_x: Optional[torch.Tensor] = None, query_y: Optional[torch.Tensor] = None,
               track_query: bool = False, on_step=None) -> InnerLoopResult:
         steps = self.inner_steps_test if steps is None else steps
-        rates = self.learning_rates(adapt_groups, steps)
+        rates, expand = self.inner_loop_setup(support_x, adapt_groups, steps)
         if not meta_gradient:
             rates = {n: r.detach() if isinstance(r, torch.Tensor) else r for n, r in rates.items()}
         with self._autocast(support_x.device):
             return inner_loop(self.forward_for(steps), self.params(), rates, support_x, support_y, steps,
                               first_order=self.first_order, meta_gradient=meta_gradient, query_x=query_x,
-                              query_y=query_y, track_query=track_query, on_step=on_step)
+                              query_y=query_y, track_query=track_query, on_step=on_step, expand=expand)
 
     @contextlib.contextmanager
     def _inference_mode(self):
