@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 import torch
 
@@ -53,11 +53,7 @@ def progress_line(stage: str, done: int, total: int, *, unit: str = "iter", epoc
     if epoch is not None:
         head += f" epoch {epoch}/{epochs if epochs is not None else '?'}"
     parts = [f"{head} {unit} {done}/{total}"]
-    metrics = []
-    if loss is not None:
-        metrics.append(f"loss {loss:.4f}")
-    if accuracy is not None:
-        metrics.append(f"acc {accuracy:.2f}%")
+    metrics = _metric_words(loss, accuracy)
     if metrics:
         parts.append(" ".join(metrics))
     if tasks_per_s is not None:
@@ -70,14 +66,20 @@ def progress_line(stage: str, done: int, total: int, *, unit: str = "iter", epoc
     return " | ".join(parts)
 
 
+def _metric_words(loss: Optional[float], accuracy: Optional[float]) -> List[str]:
+    """``loss 1.2345`` and ``acc 43.40%`` for those given: the same format in lines and bars."""
+    words = []
+    if loss is not None:
+        words.append(f"loss {loss:.4f}")
+    if accuracy is not None:
+        words.append(f"acc {accuracy:.2f}%")
+    return words
+
+
 def bar_postfix(loss: Optional[float], accuracy: Optional[float], tasks_per_s: Optional[float],
                 run_eta_s: Optional[float] = None) -> str:
     """The numbers of a line that a tqdm bar does not show itself (it has its own count, elapsed and ETA)."""
-    parts = []
-    if loss is not None:
-        parts.append(f"loss {loss:.4f}")
-    if accuracy is not None:
-        parts.append(f"acc {accuracy:.2f}%")
+    parts = _metric_words(loss, accuracy)
     if tasks_per_s is not None:
         parts.append(f"{tasks_per_s:.1f} tasks/s")
     if run_eta_s is not None:
