@@ -80,7 +80,7 @@ def set_rng_state(state: Mapping[str, object]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _StopRequest:
+class StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks between iterations."""
 
     def __init__(self):
@@ -258,6 +258,18 @@ class MetaTrainer:
             for step, value in enumerate(stats.per_step_loss.float().mean(dim=1).tolist()):
                 self.logger.scalar(f"meta_train/loss_step{step}", value, self.iteration)
 
+    def record_step(self, stats: StepStats, grads_ok: Optional[torch.Tensor]) -> None:
+        """Account one meta-iteration's statistics (``[T]`` tensors) and its gradient finiteness flag
+        (None: no gradients to check) in the epoch sums and the pending non-finite checks; advance the
+        iteration. A genotype-batched trainer (:mod:`tnas.stages.batched_train`) calls it per genotype."""
+        self._pending_losses.append(stats.query_loss.detach())
+        self._pending_grads.append(grads_ok if grads_ok is not None else
+                                   torch.ones((), dtype=torch.bool, device=self.device))
+        self._epoch_loss += stats.query_loss.detach().double().sum()
+        self._epoch_accuracy += stats.query_accuracy.detach().double().sum()
+        self._epoch_tasks += int(stats.query_accuracy.shape[0])
+        self.iteration += 1
+
     def run(self) -> Dict[str, object]:
         """Train until ``schedule.epochs`` are done; returns the summary written to ``{stage}.json``."""
         schedule = self.schedule
@@ -265,7 +277,7 @@ class MetaTrainer:
         self._pending_first_iteration = self.iteration
         meter = TrainingProgress(self.stage, schedule.epochs, per_epoch, schedule.tasks_per_batch,
                                  schedule.log_every, self.logger if self.is_main else None)
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while self.epoch < schedule.epochs:
                 first = self.iteration - self.epoch * per_epoch
                 bar = progress(range(first, per_epoch), total=per_epoch, initial=first,
@@ -274,15 +286,8 @@ class MetaTrainer:
                 for _ in bar:
                     track = schedule.log_every > 0 and self.iteration % schedule.log_every == 0
                     stats = self.step(self.iteration, track)
-                    self._pending_losses.append(stats.query_loss.detach())
-                    grads_ok = guard.gradients_finite(self.learner, self.device)
-                    self._pending_grads.append(grads_ok if grads_ok is not None else
-                                               torch.ones((), dtype=torch.bool, device=self.device))
-                    self._epoch_loss += stats.query_loss.detach().double().sum()
-                    self._epoch_accuracy += stats.query_accuracy.detach().double().sum()
-                    self._epoch_tasks += int(stats.query_accuracy.shape[0])
+                    self.record_step(stats, guard.gradients_finite(self.learner, self.device))
                     meter.add(stats)
-                    self.iteration += 1
                     if track:
                         self._check_finite()
                         meter.report(self.iteration, self.elapsed())
@@ -295,10 +300,11 @@ class MetaTrainer:
                         raise KeyboardInterrupt
                     if schedule.checkpoint_every > 0 and self.iteration % schedule.checkpoint_every == 0:
                         self.save_last()
-                self._end_epoch()
+                self.end_epoch()
         return self.write_summary()
 
-    def _end_epoch(self) -> None:
+    def end_epoch(self) -> None:
+        """Close an epoch: finiteness check, validation, the epoch record, best.pt / last.pt / summary."""
         self._check_finite(parameters=True)
         sums = distributed.sum_across_ranks(torch.stack([
             self._epoch_loss, self._epoch_accuracy,
