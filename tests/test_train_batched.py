@@ -156,3 +156,25 @@ def test_genotypes_per_batch_below_one_is_an_error(cache_dir, tmp_path):
     with pytest.raises(TnasError, match=r"^--genotypes_per_batch must be >= 1, got 0$"):
         train.train_genotypes(settings(cache_dir), genotypes(1), [str(tmp_path / "a")], genotypes_per_batch=0)
     assert not os.path.exists(tmp_path / "a")
+
+
+def test_automatic_genotypes_per_batch_from_free_device_memory(monkeypatch):
+    from tnas.stages.protocol_train import genotypes_per_batch
+
+    lines = []
+    assert genotypes_per_batch(None, torch.device("cpu"), lines.append) == 1 and lines == []
+    assert genotypes_per_batch(3, torch.device("cpu"), lines.append) == 3
+    with pytest.raises(TnasError, match="--genotypes_per_batch must be >= 1, got -1"):
+        genotypes_per_batch(-1, torch.device("cpu"), lines.append)
+    # 40 GiB free on one GPU shared by 2 processes: half of it, halved again, at 1 GiB per genotype
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024 ** 3, 141 * 1024 ** 3))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert genotypes_per_batch(None, torch.device("cuda"), lines.append) == 10
+    assert "--genotypes_per_batch 10: half of 40.0 GiB free device memory shared by 2 processes" in lines[-1]
+
+    def no_reading(device=None):
+        raise RuntimeError("no CUDA")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_reading)
+    assert genotypes_per_batch(None, torch.device("cuda"), lines.append) == 8 and "8 genotypes" in lines[-1]
