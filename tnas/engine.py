@@ -206,7 +206,7 @@ class MetaTrainer:
         self.overrides = run_dir.active_overrides(self.run_dir)
         self.logger.log(f"resumed from {path}: epoch {self.epoch}, iteration {self.iteration}")
 
-    def _check_finite(self, parameters: bool = False) -> None:
+    def check_finite(self, parameters: bool = False) -> None:
         """Raise :class:`NonFiniteLoss` naming the first iteration since the last check whose loss or
         gradients were not finite (with ``parameters``, before a save: also the parameters). The flags
         are stacked and read in one host sync."""
@@ -237,7 +237,7 @@ class MetaTrainer:
         self._pending_first_iteration = self.iteration
 
     def save_last(self) -> None:
-        self._check_finite(parameters=True)
+        self.check_finite(parameters=True)
         if self.is_main:
             save_checkpoint(self.state_dict(), self.last_path)
 
@@ -251,7 +251,7 @@ class MetaTrainer:
         stats = mean_ci95(result["accuracy"])
         return {"val_accuracy": stats["accuracy_mean"], "val_ci95": stats["ci95"]}
 
-    def _log_step(self, stats: StepStats) -> None:
+    def log_step(self, stats: StepStats) -> None:
         summary = stats.summary()
         self.logger.scalars({k: v for k, v in summary.items()}, self.iteration, prefix="meta_train/")
         if stats.per_step_loss is not None:
@@ -289,10 +289,10 @@ class MetaTrainer:
                     self.record_step(stats, guard.gradients_finite(self.learner, self.device))
                     meter.add(stats)
                     if track:
-                        self._check_finite()
+                        self.check_finite()
                         meter.report(self.iteration, self.elapsed())
                         if self.is_main:
-                            self._log_step(stats)
+                            self.log_step(stats)
                     if stop.requested:
                         self.save_last()
                         self.logger.log(f"interrupted at iteration {self.iteration}; saved {self.last_path}; "
@@ -305,7 +305,7 @@ class MetaTrainer:
 
     def end_epoch(self) -> None:
         """Close an epoch: finiteness check, validation, the epoch record, best.pt / last.pt / summary."""
-        self._check_finite(parameters=True)
+        self.check_finite(parameters=True)
         sums = distributed.sum_across_ranks(torch.stack([
             self._epoch_loss, self._epoch_accuracy,
             torch.tensor(float(self._epoch_tasks), dtype=torch.float64, device=self.device)]))

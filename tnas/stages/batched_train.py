@@ -84,7 +84,7 @@ class BatchedTrainer:
         """Train every genotype until ``schedule.epochs`` are done (the summaries: each trainer's)."""
         schedule, lead = self.schedule, self.trainers[0]
         per_epoch = schedule.iterations_per_epoch
-        for trainer in self.trainers:
+        for trainer in self.trainers:  # the non-finite checks name iterations from here, as in MetaTrainer.run
             trainer._pending_first_iteration = trainer.iteration
         with StopRequest() as stop:
             while lead.epoch < schedule.epochs:
@@ -101,8 +101,8 @@ class BatchedTrainer:
                     for trainer, share in zip(self.trainers, self.learner.split_stats(stats)):
                         trainer.record_step(share, grads_ok)
                         if track:
-                            trainer._check_finite()
-                            trainer._log_step(share)
+                            trainer.check_finite()
+                            trainer.log_step(share)
                     if stop.requested:
                         self.save_last()
                         for trainer in self.trainers:
