@@ -309,6 +309,27 @@ def test_unfinished_genotype_runs_are_resumed(single, search_run, tmp_path):
         run_protocol("--checkpoint", str(search_run), "--out", str(out), *FAST, "--epochs", "2", "--inner_lr", "0.3")
 
 
+def test_genotype_batches_give_the_same_accuracies(single, search_run, tmp_path):
+    """--genotypes_per_batch 4 trains the distinct genotypes as one batch (same seeds, same task streams):
+    the same per-episode accuracies as one genotype at a time (float32: rounding differences only)."""
+    out = tmp_path / "batched"
+    record, printed = run_protocol("--checkpoint", str(search_run), "--out", str(out), *FAST,
+                                   "--genotypes_per_batch", "4")
+    one = single["record"]
+    assert record["genotype_id"] == one["genotype_id"] and record["genotypes"] == one["genotypes"]
+    assert record["per_episode"] == pytest.approx(one["per_episode"], abs=1e-4)
+    assert record["accuracy_mean"] == pytest.approx(one["accuracy_mean"], abs=1e-4)
+    ids = sorted(one["genotypes"])
+    assert f"[batch 1/{-(-len(ids) // 4)} on rank 0] genotypes {', '.join(ids[:4])}" in printed
+    for gid in ids[:4]:
+        log = (out / "genotypes" / gid / "log.txt").read_text()
+        assert f"trained in a batch of {min(4, len(ids))} genotypes" in log
+        assert read_json(out / "genotypes" / gid / "train.json")["epochs_done"] == 1
+    # a rerun with another batch size changes no result: every run is skipped
+    again, _ = run_protocol("--checkpoint", str(search_run), "--out", str(out), *FAST, "--genotypes_per_batch", "2")
+    assert again["skipped_genotypes"] == ids and again["per_episode"] == record["per_episode"]
+
+
 def test_two_gloo_ranks_give_the_same_accuracies(single, search_run, tmp_path):
     out = tmp_path / "two_ranks"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TNAS_PROGRESS="0")
@@ -364,6 +385,10 @@ def test_a_train_checkpoint_is_a_one_line_error(single, search_run, capsys, tmp_
                                "--train_args=--cuda_graph"], capsys)
     assert_one_line_error(code, err, "from-scratch settings: --cuda_graph needs a CUDA device")
     assert not (tmp_path / "y").exists()
+    code, _, err = run_script(["--checkpoint", str(search_run), "--out", str(tmp_path / "z"), *FAST,
+                               "--genotypes_per_batch", "0"], capsys)
+    assert_one_line_error(code, err, "--genotypes_per_batch must be >= 1, got 0")
+    assert not (tmp_path / "z").exists()
 
 
 def test_wrappers_without_a_demo_search_say_what_to_run(tmp_path):

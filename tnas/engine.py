@@ -80,7 +80,7 @@ def set_rng_state(state: Mapping[str, object]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _StopRequest:
+class StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks between iterations."""
 
     def __init__(self):
@@ -206,7 +206,7 @@ class MetaTrainer:
         self.overrides = run_dir.active_overrides(self.run_dir)
         self.logger.log(f"resumed from {path}: epoch {self.epoch}, iteration {self.iteration}")
 
-    def _check_finite(self, parameters: bool = False) -> None:
+    def check_finite(self, parameters: bool = False) -> None:
         """Raise :class:`NonFiniteLoss` naming the first iteration since the last check whose loss or
         gradients were not finite (with ``parameters``, before a save: also the parameters). The flags
         are stacked and read in one host sync."""
@@ -237,7 +237,7 @@ class MetaTrainer:
         self._pending_first_iteration = self.iteration
 
     def save_last(self) -> None:
-        self._check_finite(parameters=True)
+        self.check_finite(parameters=True)
         if self.is_main:
             save_checkpoint(self.state_dict(), self.last_path)
 
@@ -251,12 +251,24 @@ class MetaTrainer:
         stats = mean_ci95(result["accuracy"])
         return {"val_accuracy": stats["accuracy_mean"], "val_ci95": stats["ci95"]}
 
-    def _log_step(self, stats: StepStats) -> None:
+    def log_step(self, stats: StepStats) -> None:
         summary = stats.summary()
         self.logger.scalars({k: v for k, v in summary.items()}, self.iteration, prefix="meta_train/")
         if stats.per_step_loss is not None:
             for step, value in enumerate(stats.per_step_loss.float().mean(dim=1).tolist()):
                 self.logger.scalar(f"meta_train/loss_step{step}", value, self.iteration)
+
+    def record_step(self, stats: StepStats, grads_ok: Optional[torch.Tensor]) -> None:
+        """Account one meta-iteration's statistics (``[T]`` tensors) and its gradient finiteness flag
+        (None: no gradients to check) in the epoch sums and the pending non-finite checks; advance the
+        iteration. A genotype-batched trainer (:mod:`tnas.stages.batched_train`) calls it per genotype."""
+        self._pending_losses.append(stats.query_loss.detach())
+        self._pending_grads.append(grads_ok if grads_ok is not None else
+                                   torch.ones((), dtype=torch.bool, device=self.device))
+        self._epoch_loss += stats.query_loss.detach().double().sum()
+        self._epoch_accuracy += stats.query_accuracy.detach().double().sum()
+        self._epoch_tasks += int(stats.query_accuracy.shape[0])
+        self.iteration += 1
 
     def run(self) -> Dict[str, object]:
         """Train until ``schedule.epochs`` are done; returns the summary written to ``{stage}.json``."""
@@ -265,7 +277,7 @@ class MetaTrainer:
         self._pending_first_iteration = self.iteration
         meter = TrainingProgress(self.stage, schedule.epochs, per_epoch, schedule.tasks_per_batch,
                                  schedule.log_every, self.logger if self.is_main else None)
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while self.epoch < schedule.epochs:
                 first = self.iteration - self.epoch * per_epoch
                 bar = progress(range(first, per_epoch), total=per_epoch, initial=first,
@@ -274,20 +286,13 @@ class MetaTrainer:
                 for _ in bar:
                     track = schedule.log_every > 0 and self.iteration % schedule.log_every == 0
                     stats = self.step(self.iteration, track)
-                    self._pending_losses.append(stats.query_loss.detach())
-                    grads_ok = guard.gradients_finite(self.learner, self.device)
-                    self._pending_grads.append(grads_ok if grads_ok is not None else
-                                               torch.ones((), dtype=torch.bool, device=self.device))
-                    self._epoch_loss += stats.query_loss.detach().double().sum()
-                    self._epoch_accuracy += stats.query_accuracy.detach().double().sum()
-                    self._epoch_tasks += int(stats.query_accuracy.shape[0])
+                    self.record_step(stats, guard.gradients_finite(self.learner, self.device))
                     meter.add(stats)
-                    self.iteration += 1
                     if track:
-                        self._check_finite()
+                        self.check_finite()
                         meter.report(self.iteration, self.elapsed())
                         if self.is_main:
-                            self._log_step(stats)
+                            self.log_step(stats)
                     if stop.requested:
                         self.save_last()
                         self.logger.log(f"interrupted at iteration {self.iteration}; saved {self.last_path}; "
@@ -295,11 +300,12 @@ class MetaTrainer:
                         raise KeyboardInterrupt
                     if schedule.checkpoint_every > 0 and self.iteration % schedule.checkpoint_every == 0:
                         self.save_last()
-                self._end_epoch()
+                self.end_epoch()
         return self.write_summary()
 
-    def _end_epoch(self) -> None:
-        self._check_finite(parameters=True)
+    def end_epoch(self) -> None:
+        """Close an epoch: finiteness check, validation, the epoch record, best.pt / last.pt / summary."""
+        self.check_finite(parameters=True)
         sums = distributed.sum_across_ranks(torch.stack([
             self._epoch_loss, self._epoch_accuracy,
             torch.tensor(float(self._epoch_tasks), dtype=torch.float64, device=self.device)]))

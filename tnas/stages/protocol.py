@@ -31,9 +31,11 @@ continued with ``--resume``; a run directory trained with other settings (compar
 The from-scratch settings and one genotype's run: :mod:`tnas.stages.protocol_train`; cost
 accounting: :mod:`tnas.stages.cost`.
 
-Under ``torchrun`` the decoding batches and the distinct genotypes are dealt round robin to
-the ranks (:func:`tnas.distributed.shard`); each rank trains its genotypes as a process of
-its own (:func:`tnas.distributed.local_process`), scores their episodes, and rank 0 gathers
+``--genotypes_per_batch G`` trains the distinct genotypes G at a time as one genotype batch
+(:mod:`tnas.stages.batched_train`): each genotype still gets its own run directory and its solo
+result. Under ``torchrun`` the decoding batches and the batches of distinct genotypes (of one
+genotype each at G = 1) are dealt round robin to the ranks (:func:`tnas.distributed.shard`); each
+rank trains its genotypes as a process of its own (:func:`tnas.distributed.local_process`), scores their episodes, and rank 0 gathers
 the per-episode accuracies and writes the results. The outcome does not depend on the
 number of processes: decoding batches are the same as in one process, and each genotype is
 trained from the same seed wherever it runs. The process group is joined with a long collective
@@ -65,10 +67,12 @@ from tnas.stages import common, train
 from tnas.stages import cost as cost_stage
 from tnas.stages import evaluate as evaluate_stage
 from tnas.stages.decode import check_tnas_search, episodes_seed
+from tnas.stages.settings import free
 from tnas.stages.protocol_decode import GENOTYPES_FILE, decode_cache_key, decode_episodes, read_decode_cache, \
     write_decode_files
 from tnas.stages.protocol_train import (BUDGET_SCHEDULE, METHODS, TRAIN_FLAGS, TRAIN_SWITCHES, GenotypeRun,
-                                        schedule_record, score_genotype, scoring_progress, train_genotype,
+                                        genotypes_per_batch, schedule_record, score_genotype, scoring_progress,
+                                        train_genotype_batch,
                                         train_settings)
 
 GENOTYPES_DIR = "genotypes"
@@ -106,6 +110,7 @@ class ProtocolSettings(evaluate_stage.CheckpointSettings):
     layers: Optional[int] = None
     second_order: Optional[bool] = None
     amp: Optional[bool] = None
+    genotypes_per_batch: Optional[int] = free()
 
 
 def settings_from_args(args: argparse.Namespace) -> ProtocolSettings:
@@ -159,6 +164,9 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{name}", type=kind, default=None, help=text)
     for name, text in TRAIN_SWITCHES:
         group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=text)
+    group.add_argument("--genotypes_per_batch", type=int, default=None, metavar="G",
+                       help="train G genotypes at once as one genotype batch, each with its solo result and its "
+                            "own run directory (default: 1 on a CPU; on CUDA chosen from free device memory)")
 
 
 def default_out_dir(args, checkpoint: str) -> str:
@@ -171,6 +179,8 @@ def check_flags(args) -> None:
     common.check_positive(args, "epochs", "tasks_per_epoch", "tasks_per_batch", "inner_steps", "val_episodes",
                           "val_batch_size", "C", "layers", "dist_timeout_hours")
     common.check_positive(args, "inner_lr", "meta_lr", "decode_lr_alphas", "decode_lr_weights", minimum=0)
+    if args.genotypes_per_batch is not None:
+        train.check_genotypes_per_batch(args.genotypes_per_batch)
     if not args.checkpoint:
         raise TnasError("--checkpoint PATH is required (a T-NAS search run directory or its .pt file)")
 
@@ -258,12 +268,20 @@ def decode_step(p: Protocol):
 
 def train_and_score(p: Protocol, by_id, episodes_of) -> List[GenotypeRun]:
     """c. train this rank's share of the distinct genotypes, d. score each episode with its own genotype."""
-    mine = [GenotypeRun(gid, by_id[gid], episodes_of[gid], os.path.join(p.out_dir, GENOTYPES_DIR, gid))
-            for gid in distributed.shard(list(by_id), p.info)]
+    per_batch = genotypes_per_batch(p.args.genotypes_per_batch, p.device, p.logger.log)
+    ids = list(by_id)
+    batches = [[GenotypeRun(gid, by_id[gid], episodes_of[gid], os.path.join(p.out_dir, GENOTYPES_DIR, gid))
+                for gid in ids[start:start + per_batch]] for start in range(0, len(ids), per_batch)]
+    batches = distributed.shard(batches, p.info)  # batches of genotypes dealt round robin
+    mine = [run for batch in batches for run in batch]
     begin = time.perf_counter()
-    for position, genotype_run in enumerate(mine, 1):
-        p.logger.log(f"[{position}/{len(mine)} on rank {p.info.rank}] genotype {genotype_run.id}")
-        train_genotype(genotype_run, p.settings, p.logger)
+    for position, batch in enumerate(batches, 1):
+        if per_batch == 1:
+            p.logger.log(f"[{position}/{len(batches)} on rank {p.info.rank}] genotype {batch[0].id}")
+        else:
+            p.logger.log(f"[batch {position}/{len(batches)} on rank {p.info.rank}] genotypes "
+                         f"{', '.join(run.id for run in batch)}")
+        train_genotype_batch(batch, p.settings, p.logger, per_batch)
     p.seconds["train"] = time.perf_counter() - begin
     begin = time.perf_counter()
     if not p.args.train_only:

@@ -133,18 +133,52 @@ class GenotypeRun:
                 "total_train_wall_time_s": summary.get("wall_time_s")}
 
 
-def train_genotype(run: GenotypeRun, settings: train.TrainSettings, logger) -> None:
-    """Train (or resume, or skip) one genotype's from-scratch run through the train stage."""
-    label = f"genotype {run.id} ({len(run.episodes)} episode(s))"
+GIB = 1024 ** 3
+GENOTYPE_MEMORY_GIB = 1.0
+"""Device memory one genotype of a batch is assumed to need when ``--genotypes_per_batch`` is chosen
+automatically: an estimate (a derived network's activations over a meta-batch at the paper's setting),
+not a measurement; a batch that does not fit is halved and retried anyway."""
+MAX_AUTO_GENOTYPES_PER_BATCH = 64
+
+
+def genotypes_per_batch(requested, device: torch.device, log) -> int:
+    """``--genotypes_per_batch``: as given (a one-line error below 1); by default 1 on a CPU and on CUDA
+    half the free device memory, shared by the processes on that GPU, over :data:`GENOTYPE_MEMORY_GIB`
+    per genotype (1 to :data:`MAX_AUTO_GENOTYPES_PER_BATCH`); the choice is logged."""
+    if requested is not None:
+        train.check_genotypes_per_batch(requested)
+        return int(requested)
+    if device.type != "cuda":
+        return 1
     try:
-        result, = train.train_genotypes(settings, [run.genotype], [run.run_dir],
-                                        log=lambda message: logger.log(f"{label}: {message}"))
+        free, _ = torch.cuda.mem_get_info(device)
+    except (RuntimeError, AssertionError):  # no reading: a middle size; an out-of-memory batch is halved
+        log("--genotypes_per_batch: free device memory unknown, training 8 genotypes per batch")
+        return 8
+    sharing = max(1, -(-int(os.environ.get("LOCAL_WORLD_SIZE", "1")) // max(1, torch.cuda.device_count())))
+    chosen = int(min(MAX_AUTO_GENOTYPES_PER_BATCH, max(1, 0.5 * free / sharing // (GENOTYPE_MEMORY_GIB * GIB))))
+    log(f"--genotypes_per_batch {chosen}: half of {free / GIB:.1f} GiB free device memory"
+        f"{f' shared by {sharing} processes' if sharing > 1 else ''} at ~{GENOTYPE_MEMORY_GIB:g} GiB per genotype")
+    return chosen
+
+
+def train_genotype_batch(runs: Sequence[GenotypeRun], settings: train.TrainSettings, logger, per_batch: int) -> None:
+    """Train (or resume, or skip) the from-scratch runs of ``runs`` through the train stage: one genotype
+    alone (``per_batch`` 1 or one run), else as one genotype batch."""
+    labels = [f"genotype {run.id} ({len(run.episodes)} episode(s))" for run in runs]
+    logs = [lambda message, label=label: logger.log(f"{label}: {message}") for label in labels]
+    try:
+        results = train.train_genotypes(settings, [run.genotype for run in runs], [run.run_dir for run in runs],
+                                        log=logger.log, genotypes_per_batch=per_batch, genotype_logs=logs)
     except TnasError as error:
-        raise TnasError(f"{label} in {run.run_dir}: {error}") from None
-    run.status, run.summary, run.wall_time_s = result.status, result.summary, result.wall_time_s
-    if run.status != "skipped":
-        logger.log(f"{label}: {run.status} in {run.wall_time_s:.1f} s, best epoch {run.summary.get('best_epoch')} "
-                   f"(validation {run.summary.get('best_val_accuracy') or 0.0:.2f}%)")
+        where = labels[0] + f" in {runs[0].run_dir}" if len(runs) == 1 else \
+            "genotypes " + ", ".join(run.id for run in runs) + f" in {os.path.dirname(runs[0].run_dir)}"
+        raise TnasError(f"{where}: {error}") from None
+    for run, label, result in zip(runs, labels, results):
+        run.status, run.summary, run.wall_time_s = result.status, result.summary, result.wall_time_s
+        if run.status != "skipped":
+            logger.log(f"{label}: {run.status} in {run.wall_time_s:.1f} s, best epoch "
+                       f"{run.summary.get('best_epoch')} (validation {run.summary.get('best_val_accuracy') or 0.0:.2f}%)")
 
 
 def score_genotype(run: GenotypeRun, episodes, args, device: torch.device, meter=None) -> Dict[int, float]:

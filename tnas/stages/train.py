@@ -372,34 +372,70 @@ class GenotypeResult:
     wall_time_s: float = 0.0
 
 
+def train_one_genotype(settings: TrainSettings, genotype: Dict[str, Any], run_dir: str,
+                       log: Callable[[str], None] = print) -> GenotypeResult:
+    """Train (or resume, or skip when done) one genotype's solo run in ``run_dir``, as a process of its own."""
+    genotype_path = os.path.join(run_dir, "genotype.json")
+    wanted = settings.replace(genotype=genotype_path, out=run_dir, resume=False)
+    status = genotype_run_status(run_dir, genotype, wanted)
+    if status == "done":
+        summary = read_json(os.path.join(run_dir, "train.json")) or {}
+        log(f"already trained ({summary.get('epochs_done')} epoch(s), best epoch {summary.get('best_epoch')}), "
+            f"skipped")
+        return GenotypeResult("skipped", summary)
+    os.makedirs(run_dir, exist_ok=True)
+    if not os.path.exists(genotype_path):
+        save_genotype(genotype_from_dict(genotype), genotype_path)
+    resume = status == "resume"
+    log(f"{'resuming the interrupted' if resume else 'starting the'} from-scratch {settings.maml.method} "
+        f"run in {run_dir}")
+    started = time.perf_counter()
+    with distributed.local_process():
+        summary = run(dataclasses.replace(wanted, run=dataclasses.replace(wanted.run, resume=resume)))
+    return GenotypeResult("resumed" if resume else "trained", summary, time.perf_counter() - started)
+
+
+def check_genotypes_per_batch(value: int) -> None:
+    """A one-line error for ``--genotypes_per_batch`` below 1."""
+    if int(value) < 1:
+        raise TnasError(f"--genotypes_per_batch must be >= 1, got {value}")
+
+
 def train_genotypes(settings: TrainSettings, genotypes: Sequence[Dict[str, Any]], out_dirs: Sequence[str],
-                    log: Callable[[str], None] = print) -> List[GenotypeResult]:
-    """Train each genotype (a genotype dict) from scratch into its run directory, one after another.
+                    log: Callable[[str], None] = print, genotypes_per_batch: int = 1,
+                    genotype_logs: Optional[Sequence[Callable[[str], None]]] = None) -> List[GenotypeResult]:
+    """Train each genotype (a genotype dict) from scratch into its run directory.
 
     A run that already finished is skipped, an interrupted one resumed; each trains as a process
     of its own (:func:`tnas.distributed.local_process`), so torchrun ranks can each train their
     share. ``settings``: shared by every genotype (its ``genotype``, ``out`` and ``resume`` are
-    set per run). ``log``: where the one-line notes on each run go.
+    set per run). ``log``: where the one-line notes on the runs go; ``genotype_logs`` (one per
+    genotype, default ``log``): where the notes on each genotype's run go.
+
+    ``genotypes_per_batch`` G: 1 trains one genotype after another (:func:`train_one_genotype`); G > 1
+    trains the genotypes G at a time as one genotype batch (:mod:`tnas.stages.batched_train`), each
+    still into its own run directory as a solo run writes it (the last group takes what is left).
     """
-    results = []
-    for genotype, run_dir in zip(genotypes, out_dirs):
-        genotype_path = os.path.join(run_dir, "genotype.json")
-        wanted = settings.replace(genotype=genotype_path, out=run_dir, resume=False)
-        status = genotype_run_status(run_dir, genotype, wanted)
-        if status == "done":
-            summary = read_json(os.path.join(run_dir, "train.json")) or {}
-            log(f"already trained ({summary.get('epochs_done')} epoch(s), best epoch {summary.get('best_epoch')}), "
-                f"skipped")
-            results.append(GenotypeResult("skipped", summary))
-            continue
-        os.makedirs(run_dir, exist_ok=True)
-        if not os.path.exists(genotype_path):
-            save_genotype(genotype_from_dict(genotype), genotype_path)
-        resume = status == "resume"
-        log(f"{'resuming the interrupted' if resume else 'starting the'} from-scratch {settings.maml.method} "
-            f"run in {run_dir}")
-        started = time.perf_counter()
-        with distributed.local_process():
-            summary = run(dataclasses.replace(wanted, run=dataclasses.replace(wanted.run, resume=resume)))
-        results.append(GenotypeResult("resumed" if resume else "trained", summary, time.perf_counter() - started))
-    return results
+    check_genotypes_per_batch(genotypes_per_batch)
+    if len(out_dirs) != len(genotypes):
+        raise ValueError("train_genotypes needs one run directory per genotype")
+    logs = list(genotype_logs) if genotype_logs is not None else [log] * len(genotypes)
+    if genotypes_per_batch == 1 or len(genotypes) == 1 or settings.model != "network":
+        return [train_one_genotype(settings, genotype, run_dir, genotype_log)
+                for genotype, run_dir, genotype_log in zip(genotypes, out_dirs, logs)]
+    from tnas.stages import batched_train  # it builds on this module
+
+    results: Dict[int, GenotypeResult] = {}
+    left = []
+    for i, (genotype, run_dir) in enumerate(zip(genotypes, out_dirs)):  # finished runs first: skipped
+        wanted = settings.replace(genotype=os.path.join(run_dir, "genotype.json"), out=run_dir, resume=False)
+        if genotype_run_status(run_dir, genotype, wanted) == "done":
+            results[i] = train_one_genotype(settings, genotype, run_dir, logs[i])
+        else:
+            left.append(i)
+    for start in range(0, len(left), genotypes_per_batch):
+        chosen = left[start:start + genotypes_per_batch]
+        group = batched_train.train_group(settings, [genotypes[i] for i in chosen], [out_dirs[i] for i in chosen],
+                                          [logs[i] for i in chosen], log)
+        results.update(zip(chosen, group))
+    return [results[i] for i in range(len(genotypes))]

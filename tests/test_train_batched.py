@@ -1,0 +1,180 @@
+"""train_genotypes(..., genotypes_per_batch=G) (tnas.stages.batched_train) on tiny glyphs, on CPU.
+
+Genotypes trained as one batch must write the run directories their solo runs write, with the
+same per-epoch records and parameters (float32: rounding differences only), resume as a batch,
+and fall back to solo runs (said in the log) where a batch cannot be formed or does not fit.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from tnas.config import parse_args
+from tnas.errors import TnasError
+from tnas.genotypes import PUBLISHED
+from tnas.runlog import load_checkpoint
+from tnas.stages import batched_train, restore, train
+
+TINY = ["--dataset", "glyphs", "--img_size", "16", "--C", "4", "--layers", "1", "--n_way", "3", "--q_query", "2",
+        "--tasks_per_batch", "2", "--tasks_per_epoch", "4", "--val_episodes", "4", "--val_batch_size", "4",
+        "--inner_steps", "2", "--inner_steps_test", "3", "--inner_lr", "0.1", "--log_every", "1",
+        "--checkpoint_every", "1", "--device", "cpu", "--threads", "1"]
+MAML_PP = ["--method", "maml++", "--msl_epochs", "1", "--first_order_epochs", "1"]
+TOLERANCE = 1e-5  # float32 on CPU: the batch sums in another order than a solo run
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return os.environ.get("TNAS_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
+
+
+def genotypes(count=3):
+    """Published genotypes and a variant of the first (one op changed): the same shape, different choices."""
+    found = [g.to_dict() for g in PUBLISHED.values()]
+    variant = copy.deepcopy(found[0])
+    variant["normal"][0] = ["sep_conv_3x3", 0]
+    return (found + [variant])[:count]
+
+
+def settings(cache_dir, *extra):
+    return train.settings_from_args(parse_args(train.build_parser(), TINY + ["--cache_dir", cache_dir, *extra]))
+
+
+def summary(run_dir):
+    with open(os.path.join(run_dir, "train.json")) as handle:
+        return json.load(handle)
+
+
+def assert_same_run(solo_dir, batch_dir):
+    """Same per-epoch records and best epoch; best.pt and last.pt hold the same solo-form learner state."""
+    a, b = summary(solo_dir), summary(batch_dir)
+    assert a["best_epoch"] == b["best_epoch"] and a["epochs_done"] == b["epochs_done"]
+    assert a["model"] == b["model"] and a["learner"] == b["learner"]
+    for ra, rb in zip(a["history"], b["history"], strict=True):
+        for key in ("train_loss", "train_accuracy", "val_accuracy", "iteration", "meta_lr", "first_order"):
+            assert ra[key] == pytest.approx(rb[key], abs=TOLERANCE * 100), key
+    for name in ("best.pt", "last.pt"):
+        sa, sb = load_checkpoint(os.path.join(solo_dir, name)), load_checkpoint(os.path.join(batch_dir, name))
+        assert (sa["epoch"], sa["iteration"]) == (sb["epoch"], sb["iteration"])
+        assert sa["samplers"] == sb["samplers"] or str(sa["samplers"]) == str(sb["samplers"])
+        for part in ("model", "inner_lrs"):
+            ta, tb = sa["learner"][part], sb["learner"][part]
+            assert sorted(ta) == sorted(tb), part
+            for key in ta:
+                assert torch.allclose(ta[key].double(), tb[key].double(), atol=TOLERANCE), (name, key)
+        moments_a = sa["learner"]["optimizers"]["weights"]["state"]
+        moments_b = sb["learner"]["optimizers"]["weights"]["state"]
+        assert sorted(moments_a) == sorted(moments_b)
+        for index in moments_a:
+            assert torch.allclose(moments_a[index]["exp_avg"].double(), moments_b[index]["exp_avg"].double(),
+                                  atol=TOLERANCE)
+
+
+def test_batch_equals_solo_runs_resumes_as_a_batch_and_its_last_pt_resumes_alone(cache_dir, tmp_path):
+    chosen = genotypes(3)
+    two = settings(cache_dir, *MAML_PP, "--epochs", "2")
+    solo = [str(tmp_path / f"solo{i}") for i in range(3)]
+    batch = [str(tmp_path / f"batch{i}") for i in range(3)]
+    assert [r.status for r in train.train_genotypes(two, chosen, solo, log=lambda m: None)] == ["trained"] * 3
+
+    lines = []
+    one = settings(cache_dir, *MAML_PP, "--epochs", "1")
+    # epoch 1 as a batch of 3, then (epochs 2) resumed as a batch
+    first = train.train_genotypes(one, chosen, batch, log=lines.append, genotypes_per_batch=8)
+    assert [r.status for r in first] == ["trained"] * 3
+    alone = str(tmp_path / "alone")
+    shutil.copytree(batch[0], alone)  # a batch-written last.pt, resumed by the solo path
+    second = train.train_genotypes(two, chosen, batch, log=lines.append, genotypes_per_batch=3)
+    assert [r.status for r in second] == ["resumed"] * 3
+    assert not any("one at a time" in line or "out of device memory" in line for line in lines), lines
+    for i in range(3):
+        with open(os.path.join(batch[i], "log.txt")) as handle:
+            log = handle.read()
+        assert "trained in a batch of 3 genotypes" in log and "resumed from" in log and "epoch 2:" in log
+        assert_same_run(solo[i], batch[i])
+    assert train.train_genotypes(two, [chosen[0]], [alone], log=lambda m: None)[0].status == "resumed"
+    assert_same_run(solo[0], alone)
+    # best.pt restores as a solo learner, as the evaluate stage and the protocol read it
+    learner, saved = restore.learner_from_checkpoint(os.path.join(batch[1], "best.pt"), torch.device("cpu"))
+    assert restore.checkpoint_genotype(learner, saved).to_dict() == chosen[1]
+    # a rerun skips every finished run
+    again = train.train_genotypes(two, chosen, batch, log=lines.append, genotypes_per_batch=3)
+    assert [r.status for r in again] == ["skipped"] * 3
+
+
+def test_mixed_states_and_shapes_fall_back_to_solo_runs(cache_dir, tmp_path):
+    chosen = genotypes(2)
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    train.train_genotypes(settings(cache_dir, "--epochs", "1"), chosen[:1], dirs[:1], log=lambda m: None)
+    lines = []
+    results = train.train_genotypes(settings(cache_dir, "--epochs", "2"), chosen, dirs, log=lines.append,
+                                    genotypes_per_batch=2)
+    assert [r.status for r in results] == ["resumed", "trained"]
+    assert any("runs in different states" in line and "one at a time" in line for line in lines), lines
+
+    other = copy.deepcopy(chosen[1])
+    other["normal_concat"] = [2, 3, 4]  # another concat length: another shape
+    lines = []
+    shaped = [str(tmp_path / "c"), str(tmp_path / "d")]
+    results = train.train_genotypes(settings(cache_dir, "--epochs", "1"), [chosen[0], other], shaped,
+                                    log=lines.append, genotypes_per_batch=2)
+    assert [r.status for r in results] == ["trained", "trained"]
+    assert any(line.startswith("cannot batch 2 genotypes") and "one at a time" in line for line in lines), lines
+    assert summary(shaped[1])["epochs_done"] == 1
+
+
+def test_out_of_memory_halves_the_batch_and_retries(cache_dir, tmp_path, monkeypatch):
+    """A (mocked) CUDA out-of-memory error in a batch's meta-step: halved to 2 + 1, then 1 + 1, same results."""
+    chosen = genotypes(3)
+    solo = [str(tmp_path / f"solo{i}") for i in range(3)]
+    train.train_genotypes(settings(cache_dir, "--epochs", "1"), chosen, solo, log=lambda m: None)
+    step = batched_train.GenotypeBatchLearner.meta_step
+
+    def meta_step(self, batch, *args, **kwargs):
+        if self.genotype_count > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (mocked)")
+        return step(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(batched_train.GenotypeBatchLearner, "meta_step", meta_step)
+    lines = []
+    dirs = [str(tmp_path / f"batch{i}") for i in range(3)]
+    results = train.train_genotypes(settings(cache_dir, "--epochs", "1"), chosen, dirs, log=lines.append,
+                                    genotypes_per_batch=3)
+    assert [r.status for r in results] == ["trained"] * 3
+    assert "out of device memory with a batch of 3 genotypes; retrying with batches of 2" in lines
+    assert "out of device memory with a batch of 2 genotypes; retrying with batches of 1" in lines
+    for a, b in zip(solo, dirs):
+        assert_same_run(a, b)
+
+
+def test_genotypes_per_batch_below_one_is_an_error(cache_dir, tmp_path):
+    with pytest.raises(TnasError, match=r"^--genotypes_per_batch must be >= 1, got 0$"):
+        train.train_genotypes(settings(cache_dir), genotypes(1), [str(tmp_path / "a")], genotypes_per_batch=0)
+    assert not os.path.exists(tmp_path / "a")
+
+
+def test_automatic_genotypes_per_batch_from_free_device_memory(monkeypatch):
+    from tnas.stages.protocol_train import genotypes_per_batch
+
+    lines = []
+    assert genotypes_per_batch(None, torch.device("cpu"), lines.append) == 1 and lines == []
+    assert genotypes_per_batch(3, torch.device("cpu"), lines.append) == 3
+    with pytest.raises(TnasError, match="--genotypes_per_batch must be >= 1, got -1"):
+        genotypes_per_batch(-1, torch.device("cpu"), lines.append)
+    # 40 GiB free on one GPU shared by 2 processes: half of it, halved again, at 1 GiB per genotype
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024 ** 3, 141 * 1024 ** 3))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert genotypes_per_batch(None, torch.device("cuda"), lines.append) == 10
+    assert "--genotypes_per_batch 10: half of 40.0 GiB free device memory shared by 2 processes" in lines[-1]
+
+    def no_reading(device=None):
+        raise RuntimeError("no CUDA")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_reading)
+    assert genotypes_per_batch(None, torch.device("cuda"), lines.append) == 8 and "8 genotypes" in lines[-1]

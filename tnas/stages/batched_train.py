@@ -1,0 +1,234 @@
+"""From-scratch training of G genotypes at once, each into its own run directory as a solo run writes it.
+
+:func:`tnas.stages.train.train_genotypes` with ``genotypes_per_batch > 1`` calls :func:`train_group`
+for each group of genotypes still to train. A group trains as one
+:class:`~tnas.meta.genotype_batch.GenotypeBatchLearner` (see docs/genotype_batching.md), but every
+genotype keeps a solo :class:`~tnas.engine.MetaTrainer` of its own, built exactly as the solo train
+stage builds it (seeded run directory, network, episode sampler, validation episodes, summary). The
+batch only replaces the meta-step: each iteration stacks the G samplers' meta-batches, steps the batch
+once and hands each genotype's share of the statistics to its trainer. Before anything is written
+(a periodic ``last.pt``, the end of an epoch, an interrupt) each genotype's rows are copied back into
+its solo learner, and its own trainer validates, keeps ``best.pt`` by ITS validation accuracy and
+writes ``last.pt`` / ``train.json`` / log lines. So the outputs are a solo run's: ``evaluate``,
+``restore`` and ``--resume`` of one genotype work unchanged, and a group whose runs all stopped at the
+same iteration resumes as a batch.
+
+With the same seed each genotype gets its solo initial parameters and task stream, so its results
+equal its solo run's up to float rounding (drop-path aside: other random masks, same distribution).
+What the batch cannot take falls back to solo runs, said in the log: genotypes of different shapes,
+runs in different states (new and interrupted, or interrupted at different iterations), and a group
+that runs out of CUDA memory is halved and retried.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from tnas import distributed, guard
+from tnas.engine import MetaTrainer, StopRequest
+from tnas.errors import TnasError
+from tnas.genotypes import genotype_from_dict, resolve_genotype, save_genotype
+from tnas.meta.genotype_batch import GenotypeBatchLearner, stack_batches
+from tnas.meta.maml_pp import MAMLPlusPlus
+from tnas.models.complexity import count_macs
+from tnas.models.genotype_batch import GenotypeBatchNetwork
+from tnas.runlog import load_checkpoint, progress
+from tnas.stages import common
+from tnas.stages import train as train_stage
+
+Log = Callable[[str], None]
+
+
+class _ShapeMismatch(Exception):
+    """Genotypes of different shapes (nodes per cell, concat length, ...): they cannot share a batch."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """True for a CUDA out-of-memory error (``torch.OutOfMemoryError`` or its message)."""
+    kind = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (kind is not None and isinstance(error, kind)) or "CUDA out of memory" in str(error)
+
+
+class BatchedTrainer:
+    """Steps G solo :class:`MetaTrainer` s (one per genotype, same schedule and position) through one
+    :class:`GenotypeBatchLearner`; each trainer still validates, checkpoints and logs its genotype."""
+
+    def __init__(self, learner: GenotypeBatchLearner, trainers: Sequence[MetaTrainer], log: Log):
+        self.learner = learner
+        self.trainers = list(trainers)
+        self.log = log
+        lead = self.trainers[0]
+        self.schedule, self.device = lead.schedule, lead.device
+        if any((t.epoch, t.iteration) != (lead.epoch, lead.iteration) for t in self.trainers):
+            raise ValueError("the trainers of a genotype batch must stand at the same iteration")
+
+    def sync(self) -> None:
+        """Copy each genotype's rows (parameters, learned rates, Adam moments) into its solo learner and set
+        that learner's schedules to the last iteration, as a solo run's learner stands after its step."""
+        per_epoch = self.schedule.iterations_per_epoch
+        for g, trainer in enumerate(self.trainers):
+            trainer.learner.load_state_dict(self.learner.genotype_state_dict(g))
+            trainer.learner.set_progress(max(trainer.iteration - 1, 0), per_epoch, self.schedule.epochs)
+
+    def save_last(self) -> None:
+        self.sync()
+        for trainer in self.trainers:
+            trainer.save_last()
+
+    def run(self) -> None:
+        """Train every genotype until ``schedule.epochs`` are done (the summaries: each trainer's)."""
+        schedule, lead = self.schedule, self.trainers[0]
+        per_epoch = schedule.iterations_per_epoch
+        for trainer in self.trainers:  # the non-finite checks name iterations from here, as in MetaTrainer.run
+            trainer._pending_first_iteration = trainer.iteration
+        with StopRequest() as stop:
+            while lead.epoch < schedule.epochs:
+                first = lead.iteration - lead.epoch * per_epoch
+                bar = progress(range(first, per_epoch), total=per_epoch, initial=first,
+                               desc=f"train {len(self.trainers)} genotypes epoch {lead.epoch + 1}/{schedule.epochs}")
+                for _ in bar:
+                    iteration = lead.iteration
+                    track = schedule.log_every > 0 and iteration % schedule.log_every == 0
+                    self.learner.set_progress(iteration, per_epoch, schedule.epochs)
+                    batch = stack_batches([trainer.samplers["train"].sample() for trainer in self.trainers])
+                    stats = self.learner.meta_step(batch, track_steps=track)
+                    grads_ok = guard.gradients_finite(self.learner, self.device)  # one flag for the batch
+                    for trainer, share in zip(self.trainers, self.learner.split_stats(stats)):
+                        trainer.record_step(share, grads_ok)
+                        if track:
+                            trainer.check_finite()
+                            trainer.log_step(share)
+                    if stop.requested:
+                        self.save_last()
+                        for trainer in self.trainers:
+                            trainer.logger.log(f"interrupted at iteration {trainer.iteration}; saved "
+                                               f"{trainer.last_path}; rerun with --resume to continue")
+                        raise KeyboardInterrupt
+                    if schedule.checkpoint_every > 0 and lead.iteration % schedule.checkpoint_every == 0:
+                        self.save_last()
+                self.sync()
+                for trainer in self.trainers:
+                    trainer.end_epoch()
+
+
+def _last_iteration(run_dir: str) -> Optional[int]:
+    """The iteration of ``run_dir``'s ``last.pt`` (None when it cannot be read)."""
+    try:
+        return int(load_checkpoint(os.path.join(run_dir, "last.pt"))["iteration"])
+    except (TnasError, KeyError, TypeError, ValueError, OSError):
+        return None
+
+
+def _solo_trainer(settings, genotype: Dict[str, Any], run_dir: str, resume: bool, splits, log: Log):
+    """One genotype's solo trainer, set up exactly as :func:`tnas.stages.train.run` sets it up
+    (seeded before its network is built); returns (trainer, an unwrapped copy of its network, splits)."""
+    genotype_path = os.path.join(run_dir, "genotype.json")
+    os.makedirs(run_dir, exist_ok=True)
+    if not os.path.exists(genotype_path):
+        save_genotype(genotype_from_dict(genotype), genotype_path)
+    wanted = settings.replace(genotype=genotype_path, out=run_dir, resume=resume)
+    log(f"{'resuming the interrupted' if resume else 'starting the'} from-scratch {settings.maml.method} "
+        f"run in {run_dir}")
+    train_stage.check_settings(wanted)
+    flags = argparse.Namespace(**wanted.to_flags())
+    run_dir, logger, device = common.prepare_run(flags, "train")
+    try:
+        if splits is None:
+            splits = common.load_splits(flags, ("train", "val"), logger)
+        image_shape = tuple(splits["train"].image_shape)
+        solved = resolve_genotype(genotype_path)
+        model = train_stage._build_network(wanted, solved, image_shape, device)
+        counted = {**count_macs(model, image_shape), "parameters": sum(p.numel() for p in model.parameters())}
+        source = copy.deepcopy(model)  # MAMLPlusPlus may rebuild BatchNorms; the batch takes the plain network
+        config = train_stage.maml_config(wanted, device)
+        learner = MAMLPlusPlus(model, config)
+        summary = train_stage._summary(wanted, model, learner, image_shape, counted)
+        if resume:
+            train_stage.check_resumable(run_dir, summary, logger)
+        save_genotype(solved, os.path.join(run_dir, "genotype.json"))
+        trainer = train_stage._trainer(wanted, learner, splits, run_dir, logger, device, summary, True, False)
+        if resume:
+            trainer.resume()
+        logger.log(train_stage._describe(wanted, config, summary, device, run_dir, False))
+    except BaseException:
+        logger.close()
+        raise
+    return trainer, source, splits
+
+
+def _train_batch(settings, items, log: Log) -> List[train_stage.GenotypeResult]:
+    """Train ``items`` ((genotype, run_dir, resume, log) each, all new or all at one iteration) as one batch."""
+    trainers: List[MetaTrainer] = []
+    started = time.perf_counter()
+    try:
+        with distributed.local_process():
+            sources, splits = [], None
+            for genotype, run_dir, resume, genotype_log in items:
+                trainer, source, splits = _solo_trainer(settings, genotype, run_dir, resume, splits, genotype_log)
+                trainers.append(trainer)
+                sources.append(source)
+            try:
+                batch = GenotypeBatchNetwork.from_networks(sources)
+            except ValueError as error:
+                raise _ShapeMismatch(" ".join(str(error).split())) from None
+            learner = GenotypeBatchLearner(batch, trainers[0].learner.config)
+            for g, trainer in enumerate(trainers):
+                learner.load_genotype_state_dict(g, trainer.learner.state_dict())
+            dirs = ", ".join(trainer.run_dir for trainer in trainers)
+            for trainer in trainers:
+                trainer.logger.log(f"trained in a batch of {len(trainers)} genotypes ({dirs}), eagerly "
+                                   f"(no CUDA graph); each genotype gets its solo run's result")
+            BatchedTrainer(learner, trainers, log).run()
+            summaries = [common.run_trainer(trainer, trainer.logger, "train.json") for trainer in trainers]
+    finally:
+        for trainer in trainers:
+            trainer.logger.close()
+    share = (time.perf_counter() - started) / len(items)  # the batch's time, split evenly over its genotypes
+    return [train_stage.GenotypeResult("resumed" if resume else "trained", summary, share)
+            for (_, _, resume, _), summary in zip(items, summaries)]
+
+
+def train_group(settings, genotypes: Sequence[Dict[str, Any]], out_dirs: Sequence[str], logs: Sequence[Log],
+                log: Log) -> List[train_stage.GenotypeResult]:
+    """Train one group of genotypes (at most ``--genotypes_per_batch``) as a batch where it can; solo runs
+    where it cannot (said in ``log``); a CUDA out-of-memory error halves the group and retries."""
+    def solo(indices):
+        return [(i, train_stage.train_one_genotype(settings, genotypes[i], out_dirs[i], logs[i])) for i in indices]
+
+    def attempt(indices) -> List:
+        if len(indices) == 1:
+            return solo(indices)
+        statuses = {i: train_stage.genotype_run_status(out_dirs[i], genotypes[i], settings) for i in indices}
+        done = [i for i in indices if statuses[i] == "done"]
+        left = [i for i in indices if statuses[i] != "done"]
+        if len(left) < 2:
+            return solo(done + left)
+        kinds = {statuses[i] for i in left}
+        iterations = {_last_iteration(out_dirs[i]) for i in left} if kinds == {"resume"} else {None}
+        if len(kinds) > 1 or len(iterations) > 1 or None in iterations and kinds == {"resume"}:
+            log(f"genotypes {', '.join(out_dirs[i] for i in left)}: runs in different states (new, or interrupted "
+                f"at different iterations); training them one at a time")
+            return solo(done + left)
+        items = [(genotypes[i], out_dirs[i], statuses[i] == "resume", logs[i]) for i in left]
+        try:
+            results = _train_batch(settings, items, log)
+        except _ShapeMismatch as error:
+            log(f"cannot batch {len(left)} genotypes ({error}); training them one at a time")
+            return solo(done + left)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+            if not out_of_memory(error):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = (len(left) + 1) // 2
+            log(f"out of device memory with a batch of {len(left)} genotypes; retrying with batches of {half}")
+            return solo(done) + attempt(left[:half]) + attempt(left[half:])
+        return solo(done) + list(zip(left, results))
+
+    by_index = dict(attempt(list(range(len(genotypes)))))
+    return [by_index[i] for i in range(len(genotypes))]
