@@ -368,7 +368,11 @@ def run(args: ProtocolSettings) -> Optional[Dict[str, object]]:
                      f"{info.world_size} process(es), device {p.device}; output in {p.out_dir}")
         genotypes, ids, by_id, episodes_of, cached = decode_step(p)
         mine = train_and_score(p, by_id, episodes_of)
-        return gather_and_write(p, mine, genotypes, ids, by_id, episodes_of, cached)
+        record = gather_and_write(p, mine, genotypes, ids, by_id, episodes_of, cached)
+        # every rank leaves the gloo group together: a rank that tore it down while rank 0 still
+        # wrote the results could abort at exit ("terminate called without an active exception")
+        distributed.barrier(p.info)
+        return record
     finally:
         p.logger.close()
         distributed.shutdown(p.info)
