@@ -241,6 +241,16 @@ class MetaTrainer:
         if self.is_main:
             save_checkpoint(self.state_dict(), self.last_path)
 
+    def checkpoint_due(self) -> bool:
+        """Whether ``last.pt`` is due after the current iteration (``--checkpoint_every``)."""
+        every = self.schedule.checkpoint_every
+        return every > 0 and self.iteration % every == 0
+
+    def log_interrupted(self) -> None:
+        """The log line of a run stopped by Ctrl-C / SIGTERM after its ``last.pt`` was saved."""
+        self.logger.log(f"interrupted at iteration {self.iteration}; saved {self.last_path}; "
+                        f"rerun with --resume to continue")
+
     def elapsed(self) -> float:
         return self._elapsed_before + time.time() - self._started
 
@@ -295,10 +305,9 @@ class MetaTrainer:
                             self.log_step(stats)
                     if stop.requested:
                         self.save_last()
-                        self.logger.log(f"interrupted at iteration {self.iteration}; saved {self.last_path}; "
-                                        f"rerun with --resume to continue")
+                        self.log_interrupted()
                         raise KeyboardInterrupt
-                    if schedule.checkpoint_every > 0 and self.iteration % schedule.checkpoint_every == 0:
+                    if self.checkpoint_due():
                         self.save_last()
                 self.end_epoch()
         return self.write_summary()

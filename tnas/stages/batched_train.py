@@ -106,10 +106,9 @@ class BatchedTrainer:
                     if stop.requested:
                         self.save_last()
                         for trainer in self.trainers:
-                            trainer.logger.log(f"interrupted at iteration {trainer.iteration}; saved "
-                                               f"{trainer.last_path}; rerun with --resume to continue")
+                            trainer.log_interrupted()
                         raise KeyboardInterrupt
-                    if schedule.checkpoint_every > 0 and lead.iteration % schedule.checkpoint_every == 0:
+                    if lead.checkpoint_due():
                         self.save_last()
                 self.sync()
                 for trainer in self.trainers:
