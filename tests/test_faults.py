@@ -119,6 +119,21 @@ def test_second_run_into_a_busy_out_is_refused_and_the_first_is_intact(tmp_path,
     assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 40
 
 
+def test_a_finished_or_failed_in_process_run_releases_its_out(tmp_path, quick_search):
+    """A stage called as a library function owns --out only while it runs: afterwards another
+    process may take it (e.g. a notebook run, then a script resuming it)."""
+    probe = ("import fcntl, sys\nhandle = open(sys.argv[1], 'a')\n"
+             "fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('locked')\n")
+    done = finished_run(quick_search, tmp_path / "done")
+    failed = tmp_path / "failed"
+    result = quick_search(failed, "--epochs", "1", "--tasks_per_epoch", "4", "--n_way", "500")
+    assert result.returncode == 2 and (failed / "run.lock").exists(), result.stderr
+    for out in (done, failed):
+        taken = subprocess.run([sys.executable, "-c", probe, str(out / "run.lock")], capture_output=True, text=True,
+                               timeout=60)
+        assert taken.stdout.strip() == "locked", (out, taken.stderr)
+
+
 def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, quick_search):
     afile = tmp_path / "afile"
     afile.write_text("not a directory\n")

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import IO, Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -271,8 +271,10 @@ class RunLogger:
     """
 
     def __init__(self, out_dir, use_tensorboard: bool = True, quiet: bool = False,
-                 append: bool = False):
+                 append: bool = False, on_close: Optional[Callable[[], None]] = None):
+        """``on_close``: called once when the log is closed (a run releases its run directory then)."""
         self.out_dir = Path(out_dir)
+        self._on_close = on_close
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.use_tensorboard = use_tensorboard
         self.quiet = quiet
@@ -364,6 +366,9 @@ class RunLogger:
             self._writer = None
         if self._log_file is not None and not self._log_file.closed:
             self._log_file.close()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     def __enter__(self) -> "RunLogger":
         return self

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
@@ -168,12 +169,18 @@ def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
     args.out = args.out or default_run_dir(args, stage)
     resume = getattr(args, "resume", False)
     changes = _claim_and_check(args, stage, info, resume, device)
-    if info.is_main:
-        saved = {key: old for key, (old, new) in changes.items()}  # config.yaml keeps how the run started
-        save_config(dict(vars(args), **saved), os.path.join(args.out, "config.yaml"))
-    distributed.barrier(info)
-    log_dir = args.out if info.is_main else os.path.join(args.out, f"rank{info.rank}")
-    logger = RunLogger(log_dir, use_tensorboard=info.is_main, quiet=not info.is_main, append=resume)
+    release = functools.partial(run_dir.release_run_dir, args.out)  # the run owns --out until its log closes
+    try:
+        if info.is_main:
+            saved = {key: old for key, (old, new) in changes.items()}  # config.yaml keeps how the run started
+            save_config(dict(vars(args), **saved), os.path.join(args.out, "config.yaml"))
+        distributed.barrier(info)
+        log_dir = args.out if info.is_main else os.path.join(args.out, f"rank{info.rank}")
+        logger = RunLogger(log_dir, use_tensorboard=info.is_main, quiet=not info.is_main, append=resume,
+                           on_close=release)
+    except BaseException:
+        release()
+        raise
     if changes:
         logger.log(f"resuming with --resume_override: {', '.join(f'{k}: {o!r} -> {n!r}' for k, (o, n) in changes.items())} "
                    f"(recorded in {os.path.join(args.out, run_dir.OVERRIDES_FILE)})")

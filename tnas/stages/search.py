@@ -228,26 +228,29 @@ def run(settings: SearchSettings) -> Dict[str, object]:
     graph = check_settings(settings)
     flags = argparse.Namespace(**settings.to_flags())
     run_dir, logger, device = common.prepare_run(flags, "search")
-    logger.log(graph.reason)
-    is_main = distributed.current_info().is_main
-    data, meta = settings.data, settings.meta
-    splits = common.load_splits(flags, ("train", "val"), logger)
-    model = build_supernet(settings, common.image_channels(splits["train"])).to(device)
-    val_episodes = FixedEpisodes.generate(splits["val"], data.n_way, data.k_shot, data.q_query,
-                                          episodes=settings.schedule.val_episodes, seed=settings.run.seed + 1)
-    build = build_auto_maml if meta.method == "auto_maml" else build_tnas
-    learner, samplers, step = build(settings, model, splits["train"], device, graph.enabled, logger.log)
-    summary = {"method": meta.method, "dataset": data.dataset, "n_way": data.n_way, "k_shot": data.k_shot,
-               "q_query": data.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config,
-               "learner": learner.config.to_dict(), **common.data_settings(data)}
-    trainer = MetaTrainer(learner, samplers, step, val_episodes, run_dir, logger,
-                          common.schedule_from_args(settings.schedule), device, stage="search", summary=summary,
-                          epoch_hook=genotype_epoch_hook(learner, run_dir, logger),
-                          val_steps=meta.inner_steps_test, is_main=is_main)
-    if settings.run.resume:
-        trainer.resume()
-    if graph.enabled:  # after resume: a checkpoint's optimiser settings replace ours
-        make_optimizers_capturable(learner.optimizers.values())
-    logger.log(f"search ({meta.method}) on {data.dataset} {data.n_way}-way {data.k_shot}-shot, device {device}, "
-               f"supernet {sum(p.numel() for p in model.weights()):,} weights; run directory {run_dir}")
-    return common.run_trainer(trainer, logger, "search.json")
+    try:
+        logger.log(graph.reason)
+        is_main = distributed.current_info().is_main
+        data, meta = settings.data, settings.meta
+        splits = common.load_splits(flags, ("train", "val"), logger)
+        model = build_supernet(settings, common.image_channels(splits["train"])).to(device)
+        val_episodes = FixedEpisodes.generate(splits["val"], data.n_way, data.k_shot, data.q_query,
+                                              episodes=settings.schedule.val_episodes, seed=settings.run.seed + 1)
+        build = build_auto_maml if meta.method == "auto_maml" else build_tnas
+        learner, samplers, step = build(settings, model, splits["train"], device, graph.enabled, logger.log)
+        summary = {"method": meta.method, "dataset": data.dataset, "n_way": data.n_way, "k_shot": data.k_shot,
+                   "q_query": data.q_query, "image_shape": list(splits["train"].image_shape), "model": model.config,
+                   "learner": learner.config.to_dict(), **common.data_settings(data)}
+        trainer = MetaTrainer(learner, samplers, step, val_episodes, run_dir, logger,
+                              common.schedule_from_args(settings.schedule), device, stage="search", summary=summary,
+                              epoch_hook=genotype_epoch_hook(learner, run_dir, logger),
+                              val_steps=meta.inner_steps_test, is_main=is_main)
+        if settings.run.resume:
+            trainer.resume()
+        if graph.enabled:  # after resume: a checkpoint's optimiser settings replace ours
+            make_optimizers_capturable(learner.optimizers.values())
+        logger.log(f"search ({meta.method}) on {data.dataset} {data.n_way}-way {data.k_shot}-shot, device {device}, "
+                   f"supernet {sum(p.numel() for p in model.weights()):,} weights; run directory {run_dir}")
+        return common.run_trainer(trainer, logger, "search.json")
+    finally:
+        logger.close()  # also when the set-up above fails; releases the run directory
