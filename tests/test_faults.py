@@ -174,6 +174,15 @@ def test_mismatched_resume_is_one_line_and_leaves_config_alone(tmp_path, quick_s
     assert (out / "config.yaml").read_bytes() == config and (out / "log.txt").read_bytes() == log
 
 
+def test_resume_may_change_a_rerun_free_flag_such_as_cuda_graph(tmp_path, quick_search):
+    """--cuda_graph (graphed or eager: the same steps) is rerun-free in the settings, so a resume may
+    change it without --resume_override."""
+    out = finished_run(quick_search, tmp_path / "run", "--cuda_graph", "off")
+    resumed = quick_search(out, "--epochs", "2", "--tasks_per_epoch", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "search.json").read_text())["epochs_done"] == 2
+
+
 def test_resume_of_a_corrupt_checkpoint_leaves_config_alone(tmp_path, quick_search):
     out = finished_run(quick_search, tmp_path / "run")
     config = (out / "config.yaml").read_bytes()

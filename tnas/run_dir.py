@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, FrozenSet, Mapping, Tuple
 
 from tnas.errors import TnasError
 
@@ -31,7 +31,8 @@ FREE_KEYS = frozenset({
     "cache_dir", "data_path", "genotype", "epochs", "amp", "threads", "help", "episodes_given"})
 """Flags that may differ on ``--resume`` without notice: where and how fast it runs, how often it
 logs, how long it goes on. (``genotype`` names a file; the network it describes is checked
-against the checkpoint by the stage.)"""
+against the checkpoint by the stage.) The stages add every field their settings mark rerun-free
+(:func:`tnas.stages.settings.rerun_free_flags`)."""
 
 STRUCTURAL_KEYS = ("method", "dataset", "n_way", "k_shot", "q_query", "tasks_per_batch", "tasks_per_epoch",
                    "img_size", "C", "layers", "seed", "inner_steps", "per_step_bn", "learn_inner_lr")
@@ -144,14 +145,15 @@ def _describe(changes: Mapping[str, Tuple[Any, Any]], limit: int = 6) -> str:
     return ", ".join(parts)
 
 
-def check_resume(args, out: str, stage: str) -> Tuple[Dict[str, Tuple[Any, Any]], int, int]:
+def check_resume(args, out: str, stage: str, free_keys: FrozenSet[str] = FREE_KEYS
+                 ) -> Tuple[Dict[str, Tuple[Any, Any]], int, int]:
     """Whether ``--resume`` may continue the run in ``out``; returns the accepted overrides and the
     checkpoint's epoch and iteration.
 
     Reads ``out/last.pt`` (a corrupt or unsafe checkpoint is a one-line error) and
     ``out/config.yaml``; writes nothing. Differences in :data:`STRUCTURAL_KEYS`, or between the
     checkpoint's method / task shape / network and the flags, are refused; other changed flags
-    (not :data:`FREE_KEYS`) are refused unless ``args.resume_override``. Returns
+    (not in ``free_keys``) are refused unless ``args.resume_override``. Returns
     ``({flag: (saved value, new value)}, epoch, iteration)``.
     """
     from tnas.runlog import load_checkpoint
@@ -170,7 +172,7 @@ def check_resume(args, out: str, stage: str) -> Tuple[Dict[str, Tuple[Any, Any]]
             structural[key] = (_plain(value), wanted[key])
     changed: Dict[str, Tuple[Any, Any]] = {}
     for key in sorted(set(saved_flags) & set(wanted)):
-        if key in FREE_KEYS or key in pinned or saved_flags[key] == wanted[key]:
+        if key in free_keys or key in pinned or saved_flags[key] == wanted[key]:
             continue
         target = structural if key in STRUCTURAL_KEYS else changed
         target[key] = (saved_flags[key], wanted[key])

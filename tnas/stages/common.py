@@ -17,6 +17,7 @@ from tnas.hparams import log_hparams
 from tnas.meta.cuda_graph import (GraphDecision, GraphedStep, KeyedGraphedStep, capture_failure_logger,  # noqa: F401
                                   cuda_graph_mode, resolve_cuda_graph)
 from tnas.runlog import RunLogger
+from tnas.stages.settings import rerun_free_flags
 
 
 def add_episode_args(parser: argparse.ArgumentParser) -> None:
@@ -202,7 +203,8 @@ def _claim_and_check(args, stage: str, info, resume: bool, device: torch.device)
                                 f"or choose another --out")
             run_dir.claim_run_dir(args.out)
             if resume:
-                changes, epoch, iteration = run_dir.check_resume(args, args.out, stage)
+                changes, epoch, iteration = run_dir.check_resume(args, args.out, stage,
+                                                                     run_dir.FREE_KEYS | rerun_free_flags())
                 if changes:
                     run_dir.record_overrides(args.out, changes, epoch, iteration)
         except TnasError as error:

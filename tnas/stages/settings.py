@@ -119,6 +119,12 @@ class RunSettings(Settings):
 _PARTS = {cls.__name__: cls for cls in (DataSettings, ScheduleSettings, NetworkSettings, RunSettings)}
 
 
+def rerun_free_flags() -> frozenset:
+    """Every flag marked rerun-free in a settings part: what a ``--resume`` may change without notice."""
+    return frozenset(item.name for part in _PARTS.values() for item in dataclasses.fields(part)
+                     if item.metadata.get("rerun_free"))
+
+
 def register_part(cls):
     """Make a settings dataclass usable as a nested part under ``from __future__ import annotations``
     (field types are then strings, looked up here)."""
