@@ -15,7 +15,11 @@ device, so this times the meta-learning only (the data pipeline has its own benc
 timed ones, synchronising the device before reading the clock. Prints one JSON object, whose
 ``setting`` carries what ``--cuda_graph auto`` chose and why. Each case also counts the FLOPs
 of one meta-iteration (``torch.utils.flop_counter``: convolutions and matrix products, forward
-and backward) and, on a GPU of known peak, the fraction of it achieved.
+and backward) and, on a GPU of known peak, the fraction of it achieved, and the torch operators
+it dispatches (``ops_per_iteration``: every aten op but views, forward and backward; on a GPU
+about one kernel each), which is what bounds a meta-iteration of small kernels on a GPU.
+``--edges`` picks the supernet's edge path (``sources``: source folding, ``fused``: edge by edge,
+``reference``: the plain ``MixedOp`` sum).
 
 Reference, the original code on one H200 (docs/design.md section 3): T-NAS 3.68 s per meta-iteration of
 4 tasks, 1-shot (1.09 tasks/s); auto-MAML 6.17 s per meta-iteration of 4 tasks; meta-test
@@ -64,6 +68,7 @@ from tnas.models.network import Network
 from tnas.models.supernet import Supernet
 from tnas.stages.common import add_cuda_graph_arg
 from tnas.task_folding import POINTWISE_MODES, use_pointwise_mode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ORIGINAL_SECONDS = {"tnas": 3.68 / 4, "auto_maml": 6.17 / 4, "adapt": 1.61, "scratch": 6 * 3600 / 225_000,
                     "genobatch": 6 * 3600 / 225_000}
@@ -73,6 +78,9 @@ spread over the 225,000 tasks of the paper schedule."""
 PAPER_SCHEDULE_TASKS = 15 * 15_000
 """Tasks seen while training one genotype from scratch at the paper schedule (15 epochs x 15,000)."""
 PROTOCOL_GENOTYPES = 600
+EDGE_PATHS = ("sources", "fused", "reference")
+DEFAULT_EDGES = ("sources" if ExecutionPlan.fold_sources else "fused") if ExecutionPlan.fused_edges else "reference"
+"""``--edges`` choices; the default is the default plan's path."""
 GRAPH_WARMUP = 2
 """Eager calls of each step before its CUDA graph is captured (when graphed)."""
 PEAK_TFLOPS = {"H200": {"fp32": 67.0, "bf16": 989.0}, "H100": {"fp32": 67.0, "bf16": 989.0},
@@ -156,8 +164,8 @@ def build_learner(spec: Dict[str, object], args, device: torch.device):
     """The learner a case times: T-NAS on the supernet, (MAML / MAML++) on a derived network, or on a
     batch of G derived networks."""
     amp_dtype = torch.bfloat16 if args.amp else None
-    plan = ExecutionPlan(fused_edges=args.edges == "fused", branch_streams=args.branch_streams,
-                         pointwise=args.pointwise)
+    plan = ExecutionPlan(fused_edges=args.edges != "reference", fold_sources=args.edges == "sources",
+                         branch_streams=args.branch_streams, pointwise=args.pointwise)
     if spec["kind"] == "genobatch":
         model = GenotypeBatchNetwork.from_genotypes(case_genotypes(spec), seed=0,
                                                     n_way=args.n_way, C=args.C, layers=args.layers, in_channels=3)
@@ -224,18 +232,32 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padd
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
-def count_flops(one_iteration, iterations: List[int]) -> float:
-    """FLOPs per call of ``one_iteration`` averaged over ``iterations`` (eager calls: run them
-    before any capture), from torch's FLOP counter (convolutions and matrix products, forward
-    and backward; elementwise work not counted)."""
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while active, views left out (they launch no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_work(one_iteration, iterations: List[int]):
+    """(FLOPs, aten ops) per call of ``one_iteration`` averaged over ``iterations`` (eager calls: run
+    them before any capture): torch's FLOP counter (convolutions and matrix products, forward and
+    backward; elementwise work not counted) and :class:`OpCounter`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False,
                               custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
-    with counter:
+    ops = OpCounter()
+    with counter, ops:
         for iteration in iterations:
             one_iteration(iteration)
-    return counter.get_total_flops() / len(iterations)
+    return counter.get_total_flops() / len(iterations), ops.ops / len(iterations)
 
 
 def peak_tflops(args, device: torch.device):
@@ -256,7 +278,7 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
     kind = spec["kind"]
     one_iteration, warmup, tasks = prepare_case(spec, args, device)
     counted = 2 if kind == "auto_maml" else 1  # auto-MAML alternates a weight step and an alpha step
-    flops = count_flops(one_iteration, list(range(counted)))
+    flops, ops = count_work(one_iteration, list(range(counted)))
     for iteration in range(counted, warmup):
         one_iteration(iteration)
     synchronize(device)
@@ -275,6 +297,7 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
               "seconds_per_iteration": seconds, "tasks_per_second": tasks_per_second,
               "speedup_vs_original": tasks_per_second * ORIGINAL_SECONDS[kind],
               "gflop_per_iteration": flops / 1e9, "achieved_tflops": flops / seconds / 1e12,
+              "ops_per_iteration": ops,
               "cuda_graph": "eager" if not args.graphed else (
                   f"eager after a failed capture ({one_iteration.capture_failures[0]})"
                   if one_iteration.capture_failures else "graphed")}
@@ -364,9 +387,10 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
                         help="tasks folded into channel groups (the default everywhere) or torch.func.vmap")
     parser.add_argument("--pointwise", choices=POINTWISE_MODES, default=ExecutionPlan.pointwise,
                         help="folded 1x1 convolutions as batched matmuls or grouped convs (ExecutionPlan.pointwise)")
-    parser.add_argument("--edges", choices=("fused", "reference"), default="fused",
-                        help="the supernet's edges by the fused path (tnas.models.fast_edges) or as the "
-                             "reference MixedOp's sum (ExecutionPlan.fused_edges)")
+    parser.add_argument("--edges", choices=EDGE_PATHS, default=DEFAULT_EDGES,
+                        help="the supernet's edges: all edges from a state at once (sources: "
+                             "ExecutionPlan.fold_sources, tnas.models.source_folding), edge by edge (fused: "
+                             "tnas.models.fast_edges) or the reference MixedOp's sum (ExecutionPlan.fused_edges off)")
     parser.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=True,
                         help="let cuDNN time its algorithms for each new shape (torch.backends.cudnn.benchmark; "
                              "on by default, as in the stage scripts)")

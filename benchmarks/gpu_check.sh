@@ -59,6 +59,10 @@ for r in report["results"]:
           "TFLOP/s", r.get("achieved_tflops"), "fraction of peak", r.get("fraction_of_peak"), r.get("peak_basis"),
           r.get("cuda_graph"), "error", r.get("error"))
 PY
+  # The supernet's other edge path, graphed, beside the default's figures: edge by edge (--edges fused)
+  # instead of all edges from a cell state at once (the default, source folding)
+  step "meta-iteration, edges one by one" 60 bench_meta_iter_edges_fused.json $bench --iterations 10 \
+    --cuda_graph on --edges fused --cases tnas_1shot_T4 tnas_5shot_T4 auto_maml_1shot_T4
   # Then genotype batches: G genotypes (random decodes, 4 tasks each) trained as one network,
   # first-order MAML and MAML++, 1-shot; aggregate tasks/s, peak memory, protocol_hours_600
   step "genotype batches fp32, eager" 150 bench_meta_iter_genobatch.json $bench --iterations 3 --warmup 1 --cuda_graph off \

@@ -30,7 +30,7 @@ def test_every_kind_of_case_runs_and_reports(bench, capsys):
         original = bench.ORIGINAL_SECONDS[record["kind"]]
         assert record["speedup_vs_original"] == pytest.approx(record["tasks_per_second"] * original)
         assert record["cuda_graph"] == "eager" and "fraction_of_peak" not in record  # no known peak on a CPU
-        assert record["gflop_per_iteration"] > 0
+        assert record["gflop_per_iteration"] > 0 and record["ops_per_iteration"] > 0
         assert record["achieved_tflops"] == pytest.approx(record["gflop_per_iteration"] / 1e3
                                                           / record["seconds_per_iteration"])
     scratch = {r["case"]: r for r in report["results"] if r["kind"] == "scratch"}
@@ -66,6 +66,17 @@ def test_scratch_learner_is_the_derived_network(bench):
     assert not bench.build_learner(bench.CASES["tnas_1shot_T4"], args, torch.device("cpu")).forward.folds_tasks
 
 
+@pytest.mark.parametrize("edges", ["sources", "fused", "reference"])
+def test_edges_flag_picks_the_supernet_edge_path(bench, edges):
+    import torch
+
+    args = bench.parse_args(["--tiny", "--device", "cpu", "--edges", edges])
+    cell = bench.build_learner(bench.CASES["tnas_1shot_T4"], args, torch.device("cpu")).model.cells[0]
+    assert ((cell.sources is not None), (cell.fused is not None)) == {
+        "sources": (True, False), "fused": (False, True), "reference": (False, False)}[edges]
+    assert bench.parse_args(["--tiny", "--device", "cpu"]).edges == bench.DEFAULT_EDGES
+
+
 def test_shared_gpu_sums_throughput_and_rescales_the_cost(tmp_path, capsys):
     shared = load_script("benchmarks/shared_gpu.py")
 
@@ -99,9 +110,17 @@ def test_flop_count_of_a_depthwise_conv_counts_groups_once(bench):
     for groups in (1, 8):
         conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=False)
         x = torch.randn(2, 8, 5, 5, requires_grad=True)
-        flops = bench.count_flops(lambda _: conv(x).sum().backward(), [0])
+        flops, _ = bench.count_work(lambda _: conv(x).sum().backward(), [0])
         forward = 2 * (2 * 8 * 5 * 5) * (8 // groups) * 9
         assert flops == 3 * forward
+
+
+def test_op_count_leaves_out_views(bench):
+    import torch
+
+    x = torch.randn(4, 6)
+    _, ops = bench.count_work(lambda _: (x.view(6, 4).t() * 2 + 1).sum(), [0, 1])
+    assert ops == 3  # mul, add, sum; the view and the transpose launch nothing
 
 
 def test_genotype_batch_cases_report_aggregate_rate_and_protocol_cost(bench):

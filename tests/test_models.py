@@ -390,15 +390,19 @@ def test_fused_edges_equal_the_reference_mixed_ops(stride, tasks):
 
 @pytest.mark.parametrize("tasks", [1, 3], ids=["plain", "folded"])
 def test_every_execution_plan_gives_the_reference_supernet(tasks):
-    """The plan chooses how, never what: logits and gradients of the fast default equal REFERENCE's."""
+    """The plan chooses how, never what: logits and gradients of the fast paths (the default, edge by
+    edge, source-folded) equal REFERENCE's."""
     from tnas.models.fast_edges import REFERENCE, ExecutionPlan
     from tnas.task_folding import fold_images
 
     models = {}
-    for name, plan in (("reference", REFERENCE), ("fast", ExecutionPlan())):
+    plans = (("reference", REFERENCE), ("default", ExecutionPlan()), ("fused", ExecutionPlan(fold_sources=False)),
+             ("sources", ExecutionPlan(fold_sources=True)))
+    for name, plan in plans:
         torch.manual_seed(0)
         models[name] = Supernet(n_way=3, C=4, layers=2, in_channels=1, plan=plan).double()
-    assert models["reference"].cells[0].fused is None and models["fast"].cells[0].fused is not None
+    assert models["reference"].cells[0].fused is None and models["reference"].cells[0].sources is None
+    assert models["fused"].cells[0].fused is not None and models["sources"].cells[0].sources is not None
     x = fold_images(torch.randn(tasks, 4, 1, 16, 16, dtype=torch.float64))
     alphas = torch.randn(tasks, 14, 8, dtype=torch.float64, requires_grad=True)
     results = {}
@@ -407,5 +411,115 @@ def test_every_execution_plan_gives_the_reference_supernet(tasks):
         logits = model(x, alphas, alphas) if tasks > 1 else model(x, alphas[0], alphas[0])
         weights = list(model.weights()) + [alphas]  # the alphas passed in are the ones used
         results[name] = [logits.detach()] + list(torch.autograd.grad(logits.square().sum(), weights))
-    for want, got in zip(results["reference"], results["fast"]):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for name in ("default", "fused", "sources"):
+        for want, got in zip(results["reference"], results[name]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# --------------------------------------------------------------------------- source folding
+
+SOURCE_CASES = {  # name: (tasks, which weights are per task, alphas per task)
+    "plain": (1, "none", False),
+    "folded_per_task": (3, "all", True),
+    "folded_shared_alphas": (3, "all", False),
+    "folded_half_shared_weights": (3, "half", True),
+}
+
+
+def reference_and_source_folded(layers):
+    """The same float64 supernet (alphas far from uniform) under REFERENCE and with source folding."""
+    from tnas.models.fast_edges import REFERENCE, ExecutionPlan
+
+    models = {}
+    for name, plan in (("reference", REFERENCE), ("sources", ExecutionPlan(fold_sources=True, branch_streams=2))):
+        torch.manual_seed(0)
+        models[name] = Supernet(n_way=3, C=C_SMALL, layers=layers, in_channels=1, plan=plan).double()
+    with torch.no_grad():
+        for alpha in models["reference"].alphas():
+            alpha.normal_(0, 0.7)
+    models["sources"].load_state_dict(models["reference"].state_dict())
+    assert models["sources"].cells[0].sources is not None and models["sources"].cells[0].fused is None
+    assert models["reference"].cells[0].sources is None and models["reference"].cells[0].fused is None
+    return models
+
+
+def source_case_params(model, tasks, weights, alphas_per_task):
+    """The parameters a folded forward gets: ``[T, ...]`` per task (perturbed per task) or shared."""
+    per_task = batched_parameters(model, tasks=tasks, scale=0.1, seed=5)
+    names = [name for name, _ in model.named_weights()]
+    chosen = {"none": [], "all": names, "half": names[::2]}[weights] + (
+        [name for name, _ in model.named_alphas()] if alphas_per_task else [])
+    return {name: (per_task[name] if name in chosen else p.detach().clone()).requires_grad_(True)
+            for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layers, size", [(1, 16), (2, 20)], ids=["reduction_cell", "normal_and_odd_reduction"])
+@pytest.mark.parametrize("case", list(SOURCE_CASES))
+def test_source_folded_supernet_equals_reference_in_value_and_gradient(layers, size, case):
+    """All edges from a state at once (pools and identity once per state, the convs of its edges as
+    one grouped conv per layer, one BN) gives REFERENCE's logits and gradients of every weight and
+    alpha: unfolded, and T folded tasks with per-task or shared weights and alphas. Layers 2 at 20x20
+    puts the reduction cell on a 5x5 map (FactorizedReduce pads)."""
+    from torch.func import functional_call
+
+    from tnas.task_folding import fold_images
+
+    tasks, weights, alphas_per_task = SOURCE_CASES[case]
+    models = reference_and_source_folded(layers)
+    params = source_case_params(models["reference"], tasks, weights, alphas_per_task)
+    x = fold_images(torch.randn(tasks, 4, 1, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    probe = torch.randn(4, tasks * 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for name, model in models.items():
+        logits = functional_call(model, params, (x,))
+        grads = torch.autograd.grad((logits * probe).sum(), list(params.values()), allow_unused=True)
+        results[name] = [logits] + [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
+    for label, got, want in zip(["logits", *params], results["sources"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=label)
+    assert results["reference"][list(params).index("alpha_reduce") + 1].abs().max() > 1e-6  # a real gradient
+
+
+def test_source_folded_second_order_gradient_equals_reference():
+    """Gradient of a gradient (one inner SGD step with create_graph, then a query loss), per-task
+    weights and alphas of 2 folded tasks: the second-order meta-gradient, w.r.t. weights and alphas."""
+    from torch.func import functional_call
+
+    from tnas.task_folding import fold_images, unfold_logits
+
+    tasks = 2
+    models = reference_and_source_folded(layers=2)
+    params = source_case_params(models["reference"], tasks, "all", alphas_per_task=True)
+    generator = torch.Generator().manual_seed(3)
+    support, query = (fold_images(torch.randn(tasks, 3, 1, 16, 16, dtype=torch.float64, generator=generator))
+                      for _ in range(2))
+    labels = torch.arange(3).repeat(tasks)
+
+    def loss(model, values, x):
+        return F.cross_entropy(unfold_logits(functional_call(model, values, (x,)), tasks).flatten(0, 1), labels)
+
+    results = {}
+    for name, model in models.items():
+        inner = torch.autograd.grad(loss(model, params, support), list(params.values()), create_graph=True)
+        fast = {n: p - 0.1 * g for (n, p), g in zip(params.items(), inner)}
+        results[name] = torch.autograd.grad(loss(model, fast, query), list(params.values()))
+    for label, got, want in zip(params, results["sources"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=label)
+
+
+def test_source_folding_needs_the_fused_edge_path_and_same_ops_per_state():
+    from tnas.models.fast_edges import ExecutionPlan
+    from tnas.models.source_folding import SourceFolding
+
+    with pytest.raises(ValueError, match="fold_sources needs fused_edges"):
+        ExecutionPlan(fused_edges=False, fold_sources=True)
+    cell = Supernet(n_way=3, C=C_SMALL, layers=1, in_channels=1, plan=ExecutionPlan(fold_sources=True)).cells[0]
+    # the edges from each state, their first node, and which op columns are computed once per state
+    assert [(s.edges, s.first_node) for s in cell.sources.sources] == [
+        ((0, 2, 5, 9), 0), ((1, 3, 6, 10), 0), ((4, 7, 11), 1), ((8, 12), 2), ((13,), 3)]
+    inputs, nodes = cell.sources.sources[0], cell.sources.sources[2]  # reduction cell: stride 2, then 1
+    assert (inputs.pools, inputs.identity, inputs.per_edge) == ((0, 1), None, (2, 3, 4, 5, 6))
+    assert (nodes.pools, nodes.identity, nodes.per_edge) == ((0, 1), 2, (3, 4, 5, 6))
+    edges = list(cell.edges)
+    edges[2] = edges[4]  # a stride-1 edge (from node 0) among the stride-2 edges from state 0
+    with pytest.raises(ValueError, match="edges from state 0 do not have the same ops"):
+        SourceFolding(edges, steps=4, channels=C_SMALL, branch_streams=0)

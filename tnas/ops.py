@@ -131,12 +131,15 @@ class FactorizedReduce(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.convolve(F.relu(x)))
 
-    def convolve(self, rectified: torch.Tensor) -> torch.Tensor:
+    def convolve(self, rectified: torch.Tensor,
+                 conv: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor] = lambda layer, x: layer(x)) -> torch.Tensor:
         """The two convs of ``relu(x)`` ``[B, C_in, H, W]``, concatenated, before the BN:
-        ``[B, C_out, ceil(H/2), ceil(W/2)]``."""
-        tasks = rectified.shape[1] // self.conv_even.in_channels
+        ``[B, C_out, ceil(H/2), ceil(W/2)]`` (``[B, G*C_in, H, W]`` in, ``[B, G*C_out, ...]`` out for
+        G channel groups). ``conv(layer, input)`` applies each conv (default: the layer itself; the
+        supernet's source folding passes one with several edges' weights)."""
+        groups = rectified.shape[1] // self.conv_even.in_channels
         first, second = factorized_reduce_inputs(rectified)
-        return cat_channels([self.conv_even(first), self.conv_odd(second)], tasks)
+        return cat_channels([conv(self.conv_even, first), conv(self.conv_odd, second)], groups)
 
 
 class Pool(nn.Module):

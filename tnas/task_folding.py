@@ -183,14 +183,21 @@ class Conv2d(nn.Conv2d):
     pointwise_mode = "matmul"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convolve(x, self.weight, self.bias)
+
+    def convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This layer's convolution (stride, padding, groups, pointwise mode) with the given ``weight``:
+        ``[G, C_out, C_in/g, kh, kw]`` for ``x`` of G channel groups ``[N, G*C_in, H, W]``, or one shared
+        ``[C_out, C_in/g, kh, kw]``. ``forward`` passes the layer's own; the supernet's source folding
+        passes the weights of several edges' layers stacked (:mod:`tnas.models.source_folding`)."""
         tasks = groups_of(x, self.in_channels)
-        if tasks == 1 and self.weight.dim() == 4:
-            return super().forward(x)
+        if tasks == 1 and weight.dim() == 4:
+            return self._conv_forward(x, weight, bias)
         if self.padding_mode != "zeros":
             raise NotImplementedError("task folding supports zero padding only")
         if self._is_pointwise() and self.pointwise_mode == "matmul":
-            return _pointwise_matmul(x, self.weight, self.bias, tasks, self.stride)
-        return F.conv2d(x, fold_parameter(self.weight, tasks, 4), fold_parameter(self.bias, tasks, 1), self.stride,
+            return _pointwise_matmul(x, weight, bias, tasks, self.stride)
+        return F.conv2d(x, fold_parameter(weight, tasks, 4), fold_parameter(bias, tasks, 1), self.stride,
                         self.padding, self.dilation, self.groups * tasks)
 
     def _is_pointwise(self) -> bool:

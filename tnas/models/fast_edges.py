@@ -16,8 +16,12 @@ kernels, from the same modules and parameters (so checkpoints do not depend on t
 - on a GPU, the ops with convolutions side by side on CUDA streams
   (:mod:`tnas.models.branches`).
 
+Source folding (:mod:`tnas.models.source_folding`, ``plan.fold_sources``) goes one step
+further on the same pieces: all the edges that read one cell state at once.
+
 Which path runs is the model's constructor argument ``plan`` (nothing global): the
-supernet's cells hold a :class:`FusedEdges` when ``plan.fused_edges``.
+supernet's cells hold a :class:`tnas.models.source_folding.SourceFolding` when
+``plan.fold_sources`` (the default), a :class:`FusedEdges` when only ``plan.fused_edges``.
 """
 from __future__ import annotations
 
@@ -32,7 +36,11 @@ from tnas.models.branches import assign_lanes, run_branches
 from tnas.ops import DilConv, FactorizedReduce, Pool, SepConv
 from tnas.task_folding import POINTWISE_MODES, scale_per_task, weighted_sum
 
-__all__ = ["ExecutionPlan", "REFERENCE", "FusedEdges", "gather_columns"]
+__all__ = ["ExecutionPlan", "REFERENCE", "FusedEdges", "gather_columns", "pre_norm", "final_norm", "EdgeLayout",
+           "edge_layout", "ConvCall"]
+
+ConvCall = Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]
+"""``conv(layer, x)``: how :func:`pre_norm` applies one conv layer of an op (default: the layer itself)."""
 
 
 @dataclass(frozen=True)
@@ -40,54 +48,71 @@ class ExecutionPlan:
     """How a model computes (never what): every plan gives the same numbers.
 
     ``fused_edges``: the supernet's edges through :class:`FusedEdges` (shared ReLU, one BN per
-    edge) instead of ``MixedOp``'s plain sum. ``branch_streams``: side CUDA streams for the
-    ops of a fused edge (0: one stream; ignored off a GPU). ``pointwise``: folded 1x1
-    convolutions as batched matmuls or grouped convs (:func:`tnas.task_folding.use_pointwise_mode`).
-    The default is the fastest measured; :data:`REFERENCE` is the textbook computation.
+    edge) instead of ``MixedOp``'s plain sum. ``fold_sources``: further, every edge that reads
+    the same cell state computed at once (:class:`tnas.models.source_folding.SourceFolding`:
+    the pools and the identity once per state, the convs of all its edges as one grouped conv
+    per op layer); it is built on the fused path's pieces, so it needs ``fused_edges``.
+    ``branch_streams``: side CUDA streams for the op chains of a fused edge, or of a folded
+    state (0: one stream; ignored off a GPU). ``pointwise``: folded 1x1 convolutions as batched
+    matmuls or grouped convs (:func:`tnas.task_folding.use_pointwise_mode`).
+    The default is the fastest measured (source folding: the fewest operators, 13,300 instead of
+    23,800 per T-NAS meta-iteration); :data:`REFERENCE` is the textbook computation.
     """
 
     fused_edges: bool = True
     branch_streams: int = 3
     pointwise: str = "matmul"
+    fold_sources: bool = True
 
     def __post_init__(self):
+        if self.fold_sources and not self.fused_edges:
+            raise ValueError("fold_sources needs fused_edges (it builds on the fused edge path); "
+                             "pass fold_sources=False for the plain MixedOp sum")
         if self.branch_streams < 0:
             raise ValueError(f"the number of branch streams must be >= 0, got {self.branch_streams}")
         if self.pointwise not in POINTWISE_MODES:
             raise ValueError(f"pointwise mode must be one of {POINTWISE_MODES}, got {self.pointwise!r}")
 
 
-REFERENCE = ExecutionPlan(fused_edges=False, branch_streams=0, pointwise="conv")
+REFERENCE = ExecutionPlan(fused_edges=False, branch_streams=0, pointwise="conv", fold_sources=False)
 """The plain computation: ``MixedOp``'s ``sum(w * op(x))`` and every conv a (grouped) convolution."""
 
 
-def _pre_norm(op: nn.Module, x: torch.Tensor, rectified: torch.Tensor) -> Optional[torch.Tensor]:
-    """``op(x)`` before its final parameter-free BN, given ``rectified = relu(x)``; None for an op
-    that does not end in one (it then runs whole)."""
+def _own_weights(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)
+
+
+def pre_norm(op: nn.Module, x: Optional[torch.Tensor], rectified: Optional[torch.Tensor],
+             conv: ConvCall = _own_weights) -> torch.Tensor:
+    """``op(x)`` before its final parameter-free BN (an op of :func:`final_norm`), given
+    ``rectified = relu(x)`` (the ops with convolutions read it, the pools ``x``), each conv layer
+    applied by ``conv``. Shapes: ``[B, G*C, H, W]`` in, ``[B, G*C, H', W']`` out for G channel
+    groups (tasks; for source folding edges x tasks)."""
     if isinstance(op, DilConv):  # ReLU, depthwise, pointwise, BN
-        return op[2](op[1](rectified))
+        return conv(op[2], conv(op[1], rectified))
     if isinstance(op, SepConv):  # DilConv, DilConv
-        return _pre_norm(op[1], None, F.relu(op[0][3](op[0][2](op[0][1](rectified)))))
+        return pre_norm(op[1], None, F.relu(op[0][3](conv(op[0][2], conv(op[0][1], rectified)))), conv)
     if isinstance(op, FactorizedReduce):
-        return op.convolve(rectified)
+        return op.convolve(rectified, conv)
     if isinstance(op, Pool):
         return op.pool(x)
     raise TypeError(f"no fused form for {type(op).__name__}")
 
 
-def _final_norm(op: nn.Module) -> Optional[nn.BatchNorm2d]:
+def final_norm(op: nn.Module) -> Optional[nn.BatchNorm2d]:
     """The parameter-free BN an op ends in, or None (identity, or a BN with affine parameters)."""
     norm = {DilConv: lambda: op[3], SepConv: lambda: op[1][3], FactorizedReduce: lambda: op.bn,
             Pool: lambda: op.bn}.get(type(op), lambda: None)()
     return norm if norm is not None and not norm.affine else None
 
 
-def _convolutions(op: nn.Module) -> int:
+def convolutions(op: nn.Module) -> int:
+    """The conv layers of ``op`` (its cost when ops are spread over streams)."""
     return sum(isinstance(m, nn.Conv2d) for m in op.modules())
 
 
 @dataclass(frozen=True)
-class _EdgeLayout:
+class EdgeLayout:
     """Which ops of an edge are normalised together (``normalized``) and which run whole (``plain``)."""
 
     normalized: Tuple[int, ...]
@@ -96,14 +121,16 @@ class _EdgeLayout:
     lanes: Tuple[int, ...]
 
 
-def _layout(ops: Sequence[nn.Module], streams: int) -> _EdgeLayout:
-    norms = [_final_norm(op) for op in ops]
+def edge_layout(ops: Sequence[nn.Module], streams: int) -> EdgeLayout:
+    """The layout of an edge's ops (a ``MixedOp``'s ``ops``), with the ops that have convolutions on
+    side-stream lanes (:func:`tnas.models.branches.assign_lanes`)."""
+    norms = [final_norm(op) for op in ops]
     normalized = tuple(i for i, norm in enumerate(norms) if norm is not None)
     epsilons = {norms[i].eps for i in normalized}
     if len(epsilons) > 1:
         raise ValueError(f"the ops of an edge normalise with different eps {sorted(epsilons)}")
-    lanes = assign_lanes([_convolutions(op) for op in ops], streams)  # ops with convs go to side streams
-    return _EdgeLayout(normalized, tuple(i for i in range(len(ops)) if i not in normalized),
+    lanes = assign_lanes([convolutions(op) for op in ops], streams)  # ops with convs go to side streams
+    return EdgeLayout(normalized, tuple(i for i in range(len(ops)) if i not in normalized),
                        epsilons.pop() if epsilons else 1e-5, tuple(lanes))
 
 
@@ -117,7 +144,7 @@ class FusedEdges:
     """
 
     def __init__(self, edges: Sequence[nn.Module], branch_streams: int):
-        self.layouts = [_layout(edge.ops, branch_streams) for edge in edges]
+        self.layouts = [edge_layout(edge.ops, branch_streams) for edge in edges]
         self.streams = branch_streams
 
     def mixer(self, edges: Sequence[nn.Module], op_weights: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -136,10 +163,10 @@ class FusedEdges:
 
         return mix
 
-    def _edge(self, ops: Sequence[nn.Module], layout: _EdgeLayout, x: torch.Tensor, weights: torch.Tensor,
+    def _edge(self, ops: Sequence[nn.Module], layout: EdgeLayout, x: torch.Tensor, weights: torch.Tensor,
               normalized_weights: torch.Tensor) -> torch.Tensor:
         rectified = F.relu(x)  # shared by the ops that start with a ReLU
-        branches = [(lambda op=op: _pre_norm(op, x, rectified)) if i in layout.normalized else (lambda op=op: op(x))
+        branches = [(lambda op=op: pre_norm(op, x, rectified)) if i in layout.normalized else (lambda op=op: op(x))
                     for i, op in enumerate(ops)]
         outputs = run_branches(branches, layout.lanes, [x, rectified], self.streams)
         out = None

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tnas.genotypes import PRIMITIVES, Genotype, decode_genotype, edge_inputs, num_edges
 from tnas.models.fast_edges import ExecutionPlan, FusedEdges
 from tnas.models.skeleton import build_cells, make_stem
+from tnas.models.source_folding import SourceFolding
 from tnas.ops import FactorizedReduce, ReLUConvBN, make_op
 from tnas.task_folding import Linear, cat_channels, scale_per_task, use_pointwise_mode
 
@@ -27,7 +28,8 @@ class MixedOp(nn.Module):
 
     ``x``: ``[B, C, H, W]`` (or ``[B, T*C, H, W]``, T folded tasks); ``weights``:
     ``[len(PRIMITIVES) - 1]`` softmax weights of the ops after `none` (``[T, ...]`` per task).
-    This is the reference computation; :mod:`tnas.models.fast_edges` computes the same sum
+    This is the reference computation; :mod:`tnas.models.fast_edges` (edge by edge) and
+    :mod:`tnas.models.source_folding` (all edges from one state at once) compute the same sums
     with fewer kernels when the supernet's plan asks for it.
     """
 
@@ -67,17 +69,24 @@ class SearchCell(nn.Module):
         self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
         self.edges = nn.ModuleList(
             MixedOp(channels, 2 if reduction and source < 2 else 1) for _, source in edge_inputs(steps))
-        self.fused = FusedEdges(self.edges, plan.branch_streams) if plan.fused_edges else None
+        # the plan's fast path, if any: all edges from a state at once, or edge by edge
+        self.sources = (SourceFolding(self.edges, steps, channels, plan.branch_streams)
+                        if plan.fold_sources else None)
+        self.fused = (FusedEdges(self.edges, plan.branch_streams)
+                      if plan.fused_edges and not plan.fold_sources else None)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``weights``: [num_edges, len(PRIMITIVES)] softmax weights (``[T, ...]`` per task);
         returns the concatenation of the last ``multiplier`` nodes."""
-        mix = self._mixer(weights[..., 1:])  # `none` contributes zero
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
-        edge = 0
-        for _ in range(self.steps):  # each node: the sum of one edge from every earlier state
-            states.append(add_all(mix(edge + source, state) for source, state in enumerate(states)))
-            edge += len(states) - 1
+        op_weights = weights[..., 1:]  # `none` contributes zero
+        inputs = [self.preprocess0(s0), self.preprocess1(s1)]
+        if self.sources is not None:
+            states = inputs + self.sources.nodes(self.edges, inputs, op_weights)
+        else:
+            mix, states, edge = self._mixer(op_weights), inputs, 0
+            for _ in range(self.steps):  # each node: the sum of one edge from every earlier state
+                states.append(add_all(mix(edge + source, state) for source, state in enumerate(states)))
+                edge += len(states) - 1
         return cat_channels(states[-self.multiplier:], tasks=states[0].shape[1] // self.channels)
 
     def _mixer(self, op_weights: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -99,7 +108,8 @@ class Supernet(nn.Module):
         in_channels: 3 for RGB, 1 for grayscale.
         stem_multiplier: stem width is ``stem_multiplier * C``.
         plan: how to compute (:class:`tnas.models.fast_edges.ExecutionPlan`; the same numbers
-            whatever it says): by default the fused edges and 1x1 convs as matmuls.
+            whatever it says): by default all edges from a cell state at once (source folding)
+            and 1x1 convs as matmuls.
     Input ``[B, in_channels, H, W]`` with ``H, W >= min_image_size(layers)``; output logits ``[B, n_way]``.
     Runs T tasks at once with per-task parameters given T folded images ``[B, T*in_channels, H, W]``
     (:mod:`tnas.task_folding`); the logits are then ``[B, T*n_way]``.
