@@ -174,8 +174,8 @@ class SourceFolding:
         outputs = run_branches(branches, source.lanes, [x, repeated], self.streams)
         # one BN over [pools: P*T*C | per-edge ops: Q*E*T*C] channels
         normalized = F.batch_norm(torch.cat(outputs, dim=1), None, None, training=True, momentum=0.0, eps=source.eps)
-        pools, per_edge = normalized.split([len(source.pools) * x.shape[1], normalized.shape[1] - len(source.pools)
-                                            * x.shape[1]], dim=1)  # views; backward: one cat
+        shared = len(source.pools) * x.shape[1]
+        pools, per_edge = normalized.split([shared, normalized.shape[1] - shared], dim=1)  # views; backward: one cat
         size = normalized.shape[-2:]
         per_edge = per_edge.view(x.shape[0], len(source.per_edge), count, tasks, self.channels, *size)
         out = (per_edge * _term_weights(weights, source.per_edge)).sum(1)  # [N, E, T, C, H', W']
