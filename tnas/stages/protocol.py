@@ -110,6 +110,7 @@ class ProtocolSettings(evaluate_stage.CheckpointSettings):
     layers: Optional[int] = None
     second_order: Optional[bool] = None
     amp: Optional[bool] = None
+    tf32: Optional[bool] = None
     genotypes_per_batch: Optional[int] = free()
 
 

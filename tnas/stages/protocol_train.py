@@ -39,7 +39,8 @@ TRAIN_FLAGS = (("epochs", int, "from-scratch epochs"), ("tasks_per_epoch", int, 
                ("C", int, "channels of the derived network (default: the search checkpoint's)"),
                ("layers", int, "cells of the derived network (default: the search checkpoint's)"))
 TRAIN_SWITCHES = (("second_order", "exact (second-order) MAML in from-scratch training"),
-                  ("amp", "bf16 autocast in from-scratch training (GPU)"))
+                  ("amp", "bf16 autocast in from-scratch training (GPU)"),
+                  ("tf32", "TF32 matmuls and convolutions in from-scratch training (GPU)"))
 
 
 # -- the from-scratch settings ------------------------------------------------------------------------
