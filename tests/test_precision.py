@@ -91,6 +91,9 @@ def test_tf32_flag_parses_logs_and_round_trips_through_config(tmp_path):
     given = protocol.build_parser().parse_args(["--tf32"])
     assert protocol.settings_from_args(given).tf32 is True
     assert protocol.build_parser().parse_args([]).tf32 is None  # not given: the train config's choice
+    from tnas.stages.protocol_train import _given_train_flags
+
+    assert _given_train_flags(given, {}, {}) == {"tf32": True}  # handed to every from-scratch training
 
     before = precision.tf32_state()
     out = tmp_path / "run"
