@@ -1,5 +1,6 @@
 """The T-NAS protocol's from-scratch part: the training settings every genotype shares, the schedule
-record of results.json, and one distinct genotype's run (train, resume or skip; then score its episodes).
+record of results.json, and the training of the distinct genotypes (train, resume or skip) one at a time
+or as genotype batches; their scoring: :mod:`tnas.stages.protocol_score`.
 
 The settings come from the train stage's own parser and config layer, by precedence: what the
 protocol fixes (data, task shape, method, test-time steps, seed, device) > ``--train_args`` > the
@@ -17,10 +18,8 @@ import torch
 from tnas import distributed
 from tnas.config import load_config, parse_args
 from tnas.errors import TnasError
-from tnas.genotypes import canonical_key
-from tnas.progress import TaskProgress
 from tnas.stages import evaluate as evaluate_stage
-from tnas.stages import restore, train
+from tnas.stages import train
 
 METHODS = {"tnas": "maml", "tnas++": "maml++"}  # protocol method -> from-scratch training method
 BUDGET_SCHEDULE = {"epochs": 2, "tasks_per_epoch": 2000}  # --budget: instead of the paper's 15 x 15,000
@@ -179,31 +178,3 @@ def train_genotype_batch(runs: Sequence[GenotypeRun], settings: train.TrainSetti
         if run.status != "skipped":
             logger.log(f"{label}: {run.status} in {run.wall_time_s:.1f} s, best epoch "
                        f"{run.summary.get('best_epoch')} (validation {run.summary.get('best_val_accuracy') or 0.0:.2f}%)")
-
-
-def score_genotype(run: GenotypeRun, episodes, args, device: torch.device, meter=None) -> Dict[int, float]:
-    """Episode index -> accuracy (percent) of the genotype's best.pt, adapted on each episode's support set.
-    ``meter`` (a :class:`tnas.progress.TaskProgress`), when given, counts the scored batches."""
-    checkpoint = os.path.join(run.run_dir, "best.pt")
-    learner, summary = restore.learner_from_checkpoint(checkpoint, device)
-    actual = restore.checkpoint_genotype(learner, summary).to_dict()
-    if canonical_key(actual) != canonical_key(run.genotype):
-        raise TnasError(f"{checkpoint} is a network of another genotype than {run.id}; choose another --out")
-    accuracies: Dict[int, float] = {}
-    for start in range(0, len(run.episodes), args.batch_size):
-        chosen = run.episodes[start:start + args.batch_size]
-        stats = learner.evaluate(episodes.batch(chosen, device), steps=args.update_step_test)
-        values = 100.0 * stats.query_accuracy.detach().double().cpu()
-        # float32 fractions: round away their last-bit noise, as the evaluate stage does
-        accuracies.update({episode: round(float(value), 4) for episode, value in zip(chosen, values)})
-        if meter is not None:
-            meter.add(len(chosen), stats.query_accuracy)
-    return accuracies
-
-
-def scoring_progress(runs: Sequence[GenotypeRun], batch_size: int, logger) -> TaskProgress:
-    """Progress lines over this rank's scoring: every episode of every genotype in ``runs``."""
-    batches = sum(-(-len(run.episodes) // batch_size) for run in runs)
-    meter = TaskProgress("score", sum(len(run.episodes) for run in runs), batches, log=logger)
-    meter.wrap(None)  # a bar that meter.add advances: the loop runs over genotypes, then their batches
-    return meter
