@@ -96,6 +96,8 @@ def test_batch_equals_solo_runs_resumes_as_a_batch_and_its_last_pt_resumes_alone
         with open(os.path.join(batch[i], "log.txt")) as handle:
             log = handle.read()
         assert "trained in a batch of 3 genotypes" in log and "resumed from" in log and "epoch 2:" in log
+        # --cuda_graph auto, resolved as for a solo run: eager on a CPU, saying why
+        assert "cuda_graph auto: eager steps, not CUDA graphs: the device is cpu" in log and "), eagerly;" in log
         assert_same_run(solo[i], batch[i])
     assert train.train_genotypes(two, [chosen[0]], [alone], log=lambda m: None)[0].status == "resumed"
     assert_same_run(solo[0], alone)
@@ -152,6 +154,14 @@ def test_out_of_memory_halves_the_batch_and_retries(cache_dir, tmp_path, monkeyp
         assert_same_run(a, b)
 
 
+def test_cuda_graph_on_without_cuda_is_a_one_line_error_before_anything_is_written(cache_dir, tmp_path):
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(TnasError, match=r"^--cuda_graph needs a CUDA device; --device cpu is cpu$"):
+        train.train_genotypes(settings(cache_dir, "--cuda_graph", "on"), genotypes(2), dirs, log=lambda m: None,
+                              genotypes_per_batch=2)
+    assert not any(os.path.exists(d) for d in dirs)
+
+
 def test_genotypes_per_batch_below_one_is_an_error(cache_dir, tmp_path):
     with pytest.raises(TnasError, match=r"^--genotypes_per_batch must be >= 1, got 0$"):
         train.train_genotypes(settings(cache_dir), genotypes(1), [str(tmp_path / "a")], genotypes_per_batch=0)
@@ -178,3 +188,40 @@ def test_automatic_genotypes_per_batch_from_free_device_memory(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", no_reading)
     assert genotypes_per_batch(None, torch.device("cuda"), lines.append) == 8 and "8 genotypes" in lines[-1]
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_graphed_batch_step_equals_eager_in_float64():
+    """The train stage's batch step (batched_train.batch_step) replayed as a CUDA graph: the same
+    parameters and statistics as eager steps, float64, MAML++ (per-step BN, learned rates, multi-step
+    loss) across an epoch change that captures a second graph."""
+    from test_genotype_batch import learner_settings, solo_network, stream
+    from tnas.meta.genotype_batch import GenotypeBatchLearner, stack_batches
+    from tnas.models.genotype_batch import GenotypeBatchNetwork
+
+    config = learner_settings("maml_pp")
+    config.cosine_lr = False  # a graph freezes the outer learning rate until the next capture (per epoch)
+
+    def learner():
+        return GenotypeBatchLearner(GenotypeBatchNetwork.from_networks([solo_network(g).cuda() for g in range(3)]),
+                                    config)
+
+    eager, graphed = learner(), learner()
+    eager_step, lines = batched_train.batch_step(eager, False), []
+    graphed_step = batched_train.batch_step(graphed, True, lines.append)
+    per_epoch, epochs = 6, 2
+    for iteration in range(per_epoch * epochs):
+        batch = stack_batches([stream(g, iteration) for g in range(3)]).to("cuda")
+        for one in (eager, graphed):
+            one.set_progress(iteration, per_epoch, epochs)
+        track = iteration == 1  # a tracked step runs eagerly between replays
+        want, got = eager_step(batch, track), graphed_step(batch, track)
+        torch.testing.assert_close(got.query_loss, want.query_loss, rtol=1e-9, atol=1e-12)
+    assert lines == [] and graphed_step.graphed.graphs == 2 and graphed_step.graphed.current.captured
+    for g in range(3):
+        want, got = eager.genotype_state_dict(g), graphed.genotype_state_dict(g)
+        for part in ("model", "inner_lrs"):
+            for key, value in want[part].items():
+                torch.testing.assert_close(got[part][key], value, rtol=1e-9, atol=1e-11, msg=f"{g} {part} {key}")
