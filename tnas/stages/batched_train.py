@@ -135,6 +135,52 @@ def batch_step(learner: GenotypeBatchLearner, cuda_graph: bool, log: Optional[Lo
                                   key=learner.settings_key, log=log)
 
 
+def synthetic_batch(settings, image_shape: Sequence[int], genotypes: int) -> "EpisodeBatch":  # noqa: F821
+    """A meta-batch of the run's shape for ``genotypes`` genotypes (random images, balanced labels, on
+    the CPU): ``support_x [G*T, n_way*k_shot, *image_shape]``, ..., T = ``--tasks_per_batch``."""
+    from tnas.data.episodes import EpisodeBatch
+
+    data, tasks = settings.data, genotypes * settings.schedule.tasks_per_batch
+    generator = torch.Generator().manual_seed(0)
+
+    def part(per_class: int):
+        images = torch.randn(tasks, data.n_way * per_class, *image_shape, generator=generator)
+        labels = torch.arange(data.n_way).repeat_interleave(per_class).expand(tasks, -1).contiguous()
+        return images, labels
+
+    return EpisodeBatch(*part(data.k_shot), *part(data.q_query))
+
+
+def measure_peak_memory(settings, genotypes: Sequence[Dict[str, Any]], image_shape: Sequence[int],
+                        device: torch.device) -> int:
+    """Peak CUDA memory (bytes, above what was allocated before) of training ``genotypes`` as one batch: a
+    fresh batch learner of the run's settings, one meta-step on a synthetic meta-batch of the run's shape
+    at the first and one at the last position of the schedule (MAML++ may switch to second order or
+    drop the multi-step loss later), then everything freed. Draws nothing from the global generators."""
+    device = torch.device(device)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    schedule = common.schedule_from_args(settings.schedule)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index]):
+        networks = [train_stage._build_network(settings, genotype_from_dict(g), tuple(image_shape), device)
+                    for g in genotypes]
+        learner = GenotypeBatchLearner(GenotypeBatchNetwork.from_networks(networks),
+                                       train_stage.maml_config(settings, device))
+        batch = synthetic_batch(settings, image_shape, len(genotypes)).to(device)
+        last = schedule.epochs * schedule.iterations_per_epoch - 1
+        for iteration in sorted({0, max(last, 0)}):
+            learner.set_progress(iteration, schedule.iterations_per_epoch, schedule.epochs)
+            learner.meta_step(batch)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    del learner, networks, batch
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
 def _last_iteration(run_dir: str) -> Optional[int]:
     """The iteration of ``run_dir``'s ``last.pt`` (None when it cannot be read)."""
     try:

@@ -73,7 +73,8 @@ from tnas.stages.protocol_decode import GENOTYPES_FILE, decode_cache_key, decode
     write_decode_files
 from tnas.stages.protocol_score import score_batch, scoring_progress
 from tnas.stages.protocol_train import (BUDGET_SCHEDULE, METHODS, TRAIN_FLAGS, TRAIN_SWITCHES, GenotypeRun,
-                                        genotypes_per_batch, schedule_record, train_genotype_batch, train_settings)
+                                        genotypes_per_batch, memory_probe, schedule_record, train_genotype_batch,
+                                        train_settings)
 
 GENOTYPES_DIR = "genotypes"
 INDEX_FILE = "genotypes.json"
@@ -268,8 +269,10 @@ def decode_step(p: Protocol):
 
 def train_and_score(p: Protocol, by_id, episodes_of) -> List[GenotypeRun]:
     """c. train this rank's share of the distinct genotypes, d. score each episode with its own genotype."""
-    per_batch = genotypes_per_batch(p.args.genotypes_per_batch, p.device, p.logger.log)
     ids = list(by_id)
+    probe = memory_probe(p.settings, [by_id[gid] for gid in ids[:2]], p.prepared.split.image_shape, p.device)
+    per_process = -(-len(ids) // p.info.world_size)  # a larger batch would leave other ranks without genotypes
+    per_batch = genotypes_per_batch(p.args.genotypes_per_batch, p.device, p.logger.log, per_process, probe)
     batches = [[GenotypeRun(gid, by_id[gid], episodes_of[gid], os.path.join(p.out_dir, GENOTYPES_DIR, gid))
                 for gid in ids[start:start + per_batch]] for start in range(0, len(ids), per_batch)]
     batches = distributed.shard(batches, p.info)  # batches of genotypes dealt round robin
