@@ -4,6 +4,8 @@ adaptation and from-scratch training of a derived network.
 
     python benchmarks/bench_meta_iter.py                                  # paper setting, every case
     python benchmarks/bench_meta_iter.py --cases tnas_1shot_T4 --amp      # bf16 autocast fast path
+    python benchmarks/bench_meta_iter.py --cases tnas_1shot_T4 --tf32     # TF32 matmuls and convolutions
+    python benchmarks/bench_meta_iter.py --cases tnas_1shot_T4 --compile  # torch.compile of the training forward
     python benchmarks/bench_meta_iter.py --cuda_graph off                 # eager (default auto: graphs on a GPU)
     python benchmarks/bench_meta_iter.py --batching vmap                  # tasks through torch.func.vmap
     python benchmarks/bench_meta_iter.py --tiny --device cpu              # a smoke run on a CPU
@@ -20,6 +22,14 @@ it dispatches (``ops_per_iteration``: every aten op but views, forward and backw
 about one kernel each), which is what bounds a meta-iteration of small kernels on a GPU.
 ``--edges`` picks the supernet's edge path (``sources``: source folding, ``fused``: edge by edge,
 ``reference``: the plain ``MixedOp`` sum).
+
+``--tf32`` runs every case with TF32 on for CUDA matmuls and cuDNN convolutions
+(:func:`tnas.precision.tf32`; without it the process keeps PyTorch's defaults: matmuls in float32,
+cuDNN free to use TF32); the JSON's ``setting.tf32_state`` says what the cases ran with.
+``--compile [inductor|aot_eager]`` gives the meta-learners ``compile_forward``: the forwards of the
+meta-training steps run through ``torch.compile`` (first order only, so the MAML++ case reports an
+error; adaptation cases stay eager). The warm-up then includes compiling (``warmup_seconds``), and
+the FLOP counter, which sees only eager kernels, is skipped.
 
 Reference, the original code on one H200 (docs/design.md section 3): T-NAS 3.68 s per meta-iteration of
 4 tasks, 1-shot (1.09 tasks/s); auto-MAML 6.17 s per meta-iteration of 4 tasks; meta-test
@@ -46,6 +56,8 @@ of 8 genotypes against 8 solo meta-iterations one after another, at the CPU demo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import platform
 import sys
@@ -55,11 +67,12 @@ from typing import Dict, List
 
 import torch
 
+from tnas import precision
 from tnas.genotypes import PRIMITIVES, PUBLISHED, decode_genotype, num_edges
 from tnas.meta.cuda_graph import (GraphedStep, make_optimizers_capturable,
                                   resolve_cuda_graph)
 from tnas.meta.genotype_batch import GenotypeBatchLearner
-from tnas.meta.maml import model_forward
+from tnas.meta.maml import COMPILE_BACKENDS, model_forward
 from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
 from tnas.meta.tnas import TNAS, TNASConfig
 from tnas.models.fast_edges import ExecutionPlan
@@ -83,9 +96,9 @@ DEFAULT_EDGES = ("sources" if ExecutionPlan.fold_sources else "fused") if Execut
 """``--edges`` choices; the default is the default plan's path."""
 GRAPH_WARMUP = 2
 """Eager calls of each step before its CUDA graph is captured (when graphed)."""
-PEAK_TFLOPS = {"H200": {"fp32": 67.0, "bf16": 989.0}, "H100": {"fp32": 67.0, "bf16": 989.0},
-               "A100": {"fp32": 19.5, "bf16": 312.0}}
-"""Dense peak TFLOP/s by GPU name (SXM parts): fp32 without tensor cores, bf16 with them."""
+PEAK_TFLOPS = {"H200": {"fp32": 67.0, "tf32": 494.0, "bf16": 989.0}, "H100": {"fp32": 67.0, "tf32": 494.0, "bf16": 989.0},
+               "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}}
+"""Dense peak TFLOP/s by GPU name (SXM parts): fp32 without tensor cores, tf32 and bf16 with them."""
 
 CASES: Dict[str, Dict[str, object]] = {
     "tnas_1shot_T4": dict(kind="tnas", k_shot=1, tasks=4),
@@ -166,7 +179,10 @@ def build_learner(spec: Dict[str, object], args, device: torch.device):
     amp_dtype = torch.bfloat16 if args.amp else None
     plan = ExecutionPlan(fused_edges=args.edges != "reference", fold_sources=args.edges == "sources",
                          branch_streams=args.branch_streams, pointwise=args.pointwise)
+    compile_forward = getattr(args, "compile", None) or False
     if spec["kind"] == "genobatch":
+        if compile_forward:
+            raise ValueError("--compile: genotype batches have no compile_forward")
         model = GenotypeBatchNetwork.from_genotypes(case_genotypes(spec), seed=0,
                                                     n_way=args.n_way, C=args.C, layers=args.layers, in_channels=3)
         use_pointwise_mode(model, plan.pointwise)
@@ -184,7 +200,7 @@ def build_learner(spec: Dict[str, object], args, device: torch.device):
     model = model.to(device)
     if args.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    learner = learner_class(model, config)
+    learner = learner_class(model, config, compile_forward=compile_forward)
     learner.forward = model_forward(model, fold_tasks=args.batching == "fold")
     return learner
 
@@ -262,7 +278,7 @@ def count_work(one_iteration, iterations: List[int]):
 
 def peak_tflops(args, device: torch.device):
     """(peak TFLOP/s, basis) of the device, from ``--peak_tflops`` or :data:`PEAK_TFLOPS`; (None, None) if unknown."""
-    basis = "bf16" if args.amp else "fp32"
+    basis = "bf16" if args.amp else "tf32" if getattr(args, "tf32", False) else "fp32"
     if args.peak_tflops is not None:
         return args.peak_tflops, "given"
     if device.type != "cuda":
@@ -278,10 +294,14 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
     kind = spec["kind"]
     one_iteration, warmup, tasks = prepare_case(spec, args, device)
     counted = 2 if kind == "auto_maml" else 1  # auto-MAML alternates a weight step and an alpha step
-    flops, ops = count_work(one_iteration, list(range(counted)))
-    for iteration in range(counted, warmup):
+    compiled = bool(getattr(args, "compile", None))
+    started = time.perf_counter()
+    # compiled kernels go uncounted
+    flops, ops = (None, None) if compiled else count_work(one_iteration, list(range(counted)))
+    for iteration in range(0 if compiled else counted, warmup):
         one_iteration(iteration)
     synchronize(device)
+    warmup_seconds = time.perf_counter() - started
     if args.start_at is not None:  # line up the timed loops of processes sharing one GPU
         time.sleep(max(0.0, args.start_at - time.time()))
     if device.type == "cuda":
@@ -296,13 +316,14 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
               "first_order": not spec.get("plus_plus", False),
               "seconds_per_iteration": seconds, "tasks_per_second": tasks_per_second,
               "speedup_vs_original": tasks_per_second * ORIGINAL_SECONDS[kind],
-              "gflop_per_iteration": flops / 1e9, "achieved_tflops": flops / seconds / 1e12,
-              "ops_per_iteration": ops,
+              "warmup_seconds": warmup_seconds, "ops_per_iteration": ops,
               "cuda_graph": "eager" if not args.graphed else (
                   f"eager after a failed capture ({one_iteration.capture_failures[0]})"
                   if one_iteration.capture_failures else "graphed")}
+    if flops is not None:
+        record["gflop_per_iteration"], record["achieved_tflops"] = flops / 1e9, flops / seconds / 1e12
     peak, basis = peak_tflops(args, device)
-    if peak:
+    if peak and flops is not None:
         record["peak_tflops"], record["peak_basis"] = peak, basis
         record["fraction_of_peak"] = record["achieved_tflops"] / peak
     if kind == "scratch":
@@ -380,6 +401,11 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 for CUDA matmuls and cuDNN convolutions (default: PyTorch's: matmuls float32)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS,
+                        help="torch.compile the forwards of the meta-training steps (the learners' compile_forward; "
+                             "bare: inductor)")
     add_cuda_graph_arg(parser)  # auto (default): each meta-iteration one CUDA graph on a GPU, eager on a CPU
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for fraction_of_peak (default: known GPUs' dense peak)")
@@ -420,29 +446,38 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
     return args
 
 
+def run_one(name: str, args, device: torch.device, results: List[Dict[str, object]]) -> None:
+    """Run case ``name`` and append its record (or its error: one failing case, e.g. out of memory,
+    must not hide the others)."""
+    try:
+        run = run_comparison if CASES[name]["kind"] == "genobatch_vs_sequential" else run_case
+        results.append(run(name, CASES[name], args, device))
+    except Exception as error:
+        results.append({"case": name, "error": f"{type(error).__name__}: {error}"})
+    print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # each case as it ends, for cut runs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main(argv: List[str] = None) -> Dict[str, object]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    results = []
-    for name in args.cases:
-        try:
-            run = run_comparison if CASES[name]["kind"] == "genobatch_vs_sequential" else run_case
-            results.append(run(name, CASES[name], args, device))
-        except Exception as error:  # one failing case (e.g. out of memory) must not hide the others
-            results.append({"case": name, "error": f"{type(error).__name__}: {error}"})
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # each case as it ends, for cut runs
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    results: List[Dict[str, object]] = []
+    with precision.tf32(True) if args.tf32 else contextlib.nullcontext():  # the process's switches come back
+        tf32_state = dataclasses.asdict(precision.tf32_state())
+        for name in args.cases:
+            run_one(name, args, device, results)
     report = {
         "benchmark": "meta_iteration",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "setting": {k: getattr(args, k) for k in ("n_way", "C", "layers", "img_size", "q_query", "inner_steps",
-                                                  "inner_steps_test", "amp", "channels_last", "cuda_graph", "graphed",
-                                                  "cuda_graph_reason",
-                                                  "batching", "pointwise", "edges", "cudnn_benchmark", "branch_streams",
-                                                  "tiny")},
+        "setting": {**{k: getattr(args, k) for k in ("n_way", "C", "layers", "img_size", "q_query", "inner_steps",
+                                                     "inner_steps_test", "amp", "tf32", "compile", "channels_last",
+                                                     "cuda_graph", "graphed", "cuda_graph_reason",
+                                                     "batching", "pointwise", "edges", "cudnn_benchmark",
+                                                     "branch_streams", "tiny")},
+                    "tf32_state": tf32_state},
         "results": results,
     }
     print(json.dumps(report, indent=1))

@@ -37,8 +37,8 @@ step() {
 }
 
 if [ "$part" != speed ]; then
-  timeout "$(limit 130)" "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_branches.py \
-    tests/test_genotype_batch.py \
+  timeout "$(limit 160)" "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_branches.py \
+    tests/test_genotype_batch.py tests/test_train_batched.py tests/test_precision.py \
     tests/test_data_episodes.py 2>&1 \
     | tee "$work/gpu_tests.txt" || status=1
   cp "$work/gpu_tests.txt" "$out/"
@@ -63,6 +63,15 @@ PY
   # instead of all edges from a cell state at once (the default, source folding)
   step "meta-iteration, edges one by one" 60 bench_meta_iter_edges_fused.json $bench --iterations 10 \
     --cuda_graph on --edges fused --cases tnas_1shot_T4 tnas_5shot_T4 auto_maml_1shot_T4
+  # Precision and compilation (tnas/precision.py, compile_forward; README "Measured figures"): graphed
+  # T-NAS search and from-scratch MAML with --tf32, then T-NAS with torch.compile eager and graphed
+  # (the JSON's warmup_seconds holds the compile time; an error or a failed capture is recorded per case)
+  step "meta-iteration --tf32 + CUDA graph" 35 bench_meta_iter_tf32_graph.json $bench --iterations 10 --tf32 \
+    --cuda_graph on --cases tnas_1shot_T4 scratch_1shot_T4
+  step "meta-iteration --compile, eager" 120 bench_meta_iter_compile.json $bench --iterations 5 --compile \
+    --cuda_graph off --cases tnas_1shot_T4
+  step "meta-iteration --compile + CUDA graph" 60 bench_meta_iter_compile_graph.json $bench --iterations 10 \
+    --compile --cuda_graph on --cases tnas_1shot_T4
   # Then genotype batches: G genotypes (random decodes, 4 tasks each) trained as one network,
   # first-order MAML and MAML++, 1-shot; aggregate tasks/s, peak memory, protocol_hours_600
   step "genotype batches fp32, eager" 150 bench_meta_iter_genobatch.json $bench --iterations 3 --warmup 1 --cuda_graph off \

@@ -147,3 +147,32 @@ def test_random_genotypes_are_valid_and_reproducible(bench):
     assert genotypes == bench.random_genotypes(5) and len(set(genotypes)) == 5
     for genotype in genotypes:
         validate_genotype(genotype)
+
+
+def test_tf32_and_compile_are_recorded_and_refused_where_they_cannot_apply(bench):
+    """--tf32 is on while the cases run (and off again after); --compile is recorded, and the cases
+    that cannot compile (second-order MAML++, genotype batches) report one error each."""
+    from tnas import precision
+
+    before = precision.tf32_state()
+    report = bench.main(["--tiny", "--device", "cpu", "--iterations", "1", "--warmup", "1", "--tf32", "--compile",
+                         "--cases", "scratch_pp_1shot_T4", "genobatch_1shot_G1_T4"])
+    assert precision.tf32_state() == before
+    setting = report["setting"]
+    assert setting["tf32"] is True and setting["compile"] == "inductor"
+    assert setting["tf32_state"] == {"matmul": True, "cudnn": True}
+    errors = {r["case"]: r["error"] for r in report["results"]}
+    assert "compile_forward needs first-order MAML" in errors["scratch_pp_1shot_T4"]
+    assert "--compile: genotype batches have no compile_forward" in errors["genobatch_1shot_G1_T4"]
+
+
+@pytest.mark.slow
+def test_compiled_case_reports_warmup_and_no_flops(bench):
+    """A first-order from-scratch case through torch.compile (aot_eager: tracing without code
+    generation): timed, warm-up (with the compilation) reported, FLOPs not counted."""
+    report = bench.main(["--tiny", "--device", "cpu", "--iterations", "1", "--warmup", "1", "--compile", "aot_eager",
+                         "--cases", "scratch_1shot_T4"])
+    record = report["results"][0]
+    assert "error" not in record, record
+    assert record["seconds_per_iteration"] > 0 and record["warmup_seconds"] > 0
+    assert "gflop_per_iteration" not in record

@@ -330,6 +330,33 @@ def test_genotype_batches_give_the_same_accuracies(single, search_run, tmp_path)
     assert again["skipped_genotypes"] == ids and again["per_episode"] == record["per_episode"]
 
 
+def test_trained_genotypes_scored_as_a_batch_score_as_alone(single, search_run, monkeypatch):
+    """Real best.pt files and fixed episodes: the distinct genotypes, given equally many test episodes
+    (so all in one batch), score each episode exactly as their networks score it alone."""
+    from tnas.stages import evaluate as evaluate_stage
+    from tnas.stages import protocol_score
+    from tnas.stages.protocol_train import GenotypeRun
+
+    record, out = single["record"], single["out"]
+    args = protocol.settings_from_args(parse_args(protocol.build_parser(), ["--checkpoint", str(search_run), *FAST]))
+    with contextlib.redirect_stdout(io.StringIO()):
+        episodes = evaluate_stage.prepare(args, check_summary=lambda summary, checkpoint: None).episodes
+    ids = sorted(record["genotypes"])
+    each = EPISODES // len(ids)
+    runs = [GenotypeRun(gid, record["genotypes"][gid], list(range(j * each, (j + 1) * each)),
+                        str(out / "genotypes" / gid)) for j, gid in enumerate(ids)]
+    sizes, together = [], protocol_score.evaluate_together
+    monkeypatch.setattr(protocol_score, "evaluate_together",
+                        lambda learner, *a, **k: sizes.append(learner.genotype_count) or together(learner, *a, **k))
+    lines = []
+    batched = protocol_score.score_batch(runs, episodes, args, torch.device("cpu"), log=lines.append)
+    assert sizes == [len(ids)] and lines == []
+    alone = {}
+    for run in runs:
+        alone.update(protocol_score.score_genotype(run, episodes, args, torch.device("cpu")))
+    assert batched == alone and len(batched) == each * len(ids)
+
+
 def test_two_gloo_ranks_give_the_same_accuracies(single, search_run, tmp_path):
     out = tmp_path / "two_ranks"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TNAS_PROGRESS="0")

@@ -96,6 +96,8 @@ def test_batch_equals_solo_runs_resumes_as_a_batch_and_its_last_pt_resumes_alone
         with open(os.path.join(batch[i], "log.txt")) as handle:
             log = handle.read()
         assert "trained in a batch of 3 genotypes" in log and "resumed from" in log and "epoch 2:" in log
+        # --cuda_graph auto, resolved as for a solo run: eager on a CPU, saying why
+        assert "cuda_graph auto: eager steps, not CUDA graphs: the device is cpu" in log and "), eagerly;" in log
         assert_same_run(solo[i], batch[i])
     assert train.train_genotypes(two, [chosen[0]], [alone], log=lambda m: None)[0].status == "resumed"
     assert_same_run(solo[0], alone)
@@ -152,29 +154,122 @@ def test_out_of_memory_halves_the_batch_and_retries(cache_dir, tmp_path, monkeyp
         assert_same_run(a, b)
 
 
+def test_cuda_graph_on_without_cuda_is_a_one_line_error_before_anything_is_written(cache_dir, tmp_path):
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(TnasError, match=r"^--cuda_graph needs a CUDA device; --device cpu is cpu$"):
+        train.train_genotypes(settings(cache_dir, "--cuda_graph", "on"), genotypes(2), dirs, log=lambda m: None,
+                              genotypes_per_batch=2)
+    assert not any(os.path.exists(d) for d in dirs)
+
+
 def test_genotypes_per_batch_below_one_is_an_error(cache_dir, tmp_path):
     with pytest.raises(TnasError, match=r"^--genotypes_per_batch must be >= 1, got 0$"):
         train.train_genotypes(settings(cache_dir), genotypes(1), [str(tmp_path / "a")], genotypes_per_batch=0)
     assert not os.path.exists(tmp_path / "a")
 
 
-def test_automatic_genotypes_per_batch_from_free_device_memory(monkeypatch):
-    from tnas.stages.protocol_train import genotypes_per_batch
+def test_automatic_genotypes_per_batch_from_measured_memory(monkeypatch):
+    from tnas.stages.protocol_train import GIB, fit_genotypes_per_batch, genotypes_per_batch
 
     lines = []
     assert genotypes_per_batch(None, torch.device("cpu"), lines.append) == 1 and lines == []
     assert genotypes_per_batch(3, torch.device("cpu"), lines.append) == 3
     with pytest.raises(TnasError, match="--genotypes_per_batch must be >= 1, got -1"):
         genotypes_per_batch(-1, torch.device("cpu"), lines.append)
-    # 40 GiB free on one GPU shared by 2 processes: half of it, halved again, at 1 GiB per genotype
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024 ** 3, 141 * 1024 ** 3))
+    # the fit: 2 GiB + 0.5 GiB per genotype, 0.8 of 40 GiB over 2 processes = 16 GiB -> 28
+    fit = fit_genotypes_per_batch(int(2.5 * GIB), 3 * GIB, 40 * GIB, sharing=2)
+    assert (fit.chosen, fit.base, fit.per_genotype, fit.budget) == (28, 2 * GIB, 0.5 * GIB, 16 * GIB)
+    assert fit_genotypes_per_batch(GIB, 2 * GIB, 1000 * GIB).chosen == 64                # the cap
+    assert fit_genotypes_per_batch(GIB, 2 * GIB, 1000 * GIB, count=5).chosen == 5       # the genotypes there are
+    assert fit_genotypes_per_batch(10 * GIB, 20 * GIB, 5 * GIB).chosen == 1             # not even one: 1
+    assert fit_genotypes_per_batch(2 * GIB, 2 * GIB, 10 * GIB).chosen == 4              # no growth: 2 GiB each
+
+    # on (mocked) CUDA: 40 GiB free on one GPU shared by 2 processes, peaks measured at G = 1 and 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * GIB, 141 * GIB))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert genotypes_per_batch(None, torch.device("cuda"), lines.append) == 10
-    assert "--genotypes_per_batch 10: half of 40.0 GiB free device memory shared by 2 processes" in lines[-1]
+    measured = []
+
+    def measure(count):
+        measured.append(count)
+        return int((2 + 0.5 * count) * GIB)
+
+    cuda = torch.device("cuda")
+    assert genotypes_per_batch(None, cuda, lines.append, count=100, measure=measure) == 28 and measured == [1, 2]
+    assert lines[-1] == ("--genotypes_per_batch 28: one batched meta-iteration measured at 2.500 GiB for 1 genotype "
+                         "and 3.000 GiB for 2 (base 2.000 + 0.500 GiB per genotype); 80% of 40.0 GiB free device "
+                         "memory shared by 2 processes fits 28, at most 100 (the genotypes per process)")
+    assert genotypes_per_batch(None, cuda, lines.append, count=3, measure=measure) == 3
+    measured.clear()
+    assert genotypes_per_batch(None, cuda, lines.append, count=1, measure=measure) == 1 and measured == []
+
+    def too_big(count):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (mocked)")
+
+    assert genotypes_per_batch(None, cuda, lines.append, count=10, measure=too_big) == 1
+    assert "do not fit" in lines[-1]
 
     def no_reading(device=None):
         raise RuntimeError("no CUDA")
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", no_reading)
-    assert genotypes_per_batch(None, torch.device("cuda"), lines.append) == 8 and "8 genotypes" in lines[-1]
+    assert genotypes_per_batch(None, cuda, lines.append, count=20, measure=measure) == 8 and "8 genotypes" in lines[-1]
+
+
+def test_synthetic_batch_has_the_run_shape(cache_dir):
+    batch = batched_train.synthetic_batch(settings(cache_dir), (1, 16, 16), genotypes=3)
+    assert tuple(batch.support_x.shape) == (6, 3, 1, 16, 16) and tuple(batch.query_x.shape) == (6, 6, 1, 16, 16)
+    assert batch.support_y.tolist()[0] == [0, 1, 2] and batch.query_y.tolist()[5] == [0, 0, 1, 1, 2, 2]
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_graphed_batch_step_equals_eager_in_float64():
+    """The train stage's batch step (batched_train.batch_step) replayed as a CUDA graph: the same
+    parameters and statistics as eager steps, float64, MAML++ (per-step BN, learned rates, multi-step
+    loss) across an epoch change that captures a second graph."""
+    from test_genotype_batch import learner_settings, solo_network, stream
+    from tnas.meta.genotype_batch import GenotypeBatchLearner, stack_batches
+    from tnas.models.genotype_batch import GenotypeBatchNetwork
+
+    config = learner_settings("maml_pp")
+    config.cosine_lr = False  # a graph freezes the outer learning rate until the next capture (per epoch)
+
+    def learner():
+        return GenotypeBatchLearner(GenotypeBatchNetwork.from_networks([solo_network(g).cuda() for g in range(3)]),
+                                    config)
+
+    eager, graphed = learner(), learner()
+    eager_step, lines = batched_train.batch_step(eager, False), []
+    graphed_step = batched_train.batch_step(graphed, True, lines.append)
+    per_epoch, epochs = 6, 2
+    for iteration in range(per_epoch * epochs):
+        batch = stack_batches([stream(g, iteration) for g in range(3)]).to("cuda")
+        for one in (eager, graphed):
+            one.set_progress(iteration, per_epoch, epochs)
+        track = iteration == 1  # a tracked step runs eagerly between replays
+        want, got = eager_step(batch, track), graphed_step(batch, track)
+        torch.testing.assert_close(got.query_loss, want.query_loss, rtol=1e-9, atol=1e-12)
+    assert lines == [] and graphed_step.graphed.graphs == 2 and graphed_step.graphed.current.captured
+    for g in range(3):
+        want, got = eager.genotype_state_dict(g), graphed.genotype_state_dict(g)
+        for part in ("model", "inner_lrs"):
+            for key, value in want[part].items():
+                torch.testing.assert_close(got[part][key], value, rtol=1e-9, atol=1e-11, msg=f"{g} {part} {key}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_memory_of_a_batch_is_measured_and_freed(cache_dir):
+    """measure_peak_memory: a positive peak that grows with G, everything freed afterwards, no global draw."""
+    tiny = settings(cache_dir).replace(device="cuda")
+    device = torch.device("cuda")
+    before = torch.cuda.memory_allocated(device)
+    torch.manual_seed(3)
+    peaks = [batched_train.measure_peak_memory(tiny, genotypes(g), (1, 16, 16), device) for g in (1, 2, 3)]
+    drawn = torch.rand(2)
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.rand(2))
+    assert 0 < peaks[0] < peaks[1] < peaks[2], peaks
+    assert torch.cuda.memory_allocated(device) == before

@@ -20,7 +20,7 @@ Validation and meta-test adapt w only. The searched genotype is decoded from alp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple, Union
 
 from tnas.genotypes import Genotype
 from tnas.meta.learner import MetaLearner, StepStats
@@ -50,14 +50,16 @@ class AutoMAML(MetaLearner):
     >>> learner.genotype()                            # the searched architecture
     """
 
-    def __init__(self, model: Supernet, config: Optional[AutoMAMLConfig] = None):
+    def __init__(self, model: Supernet, config: Optional[AutoMAMLConfig] = None,
+                 compile_forward: Union[bool, str] = False):
         config = config or AutoMAMLConfig()
         self.config = config
         groups, optimizers = config.groups_and_optimizers(model)  # keys: WEIGHT_STEP, ALPHA_STEP
         # Only the weights have an inner learning rate: every adaptation adapts w alone.
         super().__init__(model, groups, {WEIGHT_STEP: config.inner_lr_weights}, optimizers,
                          inner_steps=config.inner_steps, inner_steps_test=config.inner_steps_test,
-                         first_order=config.first_order, amp_dtype=config.amp_dtype)
+                         first_order=config.first_order, amp_dtype=config.amp_dtype,
+                         compile_forward=compile_forward)
 
     def weight_step(self, batch, track_steps: bool = False, loss_scale: float = 1.0) -> StepStats:
         """FO-MAML update of w (tasks of the first half)."""

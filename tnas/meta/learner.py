@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from tnas.meta.maml import (ForwardFn, InnerLoopResult, LearningRate, Params, inner_loop, model_forward,
-                            query_loss_and_accuracy)
+from tnas.meta.maml import (COMPILE_BACKENDS, ForwardFn, InnerLoopResult, LearningRate, Params, compile_forward,
+                            inner_loop, model_forward, query_loss_and_accuracy)
 
 GradientHook = Callable[[List[torch.Tensor]], None]
 """Called with the parameters about to be stepped (their ``.grad`` filled); e.g. an all-reduce."""
@@ -43,6 +43,17 @@ class StepStats:
         return out
 
 
+def check_compile_forward(compile_forward: Union[bool, str], first_order: bool) -> None:
+    """ValueError unless ``compile_forward`` is off, or on (True or a backend name) with first order:
+    a compiled forward's backward cannot be differentiated again, which second order needs."""
+    if isinstance(compile_forward, str) and compile_forward not in COMPILE_BACKENDS:
+        raise ValueError(f"compile_forward must be True, False or one of {', '.join(COMPILE_BACKENDS)}, "
+                         f"got {compile_forward!r}")
+    if compile_forward and not first_order:
+        raise ValueError("compile_forward needs first-order MAML: torch.compile gives no double backward, "
+                         "which second order (and a schedule that turns it on) needs")
+
+
 class MetaLearner:
     """Functional MAML over a model with named parameter groups.
 
@@ -55,12 +66,17 @@ class MetaLearner:
         first_order: FO-MAML (default) or exact second order.
         forward: functional forward (default: ``functional_call`` of ``model``).
         amp_dtype: e.g. ``torch.bfloat16`` to run forwards under autocast (GPU fast path).
+        compile_forward: run the forwards of meta-training steps (inner loop and query loss) through
+            ``torch.compile`` (:func:`tnas.meta.maml.compile_forward`; True: inductor, or a backend
+            name); evaluation and decoding stay eager (their shapes and modes vary). First order
+            only: with ``first_order=False`` it is a ValueError.
     """
 
     def __init__(self, model: nn.Module, groups: Mapping[str, Sequence[str]], inner_lrs: Mapping[str, LearningRate],
                  optimizers: Mapping[str, torch.optim.Optimizer], inner_steps: int = 5, inner_steps_test: int = 10,
                  first_order: bool = True, forward: Optional[ForwardFn] = None,
-                 amp_dtype: Optional[torch.dtype] = None):
+                 amp_dtype: Optional[torch.dtype] = None, compile_forward: Union[bool, str] = False):
+        check_compile_forward(compile_forward, first_order)
         self.model = model
         self.groups = {name: list(names) for name, names in groups.items()}
         self.inner_lrs = dict(inner_lrs)
@@ -70,6 +86,8 @@ class MetaLearner:
         self.first_order = first_order
         self.forward = forward or model_forward(model)
         self.amp_dtype = amp_dtype
+        self.compile_forward = compile_forward
+        self._compiled: Optional[tuple] = None  # (eager forward, its compiled version)
         self.gradient_hook: Optional[GradientHook] = None
         self.loss_scale = 1.0  # data parallel: this rank's share of the meta-batch (see tnas.distributed)
 
@@ -90,6 +108,17 @@ class MetaLearner:
         # inner loop makes new weight tensors every step, so it would rarely hit anyway.
         return torch.autocast(device_type=device.type, dtype=self.amp_dtype, cache_enabled=False)
 
+    def training_forward(self, forward: Optional[ForwardFn] = None) -> ForwardFn:
+        """The forward of meta-training steps: ``forward`` (default ``self.forward``), compiled once
+        (and again only if it is replaced) when ``compile_forward`` is set."""
+        forward = self.forward if forward is None else forward
+        if not self.compile_forward:
+            return forward
+        if self._compiled is None or self._compiled[0] is not forward:
+            backend = "inductor" if self.compile_forward is True else str(self.compile_forward)
+            self._compiled = (forward, compile_forward(forward, backend))
+        return self._compiled[1]
+
     # -- adaptation ---------------------------------------------------------------------
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None,
               adapt_groups: Optional[Iterable[str]] = None, meta_gradient: bool = False,
@@ -97,8 +126,9 @@ class MetaLearner:
               track_query: bool = False) -> InnerLoopResult:
         """Adapt on the support sets of a batch of tasks (``[T, N, C, H, W]``)."""
         steps = self.inner_steps_test if steps is None else steps
+        forward = self.training_forward() if meta_gradient else self.forward
         with self._autocast(support_x.device):
-            return inner_loop(self.forward, self.params(), self.learning_rates(adapt_groups), support_x, support_y,
+            return inner_loop(forward, self.params(), self.learning_rates(adapt_groups), support_x, support_y,
                               steps, first_order=self.first_order, meta_gradient=meta_gradient,
                               query_x=query_x, query_y=query_y, track_query=track_query)
 
@@ -135,7 +165,7 @@ class MetaLearner:
         result = self.adapt(batch.support_x, batch.support_y, self.inner_steps, adapt_groups, meta_gradient=True,
                             query_x=batch.query_x, query_y=batch.query_y, track_query=track_steps)
         with self._autocast(batch.query_x.device):
-            loss, accuracy = query_loss_and_accuracy(self.forward, result.task_params,
+            loss, accuracy = query_loss_and_accuracy(self.training_forward(), result.task_params,
                                                      self.shared_params(result.task_params), batch.query_x,
                                                      batch.query_y, self.inner_steps)
         stepped = [p for group in update_groups for param_group in self.optimizers[group].param_groups

@@ -52,7 +52,37 @@ def model_forward(model: nn.Module, fold_tasks: Optional[bool] = None) -> Forwar
         return functional_call(model, params, (x,))
 
     forward.folds_tasks = supported if fold_tasks is None else bool(fold_tasks)
+    forward.uses_step = False
     return forward
+
+
+COMPILE_BACKENDS = ("inductor", "aot_eager")
+"""``torch.compile`` backends a learner's ``compile_forward`` may name (True: inductor, fused kernels;
+aot_eager: the same graphs run by eager kernels, a fast check of the tracing alone)."""
+
+
+def compile_forward(forward: ForwardFn, backend: str = "inductor") -> ForwardFn:
+    """``forward`` through ``torch.compile(dynamic=False)``: one graph per input shape (and stride,
+    grad mode), each with its own compiled backward. A forward marked ``uses_step = False`` (that of
+    :func:`model_forward`) is compiled without ``step``, so the inner steps share graphs; any other
+    is compiled with it (a graph per step value). The result keeps ``folds_tasks``.
+
+    The compiled backward cannot itself be differentiated, so only first-order MAML (no
+    ``create_graph`` through the forward) may use it; the learners refuse it with second order.
+    """
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile backend must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
+    if getattr(forward, "uses_step", True):
+        compiled = torch.compile(forward, backend=backend, dynamic=False)
+    else:
+        core = torch.compile(lambda params, x: forward(params, x, 0), backend=backend, dynamic=False)
+
+        def compiled(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
+            return core(params, x)
+
+        compiled.uses_step = False
+    compiled.folds_tasks = getattr(forward, "folds_tasks", False)
+    return compiled
 
 
 def batched_forward(forward: ForwardFn, task_params: Params, shared_params: Params, x: torch.Tensor,

@@ -37,13 +37,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
-from tnas.meta.learner import MetaLearner, StepStats
+from tnas.meta.learner import MetaLearner, StepStats, check_compile_forward
 from tnas.meta.maml import ForwardFn, InnerLoopResult, Params, inner_loop, per_task_cross_entropy, \
     batched_forward, per_task_accuracy, query_loss_and_accuracy
 from tnas.models.per_step_bn import make_per_step_batch_norm, select_batch_norm_set
@@ -139,8 +138,12 @@ class MAMLPlusPlus(MetaLearner):
     >>> stats = learner.evaluate(test_batch, steps=10)                                    # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, config: Optional[MAMLConfig] = None):
+    def __init__(self, model: nn.Module, config: Optional[MAMLConfig] = None,
+                 compile_forward: Union[bool, str] = False):
+        """``compile_forward``: as :class:`MetaLearner`'s; refused (ValueError) with second order,
+        also with ``first_order_epochs`` (second order later in training)."""
         config = config or MAMLConfig()
+        check_compile_forward(compile_forward, config.first_order and config.first_order_epochs is None)
         self.config = config
         steps = config.inner_steps
         self.batch_norm_names: List[str] = make_per_step_batch_norm(model, steps + 1) if config.per_step_bn else []
@@ -163,7 +166,7 @@ class MAMLPlusPlus(MetaLearner):
                          {"weights": config.inner_lr}, optimizers, inner_steps=steps,
                          inner_steps_test=config.inner_steps_test,
                          first_order=first_order_at(0, config.first_order_epochs, config.first_order),
-                         amp_dtype=config.amp_dtype)
+                         amp_dtype=config.amp_dtype, compile_forward=compile_forward)
         self.epoch = 0
 
     def initial_inner_lr(self, param: torch.Tensor) -> torch.Tensor:
@@ -206,17 +209,26 @@ class MAMLPlusPlus(MetaLearner):
             return self.inner_steps
         return min(step, self.inner_steps - 1)
 
-    def forward_for(self, steps: int) -> ForwardFn:
-        """The functional forward of an adaptation of ``steps`` steps (per-step BN mapped; see module docstring)."""
+    def forward_for(self, steps: int, base: Optional[ForwardFn] = None) -> ForwardFn:
+        """The functional forward of an adaptation of ``steps`` steps (per-step BN mapped; see module
+        docstring) around ``base`` (default ``self.forward``)."""
+        base = self.forward if base is None else base
         if not self.batch_norm_names:
-            return self.forward
-        model, names = self.model, self.batch_norm_names
+            return base
+        names = self.batch_norm_names
 
         def forward(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
-            return functional_call(model, select_batch_norm_set(params, names, self.batch_norm_set(step, steps)), (x,))
+            return base(select_batch_norm_set(params, names, self.batch_norm_set(step, steps)), x, step)
 
-        forward.folds_tasks = getattr(self.forward, "folds_tasks", False)
+        forward.folds_tasks = getattr(base, "folds_tasks", False)
         return forward
+
+    def training_forward_for(self, steps: int) -> ForwardFn:
+        """:meth:`forward_for` of a meta-training step: around the compiled forward with
+        ``compile_forward`` (the BN set is picked outside it, so the steps share its graphs)."""
+        if not self.compile_forward:
+            return self.forward_for(steps)
+        return self.forward_for(steps, self.training_forward())
 
     def learning_rates(self, adapt_groups: Optional[Iterable[str]] = None, steps: Optional[int] = None):
         """Parameter name -> inner learning rate (learned ones as ``[steps]`` tensors)."""
@@ -242,7 +254,8 @@ class MAMLPlusPlus(MetaLearner):
         if not meta_gradient:
             rates = {n: r.detach() if isinstance(r, torch.Tensor) else r for n, r in rates.items()}
         with self._autocast(support_x.device):
-            return inner_loop(self.forward_for(steps), self.params(), rates, support_x, support_y, steps,
+            forward = self.training_forward_for(steps) if meta_gradient else self.forward_for(steps)
+            return inner_loop(forward, self.params(), rates, support_x, support_y, steps,
                               first_order=self.first_order, meta_gradient=meta_gradient, query_x=query_x,
                               query_y=query_y, track_query=track_query, on_step=on_step, expand=expand)
 
@@ -282,7 +295,7 @@ class MAMLPlusPlus(MetaLearner):
         optimizer = self.optimizers["weights"]
         optimizer.zero_grad(set_to_none=True)
         steps = self.inner_steps
-        forward = self.forward_for(steps)
+        forward = self.training_forward_for(steps)
         step_losses: List[torch.Tensor] = []
         final: Dict[str, torch.Tensor] = {}
         multi_step = self.multi_step_loss_active()

@@ -9,7 +9,7 @@ task's support set and decoding the adapted alpha gives that task's architecture
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -77,13 +77,15 @@ class TNAS(MetaLearner):
     >>> genotypes = learner.decode(batch)          # one architecture per task
     """
 
-    def __init__(self, model: Supernet, config: Optional[TNASConfig] = None):
+    def __init__(self, model: Supernet, config: Optional[TNASConfig] = None,
+                 compile_forward: Union[bool, str] = False):
         config = config or TNASConfig()
         self.config = config
         groups, optimizers = config.groups_and_optimizers(model)
         super().__init__(model, groups, {"weights": config.inner_lr_weights, "alphas": config.inner_lr_alphas},
                          optimizers, inner_steps=config.inner_steps, inner_steps_test=config.inner_steps_test,
-                         first_order=config.first_order, amp_dtype=config.amp_dtype)
+                         first_order=config.first_order, amp_dtype=config.amp_dtype,
+                         compile_forward=compile_forward)
 
     def genotype(self) -> Genotype:
         """The meta-architecture: decoded from the meta-learned alphas (before any adaptation)."""

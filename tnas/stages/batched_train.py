@@ -15,7 +15,10 @@ same iteration resumes as a batch.
 
 With the same seed each genotype gets its solo initial parameters and task stream, so its results
 equal its solo run's up to float rounding (drop-path aside: other random masks, same distribution).
-What the batch cannot take falls back to solo runs, said in the log: genotypes of different shapes,
+``--cuda_graph auto|on|off`` is resolved as for a solo run (auto: graphs on one CUDA device) and
+the batch's untracked meta-steps replay one CUDA graph (:func:`batch_step`); a capture that fails
+runs eager steps, said in each genotype's log. What the batch cannot take falls back to solo runs,
+said in the log: genotypes of different shapes,
 runs in different states (new and interrupted, or interrupted at different iterations), and a group
 that runs out of CUDA memory is halved and retried.
 """
@@ -33,6 +36,7 @@ from tnas import distributed, guard
 from tnas.engine import MetaTrainer, StopRequest
 from tnas.errors import TnasError
 from tnas.genotypes import genotype_from_dict, resolve_genotype, save_genotype
+from tnas.meta.cuda_graph import make_optimizers_capturable
 from tnas.meta.genotype_batch import GenotypeBatchLearner, stack_batches
 from tnas.meta.maml_pp import MAMLPlusPlus
 from tnas.models.complexity import count_macs
@@ -58,10 +62,13 @@ class BatchedTrainer:
     """Steps G solo :class:`MetaTrainer` s (one per genotype, same schedule and position) through one
     :class:`GenotypeBatchLearner`; each trainer still validates, checkpoints and logs its genotype."""
 
-    def __init__(self, learner: GenotypeBatchLearner, trainers: Sequence[MetaTrainer], log: Log):
+    def __init__(self, learner: GenotypeBatchLearner, trainers: Sequence[MetaTrainer], log: Log,
+                 step: Optional[Callable[[Any, bool], Any]] = None):
+        """``step(batch, track)``: the batch's meta-step (:func:`batch_step`; default eager)."""
         self.learner = learner
         self.trainers = list(trainers)
         self.log = log
+        self.step = step or batch_step(learner, False)
         lead = self.trainers[0]
         self.schedule, self.device = lead.schedule, lead.device
         if any((t.epoch, t.iteration) != (lead.epoch, lead.iteration) for t in self.trainers):
@@ -96,7 +103,7 @@ class BatchedTrainer:
                     track = schedule.log_every > 0 and iteration % schedule.log_every == 0
                     self.learner.set_progress(iteration, per_epoch, schedule.epochs)
                     batch = stack_batches([trainer.samplers["train"].sample() for trainer in self.trainers])
-                    stats = self.learner.meta_step(batch, track_steps=track)
+                    stats = self.step(batch, track)
                     grads_ok = guard.gradients_finite(self.learner, self.device)  # one flag for the batch
                     for trainer, share in zip(self.trainers, self.learner.split_stats(stats)):
                         trainer.record_step(share, grads_ok)
@@ -115,6 +122,65 @@ class BatchedTrainer:
                     trainer.end_epoch()
 
 
+def batch_step(learner: GenotypeBatchLearner, cuda_graph: bool, log: Optional[Log] = None
+               ) -> Callable[[Any, bool], Any]:
+    """The batch's meta-step ``step(batch, track)``, as the solo train stage builds its own: with
+    ``cuda_graph`` (a resolved ``--cuda_graph``) every untracked step replays one CUDA graph, captured
+    again whenever the learner's per-epoch settings change (MAML++), its optimiser made capturable; a
+    capture that fails is one line through ``log`` and eager steps from then on. Call it after any
+    state (a resumed run's Adam moments) is loaded into ``learner``."""
+    if cuda_graph:
+        make_optimizers_capturable(learner.optimizers.values())
+    return common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track), cuda_graph,
+                                  key=learner.settings_key, log=log)
+
+
+def synthetic_batch(settings, image_shape: Sequence[int], genotypes: int) -> "EpisodeBatch":  # noqa: F821
+    """A meta-batch of the run's shape for ``genotypes`` genotypes (random images, balanced labels, on
+    the CPU): ``support_x [G*T, n_way*k_shot, *image_shape]``, ..., T = ``--tasks_per_batch``."""
+    from tnas.data.episodes import EpisodeBatch
+
+    data, tasks = settings.data, genotypes * settings.schedule.tasks_per_batch
+    generator = torch.Generator().manual_seed(0)
+
+    def part(per_class: int):
+        images = torch.randn(tasks, data.n_way * per_class, *image_shape, generator=generator)
+        labels = torch.arange(data.n_way).repeat_interleave(per_class).expand(tasks, -1).contiguous()
+        return images, labels
+
+    return EpisodeBatch(*part(data.k_shot), *part(data.q_query))
+
+
+def measure_peak_memory(settings, genotypes: Sequence[Dict[str, Any]], image_shape: Sequence[int],
+                        device: torch.device) -> int:
+    """Peak CUDA memory (bytes, above what was allocated before) of training ``genotypes`` as one batch: a
+    fresh batch learner of the run's settings, one meta-step on a synthetic meta-batch of the run's shape
+    at the first and one at the last position of the schedule (MAML++ may switch to second order or
+    drop the multi-step loss later), then everything freed. Draws nothing from the global generators."""
+    device = torch.device(device)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    schedule = common.schedule_from_args(settings.schedule)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index]):
+        networks = [train_stage._build_network(settings, genotype_from_dict(g), tuple(image_shape), device)
+                    for g in genotypes]
+        learner = GenotypeBatchLearner(GenotypeBatchNetwork.from_networks(networks),
+                                       train_stage.maml_config(settings, device))
+        batch = synthetic_batch(settings, image_shape, len(genotypes)).to(device)
+        last = schedule.epochs * schedule.iterations_per_epoch - 1
+        for iteration in sorted({0, max(last, 0)}):
+            learner.set_progress(iteration, schedule.iterations_per_epoch, schedule.epochs)
+            learner.meta_step(batch)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    del learner, networks, batch
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
 def _last_iteration(run_dir: str) -> Optional[int]:
     """The iteration of ``run_dir``'s ``last.pt`` (None when it cannot be read)."""
     try:
@@ -123,9 +189,11 @@ def _last_iteration(run_dir: str) -> Optional[int]:
         return None
 
 
-def _solo_trainer(settings, genotype: Dict[str, Any], run_dir: str, resume: bool, splits, log: Log):
+def _solo_trainer(settings, genotype: Dict[str, Any], run_dir: str, resume: bool, splits, log: Log,
+                  graph: common.GraphDecision):
     """One genotype's solo trainer, set up exactly as :func:`tnas.stages.train.run` sets it up
-    (seeded before its network is built); returns (trainer, an unwrapped copy of its network, splits)."""
+    (seeded before its network is built; ``graph``: the batch's resolved ``--cuda_graph``, logged);
+    returns (trainer, an unwrapped copy of its network, splits)."""
     genotype_path = os.path.join(run_dir, "genotype.json")
     os.makedirs(run_dir, exist_ok=True)
     if not os.path.exists(genotype_path):
@@ -136,6 +204,7 @@ def _solo_trainer(settings, genotype: Dict[str, Any], run_dir: str, resume: bool
     train_stage.check_settings(wanted)
     flags = argparse.Namespace(**wanted.to_flags())
     run_dir, logger, device = common.prepare_run(flags, "train")
+    logger.log(graph.reason)
     try:
         if splits is None:
             splits = common.load_splits(flags, ("train", "val"), logger)
@@ -153,7 +222,7 @@ def _solo_trainer(settings, genotype: Dict[str, Any], run_dir: str, resume: bool
         trainer = train_stage._trainer(wanted, learner, splits, run_dir, logger, device, summary, True, False)
         if resume:
             trainer.resume()
-        logger.log(train_stage._describe(wanted, config, summary, device, run_dir, False))
+        logger.log(train_stage._describe(wanted, config, summary, device, run_dir, graph.enabled))
     except BaseException:
         logger.close()
         raise
@@ -166,9 +235,11 @@ def _train_batch(settings, items, log: Log) -> List[train_stage.GenotypeResult]:
     started = time.perf_counter()
     try:
         with distributed.local_process():
+            graph = train_stage.check_settings(settings)  # --cuda_graph, as a solo run resolves it
             sources, splits = [], None
             for genotype, run_dir, resume, genotype_log in items:
-                trainer, source, splits = _solo_trainer(settings, genotype, run_dir, resume, splits, genotype_log)
+                trainer, source, splits = _solo_trainer(settings, genotype, run_dir, resume, splits, genotype_log,
+                                                        graph)
                 trainers.append(trainer)
                 sources.append(source)
             try:
@@ -180,9 +251,15 @@ def _train_batch(settings, items, log: Log) -> List[train_stage.GenotypeResult]:
                 learner.load_genotype_state_dict(g, trainer.learner.state_dict())
             dirs = ", ".join(trainer.run_dir for trainer in trainers)
             for trainer in trainers:
-                trainer.logger.log(f"trained in a batch of {len(trainers)} genotypes ({dirs}), eagerly "
-                                   f"(no CUDA graph); each genotype gets its solo run's result")
-            BatchedTrainer(learner, trainers, log).run()
+                trainer.logger.log(f"trained in a batch of {len(trainers)} genotypes ({dirs}), "
+                                   f"{'replayed as CUDA graphs' if graph.enabled else 'eagerly'}; each genotype "
+                                   f"gets its solo run's result")
+
+            def log_all(line: str) -> None:  # a capture failure: one line in every genotype's log
+                for trainer in trainers:
+                    trainer.logger.log(line)
+
+            BatchedTrainer(learner, trainers, log, batch_step(learner, graph.enabled, log_all)).run()
             summaries = [common.run_trainer(trainer, trainer.logger, "train.json") for trainer in trainers]
     finally:
         for trainer in trainers:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
-from tnas import distributed, run_dir
+from tnas import distributed, precision, run_dir
 from tnas.config import resolve_device, save_config, seed_everything, set_threads
 from tnas.data import check_episode_shape, load_split
 from tnas.engine import Schedule
@@ -53,6 +53,9 @@ def add_schedule_args(parser: argparse.ArgumentParser, epochs: int, tasks_per_ep
                        help="with --resume: accept changed hyper-parameters (recorded per epoch in overrides.json)")
     group.add_argument("--amp", action="store_true",
                        help="bf16 autocast (meta-gradients within a cosine of 0.94-0.99 of fp32; see README)")
+    group.add_argument("--tf32", action="store_true",
+                       help="TF32 tensor cores for CUDA matmuls and cuDNN convolutions during the run (GPU; "
+                            "restored when the run ends; stated tolerance in tests/test_precision.py)")
 
 
 def add_network_args(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +155,8 @@ def check_positive(args, *names: str, minimum: Optional[int] = None) -> None:
 
 def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
     """Resolve the device, join torchrun's process group, seed, make the run directory, save
-    ``config.yaml``, open the log; on a GPU, turn on cuDNN's algorithm search.
+    ``config.yaml``, open the log; on a GPU, turn on cuDNN's algorithm search, and TF32 with
+    ``--tf32`` until the log closes (:func:`tnas.precision.hold_tf32`).
 
     A directory that already holds a run is only reused with ``--resume``, so nothing is
     overwritten by accident. Under torchrun only rank 0 writes files and logs; each rank
@@ -170,7 +174,14 @@ def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
     args.out = args.out or default_run_dir(args, stage)
     resume = getattr(args, "resume", False)
     changes = _claim_and_check(args, stage, info, resume, device)
-    release = functools.partial(run_dir.release_run_dir, args.out)  # the run owns --out until its log closes
+    release_dir = functools.partial(run_dir.release_run_dir, args.out)  # the run owns --out until its log closes
+    notes = []
+    release_tf32 = precision.hold_tf32(getattr(args, "tf32", False), device, notes.append)  # until the log closes
+
+    def release() -> None:
+        release_tf32()
+        release_dir()
+
     try:
         if info.is_main:
             saved = {key: old for key, (old, new) in changes.items()}  # config.yaml keeps how the run started
@@ -182,6 +193,8 @@ def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
     except BaseException:
         release()
         raise
+    for note in notes:
+        logger.log(note)
     if changes:
         logger.log(f"resuming with --resume_override: {', '.join(f'{k}: {o!r} -> {n!r}' for k, (o, n) in changes.items())} "
                    f"(recorded in {os.path.join(args.out, run_dir.OVERRIDES_FILE)})")

@@ -14,7 +14,8 @@ c. **train** -- each distinct genotype is trained from scratch once by the train
    ``--method tnas++``, validation on the validation classes, ``best.pt`` by validation
    accuracy; run directory ``OUT/genotypes/<id>/``;
 d. **evaluate** -- each episode is adapted on its support set and scored on its query set
-   by its own genotype's ``best.pt`` (all episodes of a genotype batched);
+   by its own genotype's ``best.pt`` (all episodes of a genotype batched; with ``--genotypes_per_batch``
+   the genotypes of a batch with equal episode counts adapt in one forward, :mod:`tnas.stages.protocol_score`);
 e. **aggregate** -- mean and 95% CI into ``OUT/results.json`` (the evaluate stage's fields plus
    ``genotype_id`` per episode, ``genotypes`` {id: genotype}, ``distinct_genotypes``, the
    from-scratch ``schedule``, ``budget`` and a ``cost`` block: wall time and device-hours per
@@ -70,9 +71,9 @@ from tnas.stages.decode import check_tnas_search, episodes_seed
 from tnas.stages.settings import free
 from tnas.stages.protocol_decode import GENOTYPES_FILE, decode_cache_key, decode_episodes, read_decode_cache, \
     write_decode_files
+from tnas.stages.protocol_score import score_batch, scoring_progress
 from tnas.stages.protocol_train import (BUDGET_SCHEDULE, METHODS, TRAIN_FLAGS, TRAIN_SWITCHES, GenotypeRun,
-                                        genotypes_per_batch, schedule_record, score_genotype, scoring_progress,
-                                        train_genotype_batch,
+                                        genotypes_per_batch, memory_probe, schedule_record, train_genotype_batch,
                                         train_settings)
 
 GENOTYPES_DIR = "genotypes"
@@ -110,6 +111,7 @@ class ProtocolSettings(evaluate_stage.CheckpointSettings):
     layers: Optional[int] = None
     second_order: Optional[bool] = None
     amp: Optional[bool] = None
+    tf32: Optional[bool] = None
     genotypes_per_batch: Optional[int] = free()
 
 
@@ -166,7 +168,8 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=text)
     group.add_argument("--genotypes_per_batch", type=int, default=None, metavar="G",
                        help="train G genotypes at once as one genotype batch, each with its solo result and its "
-                            "own run directory (default: 1 on a CPU; on CUDA chosen from free device memory)")
+                            "own run directory (default: 1 on a CPU; on CUDA the most that fit in the free device "
+                            "memory, measured for one batched meta-iteration at G = 1 and 2; logged)")
 
 
 def default_out_dir(args, checkpoint: str) -> str:
@@ -268,8 +271,10 @@ def decode_step(p: Protocol):
 
 def train_and_score(p: Protocol, by_id, episodes_of) -> List[GenotypeRun]:
     """c. train this rank's share of the distinct genotypes, d. score each episode with its own genotype."""
-    per_batch = genotypes_per_batch(p.args.genotypes_per_batch, p.device, p.logger.log)
     ids = list(by_id)
+    probe = memory_probe(p.settings, [by_id[gid] for gid in ids[:2]], p.prepared.split.image_shape, p.device)
+    per_process = -(-len(ids) // p.info.world_size)  # a larger batch would leave other ranks without genotypes
+    per_batch = genotypes_per_batch(p.args.genotypes_per_batch, p.device, p.logger.log, per_process, probe)
     batches = [[GenotypeRun(gid, by_id[gid], episodes_of[gid], os.path.join(p.out_dir, GENOTYPES_DIR, gid))
                 for gid in ids[start:start + per_batch]] for start in range(0, len(ids), per_batch)]
     batches = distributed.shard(batches, p.info)  # batches of genotypes dealt round robin
@@ -285,9 +290,9 @@ def train_and_score(p: Protocol, by_id, episodes_of) -> List[GenotypeRun]:
     p.seconds["train"] = time.perf_counter() - begin
     begin = time.perf_counter()
     if not p.args.train_only:
-        meter = scoring_progress(mine, p.args.batch_size, p.logger)
-        for genotype_run in mine:
-            p.accuracies.update(score_genotype(genotype_run, p.prepared.episodes, p.args, p.device, meter))
+        meter = scoring_progress(batches, p.args.batch_size, p.logger)
+        for batch in batches:  # a genotype batch is scored together too (tnas.stages.protocol_score)
+            p.accuracies.update(score_batch(batch, p.prepared.episodes, p.args, p.device, meter, p.logger.log))
         cost_stage.synchronize(p.device)
     p.seconds["evaluate"] = time.perf_counter() - begin
     return mine

@@ -1,5 +1,6 @@
 """The T-NAS protocol's from-scratch part: the training settings every genotype shares, the schedule
-record of results.json, and one distinct genotype's run (train, resume or skip; then score its episodes).
+record of results.json, and the training of the distinct genotypes (train, resume or skip) one at a time
+or as genotype batches; their scoring: :mod:`tnas.stages.protocol_score`.
 
 The settings come from the train stage's own parser and config layer, by precedence: what the
 protocol fixes (data, task shape, method, test-time steps, seed, device) > ``--train_args`` > the
@@ -10,17 +11,15 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from tnas import distributed
 from tnas.config import load_config, parse_args
 from tnas.errors import TnasError
-from tnas.genotypes import canonical_key
-from tnas.progress import TaskProgress
 from tnas.stages import evaluate as evaluate_stage
-from tnas.stages import restore, train
+from tnas.stages import train
 
 METHODS = {"tnas": "maml", "tnas++": "maml++"}  # protocol method -> from-scratch training method
 BUDGET_SCHEDULE = {"epochs": 2, "tasks_per_epoch": 2000}  # --budget: instead of the paper's 15 x 15,000
@@ -39,7 +38,8 @@ TRAIN_FLAGS = (("epochs", int, "from-scratch epochs"), ("tasks_per_epoch", int, 
                ("C", int, "channels of the derived network (default: the search checkpoint's)"),
                ("layers", int, "cells of the derived network (default: the search checkpoint's)"))
 TRAIN_SWITCHES = (("second_order", "exact (second-order) MAML in from-scratch training"),
-                  ("amp", "bf16 autocast in from-scratch training (GPU)"))
+                  ("amp", "bf16 autocast in from-scratch training (GPU)"),
+                  ("tf32", "TF32 matmuls and convolutions in from-scratch training (GPU)"))
 
 
 # -- the from-scratch settings ------------------------------------------------------------------------
@@ -134,32 +134,101 @@ class GenotypeRun:
 
 
 GIB = 1024 ** 3
-GENOTYPE_MEMORY_GIB = 1.0
-"""Device memory one genotype of a batch is assumed to need when ``--genotypes_per_batch`` is chosen
-automatically: an estimate (a derived network's activations over a meta-batch at the paper's setting),
-not a measurement; a batch that does not fit is halved and retried anyway."""
+MEMORY_FRACTION = 0.8
+"""Share of the free device memory (per process sharing the GPU) the automatic ``--genotypes_per_batch``
+plans to fill; the rest is headroom for validation, scoring and the allocator's fragmentation."""
 MAX_AUTO_GENOTYPES_PER_BATCH = 64
+UNKNOWN_GENOTYPES_PER_BATCH = 8
+"""The automatic ``--genotypes_per_batch`` when memory cannot be read or measured (a batch that does not
+fit is halved and retried anyway)."""
 
 
-def genotypes_per_batch(requested, device: torch.device, log) -> int:
-    """``--genotypes_per_batch``: as given (a one-line error below 1); by default 1 on a CPU and on CUDA
-    half the free device memory, shared by the processes on that GPU, over :data:`GENOTYPE_MEMORY_GIB`
-    per genotype (1 to :data:`MAX_AUTO_GENOTYPES_PER_BATCH`); the choice is logged."""
+@dataclass(frozen=True)
+class MemoryFit:
+    """``bytes = base + G * per_genotype``, fitted to measured peaks at G = 1 and G = 2, and the G chosen."""
+
+    chosen: int
+    base: float
+    per_genotype: float
+    budget: float  # bytes the batch may fill
+
+
+def fit_genotypes_per_batch(peak_1: int, peak_2: int, free: int, sharing: int = 1, count: Optional[int] = None,
+                            fraction: float = MEMORY_FRACTION, cap: int = MAX_AUTO_GENOTYPES_PER_BATCH) -> MemoryFit:
+    """The largest G whose fitted peak ``base + G * per_genotype`` (through the peaks of one batched
+    meta-iteration at G = 1 and 2) fits in ``fraction`` of ``free`` bytes over ``sharing`` processes;
+    1 to ``cap`` and at most ``count`` (the genotypes to train). A G = 2 peak not above the G = 1 one
+    (measurement noise) counts the whole G = 1 peak per genotype."""
+    per_genotype = float(peak_2 - peak_1) if peak_2 > peak_1 else float(max(peak_1, 1))
+    base = max(float(peak_1) - per_genotype, 0.0)
+    budget = fraction * free / max(1, sharing)
+    chosen = int((budget - base) // per_genotype) if budget > base else 1
+    chosen = max(1, min(chosen, cap, count if count is not None else cap))
+    return MemoryFit(chosen, base, per_genotype, budget)
+
+
+def _sharing() -> int:
+    """Protocol processes per GPU (torchrun may start more processes than there are GPUs)."""
+    return max(1, -(-int(os.environ.get("LOCAL_WORLD_SIZE", "1")) // max(1, torch.cuda.device_count())))
+
+
+def genotypes_per_batch(requested, device: torch.device, log, count: Optional[int] = None,
+                        measure: Optional[Callable[[int], int]] = None) -> int:
+    """``--genotypes_per_batch``: as given (a one-line error below 1); by default 1 on a CPU or with at most
+    one genotype to train (``count``: the genotypes per process, also a cap), and on CUDA the largest G that fits :data:`MEMORY_FRACTION` of the
+    free device memory, shared by the processes on that GPU, by ``measure(G)``: the peak bytes of one
+    batched meta-iteration of G genotypes (:func:`tnas.stages.batched_train.measure_peak_memory`),
+    measured at G = 1 and 2 and fitted linearly (:func:`fit_genotypes_per_batch`); 1 to
+    :data:`MAX_AUTO_GENOTYPES_PER_BATCH`. The choice and the measured figures are one log line."""
     if requested is not None:
         train.check_genotypes_per_batch(requested)
         return int(requested)
-    if device.type != "cuda":
+    if device.type != "cuda" or (count is not None and count <= 1):
         return 1
+    unknown = min(UNKNOWN_GENOTYPES_PER_BATCH, count or UNKNOWN_GENOTYPES_PER_BATCH)
     try:
         free, _ = torch.cuda.mem_get_info(device)
     except (RuntimeError, AssertionError):  # no reading: a middle size; an out-of-memory batch is halved
-        log("--genotypes_per_batch: free device memory unknown, training 8 genotypes per batch")
-        return 8
-    sharing = max(1, -(-int(os.environ.get("LOCAL_WORLD_SIZE", "1")) // max(1, torch.cuda.device_count())))
-    chosen = int(min(MAX_AUTO_GENOTYPES_PER_BATCH, max(1, 0.5 * free / sharing // (GENOTYPE_MEMORY_GIB * GIB))))
-    log(f"--genotypes_per_batch {chosen}: half of {free / GIB:.1f} GiB free device memory"
-        f"{f' shared by {sharing} processes' if sharing > 1 else ''} at ~{GENOTYPE_MEMORY_GIB:g} GiB per genotype")
-    return chosen
+        log(f"--genotypes_per_batch: free device memory unknown, training {unknown} genotypes per batch")
+        return unknown
+    if measure is None:
+        log(f"--genotypes_per_batch: memory per genotype not measured, training {unknown} genotypes per batch")
+        return unknown
+    try:
+        peak_1, peak_2 = measure(1), measure(2)
+    except RuntimeError as error:  # torch.OutOfMemoryError among them
+        from tnas.stages.batched_train import out_of_memory
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if out_of_memory(error):
+            log("--genotypes_per_batch 1: two genotypes of one batch do not fit in the free device memory")
+            return 1
+        first = (str(error).strip().splitlines() or [""])[0]
+        log(f"--genotypes_per_batch: measuring the memory failed ({type(error).__name__}: {first}); training "
+            f"{unknown} genotypes per batch")
+        return unknown
+    sharing = _sharing()
+    fit = fit_genotypes_per_batch(peak_1, peak_2, free, sharing, count)
+    log(f"--genotypes_per_batch {fit.chosen}: one batched meta-iteration measured at {peak_1 / GIB:.3f} GiB for 1 "
+        f"genotype and {peak_2 / GIB:.3f} GiB for 2 (base {fit.base / GIB:.3f} + {fit.per_genotype / GIB:.3f} GiB "
+        f"per genotype); {MEMORY_FRACTION:.0%} of {free / GIB:.1f} GiB free device memory"
+        f"{f' shared by {sharing} processes' if sharing > 1 else ''} fits {fit.chosen}"
+        f"{'' if count is None else f', at most {count} (the genotypes per process)'}")
+    return fit.chosen
+
+
+def memory_probe(settings: train.TrainSettings, genotypes: Sequence[Dict[str, Any]], image_shape: Sequence[int],
+                 device: torch.device) -> Callable[[int], int]:
+    """``measure(G)`` for :func:`genotypes_per_batch`: the peak memory of one batched meta-iteration of the
+    first G of ``genotypes`` (repeated when there are fewer) at the run's settings and image shape."""
+    from tnas.stages.batched_train import measure_peak_memory
+
+    def measure(count: int) -> int:
+        chosen = [genotypes[i % len(genotypes)] for i in range(count)]
+        return measure_peak_memory(settings, chosen, image_shape, device)
+
+    return measure
 
 
 def train_genotype_batch(runs: Sequence[GenotypeRun], settings: train.TrainSettings, logger, per_batch: int) -> None:
@@ -179,31 +248,3 @@ def train_genotype_batch(runs: Sequence[GenotypeRun], settings: train.TrainSetti
         if run.status != "skipped":
             logger.log(f"{label}: {run.status} in {run.wall_time_s:.1f} s, best epoch "
                        f"{run.summary.get('best_epoch')} (validation {run.summary.get('best_val_accuracy') or 0.0:.2f}%)")
-
-
-def score_genotype(run: GenotypeRun, episodes, args, device: torch.device, meter=None) -> Dict[int, float]:
-    """Episode index -> accuracy (percent) of the genotype's best.pt, adapted on each episode's support set.
-    ``meter`` (a :class:`tnas.progress.TaskProgress`), when given, counts the scored batches."""
-    checkpoint = os.path.join(run.run_dir, "best.pt")
-    learner, summary = restore.learner_from_checkpoint(checkpoint, device)
-    actual = restore.checkpoint_genotype(learner, summary).to_dict()
-    if canonical_key(actual) != canonical_key(run.genotype):
-        raise TnasError(f"{checkpoint} is a network of another genotype than {run.id}; choose another --out")
-    accuracies: Dict[int, float] = {}
-    for start in range(0, len(run.episodes), args.batch_size):
-        chosen = run.episodes[start:start + args.batch_size]
-        stats = learner.evaluate(episodes.batch(chosen, device), steps=args.update_step_test)
-        values = 100.0 * stats.query_accuracy.detach().double().cpu()
-        # float32 fractions: round away their last-bit noise, as the evaluate stage does
-        accuracies.update({episode: round(float(value), 4) for episode, value in zip(chosen, values)})
-        if meter is not None:
-            meter.add(len(chosen), stats.query_accuracy)
-    return accuracies
-
-
-def scoring_progress(runs: Sequence[GenotypeRun], batch_size: int, logger) -> TaskProgress:
-    """Progress lines over this rank's scoring: every episode of every genotype in ``runs``."""
-    batches = sum(-(-len(run.episodes) // batch_size) for run in runs)
-    meter = TaskProgress("score", sum(len(run.episodes) for run in runs), batches, log=logger)
-    meter.wrap(None)  # a bar that meter.add advances: the loop runs over genotypes, then their batches
-    return meter

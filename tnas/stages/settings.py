@@ -113,6 +113,7 @@ class RunSettings(Settings):
     resume: bool = free(False)
     resume_override: bool = free(False)
     amp: bool = free(False)
+    tf32: bool = free(False)  # like amp: a precision choice; rounding differs, the run is the same
     cuda_graph: str = free("auto")  # auto | on | off: graphed or eager, the same steps
 
 
