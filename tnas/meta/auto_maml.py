@@ -28,6 +28,9 @@ from tnas.meta.tnas import SupernetSearchConfig
 from tnas.models.supernet import Supernet
 
 WEIGHT_STEP, ALPHA_STEP = "weights", "alphas"
+STEP_GROUPS = {WEIGHT_STEP: {"adapt_groups": [WEIGHT_STEP], "update_groups": [WEIGHT_STEP]},
+               ALPHA_STEP: {"adapt_groups": [WEIGHT_STEP], "update_groups": [ALPHA_STEP]}}
+"""The ``meta_step`` groups of each kind of step: w adapts in both, the kind names what steps."""
 
 
 @dataclass
@@ -63,13 +66,11 @@ class AutoMAML(MetaLearner):
 
     def weight_step(self, batch, track_steps: bool = False, loss_scale: float = 1.0) -> StepStats:
         """FO-MAML update of w (tasks of the first half)."""
-        return self.meta_step(batch, adapt_groups=[WEIGHT_STEP], update_groups=[WEIGHT_STEP],
-                              track_steps=track_steps, loss_scale=loss_scale)
+        return self.meta_step(batch, **STEP_GROUPS[WEIGHT_STEP], track_steps=track_steps, loss_scale=loss_scale)
 
     def alpha_step(self, batch, track_steps: bool = False, loss_scale: float = 1.0) -> StepStats:
         """Update of alpha from the query loss at the adapted w (tasks of the second half)."""
-        return self.meta_step(batch, adapt_groups=[WEIGHT_STEP], update_groups=[ALPHA_STEP],
-                              track_steps=track_steps, loss_scale=loss_scale)
+        return self.meta_step(batch, **STEP_GROUPS[ALPHA_STEP], track_steps=track_steps, loss_scale=loss_scale)
 
     @staticmethod
     def step_kind(iteration: int) -> str:

@@ -148,13 +148,14 @@ class GenotypeBatchLearner(MAMLPlusPlus):
         tasks = self.tasks_per_genotype(support_x.shape[0])
         return self.learning_rates(adapt_groups, steps, tasks), self.expand(tasks)
 
-    def meta_step(self, batch, adapt_groups: Optional[Iterable[str]] = None,
-                  update_groups: Optional[Iterable[str]] = None, track_steps: bool = False,
-                  loss_scale: float = 1.0) -> StepStats:
-        """One outer update of every genotype on ``batch`` (G*T tasks, genotype-major): the solo
-        meta-losses summed over genotypes (MAMLPlusPlus averages over the G*T tasks; times G)."""
+    def meta_gradients(self, batch, adapt_groups: Optional[Iterable[str]] = None,
+                       update_groups: Optional[Iterable[str]] = None, track_steps: bool = False,
+                       loss_scale: float = 1.0) -> StepStats:
+        """The gradients of one outer update of every genotype on ``batch`` (G*T tasks, genotype-major;
+        ``meta_step`` then steps): the solo meta-losses summed over genotypes (MAMLPlusPlus averages
+        over the G*T tasks; times G)."""
         self.tasks_per_genotype(batch.support_x.shape[0])
-        return super().meta_step(batch, adapt_groups, update_groups, track_steps,
+        return super().meta_gradients(batch, adapt_groups, update_groups, track_steps,
                                  loss_scale=loss_scale * self.genotype_count)
 
     def split_stats(self, stats: StepStats) -> List[StepStats]:

@@ -148,18 +148,31 @@ class MetaLearner:
         return StepStats(loss.float(), accuracy, result.query_loss, result.query_accuracy)
 
     # -- meta-training ---------------------------------------------------------------------
-    def meta_step(self, batch, adapt_groups: Optional[Iterable[str]] = None,
-                  update_groups: Optional[Iterable[str]] = None, track_steps: bool = False,
-                  loss_scale: float = 1.0) -> StepStats:
-        """One outer update on a meta-batch.
+    # A meta-step is three phases: meta_gradients (adapt, query loss, backward into ``.grad``),
+    # gradient_hook (data parallelism: the sum over ranks) and apply_gradients (the optimisers'
+    # steps). meta_step runs them in turn; under torchrun with CUDA graphs the first phase is
+    # replayed as a graph and the other two run eagerly between replays (tnas.meta.cuda_graph).
+    def update_group_names(self, update_groups: Optional[Iterable[str]] = None) -> List[str]:
+        """The groups whose optimisers a meta-step steps (default: every group with an optimiser)."""
+        return list(self.optimizers) if update_groups is None else list(update_groups)
 
-        Adapts ``adapt_groups`` on each task's support set, then takes the mean query loss
-        after adaptation, back-propagates it to the initial parameters and steps the
-        optimisers of ``update_groups`` (default: every group with an optimiser).
-        ``loss_scale`` multiplies the loss, on top of ``self.loss_scale`` (data-parallel
-        ranks holding part of a batch); ``gradient_hook`` then sums gradients over ranks.
+    def stepped_params(self, update_groups: Optional[Iterable[str]] = None) -> List[torch.Tensor]:
+        """The parameters the optimisers of ``update_groups`` step (those that need a gradient),
+        in optimiser order: the tensors whose ``.grad`` :meth:`meta_gradients` fills."""
+        return [p for group in self.update_group_names(update_groups)
+                for param_group in self.optimizers[group].param_groups for p in param_group["params"]
+                if p.requires_grad]
+
+    def meta_gradients(self, batch, adapt_groups: Optional[Iterable[str]] = None,
+                       update_groups: Optional[Iterable[str]] = None, track_steps: bool = False,
+                       loss_scale: float = 1.0) -> StepStats:
+        """The first phase of :meth:`meta_step`: fresh ``.grad`` of :meth:`stepped_params`, nothing stepped.
+
+        Adapts ``adapt_groups`` on each task's support set, takes the mean query loss after
+        adaptation, scales it by ``loss_scale * self.loss_scale`` (data-parallel ranks holding
+        part of a batch) and back-propagates it to the initial parameters.
         """
-        update_groups = list(self.optimizers) if update_groups is None else list(update_groups)
+        update_groups = self.update_group_names(update_groups)
         for group in update_groups:
             self.optimizers[group].zero_grad(set_to_none=True)
         result = self.adapt(batch.support_x, batch.support_y, self.inner_steps, adapt_groups, meta_gradient=True,
@@ -168,16 +181,26 @@ class MetaLearner:
             loss, accuracy = query_loss_and_accuracy(self.training_forward(), result.task_params,
                                                      self.shared_params(result.task_params), batch.query_x,
                                                      batch.query_y, self.inner_steps)
-        stepped = [p for group in update_groups for param_group in self.optimizers[group].param_groups
-                   for p in param_group["params"] if p.requires_grad]
         # Only the stepped groups' gradients: auto-MAML's alpha step then skips the weight gradients
         # of every convolution (autograd prunes what no requested input needs).
-        (loss.float().mean() * (loss_scale * self.loss_scale)).backward(inputs=stepped)
-        if self.gradient_hook is not None:
-            self.gradient_hook(stepped)
-        for group in update_groups:
-            self.optimizers[group].step()
+        (loss.float().mean() * (loss_scale * self.loss_scale)).backward(inputs=self.stepped_params(update_groups))
         return StepStats(loss.detach().float(), accuracy, result.query_loss, result.query_accuracy)
+
+    def apply_gradients(self, update_groups: Optional[Iterable[str]] = None) -> None:
+        """The last phase of :meth:`meta_step`: the optimisers of ``update_groups`` step on the ``.grad`` there."""
+        for group in self.update_group_names(update_groups):
+            self.optimizers[group].step()
+
+    def meta_step(self, batch, adapt_groups: Optional[Iterable[str]] = None,
+                  update_groups: Optional[Iterable[str]] = None, track_steps: bool = False,
+                  loss_scale: float = 1.0) -> StepStats:
+        """One outer update on a meta-batch: :meth:`meta_gradients`, then ``gradient_hook`` (the sum
+        of the gradients over data-parallel ranks), then :meth:`apply_gradients`."""
+        stats = self.meta_gradients(batch, adapt_groups, update_groups, track_steps, loss_scale)
+        if self.gradient_hook is not None:
+            self.gradient_hook(self.stepped_params(update_groups))
+        self.apply_gradients(update_groups)
+        return stats
 
     # -- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:

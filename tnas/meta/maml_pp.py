@@ -283,17 +283,18 @@ class MAMLPlusPlus(MetaLearner):
         return StepStats(loss.float(), accuracy, result.query_loss, result.query_accuracy)
 
     # -- meta-training ---------------------------------------------------------------------
-    def meta_step(self, batch, adapt_groups: Optional[Iterable[str]] = None,
-                  update_groups: Optional[Iterable[str]] = None, track_steps: bool = False,
-                  loss_scale: float = 1.0) -> StepStats:
-        """One outer update: the (multi-step, when active) query loss after adaptation, Adam step.
+    def update_group_names(self, update_groups: Optional[Iterable[str]] = None) -> List[str]:
+        """Always ``["weights"]``: the single optimiser steps every meta-learned tensor (``update_groups``
+        is accepted for API compatibility)."""
+        return ["weights"]
 
-        ``update_groups`` is accepted for API compatibility; the single optimiser steps
-        every meta-learned tensor. The loss is scaled by ``loss_scale * self.loss_scale`` and
-        ``gradient_hook`` sees the gradients before the step (data parallelism, as MetaLearner).
-        """
-        optimizer = self.optimizers["weights"]
-        optimizer.zero_grad(set_to_none=True)
+    def meta_gradients(self, batch, adapt_groups: Optional[Iterable[str]] = None,
+                       update_groups: Optional[Iterable[str]] = None, track_steps: bool = False,
+                       loss_scale: float = 1.0) -> StepStats:
+        """The gradients of one outer update (:meth:`MetaLearner.meta_step` runs the phases): the
+        (multi-step, when active) query loss after adaptation, scaled by ``loss_scale *
+        self.loss_scale``, back-propagated into the ``.grad`` of every meta-learned tensor."""
+        self.optimizers["weights"].zero_grad(set_to_none=True)
         steps = self.inner_steps
         forward = self.training_forward_for(steps)
         step_losses: List[torch.Tensor] = []
@@ -318,10 +319,6 @@ class MAMLPlusPlus(MetaLearner):
         else:
             meta_loss = losses[-1].mean()
         (meta_loss * (loss_scale * self.loss_scale)).backward()
-        stepped = [p for group in optimizer.param_groups for p in group["params"]]
-        if self.gradient_hook is not None:
-            self.gradient_hook(stepped)
-        optimizer.step()
         return StepStats(losses[-1].detach(), final["accuracy"], result.query_loss, result.query_accuracy)
 
     # -- checkpoints ---------------------------------------------------------------------
