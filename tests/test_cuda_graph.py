@@ -51,7 +51,7 @@ def test_keyed_graphed_step_starts_a_new_graph_when_the_key_changes(monkeypatch)
     made = []
 
     class Recorder:
-        def __init__(self, step, warmup, on_failure=None):
+        def __init__(self, step, warmup, on_failure=None, capture_error_mode="global"):
             self.step, self.calls = step, []
             made.append(self)
 
@@ -92,7 +92,7 @@ def test_graph_untracked_passes_the_key_on(monkeypatch):
     from tnas.meta import cuda_graph
     from tnas.stages.common import graph_untracked
 
-    monkeypatch.setattr(cuda_graph, "GraphedStep", lambda step, warmup, on_failure=None: step)
+    monkeypatch.setattr(cuda_graph, "GraphedStep", lambda step, warmup, on_failure=None, capture_error_mode=None: step)
     step = graph_untracked(lambda batch, track: (batch, track), True, key=lambda: 0)
     assert isinstance(step.graphed, cuda_graph.KeyedGraphedStep)
     assert step("b", False) == ("b", False) and step("b", True) == ("b", True)
@@ -108,7 +108,10 @@ COSINE = "--cosine_unit epoch (a graph freezes the learning rate), got --cosine_
     ("auto", GPU, False, None, True, "cuda_graph auto: each untracked step replayed as one CUDA graph on cuda:0"),
     ("on", GPU, False, None, True, "cuda_graph on: each untracked step replayed"),
     ("auto", CPU, False, None, False, "cuda_graph auto: eager steps, not CUDA graphs: the device is cpu"),
-    ("auto", GPU, True, None, False, "eager steps, not CUDA graphs: torchrun splits each meta-batch"),
+    ("auto", GPU, True, None, True, "cuda_graph auto: the gradients of each untracked step replayed as one CUDA "
+                                     "graph on cuda:0, summed across the torchrun processes and stepped eagerly"),
+    ("on", GPU, True, None, True, "cuda_graph on: the gradients of each untracked step replayed"),
+    ("auto", GPU, True, COSINE, False, "eager steps, not CUDA graphs: it needs --cosine_unit epoch"),
     ("auto", GPU, False, COSINE, False, "eager steps, not CUDA graphs: it needs --cosine_unit epoch"),
     ("auto", CPU, True, COSINE, False, "the device is cpu"),  # the first obstacle is the one named
     ("off", GPU, False, None, False, "cuda_graph off: eager steps (--cuda_graph off)"),
@@ -116,7 +119,7 @@ COSINE = "--cosine_unit epoch (a graph freezes the learning rate), got --cosine_
     (True, GPU, False, None, True, "cuda_graph on"),  # the old switch in a saved config
     (False, GPU, False, None, False, "cuda_graph off"),
     ("False", GPU, False, None, False, "cuda_graph off"),  # ... as a config layer passes it on as text
-], ids=["auto_gpu", "on_gpu", "auto_cpu", "auto_torchrun", "auto_cosine", "auto_cpu_first", "off_gpu", "off_any",
+], ids=["auto_gpu", "on_gpu", "auto_cpu", "auto_torchrun", "on_torchrun", "auto_torchrun_cosine", "auto_cosine", "auto_cpu_first", "off_gpu", "off_any",
         "old_true", "old_false", "old_false_text"])
 def test_resolve_cuda_graph_decides_each_case(mode, device, splits, blocker, enabled, says):
     from tnas.meta.cuda_graph import resolve_cuda_graph
@@ -128,9 +131,10 @@ def test_resolve_cuda_graph_decides_each_case(mode, device, splits, blocker, ena
 
 @pytest.mark.parametrize("device, splits, blocker, message", [
     (CPU, False, None, "--cuda_graph needs a CUDA device; --device cpu is cpu"),
-    (GPU, True, None, "--cuda_graph runs each meta-batch in one process; drop it under torchrun"),
+    (CPU, True, None, "--cuda_graph needs a CUDA device; --device cpu is cpu"),
     (GPU, False, COSINE, "--cuda_graph needs --cosine_unit epoch"),
-], ids=["cpu", "torchrun", "cosine"])
+    (GPU, True, COSINE, "--cuda_graph needs --cosine_unit epoch"),
+], ids=["cpu", "torchrun_cpu", "cosine", "torchrun_cosine"])
 def test_cuda_graph_on_where_impossible_is_an_error(device, splits, blocker, message):
     from tnas.meta.cuda_graph import resolve_cuda_graph
 

@@ -133,7 +133,8 @@ def loss_scale(total_tasks: int, info: DistInfo) -> float:
 
 
 def sum_gradients(params: Sequence[torch.Tensor]) -> None:
-    """All-reduce (sum) the ``.grad`` of ``params`` across ranks in one flat buffer.
+    """All-reduce (sum) the ``.grad`` of ``params`` across ranks in one flat buffer, written back
+    into the same ``.grad`` tensors (a CUDA graph of the backward keeps writing those).
 
     Parameters without a gradient (unused by the model, e.g. ``alpha_normal`` with
     ``layers=1``) are unused on every rank alike and stay without one, so optimisers skip
@@ -149,7 +150,7 @@ def sum_gradients(params: Sequence[torch.Tensor]) -> None:
     offset = 0
     for param in with_grad:
         count = param.grad.numel()
-        param.grad = flat[offset:offset + count].view_as(param).clone()
+        param.grad.copy_(flat[offset:offset + count].view_as(param.grad))
         offset += count
 
 

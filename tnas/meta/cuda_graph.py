@@ -24,12 +24,17 @@ capture: graph only steps whose settings do not change between calls, or use
 :class:`KeyedGraphedStep`, which captures again whenever a key of those settings changes
 (MAML++'s per-epoch schedules).
 
+Under torchrun data parallelism a meta-batch is split across processes, whose gradients are
+summed between backward and step: :class:`DataParallelGraphedStep` then replays the gradients
+of a step (zero-grad, adaptation, query loss, backward) as the graph and runs the all-reduce
+and the optimisers' steps eagerly after each replay.
+
 Whether a stage graphs is ``--cuda_graph auto|on|off`` (default auto), decided by the pure
-function :func:`resolve_cuda_graph`: auto graphs on one CUDA device and runs eagerly, saying
-why in one line, on a CPU, under torchrun data parallelism (a meta-batch split across
-processes needs an all-reduce between backward and step) or with a setting that changes
-inside a graph; ``on`` where that is impossible is an error. A capture that fails at run
-time falls back to eager steps (``GraphedStep(on_failure=...)``).
+function :func:`resolve_cuda_graph`: auto graphs on CUDA devices (one process, or torchrun
+data parallelism with the step in three phases) and runs eagerly, saying why in one line, on
+a CPU or with a setting that changes inside a graph; ``on`` where that is impossible is an
+error. A capture that fails at run time falls back to eager steps
+(``GraphedStep(on_failure=...)``).
 """
 from __future__ import annotations
 
@@ -72,8 +77,9 @@ def resolve_cuda_graph(mode: Union[str, bool], device: Union[str, torch.device],
     Args:
         mode: ``auto``, ``on`` or ``off`` (or an old boolean spelling, :func:`cuda_graph_mode`).
         device: the device the stage runs on; graphs need a CUDA one.
-        splits_meta_batches: torchrun data parallelism splits each meta-batch across ranks
-            (gradients are all-reduced between backward and step, outside any graph).
+        splits_meta_batches: torchrun data parallelism splits each meta-batch across ranks: the
+            gradients of each step are graphed, their all-reduce and the step run eagerly
+            (:class:`DataParallelGraphedStep`); this only changes the line that says so.
         blocker: a setting of the stage that changes inside a graph, as the requirement it
             breaks (e.g. ``"--cosine_unit epoch (...), got --cosine_unit iteration"``), or None.
         device_flag: the ``--device`` value as given, for the error text.
@@ -86,16 +92,15 @@ def resolve_cuda_graph(mode: Union[str, bool], device: Union[str, torch.device],
     if device.type != "cuda":
         need = f"a CUDA device; --device {device_flag or device} is {device}"
         why = f"the device is {device}"
-    elif splits_meta_batches:
-        need = None
-        why = "torchrun splits each meta-batch across processes"
     elif blocker is not None:
         need, why = blocker, f"it needs {blocker}"
+    elif splits_meta_batches:
+        return GraphDecision(True, f"cuda_graph {mode}: the gradients of each untracked step replayed as one CUDA "
+                                   f"graph on {device}, summed across the torchrun processes and stepped eagerly")
     else:
         return GraphDecision(True, f"cuda_graph {mode}: each untracked step replayed as one CUDA graph on {device}")
     if mode == "on":
-        raise ValueError("--cuda_graph runs each meta-batch in one process; drop it under torchrun" if need is None
-                         else f"--cuda_graph needs {need}")
+        raise ValueError(f"--cuda_graph needs {need}")
     return GraphDecision(False, f"cuda_graph auto: eager steps, not CUDA graphs: {why}")
 
 
@@ -159,16 +164,23 @@ class GraphedStep:
             that lazily created state, such as Adam's moments, exists before recording).
         on_failure: called with the error when the capture fails; the step then runs eagerly
             from that call on (the stages log one line). None: the error propagates.
+        capture_error_mode: ``torch.cuda.graph``'s: ``"global"`` (default) or ``"thread_local"``,
+            which lets other threads (a process group's) call CUDA during the capture.
+
+    ``last_call`` says what the latest call did: ``"eager"``, ``"captured"`` (recorded, then
+    replayed) or ``"replayed"``.
     """
 
     def __init__(self, step: Callable[[Any], Any], warmup: int = 3,
-                 on_failure: Optional[Callable[[BaseException], None]] = None):
+                 on_failure: Optional[Callable[[BaseException], None]] = None, capture_error_mode: str = "global"):
         if warmup < 1:
             raise ValueError("warmup must be >= 1")
         self.step = step
         self.warmup = warmup
         self.on_failure = on_failure
+        self.capture_error_mode = capture_error_mode
         self.failed = False
+        self.last_call = "eager"
         self.calls = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_batch: Any = None
@@ -185,6 +197,7 @@ class GraphedStep:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the batch is on {device}")
         self.calls += 1
+        self.last_call = "eager"
         if self.failed:
             return self.step(batch)
         if self.graph is None and self.calls <= self.warmup:
@@ -198,11 +211,13 @@ class GraphedStep:
                 self.failed, self.graph, self.static_output = True, None, None
                 self.on_failure(error)
                 return self.step(batch)  # nothing ran during the failed recording: this batch's step
+            self.last_call = "captured"
         elif _shapes(batch) != self._shapes:
             return self.step(batch)
         else:
             for name in BATCH_FIELDS:
                 getattr(self.static_batch, name).copy_(getattr(batch, name), non_blocking=True)
+            self.last_call = "replayed"
         self.graph.replay()
         return _clone_outputs(self.static_output)
 
@@ -228,7 +243,8 @@ class GraphedStep:
             setattr(static, name, getattr(batch, name).clone())
         torch.cuda.synchronize(batch.support_x.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self._stream(batch.support_x.device)):
+        with torch.cuda.graph(graph, stream=self._stream(batch.support_x.device),
+                              capture_error_mode=self.capture_error_mode):
             self.static_output = self.step(static)
         self.static_batch, self.graph, self._shapes = static, graph, _shapes(batch)
 
@@ -243,22 +259,75 @@ class KeyedGraphedStep:
     """
 
     def __init__(self, step: Callable[[Any], Any], key: Callable[[], Hashable], warmup: int = 3,
-                 on_failure: Optional[Callable[[BaseException], None]] = None):
+                 on_failure: Optional[Callable[[BaseException], None]] = None, capture_error_mode: str = "global"):
         self.step, self.key, self.warmup, self.on_failure = step, key, warmup, on_failure
+        self.capture_error_mode = capture_error_mode
         self.failed = False
+        self.last_call = "eager"  # as GraphedStep's
         self.current: Optional[GraphedStep] = None
         self._key: Any = None
         self.graphs = 0  # graphs started so far (one per distinct run of equal keys)
 
     def __call__(self, batch) -> Any:
+        self.last_call = "eager"
         if self.failed:  # one capture failed: do not try again at every key
             return self.step(batch)
         key = self.key()
         if self.current is None or key != self._key:
             self.current = None  # release the old graph and its memory pool before recording anew
-            self.current = GraphedStep(self.step, warmup=self.warmup, on_failure=self.on_failure)
+            self.current = GraphedStep(self.step, warmup=self.warmup, on_failure=self.on_failure,
+                                       capture_error_mode=self.capture_error_mode)
             self._key = key
             self.graphs += 1
         output = self.current(batch)
         self.failed = getattr(self.current, "failed", False)
+        self.last_call = getattr(self.current, "last_call", "eager")
         return output
+
+
+class DataParallelGraphedStep:
+    """A meta-step under torchrun data parallelism in three phases, the first replayed as a CUDA graph.
+
+    Each rank holds part of a meta-batch, so the gradients must be summed across ranks between
+    backward and step; a collective inside a graph would tie the graph to the process group,
+    so it stays outside:
+
+    1. ``gradients(batch)``: zero-grad, adaptation, query loss, backward, returning the step's
+       statistics; a :class:`GraphedStep` (a :class:`KeyedGraphedStep` with ``key``) replays it.
+       Its capture leaves the ``.grad`` of ``params`` as tensors of the graph, which every replay
+       overwrites.
+    2. ``reduce(params)``: the all-reduce of those ``.grad`` in place (NCCL or gloo), eagerly.
+    3. ``apply()``: the optimisers' steps, eagerly (a few fused kernels per parameter group).
+
+    An eager step in between (a tracked one, with per-step statistics) gives the parameters
+    new ``.grad`` tensors; after each replay they are pointed at the graph's again, so phases
+    2 and 3 read what the replay wrote. Warm-up, failed captures (one ``on_failure`` call, then
+    eager gradients) and other shapes run phase 1 eagerly; phases 2 and 3 are the same every call.
+    The capture uses ``capture_error_mode="thread_local"``: the process group's own threads may
+    call CUDA while this one records.
+    """
+
+    def __init__(self, gradients: Callable[[Any], Any], params: Iterable[torch.Tensor],
+                 reduce: Callable[[list], None], apply: Callable[[], None], key: Optional[Callable[[], Hashable]] = None,
+                 warmup: int = 3, on_failure: Optional[Callable[[BaseException], None]] = None):
+        self.params = list(params)
+        self.reduce, self.apply = reduce, apply
+        options = dict(warmup=warmup, on_failure=on_failure, capture_error_mode="thread_local")
+        self.graphed = (GraphedStep(gradients, **options) if key is None
+                        else KeyedGraphedStep(gradients, key, **options))
+        self._graph_grads: Optional[list] = None  # the .grad tensors the current graph writes
+
+    @property
+    def failed(self) -> bool:
+        return self.graphed.failed
+
+    def __call__(self, batch) -> Any:
+        stats = self.graphed(batch)
+        if self.graphed.last_call == "captured":
+            self._graph_grads = [param.grad for param in self.params]
+        elif self.graphed.last_call == "replayed":
+            for param, grad in zip(self.params, self._graph_grads):
+                param.grad = grad
+        self.reduce(self.params)
+        self.apply()
+        return stats

@@ -14,8 +14,8 @@ from tnas.data import check_episode_shape, load_split
 from tnas.engine import Schedule
 from tnas.errors import TnasError
 from tnas.hparams import log_hparams
-from tnas.meta.cuda_graph import (GraphDecision, GraphedStep, KeyedGraphedStep, capture_failure_logger,  # noqa: F401
-                                  cuda_graph_mode, resolve_cuda_graph)
+from tnas.meta.cuda_graph import (DataParallelGraphedStep, GraphDecision, GraphedStep,  # noqa: F401
+                                  KeyedGraphedStep, capture_failure_logger, cuda_graph_mode, resolve_cuda_graph)
 from tnas.runlog import RunLogger
 from tnas.stages.settings import rerun_free_flags
 
@@ -97,9 +97,10 @@ def add_cuda_graph_arg(group) -> None:
 
 def check_cuda_graph(args, blocker: Optional[str] = None) -> GraphDecision:
     """Resolve ``--cuda_graph`` for this run (:func:`tnas.meta.cuda_graph.resolve_cuda_graph`): graphs
-    need a CUDA device, a process that keeps its meta-batches to itself and no ``blocker`` (a
-    setting that would change inside a graph). ``on`` where impossible is a one-line error. Call
-    before :func:`prepare_run`, so nothing is written; log the decision's ``reason`` once the log is open."""
+    need a CUDA device and no ``blocker`` (a setting that would change inside a graph); under
+    torchrun data parallelism the gradients are graphed (:func:`graph_meta_step`). ``on`` where
+    impossible is a one-line error. Call before :func:`prepare_run`, so nothing is written; log the
+    decision's ``reason`` once the log is open."""
     try:
         return resolve_cuda_graph(getattr(args, "cuda_graph", "off"), resolve_device(args.device),
                                   distributed.splits_meta_batches(), blocker, device_flag=args.device)
@@ -124,6 +125,35 @@ def graph_untracked(call: Callable[[Any, bool], Any], enabled: bool,
     on_failure = capture_failure_logger(log or print)
     graphed = (GraphedStep(untracked, on_failure=on_failure) if key is None
                else KeyedGraphedStep(untracked, key, on_failure=on_failure))
+
+    def step(batch, track: bool):
+        return call(batch, True) if track else graphed(batch)
+
+    step.graphed = graphed
+    return step
+
+
+def graph_meta_step(learner, enabled: bool, key: Optional[Callable[[], Hashable]] = None,
+                    log: Optional[Callable[[str], None]] = None, **groups) -> Callable[[Any, bool], Any]:
+    """``step(batch, track)``: ``learner.meta_step(batch, track_steps=track, **groups)`` (``groups``:
+    ``adapt_groups`` / ``update_groups``), its untracked calls replayed as CUDA graphs when ``enabled``.
+
+    In one process the whole step is one graph (:func:`graph_untracked`). Under data
+    parallelism (``learner.gradient_hook`` set, :func:`data_parallel`) only the gradients are:
+    :class:`~tnas.meta.cuda_graph.DataParallelGraphedStep` replays ``learner.meta_gradients`` and
+    runs the hook (the all-reduce) and ``learner.apply_gradients`` eagerly after it, the phases
+    ``meta_step`` runs in turn. ``key`` and ``log`` as for :func:`graph_untracked`.
+    """
+    def call(batch, track: bool):
+        return learner.meta_step(batch, track_steps=track, **groups)
+
+    if not enabled or learner.gradient_hook is None:
+        return graph_untracked(call, enabled, key=key, log=log)
+    update_groups = groups.get("update_groups")
+    graphed = DataParallelGraphedStep(lambda batch: learner.meta_gradients(batch, **groups),
+                                      learner.stepped_params(update_groups), learner.gradient_hook,
+                                      lambda: learner.apply_gradients(update_groups), key=key,
+                                      on_failure=capture_failure_logger(log or print))
 
     def step(batch, track: bool):
         return call(batch, True) if track else graphed(batch)

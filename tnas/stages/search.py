@@ -25,7 +25,7 @@ from tnas.data import EpisodeSampler, FixedEpisodes, split_images_in_half
 from tnas.engine import MetaTrainer
 from tnas.errors import TnasError
 from tnas.genotypes import PRIMITIVES, save_genotype
-from tnas.meta.auto_maml import ALPHA_STEP, WEIGHT_STEP, AutoMAML, AutoMAMLConfig
+from tnas.meta.auto_maml import ALPHA_STEP, STEP_GROUPS, WEIGHT_STEP, AutoMAML, AutoMAMLConfig
 from tnas.meta.cuda_graph import make_optimizers_capturable
 from tnas.meta.tnas import TNAS, TNASConfig
 from tnas.models.supernet import Supernet
@@ -181,10 +181,8 @@ def build_auto_maml(settings: SearchSettings, model: Supernet, train_split, devi
         except TnasError as error:
             raise TnasError(f"auto-MAML halves the images of each class: {error}") from None
 
-    calls = {WEIGHT_STEP: common.graph_untracked(
-                 lambda batch, track: learner.weight_step(batch, track_steps=track), cuda_graph, log=log),
-             ALPHA_STEP: common.graph_untracked(
-                 lambda batch, track: learner.alpha_step(batch, track_steps=track), cuda_graph, log=log)}
+    calls = {kind: common.graph_meta_step(learner, cuda_graph, log=log, **STEP_GROUPS[kind])
+             for kind in (WEIGHT_STEP, ALPHA_STEP)}
 
     def step(iteration: int, track: bool):
         stats = None
@@ -201,8 +199,7 @@ def build_tnas(settings: SearchSettings, model: Supernet, train_split, device: t
     learner = TNAS(model, tnas_config(settings))
     sampler = _sampler(settings, train_split, device, settings.run.seed,
                        common.data_parallel(learner, settings.schedule.tasks_per_batch))
-    meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                       cuda_graph, log=log)
+    meta_step = common.graph_meta_step(learner, cuda_graph, log=log)
 
     def step(iteration: int, track: bool):
         return meta_step(sampler.sample(), track)

@@ -252,8 +252,7 @@ def _trainer(settings: TrainSettings, learner: MAMLPlusPlus, splits, run_dir, lo
     val_episodes = FixedEpisodes.generate(splits["val"], data.n_way, data.k_shot, data.q_query,
                                           episodes=settings.schedule.val_episodes, seed=settings.run.seed + 1)
     per_epoch = schedule.iterations_per_epoch
-    meta_step = common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track),
-                                       cuda_graph, key=learner.settings_key, log=logger.log)
+    meta_step = common.graph_meta_step(learner, cuda_graph, key=learner.settings_key, log=logger.log)
 
     def step(iteration: int, track: bool):
         learner.set_progress(iteration, per_epoch, schedule.epochs)
