@@ -2,7 +2,9 @@
 
 Genotypes trained as one batch must write the run directories their solo runs write, with the
 same per-epoch records and parameters (float32: rounding differences only), resume as a batch,
-and fall back to solo runs (said in the log) where a batch cannot be formed or does not fit.
+and fall back to solo runs (said in the log) where a batch cannot be formed or does not fit. The
+batch validates its genotypes together (BatchedTrainer.validate): each genotype's validation record
+must be the one its solo trainer computes (float64: exactly).
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import pytest
 import torch
 
 from tnas.config import parse_args
+from tnas.engine import MetaTrainer, Schedule
 from tnas.errors import TnasError
 from tnas.genotypes import PUBLISHED
 from tnas.runlog import load_checkpoint
 from tnas.stages import batched_train, restore, train
+from tnas.stages.protocol_score import batch_learner
 
 TINY = ["--dataset", "glyphs", "--img_size", "16", "--C", "4", "--layers", "1", "--n_way", "3", "--q_query", "2",
         "--tasks_per_batch", "2", "--tasks_per_epoch", "4", "--val_episodes", "4", "--val_batch_size", "4",
@@ -56,7 +60,8 @@ def assert_same_run(solo_dir, batch_dir):
     assert a["best_epoch"] == b["best_epoch"] and a["epochs_done"] == b["epochs_done"]
     assert a["model"] == b["model"] and a["learner"] == b["learner"]
     for ra, rb in zip(a["history"], b["history"], strict=True):
-        for key in ("train_loss", "train_accuracy", "val_accuracy", "iteration", "meta_lr", "first_order"):
+        for key in ("train_loss", "train_accuracy", "val_accuracy", "val_ci95", "iteration", "meta_lr",
+                    "first_order"):
             assert ra[key] == pytest.approx(rb[key], abs=TOLERANCE * 100), key
     for name in ("best.pt", "last.pt"):
         sa, sb = load_checkpoint(os.path.join(solo_dir, name)), load_checkpoint(os.path.join(batch_dir, name))
@@ -75,12 +80,19 @@ def assert_same_run(solo_dir, batch_dir):
                                   atol=TOLERANCE)
 
 
-def test_batch_equals_solo_runs_resumes_as_a_batch_and_its_last_pt_resumes_alone(cache_dir, tmp_path):
+def test_batch_equals_solo_runs_resumes_as_a_batch_and_its_last_pt_resumes_alone(cache_dir, tmp_path, monkeypatch):
     chosen = genotypes(3)
     two = settings(cache_dir, *MAML_PP, "--epochs", "2")
     solo = [str(tmp_path / f"solo{i}") for i in range(3)]
     batch = [str(tmp_path / f"batch{i}") for i in range(3)]
     assert [r.status for r in train.train_genotypes(two, chosen, solo, log=lambda m: None)] == ["trained"] * 3
+    # from here on: which runs validate alone, and how often a batch validates together
+    alone_validated, together_validated = [], []
+    solo_validate, batch_validate = MetaTrainer.validate, batched_train.BatchedTrainer.validate
+    monkeypatch.setattr(MetaTrainer, "validate",
+                        lambda self: alone_validated.append(self.run_dir) or solo_validate(self))
+    monkeypatch.setattr(batched_train.BatchedTrainer, "validate",
+                        lambda self: together_validated.append(self.learner.genotype_count) or batch_validate(self))
 
     lines = []
     one = settings(cache_dir, *MAML_PP, "--epochs", "1")
@@ -92,14 +104,17 @@ def test_batch_equals_solo_runs_resumes_as_a_batch_and_its_last_pt_resumes_alone
     second = train.train_genotypes(two, chosen, batch, log=lines.append, genotypes_per_batch=3)
     assert [r.status for r in second] == ["resumed"] * 3
     assert not any("one at a time" in line or "out of device memory" in line for line in lines), lines
+    assert alone_validated == [] and together_validated == [3, 3]  # epoch 1, then epoch 2 resumed
     for i in range(3):
         with open(os.path.join(batch[i], "log.txt")) as handle:
             log = handle.read()
         assert "trained in a batch of 3 genotypes" in log and "resumed from" in log and "epoch 2:" in log
+        assert "validated together" in log
         # --cuda_graph auto, resolved as for a solo run: eager on a CPU, saying why
         assert "cuda_graph auto: eager steps, not CUDA graphs: the device is cpu" in log and "), eagerly;" in log
         assert_same_run(solo[i], batch[i])
     assert train.train_genotypes(two, [chosen[0]], [alone], log=lambda m: None)[0].status == "resumed"
+    assert alone_validated == [alone]
     assert_same_run(solo[0], alone)
     # best.pt restores as a solo learner, as the evaluate stage and the protocol read it
     learner, saved = restore.learner_from_checkpoint(os.path.join(batch[1], "best.pt"), torch.device("cpu"))
@@ -128,6 +143,101 @@ def test_mixed_states_and_shapes_fall_back_to_solo_runs(cache_dir, tmp_path):
     assert [r.status for r in results] == ["trained", "trained"]
     assert any(line.startswith("cannot batch 2 genotypes") and "one at a time" in line for line in lines), lines
     assert summary(shaped[1])["epochs_done"] == 1
+
+
+# -- validation together ----------------------------------------------------------------------------
+class ValEpisodes:
+    """Fixed float64 validation episodes (those of tests/test_protocol_score.py) with the FixedEpisodes
+    calls a trainer makes: ``len``, ``batch(ids)``, ``batches(batch_size)``."""
+
+    def __init__(self, count):
+        from test_protocol_score import Episodes
+
+        self.count, self.source = count, Episodes()
+
+    def __len__(self):
+        return self.count
+
+    def batch(self, ids, device="cpu"):
+        return self.source.batch(ids, device)
+
+    def batches(self, batch_size, device="cpu"):
+        for start in range(0, self.count, batch_size):
+            yield self.batch(range(start, min(start + batch_size, self.count)), device)
+
+
+class Lines:
+    """A RunLogger stand-in keeping the lines."""
+
+    def __init__(self):
+        self.lines = []
+
+    def log(self, line, echo=True):
+        self.lines.append(line)
+
+
+def solo_trainers(episodes, tmp_path, val_batch_size=2):
+    """Three trained MAML++ genotypes (float64, learned rates and per-step BN moved), each in a solo
+    MetaTrainer validating on ``episodes`` (3 adaptation steps), and their batch learner."""
+    from test_protocol_score import trained
+
+    learners = [trained(g) for g in range(3)]
+    trainers = [MetaTrainer(learner, {}, None, episodes, str(tmp_path / f"run{g}"), Lines(),
+                            Schedule(val_batch_size=val_batch_size), torch.device("cpu"), stage="train",
+                            val_steps=3) for g, learner in enumerate(learners)]
+    return trainers, batch_learner(learners)
+
+
+def test_batched_validation_gives_each_genotype_its_solo_validation_in_float64(tmp_path):
+    """5 episodes, 2 of each genotype per call (calls of 6, 6 and 3 tasks): each genotype's validation
+    record equals its solo trainer's exactly; the same with one episode per call."""
+    trainers, learner = solo_trainers(ValEpisodes(5), tmp_path)
+    alone = [trainer.validate() for trainer in trainers]
+    assert len({record["val_accuracy"] for record in alone}) == 3  # three different genotypes
+    together = batched_train.BatchedTrainer(learner, trainers, print)
+    assert together.val_per_genotype == 2
+    assert together.validate() == alone
+    together.val_per_genotype = 1
+    assert together.validate() == alone
+    assert all(trainer.logger.lines == [] for trainer in trainers)
+
+
+def test_batched_validation_out_of_memory_takes_fewer_episodes_per_call_then_validates_alone(tmp_path, monkeypatch):
+    trainers, learner = solo_trainers(ValEpisodes(4), tmp_path)
+    alone = [trainer.validate() for trainer in trainers]
+    evaluate, limit = batched_train.GenotypeBatchLearner.evaluate, [3]
+
+    def evaluate_within(self, batch, *args, **kwargs):  # (mocked) CUDA memory for `limit` tasks at once
+        if batch.support_x.shape[0] > limit[0]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (mocked)")
+        return evaluate(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(batched_train.GenotypeBatchLearner, "evaluate", evaluate_within)
+    together = batched_train.BatchedTrainer(learner, trainers, print)
+    assert together.validate() == alone and together.val_per_genotype == 1
+    retry = "out of device memory validating 3 genotypes at once; retrying with 1 episodes of each per call"
+    assert all(trainer.logger.lines == [retry] for trainer in trainers)
+    limit[0] = 2  # not even one episode of each: every genotype validated alone, from then on
+    assert together.validate() == [None] * 3 and together.val_per_genotype == 0
+    assert trainers[0].logger.lines[-1] == "out of device memory validating 3 genotypes at once; validating each " \
+                                           "genotype alone"
+    assert together.validate() == [None] * 3 and len(trainers[0].logger.lines) == 2
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("not memory")
+
+    monkeypatch.setattr(batched_train.GenotypeBatchLearner, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="^not memory$"):  # any other error goes through
+        batched_train.BatchedTrainer(learner, trainers, print).validate()
+
+
+def test_genotypes_with_other_validation_episodes_are_validated_alone(tmp_path):
+    trainers, learner = solo_trainers(ValEpisodes(3), tmp_path)
+    trainers[2].val_episodes = ValEpisodes(4)
+    together = batched_train.BatchedTrainer(learner, trainers, print)
+    assert together.val_per_genotype == 0 and together.validate() == [None] * 3
+    assert trainers[1].logger.lines == ["the genotypes of this batch have different validation episodes or steps; "
+                                        "each is validated alone"]
 
 
 def test_out_of_memory_halves_the_batch_and_retries(cache_dir, tmp_path, monkeypatch):

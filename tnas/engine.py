@@ -56,6 +56,13 @@ class Schedule:
         return max(1, math.ceil(self.tasks_per_epoch / self.tasks_per_batch))
 
 
+def validation_record(accuracies) -> Dict[str, float]:
+    """The validation fields of an epoch record from per-episode accuracies (percent, ``[E]``):
+    ``val_accuracy`` (mean) and ``val_ci95`` (:func:`tnas.evaluate.mean_ci95`)."""
+    stats = mean_ci95(accuracies)
+    return {"val_accuracy": stats["accuracy_mean"], "val_ci95": stats["ci95"]}
+
+
 def rng_state() -> Dict[str, object]:
     """Python, numpy and torch RNG states (CUDA too when present), as tensors and plain data only
     (numpy's key as a list of ints), so checkpoints load with ``weights_only=True``."""
@@ -256,10 +263,10 @@ class MetaTrainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def validate(self) -> Dict[str, float]:
+        """This learner's validation fields of the epoch record (:func:`validation_record`)."""
         result = evaluate_episodes(self.learner, self.val_episodes, self.schedule.val_batch_size, self.device,
                                    steps=self.val_steps, desc=f"validate epoch {self.epoch}")
-        stats = mean_ci95(result["accuracy"])
-        return {"val_accuracy": stats["accuracy_mean"], "val_ci95": stats["ci95"]}
+        return validation_record(result["accuracy"])
 
     def log_step(self, stats: StepStats) -> None:
         summary = stats.summary()
@@ -312,8 +319,10 @@ class MetaTrainer:
                 self.end_epoch()
         return self.write_summary()
 
-    def end_epoch(self) -> None:
-        """Close an epoch: finiteness check, validation, the epoch record, best.pt / last.pt / summary."""
+    def end_epoch(self, validation: Optional[Mapping[str, float]] = None) -> None:
+        """Close an epoch: finiteness check, validation, the epoch record, best.pt / last.pt / summary.
+        ``validation``: this epoch's validation fields when they were computed elsewhere (a genotype
+        batch validates all its genotypes at once, :mod:`tnas.stages.batched_train`); else :meth:`validate`."""
         self.check_finite(parameters=True)
         sums = distributed.sum_across_ranks(torch.stack([
             self._epoch_loss, self._epoch_accuracy,
@@ -325,7 +334,7 @@ class MetaTrainer:
             "train_loss": float(sums[0]) / tasks,
             "train_accuracy": 100.0 * float(sums[1]) / tasks,
         }
-        record.update(self.validate())
+        record.update(self.validate() if validation is None else validation)
         if self.epoch_hook is not None:
             record.update(self.epoch_hook(self.epoch + 1, record) or {})
         if self.overrides:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from tnas.meta.cuda_graph import GraphedStep, capture_failure_logger
+from tnas.meta.genotype_batch import stack_batches
 from tnas.progress import TaskProgress
 from tnas.runlog import progress
 
@@ -26,6 +27,11 @@ def mean_ci95(accuracies: Sequence[float]) -> Dict[str, float]:
     std = float(values.std(ddof=1)) if values.size > 1 else 0.0
     return {"accuracy_mean": float(values.mean()), "ci95": 1.96 * std / math.sqrt(values.size),
             "episodes": int(values.size)}
+
+
+def percent(accuracy: torch.Tensor) -> np.ndarray:
+    """Per-episode accuracies ``[E]`` (fractions, any float dtype) as float64 percent on the host."""
+    return 100.0 * accuracy.detach().double().cpu().numpy()
 
 
 def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optional[int] = None,
@@ -59,11 +65,45 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
         losses.append(stats.query_loss.detach())
         if track_steps and stats.per_step_accuracy is not None:
             per_step.append(stats.per_step_accuracy.detach())
-    out = {"accuracy": 100.0 * torch.cat(accuracies).double().cpu().numpy(),
+    out = {"accuracy": percent(torch.cat(accuracies)),
            "loss": torch.cat(losses).double().cpu().numpy()}
     if per_step:
         out["accuracy_per_step"] = 100.0 * torch.cat(per_step, dim=1).double().cpu().numpy()
     return out
+
+
+def chunks(count: int, genotypes: int, batch_size: int) -> List[Tuple[int, int]]:
+    """``(start, size)`` of the calls scoring ``count`` episodes of each of ``genotypes`` genotypes at once:
+    ``max(1, batch_size // genotypes)`` episodes of each per call, the last call the rest."""
+    per_call = max(1, batch_size // genotypes)
+    return [(start, min(per_call, count - start)) for start in range(0, count, per_call)]
+
+
+def evaluate_together(learner, episode_ids: Sequence[Sequence[int]], episodes, batch_size: int, steps: Optional[int],
+                      device, meter=None) -> List[List[torch.Tensor]]:
+    """Adapt and score the genotypes of ``learner`` (a
+    :class:`~tnas.meta.genotype_batch.GenotypeBatchLearner`), each on its own episodes of ``episodes``
+    (``episodes.batch(ids, device)``, as :class:`~tnas.data.episodes.FixedEpisodes`), all with the same
+    number E of episodes, ``batch_size`` tasks per call in all (:func:`chunks`). Returns, per genotype,
+    its ``[accuracy [E], loss [E]]`` tensors in its episode order, each episode as the genotype's solo
+    learner scores it (per-task fast weights and batch statistics; up to rounding). ``meter``: anything
+    with ``add(tasks, accuracy)`` (a :class:`tnas.progress.TaskProgress`), told after every call. Used
+    by the protocol's scoring and by the validation of a genotype batch in training."""
+    count, rows = len(episode_ids[0]), learner.genotype_count
+    if len(episode_ids) != rows or any(len(ids) != count for ids in episode_ids):
+        raise ValueError("evaluate_together needs one list of episodes per genotype, all of one length")
+    accuracy, loss = [], []
+    for start, size in chunks(count, rows, batch_size):
+        keys = [tuple(int(i) for i in ids[start:start + size]) for ids in episode_ids]
+        loaded = {key: episodes.batch(list(key), device) for key in dict.fromkeys(keys)}  # shared ones once
+        batch = stack_batches([loaded[key] for key in keys])
+        stats = learner.evaluate(batch, steps=steps)
+        accuracy.append(stats.query_accuracy.detach().view(rows, size))
+        loss.append(stats.query_loss.detach().view(rows, size))
+        if meter is not None:
+            meter.add(rows * size, stats.query_accuracy)
+    accuracy, loss = torch.cat(accuracy, 1), torch.cat(loss, 1)
+    return [[accuracy[g], loss[g]] for g in range(rows)]
 
 
 def results_record(method: str, dataset: str, n_way: int, k_shot: int, accuracies: Sequence[float],

@@ -8,8 +8,10 @@ stage builds it (seeded run directory, network, episode sampler, validation epis
 batch only replaces the meta-step: each iteration stacks the G samplers' meta-batches, steps the batch
 once and hands each genotype's share of the statistics to its trainer. Before anything is written
 (a periodic ``last.pt``, the end of an epoch, an interrupt) each genotype's rows are copied back into
-its solo learner, and its own trainer validates, keeps ``best.pt`` by ITS validation accuracy and
-writes ``last.pt`` / ``train.json`` / log lines. So the outputs are a solo run's: ``evaluate``,
+its solo learner. At the end of an epoch the batch learner validates all genotypes at once on their
+common validation episodes (:meth:`BatchedTrainer.validate`, each episode scored as the solo learner
+scores it), and each genotype's own trainer takes its numbers, keeps ``best.pt`` by ITS validation
+accuracy and writes ``last.pt`` / ``train.json`` / log lines. So the outputs are a solo run's: ``evaluate``,
 ``restore`` and ``--resume`` of one genotype work unchanged, and a group whose runs all stopped at the
 same iteration resumes as a batch.
 
@@ -20,7 +22,8 @@ the batch's untracked meta-steps replay one CUDA graph (:func:`batch_step`); a c
 runs eager steps, said in each genotype's log. What the batch cannot take falls back to solo runs,
 said in the log: genotypes of different shapes,
 runs in different states (new and interrupted, or interrupted at different iterations), and a group
-that runs out of CUDA memory is halved and retried.
+that runs out of CUDA memory is halved and retried (out of memory in validation: fewer episodes per call,
+at last each genotype validated alone).
 """
 from __future__ import annotations
 
@@ -30,11 +33,13 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from tnas import distributed, guard
-from tnas.engine import MetaTrainer, StopRequest
+from tnas.engine import MetaTrainer, StopRequest, validation_record
 from tnas.errors import TnasError
+from tnas.evaluate import chunks, evaluate_together, percent
 from tnas.genotypes import genotype_from_dict, resolve_genotype, save_genotype
 from tnas.meta.cuda_graph import make_optimizers_capturable
 from tnas.meta.genotype_batch import GenotypeBatchLearner, stack_batches
@@ -58,9 +63,44 @@ def out_of_memory(error: BaseException) -> bool:
     return (kind is not None and isinstance(error, kind)) or "CUDA out of memory" in str(error)
 
 
+def log_all(trainers: Sequence[MetaTrainer]) -> Log:
+    """One line into the log of every trainer of a batch."""
+    def log(line: str) -> None:
+        for trainer in trainers:
+            trainer.logger.log(line)
+    return log
+
+
+def common_validation(trainers: Sequence[MetaTrainer]) -> bool:
+    """Whether every trainer validates on the same episodes (one FixedEpisodes, or equal ones of one split)
+    with the same number of adaptation steps, as the trainers of one train setting do."""
+    lead = trainers[0]
+    first = lead.val_episodes
+
+    def same(episodes) -> bool:
+        return episodes is first or (
+            getattr(episodes, "split", None) is getattr(first, "split", False)
+            and (episodes.n_way, episodes.k_shot, episodes.q_query) == (first.n_way, first.k_shot, first.q_query)
+            and np.array_equal(episodes.indices, first.indices))
+
+    return all(same(trainer.val_episodes) and trainer.val_steps == lead.val_steps for trainer in trainers)
+
+
+class _CallBar:
+    """A progress bar advanced once per scoring call: :func:`evaluate_together`'s ``meter``, shown as the
+    solo validation's bar is (a terminal only, no log lines)."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = progress(total=total, desc=desc)
+
+    def add(self, tasks: int, accuracy=None) -> None:
+        self.bar.update(1)
+
+
 class BatchedTrainer:
     """Steps G solo :class:`MetaTrainer` s (one per genotype, same schedule and position) through one
-    :class:`GenotypeBatchLearner`; each trainer still validates, checkpoints and logs its genotype."""
+    :class:`GenotypeBatchLearner` and validates them together; each trainer still keeps the epoch
+    records, checkpoints and logs of its genotype."""
 
     def __init__(self, learner: GenotypeBatchLearner, trainers: Sequence[MetaTrainer], log: Log,
                  step: Optional[Callable[[Any, bool], Any]] = None):
@@ -73,6 +113,12 @@ class BatchedTrainer:
         self.schedule, self.device = lead.schedule, lead.device
         if any((t.epoch, t.iteration) != (lead.epoch, lead.iteration) for t in self.trainers):
             raise ValueError("the trainers of a genotype batch must stand at the same iteration")
+        # validation episodes of each genotype per call (--val_batch_size, as alone); 0: each trainer alone
+        self.val_per_genotype = self.schedule.val_batch_size
+        if len(self.trainers) > 1 and not common_validation(self.trainers):
+            self.val_per_genotype = 0
+            log_all(self.trainers)("the genotypes of this batch have different validation episodes or steps; "
+                                   "each is validated alone")
 
     def sync(self) -> None:
         """Copy each genotype's rows (parameters, learned rates, Adam moments) into its solo learner and set
@@ -86,6 +132,38 @@ class BatchedTrainer:
         self.sync()
         for trainer in self.trainers:
             trainer.save_last()
+
+    def validate(self) -> List[Optional[Dict[str, float]]]:
+        """Each genotype's validation fields of the epoch record (``val_accuracy``, ``val_ci95``), all
+        genotypes adapted and scored at once by the batch learner on their common validation episodes,
+        ``--val_batch_size`` episodes of each per call. Every episode is scored as the genotype's solo
+        learner scores it, so the numbers are its solo trainer's (up to float rounding). Out of CUDA
+        memory: half as many episodes per call, said in every log; when even one episode each does not
+        fit, None for every genotype (from then on): each trainer validates its genotype alone."""
+        lead, rows = self.trainers[0], len(self.trainers)
+        ids = list(range(len(lead.val_episodes)))
+        while self.val_per_genotype > 0:
+            tasks = self.val_per_genotype * rows  # per call, over all genotypes
+            bar = _CallBar(len(chunks(len(ids), rows, tasks)), f"validate {rows} genotypes epoch {lead.epoch}")
+            try:
+                scored = evaluate_together(self.learner, [ids] * rows, lead.val_episodes, tasks, lead.val_steps,
+                                           self.device, bar)
+            except RuntimeError as error:
+                if not out_of_memory(error):
+                    raise
+                scored = None
+            finally:
+                bar.bar.close()
+            if scored is not None:
+                return [validation_record(percent(accuracy)) for accuracy, _ in scored]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.val_per_genotype //= 2
+            log_all(self.trainers)(
+                f"out of device memory validating {rows} genotypes at once; "
+                + (f"retrying with {self.val_per_genotype} episodes of each per call" if self.val_per_genotype
+                   else "validating each genotype alone"))
+        return [None] * rows
 
     def run(self) -> None:
         """Train every genotype until ``schedule.epochs`` are done (the summaries: each trainer's)."""
@@ -118,8 +196,8 @@ class BatchedTrainer:
                     if lead.checkpoint_due():
                         self.save_last()
                 self.sync()
-                for trainer in self.trainers:
-                    trainer.end_epoch()
+                for trainer, validation in zip(self.trainers, self.validate()):
+                    trainer.end_epoch(validation)
 
 
 def batch_step(learner: GenotypeBatchLearner, cuda_graph: bool, log: Optional[Log] = None
@@ -250,16 +328,11 @@ def _train_batch(settings, items, log: Log) -> List[train_stage.GenotypeResult]:
             for g, trainer in enumerate(trainers):
                 learner.load_genotype_state_dict(g, trainer.learner.state_dict())
             dirs = ", ".join(trainer.run_dir for trainer in trainers)
-            for trainer in trainers:
-                trainer.logger.log(f"trained in a batch of {len(trainers)} genotypes ({dirs}), "
-                                   f"{'replayed as CUDA graphs' if graph.enabled else 'eagerly'}; each genotype "
-                                   f"gets its solo run's result")
-
-            def log_all(line: str) -> None:  # a capture failure: one line in every genotype's log
-                for trainer in trainers:
-                    trainer.logger.log(line)
-
-            BatchedTrainer(learner, trainers, log, batch_step(learner, graph.enabled, log_all)).run()
+            log_all(trainers)(f"trained in a batch of {len(trainers)} genotypes ({dirs}), "
+                              f"{'replayed as CUDA graphs' if graph.enabled else 'eagerly'}; validated together; "
+                              f"each genotype gets its solo run's result")
+            # a capture failure: one line in every genotype's log
+            BatchedTrainer(learner, trainers, log, batch_step(learner, graph.enabled, log_all(trainers))).run()
             summaries = [common.run_trainer(trainer, trainer.logger, "train.json") for trainer in trainers]
     finally:
         for trainer in trainers:

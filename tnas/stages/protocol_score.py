@@ -10,18 +10,20 @@ takes the same number of episodes from each, nothing is padded or masked, and ea
 exactly the computation it gets alone (per-task batch statistics, per-task fast weights). A group of
 one genotype is scored alone, as at ``--genotypes_per_batch 1``. With k genotypes in a group, a call
 holds ``max(1, batch_size // k)`` episodes of each (``--batch_size`` tasks at once, at least one
-per genotype).
+per genotype): :func:`tnas.evaluate.evaluate_together`, which the validation of a genotype batch in
+training uses too.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from tnas.errors import TnasError
+from tnas.evaluate import chunks, evaluate_together, percent
 from tnas.genotypes import canonical_key
-from tnas.meta.genotype_batch import GenotypeBatchLearner, stack_batches
+from tnas.meta.genotype_batch import GenotypeBatchLearner
 from tnas.models.factory import network_from_config
 from tnas.models.genotype_batch import GenotypeBatchNetwork
 from tnas.progress import TaskProgress
@@ -39,13 +41,6 @@ def count_groups(counts: Sequence[int]) -> List[List[int]]:
     for position, count in enumerate(counts):
         groups.setdefault(int(count), []).append(position)
     return list(groups.values())
-
-
-def chunks(count: int, genotypes: int, batch_size: int) -> List[Tuple[int, int]]:
-    """``(start, size)`` of the calls scoring ``count`` episodes of each of ``genotypes`` genotypes at once:
-    ``max(1, batch_size // genotypes)`` episodes of each per call, the last call the rest."""
-    per_call = max(1, batch_size // genotypes)
-    return [(start, min(per_call, count - start)) for start in range(0, count, per_call)]
 
 
 def scoring_calls(batches: Sequence[Sequence[int]], batch_size: int) -> int:
@@ -68,7 +63,7 @@ def load_genotype_learner(run, device: torch.device):
 
 def _percent(accuracy: torch.Tensor) -> List[float]:
     # float32 fractions: round away their last-bit noise, as the evaluate stage does
-    return [round(float(value), 4) for value in 100.0 * accuracy.detach().double().cpu()]
+    return [round(float(value), 4) for value in percent(accuracy)]
 
 
 def score_learner(learner, episode_ids: Sequence[int], episodes, batch_size: int, steps: int, device,
@@ -109,26 +104,6 @@ def batch_learner(learners: Sequence) -> GenotypeBatchLearner:
         state = learner.state_dict()
         batch.load_genotype_state_dict(g, {"model": state["model"], "inner_lrs": state["inner_lrs"]})
     return batch
-
-
-def evaluate_together(learner: GenotypeBatchLearner, episode_ids: Sequence[Sequence[int]], episodes,
-                      batch_size: int, steps: int, device, meter=None) -> List[List[torch.Tensor]]:
-    """Adapt and score the genotypes of ``learner`` (:func:`batch_learner`), each on its own episodes, all
-    with the same number of episodes: per genotype, the ``[accuracy, loss]`` tensors of its episodes, in
-    its order (each as its solo learner gives them, up to rounding)."""
-    count, rows = len(episode_ids[0]), learner.genotype_count
-    if len(episode_ids) != rows or any(len(ids) != count for ids in episode_ids):
-        raise ValueError("evaluate_together needs one list of episodes per genotype, all of one length")
-    accuracy, loss = [], []
-    for start, size in chunks(count, rows, batch_size):
-        batch = stack_batches([episodes.batch(list(ids[start:start + size]), device) for ids in episode_ids])
-        stats = learner.evaluate(batch, steps=steps)
-        accuracy.append(stats.query_accuracy.detach().view(rows, size))
-        loss.append(stats.query_loss.detach().view(rows, size))
-        if meter is not None:
-            meter.add(rows * size, stats.query_accuracy)
-    accuracy, loss = torch.cat(accuracy, 1), torch.cat(loss, 1)
-    return [[accuracy[g], loss[g]] for g in range(rows)]
 
 
 def score_batch(runs: Sequence, episodes, args, device: torch.device, meter=None,
