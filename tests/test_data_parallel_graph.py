@@ -280,6 +280,7 @@ def rank_main(rank, world_size, init_file, device, fake):
                 assert_same_stats(got, want, exact=fake)
             assert_same_learners(graphed, eager, exact=fake)
             assert not lines, lines
+        dist.barrier()  # neither rank leaves the gloo group while the other still talks in it
     finally:
         dist.destroy_process_group()
 
