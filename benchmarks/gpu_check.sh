@@ -64,16 +64,16 @@ PY
   # instead of all edges from a cell state at once (the default, source folding)
   step "meta-iteration, edges one by one" 60 bench_meta_iter_edges_fused.json $bench --iterations 10 \
     --cuda_graph on --edges fused --cases tnas_1shot_T4 tnas_5shot_T4 auto_maml_1shot_T4
-  # Precision (tnas/precision.py; README "Measured figures"): graphed T-NAS search and from-scratch
-  # MAML with --tf32. torch.compile (compile_forward) comes after the genotype batches.
-  step "meta-iteration --tf32 + CUDA graph" 35 bench_meta_iter_tf32_graph.json $bench --iterations 10 --tf32 \
-    --cuda_graph on --cases tnas_1shot_T4 scratch_1shot_T4
   # Then genotype batches: G genotypes (random decodes, 4 tasks each) trained as one network,
   # first-order MAML and MAML++, 1-shot; aggregate tasks/s, peak memory, protocol_hours_600
   step "genotype batches fp32, eager" 150 bench_meta_iter_genobatch.json $bench --iterations 3 --warmup 1 --cuda_graph off \
     --cases genobatch_1shot_G1_T4 genobatch_1shot_G8_T4 genobatch_1shot_G32_T4 genobatch_1shot_G64_T4 \
     genobatch_pp_1shot_G1_T4 genobatch_pp_1shot_G8_T4 genobatch_pp_1shot_G32_T4 genobatch_pp_1shot_G64_T4 \
     genobatch_same_1shot_G64_T4
+  # Precision (tnas/precision.py; README "Measured figures"): graphed T-NAS search and from-scratch
+  # MAML with --tf32. torch.compile (compile_forward) comes after the other genotype batches.
+  step "meta-iteration --tf32 + CUDA graph" 35 bench_meta_iter_tf32_graph.json $bench --iterations 10 --tf32 \
+    --cuda_graph on --cases tnas_1shot_T4 scratch_1shot_T4
   step "genotype batches fp32 + CUDA graph" 90 bench_meta_iter_genobatch_graph.json $bench --iterations 3 \
     --cuda_graph on --cases genobatch_1shot_G8_T4 genobatch_1shot_G64_T4 genobatch_pp_1shot_G8_T4
   step "genotype batches 5-shot fp32, eager" 60 bench_meta_iter_genobatch_5shot.json $bench --iterations 2 \
