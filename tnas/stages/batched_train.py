@@ -209,8 +209,7 @@ def batch_step(learner: GenotypeBatchLearner, cuda_graph: bool, log: Optional[Lo
     state (a resumed run's Adam moments) is loaded into ``learner``."""
     if cuda_graph:
         make_optimizers_capturable(learner.optimizers.values())
-    return common.graph_untracked(lambda batch, track: learner.meta_step(batch, track_steps=track), cuda_graph,
-                                  key=learner.settings_key, log=log)
+    return common.graph_meta_step(learner, cuda_graph, key=learner.settings_key, log=log)
 
 
 def synthetic_batch(settings, image_shape: Sequence[int], genotypes: int) -> "EpisodeBatch":  # noqa: F821
