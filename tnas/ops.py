@@ -23,6 +23,15 @@ import torch.nn.functional as F
 from tnas.genotypes import PRIMITIVES
 from tnas.task_folding import BatchNorm2d, Conv2d, cat_channels
 
+ConvCall = Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]
+"""``conv(layer, x)``: how an op's conv layer is applied (:func:`own_weights`: the layer itself; the
+supernet's source folding passes one with several edges' weights, :mod:`tnas.models.source_folding`)."""
+
+
+def own_weights(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The default :data:`ConvCall`: ``layer(x)``."""
+    return layer(x)
+
 
 def batch_norm(channels: int, affine: bool) -> nn.BatchNorm2d:
     """BatchNorm that always normalises with the current batch's statistics."""
@@ -132,7 +141,7 @@ class FactorizedReduce(nn.Module):
         return self.bn(self.convolve(F.relu(x)))
 
     def convolve(self, rectified: torch.Tensor,
-                 conv: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor] = lambda layer, x: layer(x)) -> torch.Tensor:
+                 conv: ConvCall = own_weights) -> torch.Tensor:
         """The two convs of ``relu(x)`` ``[B, C_in, H, W]``, concatenated, before the BN:
         ``[B, C_out, ceil(H/2), ceil(W/2)]`` (``[B, G*C_in, H, W]`` in, ``[B, G*C_out, ...]`` out for
         G channel groups). ``conv(layer, input)`` applies each conv (default: the layer itself; the

@@ -33,14 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tnas.models.branches import assign_lanes, run_branches
-from tnas.ops import DilConv, FactorizedReduce, Pool, SepConv
+from tnas.ops import ConvCall, DilConv, FactorizedReduce, Pool, SepConv, own_weights
 from tnas.task_folding import POINTWISE_MODES, scale_per_task, weighted_sum
 
 __all__ = ["ExecutionPlan", "REFERENCE", "FusedEdges", "gather_columns", "pre_norm", "final_norm", "EdgeLayout",
            "edge_layout", "ConvCall"]
-
-ConvCall = Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]
-"""``conv(layer, x)``: how :func:`pre_norm` applies one conv layer of an op (default: the layer itself)."""
 
 
 @dataclass(frozen=True)
@@ -78,12 +75,8 @@ REFERENCE = ExecutionPlan(fused_edges=False, branch_streams=0, pointwise="conv",
 """The plain computation: ``MixedOp``'s ``sum(w * op(x))`` and every conv a (grouped) convolution."""
 
 
-def _own_weights(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return layer(x)
-
-
 def pre_norm(op: nn.Module, x: Optional[torch.Tensor], rectified: Optional[torch.Tensor],
-             conv: ConvCall = _own_weights) -> torch.Tensor:
+             conv: ConvCall = own_weights) -> torch.Tensor:
     """``op(x)`` before its final parameter-free BN (an op of :func:`final_norm`), given
     ``rectified = relu(x)`` (the ops with convolutions read it, the pools ``x``), each conv layer
     applied by ``conv``. Shapes: ``[B, G*C, H, W]`` in, ``[B, G*C, H', W']`` out for G channel
