@@ -306,9 +306,10 @@ def test_automatic_genotypes_per_batch_from_measured_memory(monkeypatch):
 
     cuda = torch.device("cuda")
     assert genotypes_per_batch(None, cuda, lines.append, count=100, measure=measure) == 28 and measured == [1, 2]
-    assert lines[-1] == ("--genotypes_per_batch 28: one batched meta-iteration measured at 2.500 GiB for 1 genotype "
-                         "and 3.000 GiB for 2 (base 2.000 + 0.500 GiB per genotype); 80% of 40.0 GiB free device "
-                         "memory shared by 2 processes fits 28, at most 100 (the genotypes per process)")
+    assert lines[-1] == ("--genotypes_per_batch 28: a batch's training (meta-steps, validation) measured at "
+                         "2.500 GiB for 1 genotype and 3.000 GiB for 2 (base 2.000 + 0.500 GiB per genotype); 80% of "
+                         "40.0 GiB free device memory shared by 2 processes fits 28, at most 100 (the genotypes per "
+                         "process)")
     assert genotypes_per_batch(None, cuda, lines.append, count=3, measure=measure) == 3
     measured.clear()
     assert genotypes_per_batch(None, cuda, lines.append, count=1, measure=measure) == 1 and measured == []
@@ -369,6 +370,26 @@ def test_on_cuda_a_graphed_batch_step_equals_eager_in_float64():
                 torch.testing.assert_close(got[part][key], value, rtol=1e-9, atol=1e-11, msg=f"{g} {part} {key}")
 
 
+def test_a_batch_training_peak_adds_validation_to_what_a_graph_keeps():
+    """Graphed, a captured step's pool (its peak above the resident learner) stays reserved while
+    validation runs, so the peaks add up; eager, the larger one is the run's."""
+    assert batched_train.training_peak(10, 7, 4, graphed=True) == 13    # 4 resident + 6 pool + 3 validation
+    assert batched_train.training_peak(10, 7, 4, graphed=False) == 10
+    assert batched_train.training_peak(10, 25, 4, graphed=False) == 25
+    assert batched_train.training_peak(10, 25, 4, graphed=True) == 31
+
+
+def test_a_synthetic_batch_has_the_run_shape_or_the_validation_calls(cache_dir):
+    tiny = settings(cache_dir, "--val_batch_size", "7")
+    meta = batched_train.synthetic_batch(tiny, (1, 16, 16), 3)
+    tasks = tiny.schedule.tasks_per_batch
+    assert meta.support_x.shape == (3 * tasks, tiny.data.n_way * tiny.data.k_shot, 1, 16, 16)
+    assert meta.query_y.shape == (3 * tasks, tiny.data.n_way * tiny.data.q_query)
+    validation = batched_train.synthetic_batch(tiny, (1, 16, 16), 3, tiny.schedule.val_batch_size)
+    assert validation.support_x.shape[0] == validation.query_x.shape[0] == 21
+    assert torch.equal(validation.support_y[0], torch.arange(tiny.data.n_way).repeat_interleave(tiny.data.k_shot))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_the_memory_of_a_batch_is_measured_and_freed(cache_dir):
@@ -382,4 +403,13 @@ def test_on_cuda_the_memory_of_a_batch_is_measured_and_freed(cache_dir):
     torch.manual_seed(3)
     assert torch.equal(drawn, torch.rand(2))
     assert 0 < peaks[0] < peaks[1] < peaks[2], peaks
+    assert torch.cuda.memory_allocated(device) == before
+    # validation counts: many episodes per call raise the peak; a graph's kept step adds to it
+    eager = [batched_train.measure_peak_memory(settings(cache_dir, "--val_batch_size", str(size), "--cuda_graph",
+                                                        "off").replace(device="cuda"), genotypes(2), (1, 16, 16),
+                                               device) for size in (1, 256)]
+    graphed = batched_train.measure_peak_memory(settings(cache_dir, "--val_batch_size", "256", "--cuda_graph",
+                                                         "on").replace(device="cuda"), genotypes(2), (1, 16, 16),
+                                                device)
+    assert eager[0] < eager[1] < graphed, (eager, graphed)
     assert torch.cuda.memory_allocated(device) == before

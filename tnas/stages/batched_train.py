@@ -212,12 +212,15 @@ def batch_step(learner: GenotypeBatchLearner, cuda_graph: bool, log: Optional[Lo
     return common.graph_meta_step(learner, cuda_graph, key=learner.settings_key, log=log)
 
 
-def synthetic_batch(settings, image_shape: Sequence[int], genotypes: int) -> "EpisodeBatch":  # noqa: F821
+def synthetic_batch(settings, image_shape: Sequence[int], genotypes: int,
+                    tasks_per_genotype: Optional[int] = None) -> "EpisodeBatch":  # noqa: F821
     """A meta-batch of the run's shape for ``genotypes`` genotypes (random images, balanced labels, on
-    the CPU): ``support_x [G*T, n_way*k_shot, *image_shape]``, ..., T = ``--tasks_per_batch``."""
+    the CPU): ``support_x [G*T, n_way*k_shot, *image_shape]``, ..., T = ``tasks_per_genotype``
+    (default ``--tasks_per_batch``)."""
     from tnas.data.episodes import EpisodeBatch
 
-    data, tasks = settings.data, genotypes * settings.schedule.tasks_per_batch
+    per_genotype = settings.schedule.tasks_per_batch if tasks_per_genotype is None else tasks_per_genotype
+    data, tasks = settings.data, genotypes * per_genotype
     generator = torch.Generator().manual_seed(0)
 
     def part(per_class: int):
@@ -228,13 +231,28 @@ def synthetic_batch(settings, image_shape: Sequence[int], genotypes: int) -> "Ep
     return EpisodeBatch(*part(data.k_shot), *part(data.q_query))
 
 
+def training_peak(meta_step: int, validation: int, resident: int, graphed: bool) -> int:
+    """The peak bytes of a batch's training from the peaks (all above the same baseline) of its
+    meta-steps and of one validation call, ``resident`` of which are the learner and its batch. A CUDA
+    graph's private memory pool keeps a meta-step's working memory (``meta_step - resident``) reserved
+    while validation runs eagerly, so graphed the two add up; eagerly each frees its memory and the
+    larger peak is the run's."""
+    if graphed:
+        return int(meta_step + validation - resident)
+    return int(max(meta_step, validation))
+
+
 def measure_peak_memory(settings, genotypes: Sequence[Dict[str, Any]], image_shape: Sequence[int],
                         device: torch.device) -> int:
     """Peak CUDA memory (bytes, above what was allocated before) of training ``genotypes`` as one batch: a
     fresh batch learner of the run's settings, one meta-step on a synthetic meta-batch of the run's shape
     at the first and one at the last position of the schedule (MAML++ may switch to second order or
-    drop the multi-step loss later), then everything freed. Draws nothing from the global generators."""
+    drop the multi-step loss later), then one validation call (``--val_batch_size`` synthetic episodes of
+    each genotype, adapted ``--inner_steps_test`` steps and scored), combined by :func:`training_peak`
+    for the run's resolved ``--cuda_graph``; then everything freed. Draws nothing from the global
+    generators."""
     device = torch.device(device)
+    graphed = train_stage.check_settings(settings).enabled
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
@@ -252,10 +270,17 @@ def measure_peak_memory(settings, genotypes: Sequence[Dict[str, Any]], image_sha
             learner.set_progress(iteration, schedule.iterations_per_epoch, schedule.epochs)
             learner.meta_step(batch)
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-    del learner, networks, batch
+        meta_step = torch.cuda.max_memory_allocated(device) - before
+        del batch
+        resident = torch.cuda.memory_allocated(device) - before
+        torch.cuda.reset_peak_memory_stats(device)
+        episodes = synthetic_batch(settings, image_shape, len(genotypes), settings.schedule.val_batch_size)
+        learner.evaluate(episodes.to(device), steps=settings.maml.inner_steps_test)
+        torch.cuda.synchronize(device)
+        validation = torch.cuda.max_memory_allocated(device) - before
+    del learner, networks, episodes
     torch.cuda.empty_cache()
-    return int(peak)
+    return training_peak(meta_step, validation, resident, graphed)
 
 
 def _last_iteration(run_dir: str) -> Optional[int]:

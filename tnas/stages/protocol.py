@@ -169,7 +169,7 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--genotypes_per_batch", type=int, default=None, metavar="G",
                        help="train G genotypes at once as one genotype batch, each with its solo result and its "
                             "own run directory (default: 1 on a CPU; on CUDA the most that fit in the free device "
-                            "memory, measured for one batched meta-iteration at G = 1 and 2; logged)")
+                            "memory, measured for a batch's training (meta-steps and validation) at G = 1 and 2; logged)")
 
 
 def default_out_dir(args, checkpoint: str) -> str:

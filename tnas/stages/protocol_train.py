@@ -136,7 +136,8 @@ class GenotypeRun:
 GIB = 1024 ** 3
 MEMORY_FRACTION = 0.8
 """Share of the free device memory (per process sharing the GPU) the automatic ``--genotypes_per_batch``
-plans to fill; the rest is headroom for validation, scoring and the allocator's fragmentation."""
+plans to fill with a batch's measured training peak (meta-steps and validation); the rest is headroom for
+scoring and the allocator's fragmentation."""
 MAX_AUTO_GENOTYPES_PER_BATCH = 64
 UNKNOWN_GENOTYPES_PER_BATCH = 8
 """The automatic ``--genotypes_per_batch`` when memory cannot be read or measured (a batch that does not
@@ -145,7 +146,7 @@ fit is halved and retried anyway)."""
 
 @dataclass(frozen=True)
 class MemoryFit:
-    """``bytes = base + G * per_genotype``, fitted to measured peaks at G = 1 and G = 2, and the G chosen."""
+    """``bytes = base + G * per_genotype``, fitted to measured training peaks at G = 1 and G = 2, and the G chosen."""
 
     chosen: int
     base: float
@@ -155,8 +156,8 @@ class MemoryFit:
 
 def fit_genotypes_per_batch(peak_1: int, peak_2: int, free: int, sharing: int = 1, count: Optional[int] = None,
                             fraction: float = MEMORY_FRACTION, cap: int = MAX_AUTO_GENOTYPES_PER_BATCH) -> MemoryFit:
-    """The largest G whose fitted peak ``base + G * per_genotype`` (through the peaks of one batched
-    meta-iteration at G = 1 and 2) fits in ``fraction`` of ``free`` bytes over ``sharing`` processes;
+    """The largest G whose fitted peak ``base + G * per_genotype`` (through the training peaks of a batch
+    at G = 1 and 2) fits in ``fraction`` of ``free`` bytes over ``sharing`` processes;
     1 to ``cap`` and at most ``count`` (the genotypes to train). A G = 2 peak not above the G = 1 one
     (measurement noise) counts the whole G = 1 peak per genotype."""
     per_genotype = float(peak_2 - peak_1) if peak_2 > peak_1 else float(max(peak_1, 1))
@@ -176,8 +177,8 @@ def genotypes_per_batch(requested, device: torch.device, log, count: Optional[in
                         measure: Optional[Callable[[int], int]] = None) -> int:
     """``--genotypes_per_batch``: as given (a one-line error below 1); by default 1 on a CPU or with at most
     one genotype to train (``count``: the genotypes per process, also a cap), and on CUDA the largest G that fits :data:`MEMORY_FRACTION` of the
-    free device memory, shared by the processes on that GPU, by ``measure(G)``: the peak bytes of one
-    batched meta-iteration of G genotypes (:func:`tnas.stages.batched_train.measure_peak_memory`),
+    free device memory, shared by the processes on that GPU, by ``measure(G)``: the peak bytes of training
+    G genotypes as one batch, meta-steps and validation (:func:`tnas.stages.batched_train.measure_peak_memory`),
     measured at G = 1 and 2 and fitted linearly (:func:`fit_genotypes_per_batch`); 1 to
     :data:`MAX_AUTO_GENOTYPES_PER_BATCH`. The choice and the measured figures are one log line."""
     if requested is not None:
@@ -210,8 +211,8 @@ def genotypes_per_batch(requested, device: torch.device, log, count: Optional[in
         return unknown
     sharing = _sharing()
     fit = fit_genotypes_per_batch(peak_1, peak_2, free, sharing, count)
-    log(f"--genotypes_per_batch {fit.chosen}: one batched meta-iteration measured at {peak_1 / GIB:.3f} GiB for 1 "
-        f"genotype and {peak_2 / GIB:.3f} GiB for 2 (base {fit.base / GIB:.3f} + {fit.per_genotype / GIB:.3f} GiB "
+    log(f"--genotypes_per_batch {fit.chosen}: a batch's training (meta-steps, validation) measured at "
+        f"{peak_1 / GIB:.3f} GiB for 1 genotype and {peak_2 / GIB:.3f} GiB for 2 (base {fit.base / GIB:.3f} + {fit.per_genotype / GIB:.3f} GiB "
         f"per genotype); {MEMORY_FRACTION:.0%} of {free / GIB:.1f} GiB free device memory"
         f"{f' shared by {sharing} processes' if sharing > 1 else ''} fits {fit.chosen}"
         f"{'' if count is None else f', at most {count} (the genotypes per process)'}")
@@ -220,7 +221,7 @@ def genotypes_per_batch(requested, device: torch.device, log, count: Optional[in
 
 def memory_probe(settings: train.TrainSettings, genotypes: Sequence[Dict[str, Any]], image_shape: Sequence[int],
                  device: torch.device) -> Callable[[int], int]:
-    """``measure(G)`` for :func:`genotypes_per_batch`: the peak memory of one batched meta-iteration of the
+    """``measure(G)`` for :func:`genotypes_per_batch`: the peak memory of training as one batch the
     first G of ``genotypes`` (repeated when there are fewer) at the run's settings and image shape."""
     from tnas.stages.batched_train import measure_peak_memory
 
