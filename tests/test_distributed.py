@@ -70,7 +70,7 @@ def test_sliced_sampler_gives_the_matching_tasks_of_the_full_batch():
 def test_two_gloo_ranks_match_one_process(tmp_path):
     out_file = str(tmp_path / "rank0.pt")
     mp.spawn(rank_main, args=(2, str(tmp_path / "init"), out_file), nprocs=2, join=True)
-    parallel = torch.load(out_file)
+    parallel = torch.load(out_file, weights_only=True)
     single = meta_iterations(make_learner(), make_sampler())
     for name, value in single.items():
         torch.testing.assert_close(parallel[name], value, rtol=1e-10, atol=1e-12, msg=name)

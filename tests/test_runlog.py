@@ -66,6 +66,18 @@ def test_checkpoint_round_trip_with_rng_state(tmp_path):
     assert torch.equal(loaded["torch_rng"], state["torch_rng"])
 
 
+def test_loading_allows_the_numpy_builders_for_that_load_only(tmp_path):
+    """The numpy types of older RNG states are allowed inside load_checkpoint, not in torch.load after it
+    (torch's process-wide allow-list is left as it was, on every supported torch)."""
+    before = list(torch.serialization.get_safe_globals())
+    path = tmp_path / "old.pt"
+    save_checkpoint({"numpy_rng": np.random.RandomState(1).get_state()}, path)
+    assert load_checkpoint(path)["numpy_rng"][0] == "MT19937"
+    assert list(torch.serialization.get_safe_globals()) == before
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
+        torch.load(path, weights_only=True)
+
+
 def test_truncated_checkpoint_names_path(tmp_path):
     path = tmp_path / "best.pt"
     save_checkpoint({"w": torch.randn(100, 100)}, path)

@@ -9,6 +9,7 @@ heatmaps to tensorboard events under ``<run>/tb`` (tensorboardX, created on firs
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -112,7 +113,7 @@ def save_checkpoint(state: dict, path) -> None:
 
 
 # Types a checkpoint written before numpy RNG states were stored as plain lists may hold (a numpy
-# uint32 array); they only build arrays. Anything else a checkpoint names is refused.
+# uint32 array); they only build arrays and their bytes. Anything else a checkpoint names is refused.
 def _legacy_numpy_globals() -> list:
     import numpy
 
@@ -121,11 +122,32 @@ def _legacy_numpy_globals() -> list:
         module = _try_import(module_name)
         if module is not None and hasattr(module, "_reconstruct"):
             names.append(module._reconstruct)
-    names += [numpy.ndarray, numpy.dtype]
+    names += [numpy.ndarray, numpy.dtype, codecs.encode]  # encode: an array's bytes (torch >= 2.5 allows it already)
     dtypes = _try_import("numpy.dtypes")
     if dtypes is not None and hasattr(dtypes, "UInt32DType"):
         names.append(dtypes.UInt32DType)
     return names
+
+
+@contextlib.contextmanager
+def _globals_allowed(extra: list):
+    """``torch.load(weights_only=True)`` allowing ``extra`` too, for the calls inside only: torch's
+    ``safe_globals`` context (torch >= 2.5), or on torch 2.4, which lacks it, its process-wide list
+    extended and put back afterwards."""
+    import torch
+
+    serialization = torch.serialization
+    if hasattr(serialization, "safe_globals"):
+        with serialization.safe_globals(extra):
+            yield
+        return
+    saved = list(serialization.get_safe_globals())
+    serialization.add_safe_globals(extra)
+    try:
+        yield
+    finally:
+        serialization.clear_safe_globals()
+        serialization.add_safe_globals(saved)
 
 
 def _try_import(name: str):
@@ -163,7 +185,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.is_file():
         raise TnasError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+        with _globals_allowed(_legacy_numpy_globals()):
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights only" in str(error).lower() or "Unsupported" in str(error):
