@@ -148,9 +148,10 @@ class FakeGraph:
     params: list = []
     replays = 0
     captures = 0
+    mode = "thread_local"  # data parallel: the process group's threads may call CUDA meanwhile
 
     def __init__(self, step, warmup=3, on_failure=None, capture_error_mode="global"):
-        assert capture_error_mode == "thread_local"  # the process group's threads may call CUDA meanwhile
+        assert capture_error_mode == FakeGraph.mode
         self.step, self.warmup, self.calls, self.failed, self.last_call = step, warmup, 0, False, "eager"
         self.graph_grads = None
 
@@ -176,6 +177,7 @@ class FakeGraph:
 
 def watch(monkeypatch, learner):
     monkeypatch.setattr(cuda_graph, "GraphedStep", FakeGraph)
+    monkeypatch.setattr(common, "GraphedStep", FakeGraph)
     monkeypatch.setattr(FakeGraph, "params", [p for opt in learner.optimizers.values()
                                               for group in opt.param_groups for p in group["params"]])
     monkeypatch.setattr(FakeGraph, "replays", 0)
@@ -203,6 +205,7 @@ def run_eager_and_graphed(method: str, eager, graphed, sampler, lines):
         yield got, want
     for step in steps.values():  # the last call of each was a replay
         assert isinstance(step.graphed, cuda_graph.DataParallelGraphedStep) and not step.graphed.failed
+        assert isinstance(step.graphed.graphed, cuda_graph.GraphGradients)
         assert step.graphed.graphed.last_call == "replayed"
 
 
@@ -220,10 +223,42 @@ def test_graphed_phases_equal_the_eager_step_in_one_process(method, monkeypatch)
     assert FakeGraph.captures == (3 if method == "maml_pp" else 2 if method == "auto_maml" else 1)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_in_one_process_the_gradients_after_a_replay_are_that_steps(method, monkeypatch):
+    """The whole step graphed (no data parallelism): after every call, replays after tracked eager steps
+    among them, the stepped parameters' ``.grad`` are that step's (the finite-gradient guard reads them),
+    not the NaN a stale ``.grad`` holds here."""
+    from tnas import guard
+
+    eager, graphed = make_learner(method), make_learner(method)
+    watch(monkeypatch, graphed)
+    monkeypatch.setattr(FakeGraph, "mode", "global")
+    key = graphed.settings_key if method == "maml_pp" else None
+    kinds = STEP_GROUPS if method == "auto_maml" else {"all": {}}
+    steps = {kind: common.graph_meta_step(graphed, True, key=key, **groups) for kind, groups in kinds.items()}
+    sampler = make_sampler()
+    for iteration in range(ITERATIONS):
+        batch, groups, track = double(sampler.sample()), groups_of(method, iteration), iteration in TRACKED
+        for learner in (eager, graphed):
+            set_progress(learner, iteration)
+        want = eager.meta_step(batch, track_steps=track, **groups)
+        got = steps[AutoMAML.step_kind(iteration) if method == "auto_maml" else "all"](batch, track)
+        assert_same_stats(got, want)
+        update = groups.get("update_groups")
+        for a, b in zip(graphed.stepped_params(update), eager.stepped_params(update), strict=True):
+            assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+        assert bool(guard.gradients_finite(graphed, torch.device("cpu")))
+    assert_same_learners(graphed, eager)
+    assert FakeGraph.replays >= 3 and all(step.graphed.last_call == "replayed" for step in steps.values())
+
+
 def test_without_data_parallelism_the_whole_step_is_graphed():
     learner = make_learner("tnas")
-    assert type(common.graph_meta_step(learner, True).graphed) is cuda_graph.GraphedStep  # step included
-    assert type(common.graph_meta_step(learner, True, key=lambda: 0).graphed) is cuda_graph.KeyedGraphedStep
+    whole = common.graph_meta_step(learner, True).graphed
+    assert type(whole) is cuda_graph.GraphGradients and type(whole.graphed) is cuda_graph.GraphedStep  # step included
+    assert whole.params == learner.stepped_params()
+    keyed = common.graph_meta_step(learner, True, key=lambda: 0).graphed
+    assert type(keyed.graphed) is cuda_graph.KeyedGraphedStep
     learner.gradient_hook = halve_gradients
     assert type(common.graph_meta_step(learner, True).graphed) is cuda_graph.DataParallelGraphedStep
     eager = common.graph_meta_step(learner, False)

@@ -285,6 +285,35 @@ class KeyedGraphedStep:
         return output
 
 
+class GraphGradients:
+    """A graphed step (:class:`GraphedStep` or :class:`KeyedGraphedStep`) after whose every call the
+    ``.grad`` of ``params`` are the gradients that call computed.
+
+    A capture leaves the ``.grad`` of the parameters as tensors of the graph, and every replay writes
+    those tensors in place; an eager call in between (a tracked step, with per-step statistics)
+    points the ``.grad`` at new tensors, and a replay cannot point them back (it runs no Python).
+    So after each replay they are pointed at the graph's again, and what reads ``.grad`` after a
+    step (the finite-gradient guard, an all-reduce) sees this step's. The rest (``failed``,
+    ``last_call``, ``graphs``, ``current``) is the graphed step's.
+    """
+
+    def __init__(self, graphed, params: Iterable[torch.Tensor]):
+        self.graphed, self.params = graphed, list(params)
+        self._graph_grads: list = []  # the .grad tensors the current graph writes
+
+    def __call__(self, batch) -> Any:
+        output = self.graphed(batch)
+        if self.graphed.last_call == "captured":
+            self._graph_grads = [param.grad for param in self.params]
+        elif self.graphed.last_call == "replayed":
+            for param, grad in zip(self.params, self._graph_grads):
+                param.grad = grad
+        return output
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["graphed"], name)
+
+
 class DataParallelGraphedStep:
     """A meta-step under torchrun data parallelism in three phases, the first replayed as a CUDA graph.
 
@@ -293,15 +322,13 @@ class DataParallelGraphedStep:
     so it stays outside:
 
     1. ``gradients(batch)``: zero-grad, adaptation, query loss, backward, returning the step's
-       statistics; a :class:`GraphedStep` (a :class:`KeyedGraphedStep` with ``key``) replays it.
-       Its capture leaves the ``.grad`` of ``params`` as tensors of the graph, which every replay
-       overwrites.
+       statistics; a :class:`GraphedStep` (a :class:`KeyedGraphedStep` with ``key``) replays it,
+       and :class:`GraphGradients` leaves the ``.grad`` of ``params`` as the tensors it wrote.
     2. ``reduce(params)``: the all-reduce of those ``.grad`` in place (NCCL or gloo), eagerly.
     3. ``apply()``: the optimisers' steps, eagerly (a few fused kernels per parameter group).
 
-    An eager step in between (a tracked one, with per-step statistics) gives the parameters
-    new ``.grad`` tensors; after each replay they are pointed at the graph's again, so phases
-    2 and 3 read what the replay wrote. Warm-up, failed captures (one ``on_failure`` call, then
+    So phases 2 and 3 read what the replay wrote, also after an eager (tracked) step in between.
+    Warm-up, failed captures (one ``on_failure`` call, then
     eager gradients) and other shapes run phase 1 eagerly; phases 2 and 3 are the same every call.
     The capture uses ``capture_error_mode="thread_local"``: the process group's own threads may
     call CUDA while this one records.
@@ -313,9 +340,8 @@ class DataParallelGraphedStep:
         self.params = list(params)
         self.reduce, self.apply = reduce, apply
         options = dict(warmup=warmup, on_failure=on_failure, capture_error_mode="thread_local")
-        self.graphed = (GraphedStep(gradients, **options) if key is None
-                        else KeyedGraphedStep(gradients, key, **options))
-        self._graph_grads: Optional[list] = None  # the .grad tensors the current graph writes
+        self.graphed = GraphGradients(GraphedStep(gradients, **options) if key is None
+                                      else KeyedGraphedStep(gradients, key, **options), self.params)
 
     @property
     def failed(self) -> bool:
@@ -323,11 +349,6 @@ class DataParallelGraphedStep:
 
     def __call__(self, batch) -> Any:
         stats = self.graphed(batch)
-        if self.graphed.last_call == "captured":
-            self._graph_grads = [param.grad for param in self.params]
-        elif self.graphed.last_call == "replayed":
-            for param, grad in zip(self.params, self._graph_grads):
-                param.grad = grad
         self.reduce(self.params)
         self.apply()
         return stats

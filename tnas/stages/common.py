@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,7 +14,7 @@ from tnas.data import check_episode_shape, load_split
 from tnas.engine import Schedule
 from tnas.errors import TnasError
 from tnas.hparams import log_hparams
-from tnas.meta.cuda_graph import (DataParallelGraphedStep, GraphDecision, GraphedStep,  # noqa: F401
+from tnas.meta.cuda_graph import (DataParallelGraphedStep, GraphDecision, GraphedStep, GraphGradients,  # noqa: F401
                                   KeyedGraphedStep, capture_failure_logger, cuda_graph_mode, resolve_cuda_graph)
 from tnas.runlog import RunLogger
 from tnas.stages.settings import rerun_free_flags
@@ -110,14 +110,17 @@ def check_cuda_graph(args, blocker: Optional[str] = None) -> GraphDecision:
 
 def graph_untracked(call: Callable[[Any, bool], Any], enabled: bool,
                     key: Optional[Callable[[], Hashable]] = None,
-                    log: Optional[Callable[[str], None]] = None) -> Callable[[Any, bool], Any]:
+                    log: Optional[Callable[[str], None]] = None,
+                    params: Sequence[torch.Tensor] = ()) -> Callable[[Any, bool], Any]:
     """``call(batch, track)`` with its untracked calls replayed as a CUDA graph when ``enabled``.
 
     Tracked calls (per-step statistics at ``--log_every``) take extra forwards, so they run
     eagerly; they update the same parameter and optimiser tensors that the graph reads.
     ``key()``, if given, returns the Python-side settings the call reads (a schedule's
     learning rate, say); the graph is captured again whenever they change. A capture that fails
-    is one line through ``log`` and eager steps from then on.
+    is one line through ``log`` and eager steps from then on. ``params``: the tensors whose ``.grad``
+    the call sets; after a replay they are the graph's, as the call wrote them
+    (:class:`~tnas.meta.cuda_graph.GraphGradients`).
     """
     if not enabled:
         return call
@@ -125,6 +128,8 @@ def graph_untracked(call: Callable[[Any, bool], Any], enabled: bool,
     on_failure = capture_failure_logger(log or print)
     graphed = (GraphedStep(untracked, on_failure=on_failure) if key is None
                else KeyedGraphedStep(untracked, key, on_failure=on_failure))
+    if params:
+        graphed = GraphGradients(graphed, params)
 
     def step(batch, track: bool):
         return call(batch, True) if track else graphed(batch)
@@ -147,9 +152,9 @@ def graph_meta_step(learner, enabled: bool, key: Optional[Callable[[], Hashable]
     def call(batch, track: bool):
         return learner.meta_step(batch, track_steps=track, **groups)
 
-    if not enabled or learner.gradient_hook is None:
-        return graph_untracked(call, enabled, key=key, log=log)
     update_groups = groups.get("update_groups")
+    if not enabled or learner.gradient_hook is None:
+        return graph_untracked(call, enabled, key=key, log=log, params=learner.stepped_params(update_groups))
     graphed = DataParallelGraphedStep(lambda batch: learner.meta_gradients(batch, **groups),
                                       learner.stepped_params(update_groups), learner.gradient_hook,
                                       lambda: learner.apply_gradients(update_groups), key=key,
