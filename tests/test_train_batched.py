@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -241,14 +242,18 @@ def test_genotypes_with_other_validation_episodes_are_validated_alone(tmp_path):
 
 
 def test_out_of_memory_halves_the_batch_and_retries(cache_dir, tmp_path, monkeypatch):
-    """A (mocked) CUDA out-of-memory error in a batch's meta-step: halved to 2 + 1, then 1 + 1, same results."""
+    """A (mocked) CUDA out-of-memory error in a batch's meta-step: halved to 2 + 1, then 1 + 1, same results.
+    The failed batch's learner (its device memory) is gone before the halves start."""
     chosen = genotypes(3)
     solo = [str(tmp_path / f"solo{i}") for i in range(3)]
     train.train_genotypes(settings(cache_dir, "--epochs", "1"), chosen, solo, log=lambda m: None)
     step = batched_train.GenotypeBatchLearner.meta_step
+    failed = []
 
     def meta_step(self, batch, *args, **kwargs):
         if self.genotype_count > 1:
+            assert all(learner() is None for learner in failed), "a failed batch is still alive at its retry"
+            failed.append(weakref.ref(self))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (mocked)")
         return step(self, batch, *args, **kwargs)
 
@@ -260,6 +265,7 @@ def test_out_of_memory_halves_the_batch_and_retries(cache_dir, tmp_path, monkeyp
     assert [r.status for r in results] == ["trained"] * 3
     assert "out of device memory with a batch of 3 genotypes; retrying with batches of 2" in lines
     assert "out of device memory with a batch of 2 genotypes; retrying with batches of 1" in lines
+    assert len(failed) == 2
     for a, b in zip(solo, dirs):
         assert_same_run(a, b)
 
@@ -341,6 +347,7 @@ def test_on_cuda_a_graphed_batch_step_equals_eager_in_float64():
     parameters and statistics as eager steps, float64, MAML++ (per-step BN, learned rates, multi-step
     loss) across an epoch change that captures a second graph."""
     from test_genotype_batch import learner_settings, solo_network, stream
+    from tnas.meta.cuda_graph import make_optimizers_capturable
     from tnas.meta.genotype_batch import GenotypeBatchLearner, stack_batches
     from tnas.models.genotype_batch import GenotypeBatchNetwork
 
@@ -352,6 +359,9 @@ def test_on_cuda_a_graphed_batch_step_equals_eager_in_float64():
                                     config)
 
     eager, graphed = learner(), learner()
+    # both capturable (batch_step makes the graphed one so): plain Adam's bias correction, a Python float,
+    # differs from capturable Adam's float32 step tensor by ~1e-7 relative per step (test_gpu.graphed_and_eager)
+    make_optimizers_capturable(eager.optimizers.values())
     eager_step, lines = batched_train.batch_step(eager, False), []
     graphed_step = batched_train.batch_step(graphed, True, lines.append)
     per_epoch, epochs = 6, 2

@@ -210,6 +210,7 @@ class GraphedStep:
                     raise
                 self.failed, self.graph, self.static_output = True, None, None
                 self.on_failure(error)
+            if self.failed:  # outside the handler, whose traceback holds the failed recording's tensors
                 return self.step(batch)  # nothing ran during the failed recording: this batch's step
             self.last_call = "captured"
         elif _shapes(batch) != self._shapes:

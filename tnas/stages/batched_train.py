@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -55,6 +56,14 @@ Log = Callable[[str], None]
 
 class _ShapeMismatch(Exception):
     """Genotypes of different shapes (nodes per cell, concat length, ...): they cannot share a batch."""
+
+
+def free_device_memory() -> None:
+    """Give the CUDA memory of what is gone back to the device: collect reference cycles first (a
+    failed step's frames, an optimiser's), then empty torch's cache. Nothing on a CPU."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -156,8 +165,7 @@ class BatchedTrainer:
                 bar.bar.close()
             if scored is not None:
                 return [validation_record(percent(accuracy)) for accuracy, _ in scored]
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_device_memory()
             self.val_per_genotype //= 2
             log_all(self.trainers)(
                 f"out of device memory validating {rows} genotypes at once; "
@@ -279,7 +287,7 @@ def measure_peak_memory(settings, genotypes: Sequence[Dict[str, Any]], image_sha
         torch.cuda.synchronize(device)
         validation = torch.cuda.max_memory_allocated(device) - before
     del learner, networks, episodes
-    torch.cuda.empty_cache()
+    free_device_memory()
     return training_peak(meta_step, validation, resident, graphed)
 
 
@@ -396,8 +404,9 @@ def train_group(settings, genotypes: Sequence[Dict[str, Any]], out_dirs: Sequenc
         except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
             if not out_of_memory(error):
                 raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            results = None
+        if results is None:  # retried outside the handler: its traceback held the failed batch's memory
+            free_device_memory()
             half = (len(left) + 1) // 2
             log(f"out of device memory with a batch of {len(left)} genotypes; retrying with batches of {half}")
             return solo(done) + attempt(left[:half]) + attempt(left[half:])

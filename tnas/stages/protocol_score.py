@@ -28,7 +28,7 @@ from tnas.models.factory import network_from_config
 from tnas.models.genotype_batch import GenotypeBatchNetwork
 from tnas.progress import TaskProgress
 from tnas.stages import restore
-from tnas.stages.batched_train import out_of_memory
+from tnas.stages.batched_train import free_device_memory, out_of_memory
 
 Log = Callable[[str], None]
 
@@ -134,8 +134,7 @@ def score_batch(runs: Sequence, episodes, args, device: torch.device, meter=None
                     accuracies.update(zip(runs[i].episodes, _percent(accuracy)))
                 continue
             together = scored = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_device_memory()
             if log is not None:
                 log(f"scoring genotypes {', '.join(runs[i].id for i in group)} one at a time ({reason})")
         for i in group:

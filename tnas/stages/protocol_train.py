@@ -195,19 +195,20 @@ def genotypes_per_batch(requested, device: torch.device, log, count: Optional[in
     if measure is None:
         log(f"--genotypes_per_batch: memory per genotype not measured, training {unknown} genotypes per batch")
         return unknown
+    from tnas.stages.batched_train import free_device_memory, out_of_memory
+
+    failure = None  # (out of memory?, the error's first line): kept, not the error, whose frames hold memory
     try:
         peak_1, peak_2 = measure(1), measure(2)
     except RuntimeError as error:  # torch.OutOfMemoryError among them
-        from tnas.stages.batched_train import out_of_memory
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if out_of_memory(error):
+        failure = (out_of_memory(error), f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+    if failure is not None:
+        free_device_memory()
+        if failure[0]:
             log("--genotypes_per_batch 1: two genotypes of one batch do not fit in the free device memory")
             return 1
-        first = (str(error).strip().splitlines() or [""])[0]
-        log(f"--genotypes_per_batch: measuring the memory failed ({type(error).__name__}: {first}); training "
-            f"{unknown} genotypes per batch")
+        log(f"--genotypes_per_batch: measuring the memory failed ({failure[1]}); training {unknown} genotypes "
+            f"per batch")
         return unknown
     sharing = _sharing()
     fit = fit_genotypes_per_batch(peak_1, peak_2, free, sharing, count)
