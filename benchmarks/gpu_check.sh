@@ -38,7 +38,7 @@ step() {
 
 if [ "$part" != speed ]; then
   # the default path first (source folding, graphs), then the newest tests, the oldest last
-  timeout "$(limit 180)" "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_branches.py \
+  timeout "$(limit 180)" "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/test_gpu.py tests/test_branches.py \
     tests/test_data_parallel_graph.py tests/test_train_batched.py tests/test_precision.py \
     tests/test_genotype_batch.py tests/test_data_episodes.py 2>&1 \
     | tee "$work/gpu_tests.txt" || status=1

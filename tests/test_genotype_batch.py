@@ -291,7 +291,9 @@ def test_on_cuda_batched_equals_alone_also_replayed_as_a_cuda_graph():
         return GenotypeBatchLearner(model, settings)
 
     eager, graphed = batched_learner(), batched_learner()
-    make_optimizers_capturable(graphed.optimizers.values())
+    # all capturable: plain Adam's bias correction (a Python float) differs from capturable Adam's (a float32
+    # step tensor) by ~1e-7 relative per step, which would hide what this checks (test_gpu.graphed_and_eager)
+    make_optimizers_capturable([*eager.optimizers.values(), *graphed.optimizers.values()])
     step = GraphedStep(lambda batch: graphed.meta_step(batch), warmup=2)
     for iteration in range(iterations):
         want, got = eager.meta_step(batch_at(iteration)), step(batch_at(iteration))
@@ -299,6 +301,7 @@ def test_on_cuda_batched_equals_alone_also_replayed_as_a_cuda_graph():
     assert step.captured
     for g in range(3):
         alone = MAMLPlusPlus(solo_network(g).cuda(), settings)
+        make_optimizers_capturable(alone.optimizers.values())
         for iteration in range(iterations):
             alone.meta_step(stream(g, iteration).to("cuda"))
         expected = alone.state_dict()["model"]
