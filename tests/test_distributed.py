@@ -51,6 +51,89 @@ def rank_main(rank, world_size, init_file, out_file):
         dist.destroy_process_group()
 
 
+def agreement_rank(rank, world_size, init_file, fake_nccl):
+    """The host-side agreements of ``tnas.distributed`` on 2 gloo ranks (``fake_nccl``: the default group
+    says it is NCCL, so the agreement goes through a gloo group of its own, as on GPUs)."""
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        if fake_nccl:
+            dist.get_backend = lambda group=None: "nccl"
+        info = distributed.current_info()
+        assert distributed.min_across_ranks(5 if rank == 0 else 3, info) == 3
+        assert distributed.any_rank_stopping(rank == 1) is True
+        assert distributed.any_rank_stopping(False) is False
+        assert distributed.any_rank_stopping(rank == 0) is True
+        assert (distributed._host_group() is dist.group.WORLD) is not fake_nccl
+        with distributed.local_process():  # a rank acting alone agrees with itself only
+            assert distributed.any_rank_stopping(rank == 1) is (rank == 1)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fake_nccl", [False, True])
+def test_ranks_agree_on_a_stop_and_on_the_smallest_choice(tmp_path, fake_nccl):
+    mp.spawn(agreement_rank, args=(2, str(tmp_path / "init"), fake_nccl), nprocs=2, join=True)
+
+
+SEARCH = ["--dataset", "glyphs", "--img_size", "16", "--device", "cpu", "--n_way", "3", "--q_query", "2",
+          "--tasks_per_batch", "4", "--C", "4", "--layers", "1", "--inner_steps", "1", "--inner_steps_test", "1",
+          "--val_episodes", "4", "--epochs", "1", "--tasks_per_epoch", "40", "--log_every", "2",
+          "--checkpoint_every", "100", "--seed", "1"]
+
+
+def stopping_rank(rank, world_size, init_file, out, cache_dir):
+    """scripts/search.py as torchrun's rank ``rank`` runs it; only rank 1 gets a stop request, after its
+    fourth iteration (as when torchrun's SIGTERM reaches the ranks one after another)."""
+    from datetime import timedelta
+
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), TNAS_PROGRESS="0",
+                      TNAS_CACHE_DIR=cache_dir)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    from tnas import engine
+    from tnas.config import parse_args
+    from tnas.stages import search
+
+    class LateStop(engine.StopRequest):
+        checks = 0
+
+        @property
+        def requested(self):
+            LateStop.checks += 1
+            return rank == 1 and LateStop.checks >= 4
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    engine.StopRequest = LateStop
+    try:
+        search.run(search.settings_from_args(parse_args(search.build_parser(), [*SEARCH, "--out", out])))
+        raise AssertionError("the run was not stopped")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_stop_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    """Ctrl-C / SIGTERM reaching rank 1 alone: both ranks leave after the same iteration, rank 0 saves that
+    iteration's last.pt, and nobody hangs in mismatched collectives."""
+    out = str(tmp_path / "run")
+    cache_dir = os.environ.get("TNAS_CACHE_DIR", str(tmp_path / "cache"))
+    mp.spawn(stopping_rank, args=(2, str(tmp_path / "init"), out, cache_dir), nprocs=2, join=True)
+    lines = [open(os.path.join(out, *part, "log.txt")).read() for part in ((), ("rank1",))]
+    stopped = [line for text in lines for line in text.splitlines() if "interrupted at iteration" in line]
+    assert len(stopped) == 2 and all("interrupted at iteration 4;" in line for line in stopped), stopped
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["iteration"] == 4
+
+
 def test_task_slices_cover_the_batch_once():
     for world in (1, 2, 3, 4):
         slices = [distributed.task_slice(7 if world < 4 else 4, distributed.DistInfo(rank, world)) for rank in range(world)]

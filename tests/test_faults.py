@@ -457,3 +457,19 @@ def test_readme_promises_name_tests_that_exist():
     for module, name in named:
         with open(os.path.join(REPO, "tests", f"{module or 'test_faults'}.py"), encoding="utf-8") as handle:
             assert f"def {name}(" in handle.read(), name
+
+
+def test_a_run_saved_on_more_gpus_resumes_on_fewer(monkeypatch):
+    """The CUDA RNG states of a checkpoint are one per GPU the saving process saw; resuming where fewer
+    are visible (a torchrun run on 8 GPUs resumed on one) sets the states of the GPUs there are."""
+    from tnas import engine
+
+    state = engine.rng_state()
+    state["cuda"] = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    applied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda new_state, device="cuda": applied.append((device, new_state)))
+    engine.set_rng_state(state)
+    assert [(device, int(value[0])) for device, value in applied] == [(0, 1)]

@@ -173,6 +173,44 @@ def all_ranks_true(flag: bool, device: Optional[torch.device] = None) -> bool:
     return bool(value.item())
 
 
+def min_across_ranks(value: int, info: DistInfo) -> int:
+    """The smallest of the ranks' ``value`` on every rank (an object collective: any backend), for a
+    choice each rank makes from what it measured that all ranks must share."""
+    if not info.enabled:
+        return value
+    values: List[Any] = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return min(values)
+
+
+_host_groups: List[Any] = []  # [(the default group it belongs to, a gloo group over the same ranks)]
+
+
+def _host_group():
+    """A gloo group over all ranks, for small host-side agreements that must not wait on a GPU stream
+    (the default group itself when it is gloo); made once per default group, by every rank at its
+    first call."""
+    world = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        return world
+    if not _host_groups or _host_groups[0][0] is not world:  # none yet, or the process group was re-made
+        _host_groups[:] = [(world, dist.new_group(backend="gloo"))]
+    return _host_groups[0][1]
+
+
+def any_rank_stopping(requested: bool) -> bool:
+    """``requested`` (this process's Ctrl-C / SIGTERM flag) OR-ed over the ranks that share
+    meta-batches. Every rank calls it once per iteration, so all leave the loop at the same
+    iteration and meet in the same collectives (a rank that stopped alone would save while the
+    others all-reduced gradients, and the job would hang). A one-integer all-reduce over gloo on
+    the host: no GPU sync."""
+    if not _group_active():
+        return bool(requested)
+    flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_host_group())
+    return bool(flag.item())
+
+
 def shard(items: Sequence[Any], info: DistInfo) -> List[Any]:
     """Every ``world_size``-th item starting at ``rank`` (round robin)."""
     return list(items[info.rank::info.world_size])

@@ -84,7 +84,9 @@ def set_rng_state(state: Mapping[str, object]) -> None:
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw; a run resumed on fewer (or more) GPUs sets those it has
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 class StopRequest:
@@ -310,7 +312,7 @@ class MetaTrainer:
                         meter.report(self.iteration, self.elapsed())
                         if self.is_main:
                             self.log_step(stats)
-                    if stop.requested:
+                    if distributed.any_rank_stopping(stop.requested):  # all ranks stop at one iteration
                         self.save_last()
                         self.log_interrupted()
                         raise KeyboardInterrupt

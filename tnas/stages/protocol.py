@@ -274,7 +274,11 @@ def train_and_score(p: Protocol, by_id, episodes_of) -> List[GenotypeRun]:
     ids = list(by_id)
     probe = memory_probe(p.settings, [by_id[gid] for gid in ids[:2]], p.prepared.split.image_shape, p.device)
     per_process = -(-len(ids) // p.info.world_size)  # a larger batch would leave other ranks without genotypes
-    per_batch = genotypes_per_batch(p.args.genotypes_per_batch, p.device, p.logger.log, per_process, probe)
+    chosen = genotypes_per_batch(p.args.genotypes_per_batch, p.device, p.logger.log, per_process, probe)
+    per_batch = distributed.min_across_ranks(chosen, p.info)  # every rank must cut the same batches
+    if per_batch != chosen:
+        p.logger.log(f"--genotypes_per_batch {per_batch}: the smallest that a rank chose (this one: {chosen}), so "
+                     f"that all ranks cut the genotypes into the same batches")
     batches = [[GenotypeRun(gid, by_id[gid], episodes_of[gid], os.path.join(p.out_dir, GENOTYPES_DIR, gid))
                 for gid in ids[start:start + per_batch]] for start in range(0, len(ids), per_batch)]
     batches = distributed.shard(batches, p.info)  # batches of genotypes dealt round robin
