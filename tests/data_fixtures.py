@@ -174,8 +174,8 @@ def build_tiered(root: str, variant: str = "png", seed: int = 0) -> Dict[str, in
         with open(os.path.join(root, f"{split}_labels.pkl"), "wb") as handle:
             pickle.dump(labels, handle, protocol=2)
         images = rng.integers(0, 256, size=(count, 84, 84, 3), dtype=np.uint8)
-        if variant == "npz":
-            np.savez(os.path.join(root, f"{split}_images.npz"), images=images)
+        if variant == "npz":  # written as the release's conversion writes it: decoded by OpenCV, so BGR
+            np.savez(os.path.join(root, f"{split}_images.npz"), images=images[..., ::-1])
         else:
             encoded = []
             for image in images:

@@ -221,12 +221,16 @@ def test_tiered(tmp_path, variant):
     assert splits[0].class_names[0] == "ntrain00007"
 
 
-def test_tiered_pngs_match_npz(tmp_path):
+@pytest.mark.parametrize("img_size", [None, 42])
+def test_tiered_pngs_match_npz(tmp_path, img_size):
+    """The same images from both layouts, the npz written BGR as the release's conversion writes it;
+    at 84 px (a copy) and resized (image by image)."""
     fx.build_tiered(tmp_path / "a", variant="png", seed=3)
     fx.build_tiered(tmp_path / "b", variant="npz", seed=3)
-    a = load_split("tieredimagenet", "val", data_path=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"))
-    b = load_split("tieredimagenet", "val", data_path=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    a, b = (load_split("tieredimagenet", "val", data_path=str(tmp_path / name), cache_dir=str(tmp_path / "c"),
+                       img_size=img_size, normalize="imagenet") for name in ("a", "b"))
     assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert a.images.shape[1:3] == ((img_size, img_size) if img_size else (84, 84))
 
 
 def test_tiered_labels_unexpected_keys(tmp_path):

@@ -363,7 +363,8 @@ def find_tieredimagenet(root: Optional[str], split: str, options: Dict[str, Any]
     if not have_labels and images_path == png:
         raise TnasError(f"tieredimagenet: {labels_path} is missing (needed with {os.path.basename(png)})")
     files = [images_path] + ([labels_path] if have_labels else [])
-    fingerprint = _stat_fingerprint(files, "tiered")
+    # the npz is read as BGR (see _tiered_npz); "-bgr" retires caches built when it was read as RGB
+    fingerprint = _stat_fingerprint(files, "tiered-bgr" if images_path == npz else "tiered")
 
     def load() -> RawSplit:
         values, names = _tiered_labels(labels_path if have_labels else None, images_path)
@@ -401,6 +402,11 @@ def _tiered_labels(path: Optional[str], images_path: str) -> Tuple[Optional[np.n
 
 
 def _tiered_npz(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The images (RGB, as the PNG pickle decodes) and the labels, if any, of a tieredImageNet ``.npz``.
+
+    The ``.npz`` files in circulation come from the release's conversion script, which decodes the
+    PNG pickle with OpenCV and so stores the channels in BGR order; they are turned back to RGB here
+    (a view), so both layouts give the same images and ``--normalize imagenet`` its own channels."""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -409,6 +415,8 @@ def _tiered_npz(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         if "images" not in archive.files:
             raise TnasError(f"{path}: expected the key 'images', found {sorted(archive.files)}")
         images = _uint8_images(archive["images"], path, "images")
+        if images.ndim == 4 and images.shape[-1] == 3:
+            images = images[..., ::-1]  # BGR -> RGB
         labels = None
         for key in ("labels", "label_specific"):
             if key in archive.files:
