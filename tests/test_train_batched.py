@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import shutil
+import time
 import weakref
 
 import pytest
@@ -98,8 +99,13 @@ def test_batch_equals_solo_runs_resumes_as_a_batch_and_its_last_pt_resumes_alone
     lines = []
     one = settings(cache_dir, *MAML_PP, "--epochs", "1")
     # epoch 1 as a batch of 3, then (epochs 2) resumed as a batch
+    started = time.time()
     first = train.train_genotypes(one, chosen, batch, log=lines.append, genotypes_per_batch=8)
+    took = time.time() - started
     assert [r.status for r in first] == ["trained"] * 3
+    # each run's wall time is its share of the batch's (the protocol's cost sums them), not all of it
+    shares = [summary(run_dir)["wall_time_s"] for run_dir in batch]
+    assert max(shares) < 0.5 * took and sum(shares) <= took
     alone = str(tmp_path / "alone")
     shutil.copytree(batch[0], alone)  # a batch-written last.pt, resumed by the solo path
     second = train.train_genotypes(two, chosen, batch, log=lines.append, genotypes_per_batch=3)

@@ -159,6 +159,7 @@ class MetaTrainer:
         self._pending_first_iteration = 0
         self._started = time.time()
         self._elapsed_before = 0.0
+        self._time_share = 1.0  # of the wall time since _started that is this run's (see share_clock)
 
     # -- paths ----------------------------------------------------------------------------
     @property
@@ -261,7 +262,14 @@ class MetaTrainer:
                         f"rerun with --resume to continue")
 
     def elapsed(self) -> float:
-        return self._elapsed_before + time.time() - self._started
+        """This run's wall time so far (over all its invocations; see :meth:`share_clock`)."""
+        return self._elapsed_before + self._time_share * (time.time() - self._started)
+
+    def share_clock(self, started: float, share: float) -> None:
+        """Count as this run's time ``share`` of the wall time since ``started`` (``time.time()``): a
+        genotype batch trains G runs in one process, so each run's ``wall_time_s`` (and the protocol's
+        cost, which sums them) is the batch's time split evenly, 1/G of it, not all of it."""
+        self._started, self._time_share = started, share
 
     # -- the loop ----------------------------------------------------------------------------
     def validate(self) -> Dict[str, float]:

@@ -363,6 +363,9 @@ def _train_batch(settings, items, log: Log) -> List[train_stage.GenotypeResult]:
             log_all(trainers)(f"trained in a batch of {len(trainers)} genotypes ({dirs}), "
                               f"{'replayed as CUDA graphs' if graph.enabled else 'eagerly'}; validated together; "
                               f"each genotype gets its solo run's result")
+            begun = time.time()
+            for trainer in trainers:
+                trainer.share_clock(begun, 1.0 / len(trainers))
             # a capture failure: one line in every genotype's log
             BatchedTrainer(learner, trainers, log, batch_step(learner, graph.enabled, log_all(trainers))).run()
             summaries = [common.run_trainer(trainer, trainer.logger, "train.json") for trainer in trainers]
