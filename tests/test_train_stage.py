@@ -147,6 +147,35 @@ def test_maml_plus_plus_end_to_end(runs, cache_dir, monkeypatch, capsys):
     assert code == 2 and err.startswith("error: --resume:") and "learn_inner_lr: True -> False" in err
 
 
+def test_a_run_killed_in_its_last_validation_resumes_with_that_epochs_record(tmp_path, cache_dir, monkeypatch,
+                                                                             capsys):
+    """Killed while validating after the epoch's last iteration (its last.pt written): the resumed run runs
+    no iteration of that epoch, and its record still gives the epoch's schedule (learning rate, order,
+    multi-step loss), as the run that was not killed records it."""
+    from tnas.engine import MetaTrainer
+
+    argv = TINY + ["--genotype", "auto_maml_5shot", "--method", "maml++", "--epochs", "2", "--msl_epochs", "1",
+                   "--first_order_epochs", "1", "--cache_dir", cache_dir]
+    assert run_in_process(argv + ["--out", str(tmp_path / "whole")], monkeypatch, capsys)[0] == 0
+    validate, calls = MetaTrainer.validate, []
+
+    def killed_in_epoch_2(self):
+        calls.append(self.epoch)
+        if self.epoch == 1:
+            raise RuntimeError("killed")
+        return validate(self)
+
+    monkeypatch.setattr(MetaTrainer, "validate", killed_in_epoch_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_in_process(argv + ["--out", str(tmp_path / "killed")], monkeypatch, capsys)
+    monkeypatch.setattr(MetaTrainer, "validate", validate)
+    assert load_checkpoint(os.path.join(tmp_path, "killed", "last.pt"))["iteration"] == 4  # the epoch's last
+    assert run_in_process(argv + ["--out", str(tmp_path / "killed"), "--resume"], monkeypatch, capsys)[0] == 0
+    whole, resumed = (check_run_dir(str(tmp_path / name), 2)["history"][1] for name in ("whole", "killed"))
+    for key in ("meta_lr", "first_order", "multi_step_loss", "iteration", "train_loss"):
+        assert resumed[key] == pytest.approx(whole[key]), key
+
+
 def test_missing_genotype_is_one_line_error(tmp_path, monkeypatch, capsys):
     code, err = run_in_process(["--out", str(tmp_path / "x"), "--device", "cpu"], monkeypatch, capsys)
     assert code == 2

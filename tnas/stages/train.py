@@ -259,6 +259,8 @@ def _trainer(settings: TrainSettings, learner: MAMLPlusPlus, splits, run_dir, lo
         return meta_step(sampler.sample(), track)
 
     def epoch_hook(epoch: int, record: Dict[str, object]) -> Dict[str, object]:
+        # the schedules as after the epoch's last step, also when a resume ran none of its steps
+        learner.set_progress(max(int(record["iteration"]) - 1, 0), per_epoch, schedule.epochs)
         return {"meta_lr": learner.optimizers["weights"].param_groups[0]["lr"],
                 "first_order": learner.first_order, "multi_step_loss": learner.multi_step_loss_active()}
 
