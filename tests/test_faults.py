@@ -210,6 +210,13 @@ def test_changed_hyper_parameters_need_resume_override_and_are_recorded_per_epoc
     assert b"meta_lr_weights: 0.001" in (out / "config.yaml").read_bytes()  # how the run started
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["learner"]["optimizers"]["weights"]["param_groups"][0]["lr"] == 0.01  # and it was used
+    # back to the flags the run started with: from epoch 3 on, nothing is overridden
+    back = quick_search(out, "--epochs", "3", "--tasks_per_epoch", "4", "--resume")
+    assert back.returncode == 0, back.stderr
+    history = json.loads((out / "search.json").read_text())["history"]
+    assert history[1]["overrides"] == {"meta_lr_weights": 0.01} and "overrides" not in history[2]
+    assert json.loads((out / "overrides.json").read_text())[-1] == {"from_epoch": 3, "from_iteration": 4,
+                                                                    "changed": {}}
 
 
 # ------------------------------------------------------------------------- NaN guard

@@ -13,7 +13,8 @@
   changed hyper-parameters are refused unless ``--resume_override``. Accepted overrides are
   appended to ``overrides.json`` with the epoch they start at (:func:`record_overrides`), and
   every later epoch record carries them (:func:`active_overrides`), so the history keeps
-  saying which settings each epoch was trained with.
+  saying which settings each epoch was trained with. Once a run has overrides, every resume
+  appends a record, an empty one when it is back to the settings it started with.
 """
 from __future__ import annotations
 

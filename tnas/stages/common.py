@@ -253,7 +253,7 @@ def _claim_and_check(args, stage: str, info, resume: bool, device: torch.device)
             if resume:
                 changes, epoch, iteration = run_dir.check_resume(args, args.out, stage,
                                                                      run_dir.FREE_KEYS | rerun_free_flags())
-                if changes:
+                if changes or run_dir.read_overrides(args.out):  # also none, once some were: they end here
                     run_dir.record_overrides(args.out, changes, epoch, iteration)
         except TnasError as error:
             problem = error
