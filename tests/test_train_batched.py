@@ -117,6 +117,8 @@ def test_batch_equals_solo_runs_resumes_as_a_batch_and_its_last_pt_resumes_alone
             log = handle.read()
         assert "trained in a batch of 3 genotypes" in log and "resumed from" in log and "epoch 2:" in log
         assert "validated together" in log
+        # each genotype's progress lines (--log_every 1), as a solo run writes them
+        assert "train epoch 1/1 iter 2/2" in log and "train epoch 2/2 iter 2/2" in log and "tasks/s" in log
         # --cuda_graph auto, resolved as for a solo run: eager on a CPU, saying why
         assert "cuda_graph auto: eager steps, not CUDA graphs: the device is cpu" in log and "), eagerly;" in log
         assert_same_run(solo[i], batch[i])

@@ -47,6 +47,7 @@ from tnas.meta.genotype_batch import GenotypeBatchLearner, stack_batches
 from tnas.meta.maml_pp import MAMLPlusPlus
 from tnas.models.complexity import count_macs
 from tnas.models.genotype_batch import GenotypeBatchNetwork
+from tnas.progress import TrainingProgress
 from tnas.runlog import load_checkpoint, progress
 from tnas.stages import common
 from tnas.stages import train as train_stage
@@ -179,11 +180,17 @@ class BatchedTrainer:
         per_epoch = schedule.iterations_per_epoch
         for trainer in self.trainers:  # the non-finite checks name iterations from here, as in MetaTrainer.run
             trainer._pending_first_iteration = trainer.iteration
+        # each genotype's progress lines in its own log, as its solo run writes them (rate: its own tasks)
+        meters = [TrainingProgress(trainer.stage, schedule.epochs, per_epoch, schedule.tasks_per_batch,
+                                   schedule.log_every, trainer.logger if trainer.is_main else None)
+                  for trainer in self.trainers]
         with StopRequest() as stop:
             while lead.epoch < schedule.epochs:
                 first = lead.iteration - lead.epoch * per_epoch
                 bar = progress(range(first, per_epoch), total=per_epoch, initial=first,
                                desc=f"train {len(self.trainers)} genotypes epoch {lead.epoch + 1}/{schedule.epochs}")
+                for meter in meters:
+                    meter.start_epoch(lead.epoch, lead.iteration, bar)
                 for _ in bar:
                     iteration = lead.iteration
                     track = schedule.log_every > 0 and iteration % schedule.log_every == 0
@@ -191,10 +198,12 @@ class BatchedTrainer:
                     batch = stack_batches([trainer.samplers["train"].sample() for trainer in self.trainers])
                     stats = self.step(batch, track)
                     grads_ok = guard.gradients_finite(self.learner, self.device)  # one flag for the batch
-                    for trainer, share in zip(self.trainers, self.learner.split_stats(stats)):
+                    for trainer, meter, share in zip(self.trainers, meters, self.learner.split_stats(stats)):
                         trainer.record_step(share, grads_ok)
+                        meter.add(share)
                         if track:
                             trainer.check_finite()
+                            meter.report(trainer.iteration, trainer.elapsed())
                             trainer.log_step(share)
                     if stop.requested:
                         self.save_last()
