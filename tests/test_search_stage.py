@@ -159,6 +159,32 @@ def test_only_the_main_rank_writes_genotype_files(tmp_path):
             assert written == []
 
 
+def test_omniglot_with_rotated_classes_searches_and_evaluates_on_them(tmp_path):
+    """--rotations: four times the characters in every split (a 4-way search needs the 4 rotated
+    validation classes of the one validation character); the run records it, and evaluation loads the
+    test split the same way. On another dataset it is a one-line error before anything is written."""
+    import data_fixtures as fx
+    from tnas.config import parse_args
+    from tnas.stages import evaluate
+
+    root, cache = tmp_path / "omniglot", str(tmp_path / "cache")
+    fx.build_omniglot(str(root))
+    omniglot = ["--dataset", "omniglot", "--data_path", str(root), "--cache_dir", cache, "--n_way", "4"]
+    out = tmp_path / "run"
+    without = run_search(tmp_path / "without", *omniglot, "--epochs", "1", "--tasks_per_epoch", "2")
+    assert without.returncode == 2 and "val" in without.stderr and "Traceback" not in without.stderr
+    result = run_search(out, *omniglot, "--rotations", "--epochs", "1", "--tasks_per_epoch", "2")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "search.json").read_text())["rotations"] is True
+    args = parse_args(evaluate.build_parser(), ["--checkpoint", str(out), "--episodes", "2", "--device", "cpu",
+                                                "--cache_dir", cache])
+    prepared = evaluate.prepare(args)
+    assert len(prepared.split.class_names) == 4 * 5  # the 5 test characters, each 4 times
+    refused = run_search(tmp_path / "glyphs", "--rotations", "--epochs", "1", "--tasks_per_epoch", "2")
+    assert refused.returncode == 2 and "--rotations: dataset 'glyphs' has no rotated classes" in refused.stderr
+    assert not (tmp_path / "glyphs").exists()
+
+
 def test_graph_untracked_leaves_tracked_steps_eager():
     from tnas.stages.common import graph_untracked
 

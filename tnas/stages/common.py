@@ -10,7 +10,7 @@ import torch
 
 from tnas import distributed, precision, run_dir
 from tnas.config import resolve_device, save_config, seed_everything, set_threads
-from tnas.data import check_episode_shape, load_split
+from tnas.data import check_episode_shape, get_dataset, load_split
 from tnas.engine import Schedule
 from tnas.errors import TnasError
 from tnas.hparams import log_hparams
@@ -34,6 +34,9 @@ def add_episode_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resize", choices=("lanczos", "bilinear"), default="lanczos",
                        help="how images are resized to --img_size when cached: Lanczos (default) or bilinear "
                             "(the original code's, mini-ImageNet presets); each has its own cache entry")
+    group.add_argument("--rotations", action=argparse.BooleanOptionalAction, default=False,
+                       help="Omniglot: each character also rotated by 90, 180 and 270 degrees as three new "
+                            "classes, in every split (x4 classes; the usual Omniglot protocol, its presets)")
 
 
 def add_schedule_args(parser: argparse.ArgumentParser, epochs: int, tasks_per_epoch: int) -> None:
@@ -292,11 +295,21 @@ def load_splits(args, names=("train", "val"), logger: Optional[RunLogger] = None
     return splits
 
 
-def data_settings(args) -> Dict[str, str]:
-    """``{"normalize", "resize"}`` of the flags (defaults where a stage has none); a run's summary
-    records them so that evaluation loads its images the same way."""
-    return {"normalize": getattr(args, "normalize", None) or "split",
-            "resize": getattr(args, "resize", None) or "lanczos"}
+def data_settings(args) -> Dict[str, Any]:
+    """``{"normalize", "resize"}`` of the flags (defaults where a stage has none), and ``"rotations":
+    True`` with ``--rotations``; a run's summary records them so that evaluation loads its images
+    (and classes) the same way. They are :func:`tnas.data.load_split`'s keyword arguments."""
+    settings: Dict[str, Any] = {"normalize": getattr(args, "normalize", None) or "split",
+                                "resize": getattr(args, "resize", None) or "lanczos"}
+    if getattr(args, "rotations", False):
+        settings["rotations"] = True
+    return settings
+
+
+def check_data_options(data) -> None:
+    """A one-line error for a dataset option its dataset does not have (``--rotations`` is Omniglot's)."""
+    if getattr(data, "rotations", False) and "rotations" not in get_dataset(data.dataset).options:
+        raise TnasError(f"--rotations: dataset '{data.dataset}' has no rotated classes (only omniglot has)")
 
 
 def image_channels(split) -> int:

@@ -178,10 +178,14 @@ def fill_from_checkpoint(args, summary: Dict[str, Any], checkpoint: str) -> None
                 setattr(args, flag, run_config[flag])
 
 
-def checkpoint_data_settings(summary: Dict[str, Any]) -> Dict[str, str]:
+def checkpoint_data_settings(summary: Dict[str, Any]) -> Dict[str, Any]:
     """How the checkpoint's run loaded its images, so the test split is loaded the same way (runs made
-    before the choice existed: split statistics, Lanczos)."""
-    return {"normalize": summary.get("normalize", "split"), "resize": summary.get("resize", "lanczos")}
+    before the choice existed: split statistics, Lanczos, no rotated classes)."""
+    settings: Dict[str, Any] = {"normalize": summary.get("normalize", "split"),
+                                "resize": summary.get("resize", "lanczos")}
+    if summary.get("rotations"):
+        settings["rotations"] = True
+    return settings
 
 
 def check_genotype(args, learner, summary: Dict[str, Any], checkpoint: str) -> None:

@@ -211,6 +211,7 @@ def check_settings(settings: SearchSettings) -> common.GraphDecision:
     """One-line errors for sizes out of range or a ``--cuda_graph on`` this run cannot use; returns
     the resolved ``--cuda_graph``."""
     common.check_positive(settings.data, "n_way", "k_shot", "q_query")
+    common.check_data_options(settings.data)
     common.check_positive(settings.schedule, "tasks_per_batch", "epochs", "tasks_per_epoch", "val_episodes",
                           "val_batch_size")
     common.check_positive(settings.meta, "inner_steps", "inner_steps_test")

@@ -78,6 +78,7 @@ class DataSettings(Settings):
     augment: bool = False
     normalize: str = "split"
     resize: str = "lanczos"
+    rotations: bool = False
 
 
 @dataclass(frozen=True)

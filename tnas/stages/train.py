@@ -168,6 +168,7 @@ def check_settings(settings: TrainSettings) -> common.GraphDecision:
     Graphs need a CUDA device, a meta-batch kept in one process, and no cosine learning rate that
     changes every iteration (a graph freezes it until the next capture, once per epoch)."""
     common.check_positive(settings.data, "n_way", "k_shot", "q_query")
+    common.check_data_options(settings.data)
     common.check_positive(settings.schedule, "tasks_per_batch", "epochs", "tasks_per_epoch", "val_episodes",
                           "val_batch_size")
     common.check_positive(settings.network, "C", "layers")
