@@ -141,7 +141,22 @@ def test_mixed_states_and_shapes_fall_back_to_solo_runs(cache_dir, tmp_path):
     results = train.train_genotypes(settings(cache_dir, "--epochs", "2"), chosen, dirs, log=lines.append,
                                     genotypes_per_batch=2)
     assert [r.status for r in results] == ["resumed", "trained"]
-    assert any("runs in different states" in line and "one at a time" in line for line in lines), lines
+    assert any("runs in different states" in line and "as 2 batch(es)" in line for line in lines), lines
+
+    # two interrupted at one iteration and two new: a batch of each state, not four runs one at a time
+    four = genotypes(3) + [copy.deepcopy(genotypes(3)[2])]
+    four[3]["normal"][1] = ["sep_conv_3x3", 1]
+    runs = [str(tmp_path / f"four{i}") for i in range(4)]
+    train.train_genotypes(settings(cache_dir, "--epochs", "1"), four[:2], runs[:2], log=lambda m: None,
+                          genotypes_per_batch=2)
+    lines = []
+    results = train.train_genotypes(settings(cache_dir, "--epochs", "2"), four, runs, log=lines.append,
+                                    genotypes_per_batch=4)
+    assert [r.status for r in results] == ["resumed", "resumed", "trained", "trained"]
+    assert any("runs in different states" in line for line in lines), lines
+    for run in runs:
+        with open(os.path.join(run, "log.txt")) as handle:
+            assert "trained in a batch of 2 genotypes" in handle.read().split("resumed from")[-1], run
 
     other = copy.deepcopy(chosen[1])
     other["normal_concat"] = [2, 3, 4]  # another concat length: another shape

@@ -19,11 +19,11 @@ With the same seed each genotype gets its solo initial parameters and task strea
 equal its solo run's up to float rounding (drop-path aside: other random masks, same distribution).
 ``--cuda_graph auto|on|off`` is resolved as for a solo run (auto: graphs on one CUDA device) and
 the batch's untracked meta-steps replay one CUDA graph (:func:`batch_step`); a capture that fails
-runs eager steps, said in each genotype's log. What the batch cannot take falls back to solo runs,
-said in the log: genotypes of different shapes,
-runs in different states (new and interrupted, or interrupted at different iterations), and a group
-that runs out of CUDA memory is halved and retried (out of memory in validation: fewer episodes per call,
-at last each genotype validated alone).
+runs eager steps, said in each genotype's log. What the batch cannot take is said in the log:
+genotypes of different shapes fall back to solo runs, runs in different states (new and interrupted,
+or interrupted at different iterations) train as one batch per state, and a group that runs out of
+CUDA memory is halved and retried (out of memory in validation: fewer episodes per call, at last each
+genotype validated alone).
 """
 from __future__ import annotations
 
@@ -401,12 +401,17 @@ def train_group(settings, genotypes: Sequence[Dict[str, Any]], out_dirs: Sequenc
         left = [i for i in indices if statuses[i] != "done"]
         if len(left) < 2:
             return solo(done + left)
-        kinds = {statuses[i] for i in left}
-        iterations = {_last_iteration(out_dirs[i]) for i in left} if kinds == {"resume"} else {None}
-        if len(kinds) > 1 or len(iterations) > 1 or None in iterations and kinds == {"resume"}:
+        states = {i: (statuses[i], _last_iteration(out_dirs[i]) if statuses[i] == "resume" else None) for i in left}
+        unreadable = [i for i in left if states[i] == ("resume", None)]
+        groups: Dict[Any, List[int]] = {}
+        for i in left:
+            if i not in unreadable:
+                groups.setdefault(states[i], []).append(i)
+        if unreadable or len(groups) > 1:  # a batch steps all its runs at once: one state per batch
             log(f"genotypes {', '.join(out_dirs[i] for i in left)}: runs in different states (new, or interrupted "
-                f"at different iterations); training them one at a time")
-            return solo(done + left)
+                f"at different iterations); training the runs of each state together, as "
+                f"{len(groups)} batch(es){f' and {len(unreadable)} alone' if unreadable else ''}")
+            return solo(done + unreadable) + [pair for group in groups.values() for pair in attempt(group)]
         items = [(genotypes[i], out_dirs[i], statuses[i] == "resume", logs[i]) for i in left]
         try:
             results = _train_batch(settings, items, log)
