@@ -73,6 +73,16 @@ def test_run_holds_share_one_saved_state_released_in_any_order():
         precision.set_tf32_state(before)
 
 
+def test_each_epoch_names_the_precision_it_trained_in():
+    """--amp and --tf32 change no run (a resume may switch them), so epoch records say which was used."""
+    name, cuda, cpu = precision.precision_name, torch.device("cuda"), torch.device("cpu")
+    assert name(torch.bfloat16, cuda) == "bf16" and name(torch.bfloat16, cpu) == "bf16"
+    with precision.tf32(False):
+        assert name(None, cuda) == "fp32"
+    with precision.tf32(True):
+        assert name(None, cuda) == "tf32" and name(None, cpu) == "fp32"  # no TF32 on a CPU
+
+
 def test_tf32_on_cpu_changes_nothing_and_says_so():
     before, lines = precision.tf32_state(), []
     release = precision.hold_tf32(True, torch.device("cpu"), lines.append)

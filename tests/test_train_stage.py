@@ -89,6 +89,7 @@ def check_run_dir(out, epochs):
     assert set(summary["model"]) >= {"n_way", "C", "layers", "in_channels", "stem_multiplier", "genotype"}
     record = summary["history"][-1]
     assert 0.0 <= record["val_accuracy"] <= 100.0 and summary["best_epoch"] is not None
+    assert all(epoch["precision"] == "fp32" for epoch in summary["history"])
     return summary
 
 

@@ -27,6 +27,7 @@ from tnas import distributed, guard, run_dir
 from tnas.errors import TnasError
 from tnas.evaluate import evaluate_episodes, mean_ci95
 from tnas.meta.learner import StepStats
+from tnas.precision import precision_name
 from tnas.progress import TrainingProgress
 from tnas.runlog import RunLogger, atomic_write_json, load_checkpoint, progress, save_checkpoint
 
@@ -350,6 +351,7 @@ class MetaTrainer:
         if self.overrides:
             record["overrides"] = dict(self.overrides)
         record["elapsed_s"] = self.elapsed()
+        record["precision"] = precision_name(getattr(self.learner, "amp_dtype", None), torch.device(self.device))
         self.history.append(record)
         if self.is_main:
             self.logger.scalars({"train_accuracy": record["train_accuracy"], "train_loss": record["train_loss"],

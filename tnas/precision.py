@@ -24,7 +24,7 @@ from typing import Callable, Iterator, List, Optional
 
 import torch
 
-__all__ = ["TF32State", "tf32_state", "set_tf32_state", "tf32", "hold_tf32"]
+__all__ = ["TF32State", "tf32_state", "set_tf32_state", "tf32", "hold_tf32", "precision_name"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,14 @@ def hold_tf32(enabled: bool, device: torch.device, log: Optional[Callable[[str],
                 set_tf32_state(_saved.pop())
 
     return release
+
+
+def precision_name(amp_dtype: Optional[torch.dtype], device: torch.device) -> str:
+    """What a run's meta-training computes in, for its records: ``"bf16"`` (``--amp`` autocast),
+    ``"tf32"`` (``--tf32``: CUDA matmuls in TF32; on a CUDA device only) or ``"fp32"``. Both flags
+    change no run (a resume may switch them), so each epoch records the one it trained with."""
+    if amp_dtype is not None:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype))
+    if device.type == "cuda" and tf32_state().matmul:
+        return "tf32"
+    return "fp32"
