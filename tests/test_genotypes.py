@@ -328,7 +328,7 @@ def test_resolve_file_and_run_directory(tmp_path):
 
 
 def test_resolve_directory_without_genotype(tmp_path):
-    with pytest.raises(TnasError, match="directory without genotype.json"):
+    with pytest.raises(TnasError, match="directory without best_genotype.json or genotype.json"):
         resolve_genotype(str(tmp_path))
 
 

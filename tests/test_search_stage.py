@@ -39,7 +39,8 @@ def test_search_writes_every_output(tmp_path):
     out = tmp_path / "run"
     result = run_search(out, "--epochs", "2", "--tasks_per_epoch", "4")
     assert result.returncode == 0, result.stderr
-    for name in ("config.yaml", "log.txt", "last.pt", "best.pt", "genotype.json", "search.json"):
+    for name in ("config.yaml", "log.txt", "last.pt", "best.pt", "genotype.json", "best_genotype.json",
+                 "search.json"):
         assert (out / name).is_file(), name
     assert list((out / "cells").glob("normal.*")) and list((out / "tb").iterdir())
     events = b"".join(path.read_bytes() for path in (out / "tb").rglob("events*"))
@@ -52,6 +53,12 @@ def test_search_writes_every_output(tmp_path):
         assert 0 <= record["val_accuracy"] <= 100 and 0 <= record["train_accuracy"] <= 100
         assert set(record["genotype"]) == {"normal", "normal_concat", "reduce", "reduce_concat"}
     assert summary["best_epoch"] in (1, 2) and summary["best"]["genotype"]
+    # the run directory as a genotype is its result: the best epoch's (best.pt's), not the latest epoch's
+    from tnas.genotypes import genotype_from_dict, load_genotype
+
+    best = genotype_from_dict(summary["best"]["genotype"])
+    assert load_genotype(str(out / "best_genotype.json")) == best and load_genotype(str(out)) == best
+    assert load_genotype(str(out / "genotype.json")) == genotype_from_dict(summary["history"][-1]["genotype"])
     # the run directory is never overwritten by accident
     again = run_search(out, "--epochs", "2", "--tasks_per_epoch", "4")
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
@@ -183,6 +190,31 @@ def test_omniglot_with_rotated_classes_searches_and_evaluates_on_them(tmp_path):
     refused = run_search(tmp_path / "glyphs", "--rotations", "--epochs", "1", "--tasks_per_epoch", "2")
     assert refused.returncode == 2 and "--rotations: dataset 'glyphs' has no rotated classes" in refused.stderr
     assert not (tmp_path / "glyphs").exists()
+
+
+def test_the_best_genotype_is_written_when_best_pt_is(tmp_path, monkeypatch):
+    """best_genotype.json follows best.pt (validation 60%, 40%, 50%: epoch 1's), genotype.json every epoch;
+    a run directory given as a genotype reads best_genotype.json before genotype.json."""
+    from tnas.config import parse_args
+    from tnas.engine import MetaTrainer
+    from tnas.genotypes import PUBLISHED, load_genotype, save_genotype
+    from tnas.stages import search
+
+    accuracies = iter([60.0, 40.0, 50.0])
+    monkeypatch.setattr(MetaTrainer, "validate", lambda self: {"val_accuracy": next(accuracies), "val_ci95": 1.0})
+    written = []
+    monkeypatch.setattr(search, "save_genotype", lambda genotype, path: written.append(os.path.basename(path)))
+    argv = [*TINY, "--out", str(tmp_path / "run"), "--epochs", "3", "--tasks_per_epoch", "2"]
+    search.run(search.settings_from_args(parse_args(search.build_parser(), argv)))
+    assert written.count("genotype.json") == 3 and written.count("best_genotype.json") == 1
+    assert json.loads((tmp_path / "run" / "search.json").read_text())["best_epoch"] == 1
+
+    run = tmp_path / "dir"
+    run.mkdir()
+    save_genotype(PUBLISHED["auto_maml_1shot"], str(run / "genotype.json"))
+    assert load_genotype(str(run)) == PUBLISHED["auto_maml_1shot"]  # an older search, a training run
+    save_genotype(PUBLISHED["auto_maml_5shot"], str(run / "best_genotype.json"))
+    assert load_genotype(str(run)) == PUBLISHED["auto_maml_5shot"]
 
 
 def test_graph_untracked_leaves_tracked_steps_eager():

@@ -186,7 +186,7 @@ def test_missing_genotype_is_one_line_error(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("genotype, message", [("no_such_genotype", "unknown genotype"),
-                                               ("{dir}", "without genotype.json"),
+                                               ("{dir}", "without best_genotype.json or genotype.json"),
                                                ("{file}", "genotype")])
 def test_bad_genotype_is_one_line_error(tmp_path, monkeypatch, capsys, genotype, message):
     bad = tmp_path / "bad.json"

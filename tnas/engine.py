@@ -127,13 +127,16 @@ class MetaTrainer:
         stage: names the summary file ``{stage}.json`` and the log tags.
         summary: fixed fields copied into the summary (method, dataset, n_way, ...).
         epoch_hook: called after validation each epoch; its dict joins the epoch record.
+        best_hook: called on the main process with the epoch's record whenever ``best.pt`` is written
+            (the search writes the best epoch's genotype then).
         is_main: only the main process writes files (data-parallel runs).
     """
 
     def __init__(self, learner, samplers: Mapping[str, object], step: StepFn, val_episodes, run_dir: str,
                  logger: RunLogger, schedule: Schedule, device: torch.device, stage: str = "search",
                  summary: Optional[Mapping[str, object]] = None, epoch_hook: Optional[EpochHook] = None,
-                 val_steps: Optional[int] = None, is_main: bool = True):
+                 val_steps: Optional[int] = None, is_main: bool = True,
+                 best_hook: Optional[Callable[[Dict[str, object]], None]] = None):
         self.learner = learner
         self.samplers = dict(samplers)
         self.step = step
@@ -145,6 +148,7 @@ class MetaTrainer:
         self.stage = stage
         self.summary = dict(summary or {})
         self.epoch_hook = epoch_hook
+        self.best_hook = best_hook
         self.val_steps = val_steps
         self.is_main = is_main
         self.epoch = 0
@@ -368,6 +372,8 @@ class MetaTrainer:
         if self.is_main:
             if improved:
                 save_checkpoint(self.state_dict(), self.best_path)
+                if self.best_hook is not None:
+                    self.best_hook(record)
             save_checkpoint(self.state_dict(), self.last_path)
             self.write_summary()
 

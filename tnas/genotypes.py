@@ -176,13 +176,20 @@ def save_genotype(genotype: Genotype, path: str) -> None:
     os.replace(tmp, path)
 
 
+BEST_GENOTYPE_FILE = "best_genotype.json"
+"""A search run's best epoch's genotype (that of its ``best.pt``); ``genotype.json`` is its latest epoch's."""
+
+
 def load_genotype(path: str) -> Genotype:
-    """Read a genotype JSON file; a search run directory's ``genotype.json`` also works."""
+    """Read a genotype JSON file. A run directory gives its result: a search's best epoch's genotype
+    (``best_genotype.json``, the architecture of ``best.pt``, as T-NAS's protocol uses), else its
+    ``genotype.json`` (a search made before that file existed: the latest epoch's; a training run's)."""
     if os.path.isdir(path):
-        candidate = os.path.join(path, "genotype.json")
-        if not os.path.isfile(candidate):
-            raise TnasError(f"{path} is a directory without genotype.json")
-        path = candidate
+        candidates = [os.path.join(path, name) for name in (BEST_GENOTYPE_FILE, "genotype.json")]
+        found = [candidate for candidate in candidates if os.path.isfile(candidate)]
+        if not found:
+            raise TnasError(f"{path} is a directory without {BEST_GENOTYPE_FILE} or genotype.json")
+        path = found[0]
     try:
         with open(path) as handle:
             data = json.load(handle)
