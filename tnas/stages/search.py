@@ -24,7 +24,7 @@ from tnas.config import add_common_args
 from tnas.data import EpisodeSampler, FixedEpisodes, split_images_in_half
 from tnas.engine import MetaTrainer
 from tnas.errors import TnasError
-from tnas.genotypes import BEST_GENOTYPE_FILE, PRIMITIVES, genotype_from_dict, save_genotype
+from tnas.genotypes import BEST_GENOTYPE_FILE, PRIMITIVES, save_genotype
 from tnas.meta.auto_maml import ALPHA_STEP, STEP_GROUPS, WEIGHT_STEP, AutoMAML, AutoMAMLConfig
 from tnas.meta.cuda_graph import make_optimizers_capturable
 from tnas.meta.tnas import TNAS, TNASConfig
@@ -242,7 +242,7 @@ def run(settings: SearchSettings) -> Dict[str, object]:
         trainer = MetaTrainer(learner, samplers, step, val_episodes, run_dir, logger,
                               common.schedule_from_args(settings.schedule), device, stage="search", summary=summary,
                               epoch_hook=genotype_epoch_hook(learner, run_dir, logger),
-                              best_hook=lambda record: save_genotype(genotype_from_dict(record["genotype"]),
+                              best_hook=lambda record: save_genotype(learner.model.genotype(),  # this epoch's
                                                                      os.path.join(run_dir, BEST_GENOTYPE_FILE)),
                               val_steps=meta.inner_steps_test, is_main=is_main)
         if settings.run.resume:
