@@ -329,8 +329,8 @@ class DataParallelGraphedStep:
     3. ``apply()``: the optimisers' steps, eagerly (a few fused kernels per parameter group).
 
     So phases 2 and 3 read what the replay wrote, also after an eager (tracked) step in between.
-    Warm-up, failed captures (one ``on_failure`` call, then
-    eager gradients) and other shapes run phase 1 eagerly; phases 2 and 3 are the same every call.
+    Warm-up, failed captures (one ``on_failure`` call, then eager gradients) and other shapes run
+    phase 1 eagerly; phases 2 and 3 are the same every call.
     The capture uses ``capture_error_mode="thread_local"``: the process group's own threads may
     call CUDA while this one records.
     """

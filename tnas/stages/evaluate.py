@@ -180,12 +180,9 @@ def fill_from_checkpoint(args, summary: Dict[str, Any], checkpoint: str) -> None
 
 def checkpoint_data_settings(summary: Dict[str, Any]) -> Dict[str, Any]:
     """How the checkpoint's run loaded its images, so the test split is loaded the same way (runs made
-    before the choice existed: split statistics, Lanczos, no rotated classes)."""
-    settings: Dict[str, Any] = {"normalize": summary.get("normalize", "split"),
-                                "resize": summary.get("resize", "lanczos")}
-    if summary.get("rotations"):
-        settings["rotations"] = True
-    return settings
+    before the choice existed: split statistics, Lanczos, no rotated classes). The summary holds what
+    :func:`tnas.stages.common.data_settings` gave the run, read back the same way."""
+    return common.data_settings(argparse.Namespace(**summary))
 
 
 def check_genotype(args, learner, summary: Dict[str, Any], checkpoint: str) -> None:
