@@ -59,6 +59,7 @@ def agreement_rank(rank, world_size, init_file, fake_nccl):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
+    get_backend = dist.get_backend
     try:
         if fake_nccl:
             dist.get_backend = lambda group=None: "nccl"
@@ -71,6 +72,8 @@ def agreement_rank(rank, world_size, init_file, fake_nccl):
         with distributed.local_process():  # a rank acting alone agrees with itself only
             assert distributed.any_rank_stopping(rank == 1) is (rank == 1)
     finally:
+        dist.get_backend = get_backend  # the teardown asks the real backend (gloo)
+        dist.barrier()  # neither rank leaves the group while the other still talks in it
         dist.destroy_process_group()
 
 
