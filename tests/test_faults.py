@@ -483,72 +483,43 @@ def test_a_run_saved_on_more_gpus_resumes_on_fewer(monkeypatch):
     assert [(device, int(value[0])) for device, value in applied] == [(0, 1)]
 
 
-class _Killed(Exception):
-    """Stands for a SIGKILL between two meta-iterations (raised by the toy step, on every rank)."""
-
-
 def _rng_rank(rank, world_size, init_file, run_dir, out_file):
-    """One rank of a toy data-parallel MetaTrainer whose step draws ``rank + 1`` numbers from the torch
-    generator (as drop-path does for a rank's own slice when the slices differ in size) and adds their sum
-    over ranks to the learner's state: trained 6 iterations straight, then killed after the checkpoint of
-    iteration 4 and resumed. Rank 0 saves the ranks' (learner state, next draw) of both runs."""
+    """One rank of a toy data-parallel run (:mod:`toy_trainer`) whose steps draw ``rank + 1`` numbers from the
+    torch generator (as drop-path does for a rank's own slice when the slices differ in size): trained 6
+    iterations straight, then killed after the checkpoint of iteration 4 and resumed. Rank 0 saves each
+    rank's (learner state + its next draw) of both runs."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
+    from toy_trainer import Killed, toy_trainer
     from tnas import engine
     from tnas.config import seed_everything
-    from tnas.meta.learner import StepStats
     from tnas.runlog import RunLogger
 
-    class Toy:
-        optimizers = {}
-
-        def __init__(self):
-            self.total = torch.zeros((), dtype=torch.float64)
-
-        def state_dict(self):
-            return {"total": self.total.clone()}
-
-        def load_state_dict(self, state):
-            self.total = state["total"].clone()
-
-    class Trainer(engine.MetaTrainer):
-        def validate(self):
-            return {"val_accuracy": 0.0, "val_ci95": 0.0}
-
-    def trainer(out, kill_at=None):
-        learner = Toy()
-
-        def step(iteration, track):
-            if iteration == kill_at:
-                raise _Killed()
-            # summed over ranks, as gradients are: the learner's state is the same on every rank
-            learner.total += distributed.sum_across_ranks(torch.rand(rank + 1, dtype=torch.float64).sum())
-            return StepStats(torch.zeros(1), torch.zeros(1))
-
+    def trainer(name, **kill):
+        out = os.path.join(run_dir, name)
         logger = RunLogger(os.path.join(out, f"rank{rank}"), use_tensorboard=False, quiet=True)
         schedule = engine.Schedule(epochs=2, tasks_per_epoch=3, tasks_per_batch=1, log_every=0, checkpoint_every=2)
-        return learner, Trainer(learner, {}, step, None, out, logger, schedule, torch.device("cpu"),
-                                is_main=rank == 0)
+        return toy_trainer(out, logger, schedule, draws=rank + 1, is_main=rank == 0, **kill)
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
         seed_everything(0)
-        straight, run = trainer(os.path.join(run_dir, "straight"))
+        straight, run = trainer("straight")
         run.run()
         after = [float(straight.total) + float(torch.rand(()))]
         seed_everything(0)
-        _, run = trainer(os.path.join(run_dir, "killed"), kill_at=4)
+        _, run = trainer("killed", kill_iteration=4)
         try:
             run.run()
-        except _Killed:
+        except Killed:
             pass
         dist.barrier()  # rank 0's last.pt is on disk
         seed_everything(0)  # a new process
-        resumed, run = trainer(os.path.join(run_dir, "killed"))
+        resumed, run = trainer("killed")
         run.resume()
         run.run()
         after.append(float(resumed.total) + float(torch.rand(())))

@@ -205,10 +205,13 @@ class MetaTrainer:
         return os.path.join(self.run_dir, "best.pt")
 
     # -- checkpoints ------------------------------------------------------------------------
-    def state_dict(self, rank_rngs: Optional[List[Dict[str, object]]] = None) -> Dict[str, object]:
+    def state_dict(self, rank_rngs: Optional[List[Dict[str, object]]] = None,
+                   tensorboard: Optional[Mapping[str, object]] = None) -> Dict[str, object]:
         """The checkpoint. ``rank_rngs``: every data-parallel rank's RNG state
         (:func:`checkpoint_rng_states`, gathered at the same point by all ranks); rank 0's is also
-        ``rng``. Without it (a single process) ``rng`` is this process's."""
+        ``rng``. Without it (a single process) ``rng`` is this process's. ``tensorboard``: the
+        checkpoint's mark in the event files (:meth:`tnas.runlog.RunLogger.mark_checkpoint`), to
+        which a resume cuts them back."""
         state = {
             "stage": self.stage,
             "summary": self.summary,
@@ -222,6 +225,7 @@ class MetaTrainer:
                            "tasks": self._epoch_tasks},
             "rng": rank_rngs[0] if rank_rngs else rng_state(),
             "elapsed_s": self.elapsed(),
+            "tensorboard": dict(tensorboard) if tensorboard else None,
         }
         if rank_rngs and len(rank_rngs) > 1:
             state["rank_rngs"] = list(rank_rngs)
@@ -257,6 +261,10 @@ class MetaTrainer:
             reason = " ".join(str(error).split())[:300]
             raise TnasError(f"--resume: {path} does not fit this run's model or samplers: {reason}") from None
         self.overrides = run_dir.active_overrides(self.run_dir)
+        if self.is_main:  # the points the killed run logged after the checkpoint would show twice
+            note = self.logger.rewind_tensorboard(state.get("tensorboard"))
+            if note is not None:
+                self.logger.log(note)
         self.logger.log(f"resumed from {path}: epoch {self.epoch}, iteration {self.iteration}")
 
     def check_finite(self, parameters: bool = False) -> None:
@@ -295,7 +303,7 @@ class MetaTrainer:
         self.check_finite(parameters=True)
         rank_rngs = checkpoint_rng_states()
         if self.is_main:
-            save_checkpoint(self.state_dict(rank_rngs), self.last_path)
+            save_checkpoint(self.state_dict(rank_rngs, self.logger.mark_checkpoint(self.iteration)), self.last_path)
 
     def checkpoint_due(self) -> bool:
         """Whether ``last.pt`` is due after the current iteration (``--checkpoint_every``)."""
@@ -412,11 +420,12 @@ class MetaTrainer:
             self.best = record
         rank_rngs = checkpoint_rng_states()  # every rank: a collective
         if self.is_main:
+            mark = self.logger.mark_checkpoint(self.iteration)  # after this epoch's points
             if improved:
-                save_checkpoint(self.state_dict(rank_rngs), self.best_path)
+                save_checkpoint(self.state_dict(rank_rngs, mark), self.best_path)
                 if self.best_hook is not None:
                     self.best_hook(record)
-            save_checkpoint(self.state_dict(rank_rngs), self.last_path)
+            save_checkpoint(self.state_dict(rank_rngs, mark), self.last_path)
             self.write_summary()
 
     def write_summary(self) -> Dict[str, object]:
