@@ -48,7 +48,8 @@ step() {
   case "$output" in bench_meta_iter_*.json) benches+=("$work/$output") ;; esac
   timeout -k 5 "$seconds" "$@" 2>&1 >"$work/$output" | tee -a "$work/stderr.txt" >&2
   local rc=${PIPESTATUS[0]}
-  if [ "$rc" -eq 0 ]; then mark "$name done"; else status=1; mark "$name FAILED or cut at ${seconds} s (exit $rc)"; fi
+  if [ "$rc" -eq 0 ]; then mark "$name done"; return; fi
+  status=1; mark "$name FAILED or cut at ${seconds} s (exit $rc)"
 }
 # summarize FILE...: one line per measurement of the bench_meta_iter reports that exist (a skipped
 # step leaves none), into the log and the timeline
@@ -92,7 +93,8 @@ gpu_tests() {
     tests/test_precision.py tests/test_genotype_batch.py tests/test_data_episodes.py 2>&1 | tee "$work/gpu_tests.txt"
   local rc=${PIPESTATUS[0]}
   cp "$work/gpu_tests.txt" "$out/"
-  if [ "$rc" -eq 0 ]; then mark "GPU tests passed"; else status=1; mark "GPU tests FAILED or cut at ${seconds} s (exit $rc)"; fi
+  if [ "$rc" -eq 0 ]; then mark "GPU tests passed"; return; fi
+  status=1; mark "GPU tests FAILED or cut at ${seconds} s (exit $rc)"
 }
 
 comparisons() {
