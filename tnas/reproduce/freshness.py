@@ -22,12 +22,12 @@ directory is moved aside to ``<dir>.stale-<n>`` (nothing is deleted).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Container, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tnas.errors import TnasError
 from tnas.reproduce.plan import Input, Step
+from tnas.runlog import sha256_file
 
 _DIGESTS: Dict[Tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256: one read per version
 
@@ -36,8 +36,7 @@ def _sha256(path: str) -> str:
     stat = os.stat(path)
     key = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        with open(path, "rb") as handle:
-            _DIGESTS[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+        _DIGESTS[key] = sha256_file(path)
     return _DIGESTS[key]
 
 
