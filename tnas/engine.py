@@ -6,9 +6,10 @@ epochs of ``tasks_per_epoch`` tasks, validates on fixed episodes of the validati
 classes after each epoch, keeps ``best.pt`` by validation accuracy and ``last.pt`` for
 resuming (both written atomically), logs to ``log.txt`` and tensorboard, and writes the
 stage's JSON summary. A resumed run continues exactly: optimiser, sampler and RNG states
-are in ``last.pt`` (the torch RNG states of every data-parallel rank). A non-finite loss or gradient (or parameter, before a save) stops the run
-naming the iteration, keeping the last good checkpoint untouched; Ctrl-C (SIGINT) or SIGTERM
-saves ``last.pt`` and stops.
+(the torch ones of every data-parallel rank) are in ``last.pt``, and the tensorboard events
+logged after it are dropped. A non-finite loss or gradient (or parameter, before a save) stops
+the run naming the iteration, keeping the last good checkpoint untouched; Ctrl-C (SIGINT) or
+SIGTERM saves ``last.pt`` and stops.
 """
 from __future__ import annotations
 
