@@ -9,6 +9,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python}"
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; echo;; esac  # --help: this header first
 if [ "$#" -eq 0 ]; then
     echo "reproduce_paper.sh: no arguments, running the CPU demo (configs/reproduce_demo.yaml, glyphs dataset) into runs/reproduce_demo"
     exec "$python" "$repo/scripts/reproduce.py" --demo
