@@ -15,7 +15,9 @@ Paper setting: 5-way, 84x84 RGB, C 16, layers 2, 15 queries per class, 5 inner s
 device, so this times the meta-learning only (the data pipeline has its own benchmark,
 ``bench_episodes.py``). Each case runs ``--warmup`` iterations, then ``--iterations``
 timed ones, synchronising the device before reading the clock. Prints one JSON object, whose
-``setting`` carries what ``--cuda_graph auto`` chose and why. Each case also counts the FLOPs
+``setting`` carries what ``--cuda_graph auto`` chose and why; a SIGTERM (a time limit such as
+``gpu_check.sh``'s) still prints it, with the cases finished so far, an error for the case cut and
+those not started, and ``cut_short`` (exit status 1). Each case also counts the FLOPs
 of one meta-iteration (``torch.utils.flop_counter``: convolutions and matrix products, forward
 and backward) and, on a GPU of known peak, the fraction of it achieved, and the torch operators
 it dispatches (``ops_per_iteration``: every aten op but views, forward and backward; on a GPU
@@ -60,7 +62,9 @@ import contextlib
 import dataclasses
 import json
 import platform
+import signal
 import sys
+import threading
 import time
 from types import SimpleNamespace
 from typing import Dict, List
@@ -446,6 +450,29 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
     return args
 
 
+class CutShort(BaseException):
+    """Raised in the main thread by SIGTERM (``timeout`` in ``benchmarks/gpu_check.sh`` ending a step):
+    a BaseException, so that :func:`run_one`'s per-case ``except Exception`` lets it through and
+    :func:`main` prints the cases finished so far instead of dying with nothing on stdout."""
+
+
+def _cut_short(signum, _frame) -> None:
+    raise CutShort(f"cut short by {signal.Signals(signum).name} (the step's time limit)")
+
+
+@contextlib.contextmanager
+def sigterm_cuts_short():
+    """SIGTERM raises :class:`CutShort` while active (main thread only); the previous handler comes back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _cut_short)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_one(name: str, args, device: torch.device, results: List[Dict[str, object]]) -> None:
     """Run case ``name`` and append its record (or its error: one failing case, e.g. out of memory,
     must not hide the others)."""
@@ -463,10 +490,20 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     args = parse_args(argv)
     device = torch.device(args.device)
     results: List[Dict[str, object]] = []
-    with precision.tf32(True) if args.tf32 else contextlib.nullcontext():  # the process's switches come back
-        tf32_state = dataclasses.asdict(precision.tf32_state())
-        for name in args.cases:
-            run_one(name, args, device, results)
+    cut_short, tf32_state, case_started = None, None, time.perf_counter()
+    with sigterm_cuts_short():
+        try:
+            with precision.tf32(True) if args.tf32 else contextlib.nullcontext():  # the switches come back
+                tf32_state = dataclasses.asdict(precision.tf32_state())
+                for name in args.cases:
+                    case_started = time.perf_counter()
+                    run_one(name, args, device, results)
+        except CutShort as error:  # keep what finished; name the case cut (and how long it ran) and those not run
+            cut_short, cut = str(error), len(results)  # one record per case, in order
+            seconds = time.perf_counter() - case_started
+            results.extend({"case": name, "error": f"CutShort: {error}, {seconds:.0f} s into this case"
+                            if index == cut else "not run: an earlier case was cut short"}
+                           for index, name in enumerate(args.cases) if index >= cut)
     report = {
         "benchmark": "meta_iteration",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -480,9 +517,11 @@ def main(argv: List[str] = None) -> Dict[str, object]:
                     "tf32_state": tf32_state},
         "results": results,
     }
-    print(json.dumps(report, indent=1))
+    if cut_short:
+        report["cut_short"] = cut_short
+    print(json.dumps(report, indent=1), flush=True)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if "cut_short" in main() else 0)

@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# GPU checks in one go: the GPU tests, then the speed benchmarks, each printing JSON.
+# GPU checks in one go: the benchmarks the open targets ask for, the GPU tests, then the other
+# benchmarks, each printing JSON.
 #   bash benchmarks/gpu_check.sh            # everything, most important first (under 8 minutes;
 #                                           # GPU_CHECK_SECONDS=900 leaves room for the older cases)
 #   bash benchmarks/gpu_check.sh tests      # only the GPU tests
 #   bash benchmarks/gpu_check.sh speed      # only the benchmarks
-# Every step is cut to fit GPU_CHECK_SECONDS (default 460) in all. After each step the
-# results so far are packed into $OUT/gpu_check.tar.gz (or ./gpu_check_out), beside
-# timeline.txt and gpu_tests.txt, so a run cut short still reports and the outputs stay
-# few files.
+# Order: the targets first (about 4 minutes: T-NAS search 1- and 5-shot with default flags, with
+# GFLOP and fraction of peak; the eager genotype batches, protocol_hours_600; --tf32), then the GPU
+# tests (at most 180 s; 90 s per test where pytest-timeout is installed, so one hang cannot stop
+# the rest), then the comparisons, the oldest last. Every step is cut to fit GPU_CHECK_SECONDS
+# (default 460) in all, counted from the start; a step left under GPU_CHECK_MIN_STEP_SECONDS
+# (default 20) is skipped. A cut step gets SIGTERM, on which bench_meta_iter.py still prints the
+# cases it finished (then SIGKILL 5 s later). After each step the results so far (stdout of each
+# step, stderr in stderr.txt) are packed into $OUT/gpu_check.tar.gz (or ./gpu_check_out), beside
+# timeline.txt and gpu_tests.txt, so a run cut short still reports and the outputs stay few files.
+# It ends within about 10 s of GPU_CHECK_SECONDS (the torch import counted; the kill grace, the
+# summary and the packing after it): give the machine's command GPU_CHECK_SECONDS + 30 s.
+# Needs only torch, numpy, pillow, matplotlib, fonttools, PyYAML, tqdm and pytest (no install:
+# the GPU box may be offline; tensorboardX and ptflops are optional). Exit status: 0 when every
+# step ran and passed, else 1. tests/test_bench_meta_iter.py dry-runs it with a fake python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part="${1:-all}"
@@ -18,62 +29,79 @@ work="$(mktemp -d)"
 py="$(command -v python3 || command -v python)"
 export PYTHONUNBUFFERED=1 TNAS_PROGRESS=0
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install needed (the GPU box may be offline)
+started=$(date +%s)
+deadline=$(( started + ${GPU_CHECK_SECONDS:-460} ))
+min_step=${GPU_CHECK_MIN_STEP_SECONDS:-20}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$work/gpu.txt" \
   || echo "no nvidia-smi" | tee "$work/gpu.txt"
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$work/gpu.txt"
 status=0
-started=$(date +%s)
-deadline=$(( started + ${GPU_CHECK_SECONDS:-460} ))
 # limit N: the seconds a step may take, N at most and never past the deadline
 limit() { local left=$(( deadline - $(date +%s) )); echo $(( left < $1 ? left : $1 )); }
 pack() { tar czf "$out/gpu_check.tar.gz" -C "$work" . ; cp "$work/timeline.txt" "$out/" 2>/dev/null; }
 mark() { echo "[gpu_check] $1 at +$(( $(date +%s) - started )) s" | tee -a "$work/timeline.txt"; pack; }
-# step NAME SECONDS OUTPUT CMD...: run CMD with stdout into $work/OUTPUT, within limit SECONDS
+# step NAME SECONDS OUTPUT CMD...: run CMD with stdout into $work/OUTPUT (stderr shown and kept in
+# stderr.txt), within limit SECONDS
 step() {
   local name="$1" seconds; seconds=$(limit "$2"); local output="$3"; shift 3
-  if [ "$seconds" -lt 20 ]; then mark "$name skipped (no time left)"; status=1; return; fi
-  timeout "$seconds" "$@" > "$work/$output" || { status=1; mark "$name FAILED or cut at ${seconds} s"; return; }
-  mark "$name done"
+  if [ "$seconds" -lt "$min_step" ]; then mark "$name skipped (no time left)"; status=1; return; fi
+  case "$output" in bench_meta_iter_*.json) benches+=("$work/$output") ;; esac
+  timeout -k 5 "$seconds" "$@" 2>&1 >"$work/$output" | tee -a "$work/stderr.txt" >&2
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 0 ]; then mark "$name done"; return; fi
+  status=1; mark "$name FAILED or cut at ${seconds} s (exit $rc)"
 }
+# summarize FILE...: one line per measurement of the bench_meta_iter reports that exist (a skipped
+# step leaves none), into the log and the timeline
+summarize() {
+  local file files=()
+  for file; do if [ -e "$file" ]; then files+=("$file"); fi; done
+  if [ "${#files[@]}" -gt 0 ]; then "$py" benchmarks/gpu_check_summary.py "${files[@]}" | tee -a "$work/timeline.txt"; fi
+}
+bench="$py benchmarks/bench_meta_iter.py"
+benches=()  # the bench_meta_iter reports of the steps run, in order
+n_targets=0
 
-if [ "$part" != speed ]; then
-  # the default path first (source folding, graphs), then the newest tests, the oldest last
-  timeout "$(limit 180)" "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/test_gpu.py tests/test_branches.py \
-    tests/test_data_parallel_graph.py tests/test_train_batched.py tests/test_precision.py \
-    tests/test_genotype_batch.py tests/test_data_episodes.py 2>&1 \
-    | tee "$work/gpu_tests.txt" || status=1
-  cp "$work/gpu_tests.txt" "$out/"
-  mark "GPU tests"
-fi
-if [ "$part" != tests ]; then
-  bench="$py benchmarks/bench_meta_iter.py"
-  # The targets first, with default flags (--cuda_graph auto; the JSON's setting says what auto chose):
-  # T-NAS search 1-shot and 5-shot, 4 tasks, with GFLOP per meta-iteration and the fraction of peak
+targets() {
+  # T-NAS search 1-shot and 5-shot, 4 tasks, default flags (--cuda_graph auto; the JSON's setting
+  # says what auto chose), with GFLOP per meta-iteration and the fraction of peak
   step "meta-iteration, default flags" 60 bench_meta_iter_default.json $bench --iterations 10 \
     --cases tnas_1shot_T4 tnas_5shot_T4
-  "$py" - "$work/bench_meta_iter_default.json" <<'PY' | tee -a "$work/timeline.txt" || true
-import json, sys
-report = json.load(open(sys.argv[1]))
-print("[gpu_check] default flags:", report["setting"]["cuda_graph_reason"])
-for r in report["results"]:
-    print("[gpu_check]", r.get("case"), "tasks/s", r.get("tasks_per_second"), "GFLOP/iter", r.get("gflop_per_iteration"),
-          "TFLOP/s", r.get("achieved_tflops"), "fraction of peak", r.get("fraction_of_peak"), r.get("peak_basis"),
-          r.get("cuda_graph"), "error", r.get("error"))
-PY
+  summarize "$work/bench_meta_iter_default.json"
+  # Genotype batches: G genotypes (random decodes, 4 tasks each) trained as one network,
+  # first-order MAML and MAML++, 1-shot; aggregate tasks/s, peak memory, protocol_hours_600
+  step "genotype batches fp32, eager" 150 bench_meta_iter_genobatch.json $bench --iterations 3 --warmup 1 \
+    --cuda_graph off --cases genobatch_1shot_G1_T4 genobatch_1shot_G8_T4 genobatch_1shot_G32_T4 \
+    genobatch_1shot_G64_T4 genobatch_pp_1shot_G1_T4 genobatch_pp_1shot_G8_T4 genobatch_pp_1shot_G32_T4 \
+    genobatch_pp_1shot_G64_T4 genobatch_same_1shot_G64_T4
+  summarize "$work/bench_meta_iter_genobatch.json"
+  # Precision (tnas/precision.py; README "Measured figures"): graphed T-NAS search and from-scratch
+  # MAML with --tf32
+  step "meta-iteration --tf32 + CUDA graph" 35 bench_meta_iter_tf32_graph.json $bench --iterations 10 --tf32 \
+    --cuda_graph on --cases tnas_1shot_T4 scratch_1shot_T4
+  summarize "$work/bench_meta_iter_tf32_graph.json"
+}
+
+gpu_tests() {
+  # the default path first (source folding, graphs), then the newest tests, the oldest last
+  local seconds; seconds=$(limit 180)
+  if [ "$seconds" -lt "$min_step" ]; then mark "GPU tests skipped (no time left)"; status=1; return; fi
+  local per_test=""
+  "$py" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 90"
+  timeout -k 5 "$seconds" "$py" -m pytest -m gpu -q -p no:cacheprovider --durations=15 $per_test \
+    tests/test_gpu.py tests/test_branches.py tests/test_data_parallel_graph.py tests/test_train_batched.py \
+    tests/test_precision.py tests/test_genotype_batch.py tests/test_data_episodes.py 2>&1 | tee "$work/gpu_tests.txt"
+  local rc=${PIPESTATUS[0]}
+  cp "$work/gpu_tests.txt" "$out/"
+  if [ "$rc" -eq 0 ]; then mark "GPU tests passed"; return; fi
+  status=1; mark "GPU tests FAILED or cut at ${seconds} s (exit $rc)"
+}
+
+comparisons() {
   # The supernet's other edge path, graphed, beside the default's figures: edge by edge (--edges fused)
   # instead of all edges from a cell state at once (the default, source folding)
   step "meta-iteration, edges one by one" 60 bench_meta_iter_edges_fused.json $bench --iterations 10 \
     --cuda_graph on --edges fused --cases tnas_1shot_T4 tnas_5shot_T4 auto_maml_1shot_T4
-  # Then genotype batches: G genotypes (random decodes, 4 tasks each) trained as one network,
-  # first-order MAML and MAML++, 1-shot; aggregate tasks/s, peak memory, protocol_hours_600
-  step "genotype batches fp32, eager" 150 bench_meta_iter_genobatch.json $bench --iterations 3 --warmup 1 --cuda_graph off \
-    --cases genobatch_1shot_G1_T4 genobatch_1shot_G8_T4 genobatch_1shot_G32_T4 genobatch_1shot_G64_T4 \
-    genobatch_pp_1shot_G1_T4 genobatch_pp_1shot_G8_T4 genobatch_pp_1shot_G32_T4 genobatch_pp_1shot_G64_T4 \
-    genobatch_same_1shot_G64_T4
-  # Precision (tnas/precision.py; README "Measured figures"): graphed T-NAS search and from-scratch
-  # MAML with --tf32. torch.compile (compile_forward) comes after the other genotype batches.
-  step "meta-iteration --tf32 + CUDA graph" 35 bench_meta_iter_tf32_graph.json $bench --iterations 10 --tf32 \
-    --cuda_graph on --cases tnas_1shot_T4 scratch_1shot_T4
   step "genotype batches fp32 + CUDA graph" 90 bench_meta_iter_genobatch_graph.json $bench --iterations 3 \
     --cuda_graph on --cases genobatch_1shot_G8_T4 genobatch_1shot_G64_T4 genobatch_pp_1shot_G8_T4
   step "genotype batches 5-shot fp32, eager" 60 bench_meta_iter_genobatch_5shot.json $bench --iterations 2 \
@@ -110,7 +138,7 @@ PY
     start_at=$(( $(date +%s) + 35 ))
     pids=()
     for i in 1 2 3 4; do
-      timeout "$seconds" "$py" benchmarks/bench_meta_iter.py --cases scratch_1shot_T4 --iterations 100 --warmup 3 \
+      timeout -k 5 "$seconds" "$py" benchmarks/bench_meta_iter.py --cases scratch_1shot_T4 --iterations 100 --warmup 3 \
         --cuda_graph off --start_at "$start_at" > "$work/shared_$i.json" &
       pids+=($!)
     done
@@ -126,24 +154,18 @@ PY
   # Where the graphed time goes (if time is left)
   step "profile, CUDA graph" 35 profile_tnas_graph.txt \
     "$py" benchmarks/profile_meta_iter.py --cases tnas_1shot_T4 --cuda_graph on --rows 30
-  "$py" - "$work" <<'PY' || true
-import glob, json, os, sys
-# One line per measurement, so the end of the log carries every figure.
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_meta_iter_*.json"))):
-    try:
-        report = json.load(open(path))
-    except Exception as error:  # a step cut short leaves an empty or partial file
-        print(os.path.basename(path), "unreadable:", error); continue
-    for r in report.get("results", []):
-        print(os.path.basename(path)[16:-5], r.get("case"), "s/iter", r.get("seconds_per_iteration"),
-              "tasks/s", r.get("tasks_per_second"), "t_g h", r.get("genotype_hours_paper_schedule"),
-              "x orig", r.get("speedup_vs_original"), "GiB", r.get("peak_gpu_memory_gib"), "G", r.get("genotypes"),
-              "protocol h", r.get("protocol_hours_600"), "GFLOP/iter", r.get("gflop_per_iteration"),
-              "of peak", r.get("fraction_of_peak"), r.get("cuda_graph"), "error", r.get("error"))
-PY
+}
+
+if [ "$part" != tests ]; then targets; n_targets=${#benches[@]}; fi
+if [ "$part" != speed ]; then gpu_tests; fi
+if [ "$part" != tests ]; then
+  comparisons
   cat "$work/bench_episodes.json" "$work/bench_shared_gpu.json" 2>/dev/null
   grep -h '^{"case"' "$work"/profile_*.txt 2>/dev/null
+  # One line per measurement, so the end of the log (and timeline.txt) carries every figure: the
+  # comparisons in the order they ran, then the targets again, last
+  summarize "${benches[@]:n_targets}" "${benches[@]:0:n_targets}"
 fi
-pack
+mark "end (exit status $status)"
 rm -rf "$work"
 exit $status

@@ -7,7 +7,8 @@ Each input is one process's JSON report (same case, timed over the same interval
 ``--start_at``). Prints one JSON object: per case, the processes, the summed tasks/s, and
 the per-genotype and 600-genotype protocol device-hours that this throughput implies when
 that many genotype trainings share each GPU (the T-NAS protocol under
-``torchrun --nproc_per_node`` larger than the GPU count).
+``torchrun --nproc_per_node`` larger than the GPU count). A process's case that failed or was cut
+short (no ``tasks_per_second``) is listed under ``errors`` and left out of the sums.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from typing import Dict, List
 
 def combine(reports: List[Dict[str, object]]) -> Dict[str, object]:
     by_case: Dict[str, List[Dict[str, object]]] = defaultdict(list)
+    errors: List[Dict[str, object]] = []  # a process's failed or cut case has no rate to add
     for report in reports:
         for record in report["results"]:
-            by_case[record["case"]].append(record)
+            (by_case[record["case"]] if "tasks_per_second" in record else errors).append(record)
     combined = []
     for case, records in sorted(by_case.items()):
         total = sum(float(r["tasks_per_second"]) for r in records)
@@ -36,7 +38,7 @@ def combine(reports: List[Dict[str, object]]) -> Dict[str, object]:
             entry[key] = float(single[key]) * scale
         combined.append(entry)
     device = reports[0].get("device") if reports else None
-    return {"benchmark": "shared_gpu", "device": device, "results": combined}
+    return {"benchmark": "shared_gpu", "device": device, "results": combined, "errors": errors}
 
 
 def main(paths: List[str]) -> int:

@@ -5,7 +5,8 @@
     python scripts/reproduce.py --data_path ~/data/mini-imagenet --out runs/reproduce --device cuda
     python scripts/reproduce.py --data_path DIR --budget --shots 1 --methods maml,auto_maml
 
-Runs, in order and resumably (a rerun skips finished steps and continues interrupted ones),
+Runs, in order and resumably (a rerun skips finished steps and continues interrupted ones, and
+redoes a step whose upstream was redone since it ran: see tnas/reproduce/runner.py),
 each stage script with the presets the plan names (configs/reproduce_paper.yaml, or
 configs/reproduce_demo.yaml with --demo), and writes OUT/table.md and OUT/table.json.
 """
@@ -93,11 +94,14 @@ def main(argv=None):
                      "presets": plan.presets},
     }
     if args.dry_run:
+        ledger = runner.Ledger(out)
+        states = runner.step_states(steps, ledger)
         for step in steps:
-            state = runner.step_state(step)
-            print(f"{step.name}: {state}: {' '.join(runner.step_command(step, state, args.nproc, 'python'))}")
+            state = states[step.name]  # a stale step starts anew
+            command = runner.step_command(step, "new" if state.startswith("stale") else state, args.nproc, "python")
+            print(f"{step.name}: {state}: {' '.join(command)}")
         print()
-        print(render_markdown(runner.current_table(steps, cells, runner.Ledger(out), meta)), end="")
+        print(render_markdown(runner.current_table(steps, cells, ledger, meta)), end="")
         return
     try:
         runner.run_pipeline(plan, settings, steps, cells, meta, nproc=args.nproc)

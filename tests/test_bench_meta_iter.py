@@ -1,7 +1,10 @@
-"""benchmarks/bench_meta_iter.py: a tiny CPU run of every kind of case, and its extrapolations."""
+"""benchmarks/bench_meta_iter.py: a tiny CPU run of every kind of case, and its extrapolations; the other
+benchmark scripts; and dry runs of benchmarks/gpu_check.sh (a fake python3), so that the rare GPU run
+cannot be wasted on a bad flag, a lost report or a missed deadline."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -96,6 +99,11 @@ def test_shared_gpu_sums_throughput_and_rescales_the_cost(tmp_path, capsys):
     assert entry["processes"] == 3 and entry["tasks_per_second_total"] == pytest.approx(100.0)
     assert entry["genotype_device_hours_paper_schedule"] == pytest.approx(225_000 / 100.0 / 3600)
     assert entry["protocol_device_hours_600_genotypes"] == pytest.approx(600 * 225_000 / 100.0 / 3600)
+    cut = tmp_path / "cut.json"  # a process cut short by gpu_check.sh's timeout: its error, no rate
+    cut.write_text(json.dumps({"results": [{"case": "scratch_1shot_T4", "error": "CutShort: cut short"}]}))
+    assert shared.main(paths + [str(cut)]) == 0
+    combined = json.loads(capsys.readouterr().out)
+    assert combined["results"][0]["processes"] == 3 and combined["errors"][0]["error"] == "CutShort: cut short"
     bad = tmp_path / "bad.json"
     bad.write_text("not json")
     assert shared.main([str(bad)]) == 2
@@ -176,3 +184,230 @@ def test_compiled_case_reports_warmup_and_no_flops(bench):
     assert "error" not in record, record
     assert record["seconds_per_iteration"] > 0 and record["warmup_seconds"] > 0
     assert "gflop_per_iteration" not in record
+
+
+# -- one GPU run must not be wasted: cut steps, per-case errors, benchmarks/gpu_check.sh dry runs --------------
+def test_one_failing_case_leaves_the_others(bench, monkeypatch):
+    """An error in one case (e.g. out of memory) is that case's record; the cases after it still run."""
+    real = bench.run_case
+
+    def run_case(name, spec, args, device):
+        if name == "tnas_1shot_T4":
+            raise RuntimeError("CUDA out of memory")
+        return real(name, spec, args, device)
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    report = bench.main(["--tiny", "--device", "cpu", "--iterations", "1", "--warmup", "0",
+                         "--cases", "scratch_1shot_T4", "tnas_1shot_T4", "scratch_1shot_T4"])
+    first, failed, last = report["results"]
+    assert failed == {"case": "tnas_1shot_T4", "error": "RuntimeError: CUDA out of memory"}
+    assert first["tasks_per_second"] > 0 and last["tasks_per_second"] > 0 and "cut_short" not in report
+
+
+def test_sigterm_prints_the_cases_finished_so_far(bench, monkeypatch, capsys):
+    """gpu_check.sh's timeout ends a step with SIGTERM: the JSON on stdout still holds the finished
+    cases, the cut one's error and the ones never started; the process's SIGTERM handler comes back."""
+    import os
+    import signal
+    import time
+
+    def run_case(name, spec, args, device):
+        if name == "tnas_1shot_T4":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler's exception ends the sleep
+        return {"case": name, "tasks_per_second": 1.0}
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    report = bench.main(["--tiny", "--device", "cpu", "--cases", "scratch_1shot_T4", "tnas_1shot_T4",
+                         "adapt_1shot_T100"])
+    assert time.monotonic() - started < 10
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert json.loads(capsys.readouterr().out) == report
+    done, cut, not_run = report["results"]
+    assert done == {"case": "scratch_1shot_T4", "tasks_per_second": 1.0}
+    assert cut["case"] == "tnas_1shot_T4" and cut["error"].startswith("CutShort: cut short by SIGTERM")
+    assert not_run == {"case": "adapt_1shot_T100", "error": "not run: an earlier case was cut short"}
+    assert report["cut_short"] == "cut short by SIGTERM (the step's time limit)"
+
+
+def test_summary_reads_every_report_and_says_which_are_unreadable(tmp_path, capsys):
+    summary = load_script("benchmarks/gpu_check_summary.py")
+    good = tmp_path / "bench_meta_iter_default.json"
+    good.write_text(json.dumps({"setting": {"cuda_graph_reason": "cuda_graph auto: graphs"}, "cut_short": "cut",
+                                "results": [{"case": "tnas_1shot_T4", "tasks_per_second": 42.91234,
+                                             "fraction_of_peak": 0.01, "cuda_graph": "graphed"},
+                                            {"case": "tnas_5shot_T4", "error": "CutShort: cut"}]}))
+    (tmp_path / "bench_meta_iter_partial.json").write_text('{"results": [{"case": "x"')
+    (tmp_path / "bench_meta_iter_empty.json").write_text("")
+    paths = [str(tmp_path / f"bench_meta_iter_{n}.json") for n in ("default", "partial", "empty", "missing")]
+    assert summary.main(paths) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == ["default: cuda_graph auto: graphs", "default tnas_1shot_T4 tasks/s 42.91 of peak 0.01 graphed",
+                         "default tnas_5shot_T4 error CutShort: cut", "default: cut"]
+    assert [line.split(":")[0:2] for line in lines[4:]] == [["partial", " unreadable (JSONDecodeError"],
+                                                            ["empty", " unreadable (JSONDecodeError"],
+                                                            ["missing", " unreadable (FileNotFoundError"]]
+
+
+FAKE_PYTHON = r'''#!/usr/bin/env bash
+# python3 for a dry run of gpu_check.sh: logs each call; the summaries run for real; a benchmark
+# prints a report naming its cases at once (or hangs, FAKE_BENCH=hang); pytest and the rest echo.
+printf '%s\n' "$*" >> "$FAKE_LOG"
+case "$1" in
+  benchmarks/shared_gpu.py|benchmarks/gpu_check_summary.py) exec "$REAL_PYTHON" "$@" ;;
+  -c) echo "fake torch"; exit 0 ;;
+  -m) echo "1 passed"; exit 0 ;;
+  benchmarks/bench_meta_iter.py)
+    [ "${FAKE_BENCH:-}" = hang ] && exec sleep 60
+    shift; printf '{"setting": {"cuda_graph_reason": "fake"}, "results": ['; on=0; sep=""
+    rate='"tasks_per_second": 2.0, "genotype_hours_paper_schedule": 1.0'
+    rate="$rate"', "protocol_device_hours_600_genotypes": 600.0'
+    for a in "$@"; do
+      case "$a" in --cases) on=1 ;; --*) on=0 ;;
+        *) if [ $on = 1 ]; then printf '%s{"case": "%s", %s}' "$sep" "$a" "$rate"; sep=", "; fi ;;
+      esac
+    done
+    echo ']}' ;;
+  benchmarks/profile_meta_iter.py) echo '{"case": "tnas_1shot_T4", "kernels_per_iteration": 1}' ;;
+  *) echo '{}' ;;
+esac
+'''
+
+
+def dry_run_gpu_check(tmp_path, **env):
+    """Run benchmarks/gpu_check.sh with the fake python3 first on PATH: (exit status, seconds, the
+    calls' argument lists, $OUT, the packed tarball's members)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    import time
+
+    from script_loader import REPO
+
+    if not all(shutil.which(tool) for tool in ("bash", "timeout", "tar")):
+        pytest.skip("needs bash, timeout and tar")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text(FAKE_PYTHON)
+    (fake / "python3").chmod(0o755)
+    out, log = tmp_path / "out", tmp_path / "calls.txt"
+    environment = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "OUT": str(out),
+                   "FAKE_LOG": str(log), "REAL_PYTHON": sys.executable, **env}
+    started = time.monotonic()
+    result = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh")], env=environment,
+                            capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - started
+    calls = [line.split() for line in log.read_text().splitlines()]
+    with tarfile.open(out / "gpu_check.tar.gz") as packed:
+        members = {os.path.normpath(name) for name in packed.getnames()}
+    return result, seconds, calls, out, members
+
+
+def test_gpu_check_dry_run_asks_for_known_cases_and_flags_targets_first(bench, tmp_path):
+    """Every bench_meta_iter.py call of gpu_check.sh parses on a CUDA device and names known cases;
+    the targets (default flags, genotype batches, --tf32) run before the GPU tests; every step's
+    output is packed and $OUT holds three files (the device tool brings back at most 8)."""
+    import torch
+
+    result, _, calls, out, members = dry_run_gpu_check(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "gpu_tests.txt", "timeline.txt"]
+    benches = [call[1:] for call in calls if call[0] == "benchmarks/bench_meta_iter.py"]
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        for argv in benches:
+            assert "--tiny" not in argv and "--device" not in argv, argv
+            args = bench.parse_args(argv + ["--device", "cuda"])  # a bad flag or case exits here
+            assert args.cases and set(args.cases) <= set(bench.CASES)
+        profile = next(call[1:] for call in calls if call[0] == "benchmarks/profile_meta_iter.py")
+        rows = profile.index("--rows")
+        bench.parse_args(profile[:rows] + profile[rows + 2:] + ["--device", "cuda"])
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    episodes = next(call[1:] for call in calls if call[0] == "benchmarks/bench_episodes.py")
+    load_script("benchmarks/bench_episodes.py").parse_args(episodes)
+    default, genobatch, tf32 = benches[:3]
+    assert default == ["--iterations", "10", "--cases", "tnas_1shot_T4", "tnas_5shot_T4"]  # default flags
+    assert all(bench.CASES[case]["kind"] == "genobatch" for case in genobatch[genobatch.index("--cases") + 1:])
+    assert "--tf32" in tf32
+    order = [call[0] if call[0] != "-m" else "pytest" for call in calls if call[0] in (
+        "-m", "benchmarks/bench_meta_iter.py")]
+    assert order.index("pytest") == 3
+    steps = [line for line in (out / "timeline.txt").read_text().splitlines() if " done at " in line]
+    assert len(steps) == len(benches) - 4 + 2  # the four sharing processes are one step; episodes, profile
+    assert {"bench_meta_iter_default.json", "bench_meta_iter_genobatch.json", "gpu_tests.txt", "timeline.txt",
+            "bench_shared_gpu.json", "profile_tnas_graph.txt", "bench_episodes.json"} <= members
+    *_, last_figure, end = result.stdout.splitlines()
+    assert last_figure == "tf32_graph scratch_1shot_T4 tasks/s 2 t_g h 1"  # the targets end the log
+    assert end.startswith("[gpu_check] end (exit status 0)")
+
+
+def gpu_check_test_files():
+    """The test files of gpu_check.sh's pytest command."""
+    import os
+
+    from script_loader import REPO
+
+    script = open(os.path.join(REPO, "benchmarks", "gpu_check.sh")).read()
+    command = script[script.index(" -m pytest "):]
+    return sorted(set(re.findall(r"tests/test_\w+\.py", command[:command.index("| tee")])))
+
+
+def test_gpu_check_runs_every_file_with_gpu_tests():
+    """A GPU test in a file gpu_check.sh does not list would never run on a GPU."""
+    import glob
+    import os
+
+    from script_loader import REPO
+
+    listed = set(gpu_check_test_files())
+    uses_the_mark = re.compile(r"^(@pytest\.mark\.gpu|pytestmark = .*pytest\.mark\.gpu)", re.M)
+    marked = {os.path.relpath(path, REPO) for path in glob.glob(os.path.join(REPO, "tests", "test_*.py"))
+              if uses_the_mark.search(open(path).read())}
+    assert listed == marked
+
+
+def test_gpu_check_deadline_cuts_a_step_and_still_reports(tmp_path):
+    """A step past GPU_CHECK_SECONDS is killed at the deadline, the later ones are skipped, and the
+    tarball and timeline still come back, with the cut report marked unreadable; exit status 1."""
+    result, seconds, calls, out, members = dry_run_gpu_check(
+        tmp_path, FAKE_BENCH="hang", GPU_CHECK_SECONDS="3", GPU_CHECK_MIN_STEP_SECONDS="1")
+    assert result.returncode == 1
+    assert seconds < 3 + 10  # the deadline, and the startup and the summary
+    timeline = (out / "timeline.txt").read_text()
+    assert re.search(r"meta-iteration, default flags FAILED or cut at [1-3] s \(exit 124\)", timeline), timeline
+    assert "GPU tests skipped (no time left)" in timeline and "shared GPU skipped (no time left)" in timeline
+    assert "default: unreadable" in timeline and "end (exit status 1)" in timeline
+    assert {"bench_meta_iter_default.json", "timeline.txt"} <= members
+    assert not any(call[0] == "-m" for call in calls)  # no GPU tests started after the deadline
+
+
+GPU_BOX_LACKS = ("tensorboardX", "ptflops")
+"""Dependencies of the package that the GPU machine's image has not got (it has torch, numpy, pillow,
+matplotlib, fonttools, PyYAML, tqdm, tensorboard and pytest, and nothing can be installed there)."""
+
+
+def test_gpu_check_needs_nothing_the_gpu_box_lacks():
+    """With tensorboardX and ptflops unimportable, gpu_check.sh's scripts import and its GPU tests
+    are collected (a collection error would run none of them)."""
+    import os
+    import subprocess
+    import sys
+
+    from script_loader import REPO
+
+    script = open(os.path.join(REPO, "benchmarks", "gpu_check.sh")).read()
+    files = gpu_check_test_files()
+    scripts = sorted(set(re.findall(r"benchmarks/\w+\.py", script)))
+    code = (f"import sys\nfor name in {GPU_BOX_LACKS!r}: sys.modules[name] = None  # import raises ImportError\n"
+            "import pytest\nsys.path.insert(0, 'tests')\nfrom script_loader import load_script\n"
+            f"for path in {scripts!r}: load_script(path)\n"
+            f"sys.exit(pytest.main(['--collect-only', '-q', '-m', 'gpu', '-p', 'no:cacheprovider', *{files!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "benchmarks")])})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^\d+/\d+ tests collected", result.stdout, re.M), result.stdout[-1000:]

@@ -21,6 +21,7 @@ import torch
 
 import data_fixtures as fx
 from test_evaluate import _genotype_json_hook, assert_one_line_error, run_in_process
+from tnas import distributed
 from tnas.errors import TnasError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -480,3 +481,72 @@ def test_a_run_saved_on_more_gpus_resumes_on_fewer(monkeypatch):
                         lambda new_state, device="cuda": applied.append((device, new_state)))
     engine.set_rng_state(state)
     assert [(device, int(value[0])) for device, value in applied] == [(0, 1)]
+
+
+def _rng_rank(rank, world_size, init_file, run_dir, out_file):
+    """One rank of a toy data-parallel run (:mod:`toy_trainer`) whose steps draw ``rank + 1`` numbers from the
+    torch generator (as drop-path does for a rank's own slice when the slices differ in size): trained 6
+    iterations straight, then killed after the checkpoint of iteration 4 and resumed. Rank 0 saves each
+    rank's (learner state + its next draw) of both runs."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from toy_trainer import Killed, toy_trainer
+    from tnas import engine
+    from tnas.config import seed_everything
+    from tnas.runlog import RunLogger
+
+    def trainer(name, **kill):
+        out = os.path.join(run_dir, name)
+        logger = RunLogger(os.path.join(out, f"rank{rank}"), use_tensorboard=False, quiet=True)
+        schedule = engine.Schedule(epochs=2, tasks_per_epoch=3, tasks_per_batch=1, log_every=0, checkpoint_every=2)
+        return toy_trainer(out, logger, schedule, draws=rank + 1, is_main=rank == 0, **kill)
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        seed_everything(0)
+        straight, run = trainer("straight")
+        run.run()
+        after = [float(straight.total) + float(torch.rand(()))]
+        seed_everything(0)
+        _, run = trainer("killed", kill_iteration=4)
+        try:
+            run.run()
+        except Killed:
+            pass
+        dist.barrier()  # rank 0's last.pt is on disk
+        seed_everything(0)  # a new process
+        resumed, run = trainer("killed")
+        run.resume()
+        run.run()
+        after.append(float(resumed.total) + float(torch.rand(())))
+        totals = distributed.gather_to_main(after, distributed.current_info())
+        if rank == 0:
+            torch.save(totals, out_file)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_each_data_parallel_rank_resumes_with_its_own_random_state(tmp_path):
+    """Ranks whose torch generators drifted apart (drop-path masks of slices of different sizes) each get
+    their own back from rank 0's checkpoint, so a killed data-parallel run resumes to the same state on
+    every rank; a resume with another number of processes continues from rank 0's, saying so."""
+    import torch.multiprocessing as mp
+
+    from tnas import engine
+    from tnas.runlog import load_checkpoint
+
+    out_file = str(tmp_path / "totals.pt")
+    mp.spawn(_rng_rank, args=(2, str(tmp_path / "init"), str(tmp_path), out_file), nprocs=2, join=True)
+    totals = torch.load(out_file, weights_only=True)
+    assert totals[0][0] != totals[1][0]  # the ranks' generators drifted apart
+    assert [resumed for _, resumed in totals] == [straight for straight, _ in totals]
+    state = load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert len(state["rank_rngs"]) == 2 and torch.equal(state["rng"]["torch"], state["rank_rngs"][0]["torch"])
+    rng, note = engine.rng_state_for_this_rank(state)  # this test's single process
+    assert rng is state["rng"] and "2 process(es), this run has 1" in note
+    assert engine.rng_state_for_this_rank({"rng": state["rng"]}) == (state["rng"], None)

@@ -212,16 +212,23 @@ def test_presets_carry_the_original_settings(shot):
 
 # --------------------------------------------------------------------------- task pool
 def episodes_of(indices: np.ndarray):
-    return [tuple(task.ravel().tolist()) for task in indices]
+    """Each task as its classes' image tuples in label order (the label of a class is its position)."""
+    return [tuple(tuple(images) for images in task.tolist()) for task in indices]
 
 
-def test_task_pool_serves_the_same_episodes_every_pass_reshuffled():
+def test_task_pool_serves_the_same_episodes_every_pass_reshuffled_and_relabelled():
     split = synthetic_split(num_classes=8, images_per_class=6, img_size=4, seed=0)
     sampler = EpisodeSampler(split, n_way=3, k_shot=1, q_query=2, tasks_per_batch=4, seed=3, task_pool=8)
-    passes = [[e for _ in range(2) for e in episodes_of(sampler.sample_indices())] for _ in range(3)]
-    pool = set(passes[0])
-    assert len(pool) == 8 and all(set(p) == pool and len(p) == 8 for p in passes)  # each episode once per pass
-    assert passes[0] != passes[1] or passes[1] != passes[2]  # reshuffled
+    passes = [[e for _ in range(2) for e in episodes_of(sampler.sample_indices())] for _ in range(6)]
+    as_sets = [[frozenset(e) for e in p] for p in passes]  # an episode whatever labels its classes got
+    pool = set(as_sets[0])
+    assert len(pool) == 8 and all(set(p) == pool and len(p) == 8 for p in as_sets)  # each episode once per pass
+    assert as_sets[0] != as_sets[1] or as_sets[1] != as_sets[2]  # reshuffled
+    # As in the original, labels are assigned afresh each time an episode is served: across six passes
+    # most episodes show their classes in more than one label order, and the images of a class stay together.
+    orders = {episode: {e for p in passes for e in p if frozenset(e) == episode} for episode in pool}
+    assert sum(len(seen) > 1 for seen in orders.values()) >= 6
+    assert all(len(e) == 3 and len(set(e)) == 3 for p in passes for e in p)
     fresh = EpisodeSampler(split, n_way=3, k_shot=1, q_query=2, tasks_per_batch=4, seed=3)
     drawn = {e for _ in range(6) for e in episodes_of(fresh.sample_indices())}
     assert len(drawn) > 8  # without a pool: new episodes

@@ -1,9 +1,12 @@
 """scripts/reproduce.py and tnas/reproduce: the table (pure), the plan's steps, skip/resume logic with the stage
-launches stubbed, one-line errors, and (slow) the whole pipeline end to end on tiny glyphs with an interrupted step."""
+launches stubbed (and stale steps redone after a step they read changed), one-line errors, and (slow) the whole
+pipeline end to end on tiny glyphs with an interrupted step."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -140,18 +143,22 @@ def test_bad_input_is_one_line_error(argv, message, tmp_path):
 
 # -- skip / resume with the stages stubbed ------------------------------------------------------------------
 class FakeStages:
-    """Stands in for the stage processes: writes what each would, records the command lines, and can be made
+    """Stands in for the stage processes: writes what each would (a best.pt and a search's best_genotype.json
+    that differ from run to run, evaluations scoring ``accuracy``), records the command lines, and can be made
     to 'crash' a given step halfway (a last.pt but not every epoch done)."""
 
-    def __init__(self, crash=None):
+    def __init__(self, crash=None, accuracy=50.0):
         self.calls = []
         self.crash = crash
+        self.accuracy = accuracy
+        self.runs = 0
 
     def __call__(self, command, tick):
         argv = command[2:]
         script = os.path.basename(command[1])
         out = argv[argv.index("--out") + 1]
         self.calls.append((script, out, "--resume" in argv))
+        self.runs += 1
         os.makedirs(out, exist_ok=True)
         tick(7.2)
         if script in ("search.py", "train_from_scratch.py"):
@@ -161,11 +168,15 @@ class FakeStages:
                 with open(os.path.join(out, "search.json" if script == "search.py" else "train.json"), "w") as f:
                     json.dump({"epochs": 2, "epochs_done": 1}, f)
                 return 1
-            open(os.path.join(out, "best.pt"), "wb").close()
+            with open(os.path.join(out, "best.pt"), "w") as f:
+                f.write(f"weights of run {self.runs}")
+            if script == "search.py":
+                with open(os.path.join(out, "best_genotype.json"), "w") as f:
+                    json.dump({"normal": [], "run": self.runs}, f)
             with open(os.path.join(out, "search.json" if script == "search.py" else "train.json"), "w") as f:
                 json.dump({"epochs": 2, "epochs_done": 2}, f)
             return 0
-        record = {"accuracy_mean": 50.0, "ci95": 2.0, "episodes": 10, "genotypes": {"normal": []}}
+        record = {"accuracy_mean": self.accuracy, "ci95": 2.0, "episodes": 10, "genotypes": {"normal": []}}
         if script == "evaluate_tnas.py":
             record["distinct_genotypes"] = 9
         with open(os.path.join(out, "results.json"), "w") as f:
@@ -236,6 +247,165 @@ def test_a_killed_invocation_shows_as_interrupted_then_resumes(tmp_path):
     fake = FakeStages()
     runner.run_pipeline(plan, settings, steps, cells, {"paper": None}, launch=fake, log=lambda line: None)
     assert [(c[0], c[2]) for c in fake.calls] == [("train_from_scratch.py", True), ("evaluate.py", False)]
+
+
+# -- staleness: a step run from an earlier output of the steps it reads is redone ----------------------------
+def _run(plan, settings, steps, cells, fake):
+    """One invocation; returns (its log lines, the steps it launched as (name, resumed))."""
+    lines, first = [], len(fake.calls)
+    table = runner.run_pipeline(plan, settings, steps, cells, {"paper": None}, launch=fake, log=lines.append)
+    return lines, [(call[1].split("/out/")[1], call[2]) for call in fake.calls[first:]], table
+
+
+def _accuracies(table):
+    return {row["method"]: row["cells"]["1"]["accuracy_mean"] for row in table["rows"]}
+
+
+def _sha256(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def test_steps_name_the_upstream_files_they_read(tmp_path):
+    from tnas.genotypes import BEST_GENOTYPE_FILE
+
+    assert plans.GENOTYPE_FILES == (BEST_GENOTYPE_FILE, "genotype.json")  # as load_genotype tries them
+    _, settings, steps, _ = _demo_pipeline(tmp_path)
+    inputs = {step.name: [(i.step, [os.path.relpath(f, settings.out) for f in i.files]) for i in step.inputs]
+              for step in steps}
+    assert inputs == {
+        "1shot/maml/train": [], "1shot/auto_maml/search": [], "1shot/tnas/search": [],
+        "1shot/maml/evaluate": [("1shot/maml/train", ["1shot/maml/train/best.pt"])],
+        "1shot/auto_maml/train": [("1shot/auto_maml/search", ["1shot/auto_maml/search/best_genotype.json",
+                                                              "1shot/auto_maml/search/genotype.json"])],
+        "1shot/auto_maml/evaluate": [("1shot/auto_maml/train", ["1shot/auto_maml/train/best.pt"])],
+        "1shot/tnas/protocol": [("1shot/tnas/search", ["1shot/tnas/search/best.pt"])],
+        "1shot/tnas++/protocol": [("1shot/tnas/search", ["1shot/tnas/search/best.pt"])]}
+
+
+def test_a_redone_search_makes_its_downstream_steps_stale_and_redone(tmp_path):
+    plan, settings, steps, cells = _demo_pipeline(tmp_path)
+    fake = FakeStages()
+    _run(plan, settings, steps, cells, fake)
+    out = settings.out
+
+    # unchanged upstream: nothing runs; bytes count, not times (a touched best.pt is the same input)
+    os.utime(os.path.join(out, "1shot", "tnas", "search", "best.pt"), (1, 1))
+    lines, ran, _ = _run(plan, settings, steps, cells, fake)
+    assert ran == [] and not any(": stale" in line for line in lines)
+
+    # the auto-MAML search deleted by the user (searched again below), the T-NAS search's best.pt replaced (a
+    # resumed, extended search found a better epoch)
+    shutil.rmtree(os.path.join(out, "1shot", "auto_maml", "search"))
+    with open(os.path.join(out, "1shot", "tnas", "search", "best.pt"), "w") as handle:
+        handle.write("a better epoch")
+    ledger = runner.Ledger(out)
+    states = runner.step_states(steps, ledger)
+    assert states["1shot/auto_maml/search"] == "new"
+    assert states["1shot/auto_maml/train"] == "stale: 1shot/auto_maml/search/best_genotype.json is gone"
+    assert states["1shot/auto_maml/evaluate"] == "stale: 1shot/auto_maml/train is stale and will be redone"
+    assert states["1shot/tnas/protocol"].startswith("stale: 1shot/tnas/search/best.pt changed (sha256 ")
+    assert states["1shot/maml/evaluate"] == "done"
+    table = runner.current_table(steps, cells, ledger, {"paper": None})  # stale results are not listed
+    assert _accuracies(table) == {"maml": 50.0, "auto_maml": None, "tnas": None, "tnas++": None}
+    assert table["rows"][1]["cells"]["1"]["state"] == "stale: train (2/3)"
+    assert table["rows"][2]["cells"]["1"]["state"] == "stale: protocol (2/2)"
+    assert "| auto-MAML | stale: train (2/3) |" in render_markdown(table)
+
+    fake.accuracy = 61.0
+    lines, ran, table = _run(plan, settings, steps, cells, fake)
+    assert ran == [("1shot/auto_maml/search", False), ("1shot/auto_maml/train", False),
+                   ("1shot/auto_maml/evaluate", False), ("1shot/tnas/protocol", False),
+                   ("1shot/tnas++/protocol", False)]
+    stale = [line for line in lines if ": stale, redoing it from the start (" in line]
+    assert len(stale) == 4
+    assert "1shot/auto_maml/train: stale" in stale[0] and \
+        "(1shot/auto_maml/search/best_genotype.json changed" in stale[0]
+    assert "1shot/auto_maml/evaluate: stale" in stale[1] and "(1shot/auto_maml/train/best.pt changed" in stale[1]
+    assert "1shot/tnas/protocol: stale" in stale[2] and "(1shot/tnas/search/best.pt changed" in stale[2]
+    assert _accuracies(table) == {"maml": 50.0, "auto_maml": 61.0, "tnas": 61.0, "tnas++": 61.0}
+    assert all(row["cells"]["1"]["state"] == "done" for row in table["rows"])
+    # nothing lost: the old runs were moved aside, their cost with them
+    train = os.path.join(out, "1shot", "auto_maml", "train")
+    assert os.path.isfile(os.path.join(train + ".stale-1", "best.pt"))
+    with open(os.path.join(out, "1shot", "auto_maml", "evaluate.stale-1", "results.json")) as handle:
+        assert json.load(handle)["accuracy_mean"] == 50.0
+    entry = runner.Ledger(out).steps["1shot/auto_maml/train"]
+    assert entry["state"] == "done" and entry["attempts"] == 1 and entry["seconds"] == pytest.approx(7.2)
+    [old] = entry["superseded"]
+    assert old["run"] == train + ".stale-1" and old["seconds"] == pytest.approx(7.2) and old["devices"] == 1
+    assert old["reason"].startswith("1shot/auto_maml/search/best_genotype.json changed") and \
+        f"({old['reason']}); its old run is now {train}.stale-1" in stale[0]
+    assert entry["inputs"] == {"1shot/auto_maml/search": {
+        "file": "best_genotype.json",
+        "sha256": _sha256(os.path.join(out, "1shot", "auto_maml", "search", "best_genotype.json"))}}
+    search = runner.Ledger(out).steps["1shot/auto_maml/search"]  # deleted by the user: its time went with it
+    assert search["superseded"] == [{"run": None, "reason": "its run directory was deleted", "seconds": 7.2,
+                                     "devices": 1}]
+    assert table["device_hours_total"] == pytest.approx(8 * 7.2 / 3600)  # the current runs' time
+
+    lines, ran, _ = _run(plan, settings, steps, cells, fake)
+    assert ran == [] and sum("done, skipped" in line for line in lines) == 8
+
+
+def test_a_started_step_whose_upstream_changed_is_not_resumed(tmp_path):
+    plan, settings, steps, cells = _demo_pipeline(tmp_path, methods=("auto_maml",))
+    train = os.path.join(settings.out, "1shot", "auto_maml", "train")
+    fake = FakeStages(crash=train)
+    with pytest.raises(TnasError, match="step 1shot/auto_maml/train failed"):
+        _run(plan, settings, steps, cells, fake)
+    genotype = os.path.join(settings.out, "1shot", "auto_maml", "search", "best_genotype.json")
+    with open(genotype, "w") as handle:
+        json.dump({"normal": [], "edited": True}, handle)
+    lines, ran, table = _run(plan, settings, steps, cells, fake)
+    assert ran == [("1shot/auto_maml/train", False), ("1shot/auto_maml/evaluate", False)]  # no --resume
+    assert os.path.isfile(os.path.join(train + ".stale-1", "last.pt"))
+    [line] = [line for line in lines if ": stale" in line]
+    assert "1shot/auto_maml/train: stale, redoing it from the start (1shot/auto_maml/search/best_genotype.json " \
+           "changed (sha256 " in line and line.endswith(f"its old run is now {train}.stale-1")
+    assert table["rows"][0]["cells"]["1"]["state"] == "done"
+
+
+def test_steps_without_a_record_are_taken_as_current_unless_their_upstream_runs_again(tmp_path):
+    """A ledger from a tnas before these records: its finished steps are kept (and recorded from then on),
+    unless a step they read is run again in this invocation."""
+    plan, settings, steps, cells = _demo_pipeline(tmp_path)
+    fake = FakeStages()
+    _run(plan, settings, steps, cells, fake)
+    ledger_path = os.path.join(settings.out, "ledger.json")
+
+    def forget_inputs():
+        with open(ledger_path) as handle:
+            ledger = json.load(handle)
+        for entry in ledger["steps"].values():
+            entry.pop("inputs")
+        with open(ledger_path, "w") as handle:
+            json.dump(ledger, handle)
+
+    forget_inputs()
+    states = runner.step_states(steps, runner.Ledger(settings.out))
+    assert not any(state.startswith("stale") for state in states.values())
+    lines, ran, table = _run(plan, settings, steps, cells, fake)
+    assert ran == [] and all(row["cells"]["1"]["state"] == "done" for row in table["rows"])
+    notes = [line.split(": ")[1] for line in lines if "no record of what it read" in line]
+    assert notes == ["[2/8] 1shot/maml/evaluate", "[4/8] 1shot/auto_maml/train", "[5/8] 1shot/auto_maml/evaluate",
+                     "[7/8] 1shot/tnas/protocol", "[8/8] 1shot/tnas++/protocol"]
+    assert all("inputs" in entry for entry in runner.Ledger(settings.out).steps.values())
+    # recorded now: a later change is seen
+    with open(os.path.join(settings.out, "1shot", "auto_maml", "search", "best_genotype.json"), "w") as handle:
+        handle.write("{}")
+    _, ran, _ = _run(plan, settings, steps, cells, fake)
+    assert ran == [("1shot/auto_maml/train", False), ("1shot/auto_maml/evaluate", False)]
+
+    # no record, and the T-NAS search is searched again: the protocols cannot have read it
+    forget_inputs()
+    shutil.rmtree(os.path.join(settings.out, "1shot", "tnas", "search"))
+    states = runner.step_states(steps, runner.Ledger(settings.out))
+    assert states["1shot/tnas/protocol"] == \
+        "stale: no record of what it read (run by an older tnas) and 1shot/tnas/search ran again"
+    lines, ran, _ = _run(plan, settings, steps, cells, fake)
+    assert ran == [("1shot/tnas/search", False), ("1shot/tnas/protocol", False), ("1shot/tnas++/protocol", False)]
+    assert sum("stale, redoing it from the start (no record of what it read" in line for line in lines) == 2
 
 
 def test_source_version_names_the_commit():

@@ -128,3 +128,39 @@ def test_weights_that_do_not_fit_the_summary(runs, tmp_path):
     with pytest.raises(TnasError) as error:
         restore.learner_from_checkpoint(path, "cpu")
     assert "do not fit" in one_line(error) and str(path) in str(error.value)
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+def test_a_graphed_runs_optimiser_state_resumes_eagerly_with_step_counters_on_the_cpu():
+    """A run trained with CUDA graphs saves capturable optimisers, whose Adam ``step`` counters torch
+    keeps on the parameters' GPU; torch's loader keeps them there for an eager resume too, and every
+    eager Adam step would then read each one back to the host. Parameters on the 'meta' device stand
+    in for the GPU here: the counters must come back on the CPU, and the optimisers keep their own
+    (eager) settings."""
+    from tnas.meta.tnas import TNAS, TNASConfig
+    from tnas.models.supernet import Supernet
+
+    def learner(device):
+        torch.manual_seed(0)
+        model = Supernet(n_way=3, C=4, layers=1, steps=2, multiplier=2, in_channels=1).to(device)
+        return TNAS(model, TNASConfig(inner_steps=1, inner_lr_weights=0.1, inner_lr_alphas=3.0))
+
+    graphed = learner("cpu")
+    for optimizer in graphed.optimizers.values():
+        for param in optimizer.param_groups[0]["params"]:
+            param.grad = torch.ones_like(param)
+        optimizer.step()
+        optimizer.step()
+    state = graphed.state_dict()
+    for saved in state["optimizers"].values():  # as make_optimizers_capturable leaves a graphed run's groups
+        for group in saved["param_groups"]:
+            group["capturable"] = True
+    eager = learner("meta")
+    eager.load_state_dict(state)
+    for name, optimizer in eager.optimizers.items():
+        assert [group["capturable"] for group in optimizer.param_groups] == [False], name
+        steps = [entry["step"] for entry in optimizer.state.values()]
+        assert steps and all(step.device.type == "cpu" and step.dim() == 0 and float(step) == 2.0
+                             for step in steps), name
+        assert all(entry["exp_avg"].device.type == "meta" for entry in optimizer.state.values())
+    assert all(group["capturable"] for saved in state["optimizers"].values() for group in saved["param_groups"])

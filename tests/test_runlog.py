@@ -2,33 +2,15 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import numpy as np
 import pytest
 import torch
 
+from tb_events import read_events
 from tnas.errors import TnasError
 from tnas.runlog import (RunLogger, atomic_write_bytes, atomic_write_json, load_checkpoint,
                          progress, render_heatmap, save_checkpoint)
-
-
-def read_tensorboard_events(tb_dir):
-    """Decode every event file under ``tb_dir`` (TFRecord framing) into tensorboardX Events."""
-    from tensorboardX.proto import event_pb2
-
-    events = []
-    for path in sorted(tb_dir.rglob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            record = data[offset + 12: offset + 12 + length]
-            offset += 12 + length + 4  # length, crc(length), payload, crc(payload)
-            event = event_pb2.Event()
-            event.ParseFromString(record)
-            events.append(event)
-    return events
 
 
 def test_atomic_writes_leave_only_the_file(tmp_path):
@@ -111,7 +93,7 @@ def test_run_logger_writes_log_and_events(tmp_path, capsys):
     files = list((out / "tb").rglob("events.out.tfevents.*"))
     assert files and all(f.stat().st_size > 0 for f in files)
     values = {}
-    for event in read_tensorboard_events(out / "tb"):
+    for event in read_events(out / "tb"):
         for value in event.summary.value:
             values.setdefault(value.tag, []).append((event.step, value))
     assert values["loss"][0][0] == 1 and values["loss"][0][1].simple_value == pytest.approx(0.5)
@@ -145,7 +127,7 @@ def test_figure_is_rendered_and_closed(tmp_path):
     with RunLogger(tmp_path, quiet=True) as logger:
         logger.figure("curve", figure, 0)
     assert not plt.fignum_exists(figure.number)
-    tags = {v.tag for e in read_tensorboard_events(tmp_path / "tb") for v in e.summary.value}
+    tags = {v.tag for e in read_events(tmp_path / "tb") for v in e.summary.value}
     assert "curve" in tags
 
 
@@ -180,3 +162,55 @@ def test_without_tensorboardx_falls_back_to_torch_writer_or_turns_off(tmp_path, 
     else:
         assert "tensorboard logging off" in (tmp_path / "run" / "log.txt").read_text()
         assert not (tmp_path / "run" / "tb").exists()
+
+
+def _scalar_points(tb_dir):
+    from tb_events import summary_values
+
+    return sorted((tag, step, value.simple_value) for tag, step, value in summary_values(tb_dir)
+                  if value.HasField("simple_value"))
+
+
+@pytest.mark.parametrize("per_epoch, epochs, kills", [
+    # killed with a point past iteration 4's checkpoint, twice (the second run's file has no checkpoint),
+    # then between epoch 2's points and its last.pt
+    (3, 2, [{"kill_iteration": 5}, {"kill_iteration": 5}, {"kill_epoch": 2}]),
+    (1, 4, [{"kill_epoch": 3}]),  # an epoch of one iteration: epoch and iteration points share step numbers
+])
+def test_a_killed_run_resumed_logs_each_point_once(tmp_path, per_epoch, epochs, kills):
+    """A run killed after logging past its checkpoint replays those iterations when resumed: its tensorboard
+    events are cut back to the checkpoint's marker, so every tag (iteration and epoch points alike) has
+    exactly the points, and values, of a run never killed. The kills: in a step after the checkpoint, and
+    between an epoch's points (and best.pt) and its last.pt; a file begun after the checkpoint goes."""
+    from collections import Counter
+
+    from toy_trainer import Killed, toy_trainer
+    from tnas.engine import Schedule
+
+    schedule = Schedule(epochs=epochs, tasks_per_epoch=per_epoch, tasks_per_batch=1, log_every=1,
+                        checkpoint_every=2)
+
+    def train(out, resume=False, **kill):
+        torch.manual_seed(0)  # as a new process does before it resumes
+        with RunLogger(out, quiet=True, append=resume) as logger:  # closing writes every queued event
+            _, trainer = toy_trainer(out, logger, schedule, **kill)
+            if resume:
+                trainer.resume()
+            try:
+                trainer.run()
+            except Killed:
+                return False
+        return True
+
+    assert train(tmp_path / "straight")
+    out = tmp_path / "killed"
+    for number, kill in enumerate(kills):
+        assert not train(out, resume=number > 0, **kill)
+    assert train(out, resume=True)
+    want, got = _scalar_points(tmp_path / "straight" / "tb"), _scalar_points(out / "tb")
+    assert max(Counter((tag, step) for tag, step, _ in got).values()) == 1
+    assert {tag for tag, _, _ in got} >= {"epoch/val_accuracy", "meta_train/loss", "meta_train/loss_step1"}
+    assert got == want
+    log = (out / "log.txt").read_text()
+    assert "tensorboard: dropped the events logged after the checkpoint (1 file(s) cut back to it" in log
+    assert ("1 later file(s) removed" in log) is (len(kills) == 3)

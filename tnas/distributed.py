@@ -225,6 +225,17 @@ def gather_to_main(obj: Any, info: DistInfo) -> Optional[List[Any]]:
     return gathered
 
 
+def gather_to_main_on_host(obj: Any, info: DistInfo) -> Optional[List[Any]]:
+    """:func:`gather_to_main` over a gloo group (:func:`_host_group`), for small host-side objects
+    (RNG states at a checkpoint) that must not wait on a GPU stream; the list on rank 0, ``None``
+    elsewhere. Every rank that shares meta-batches calls it (a single process gets ``[obj]``)."""
+    if not info.enabled or not _group_active():
+        return [obj]
+    gathered: List[Any] = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, gathered, dst=0, group=_host_group())
+    return gathered
+
+
 def broadcast_from_main(obj: Any, info: DistInfo) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not info.enabled:

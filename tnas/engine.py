@@ -6,9 +6,10 @@ epochs of ``tasks_per_epoch`` tasks, validates on fixed episodes of the validati
 classes after each epoch, keeps ``best.pt`` by validation accuracy and ``last.pt`` for
 resuming (both written atomically), logs to ``log.txt`` and tensorboard, and writes the
 stage's JSON summary. A resumed run continues exactly: optimiser, sampler and RNG states
-are in ``last.pt``. A non-finite loss or gradient (or parameter, before a save) stops the run
-naming the iteration, keeping the last good checkpoint untouched; Ctrl-C (SIGINT) or SIGTERM
-saves ``last.pt`` and stops.
+(the torch ones of every data-parallel rank) are in ``last.pt``, and the tensorboard events
+logged after it are dropped. A non-finite loss or gradient (or parameter, before a save) stops
+the run naming the iteration, keeping the last good checkpoint untouched; Ctrl-C (SIGINT) or
+SIGTERM saves ``last.pt`` and stops.
 """
 from __future__ import annotations
 
@@ -88,6 +89,35 @@ def set_rng_state(state: Mapping[str, object]) -> None:
         # one state per GPU the saving process saw; a run resumed on fewer (or more) GPUs sets those it has
         for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)
+
+
+def checkpoint_rng_states() -> List[Dict[str, object]]:
+    """Every data-parallel rank's :func:`rng_state`, in rank order, on rank 0 (``[]`` on the others; one
+    entry for a single process). A collective: every rank calls it at the same checkpoint.
+
+    The ranks' torch generators (CPU, and each rank's own GPU) drift apart during training: each
+    rank draws drop-path masks (``--drop_path_prob``) for its own slice of a meta-batch, and slices
+    differ in size when the ranks do not divide ``--tasks_per_batch``; a rank's CUDA generator is
+    only ever advanced by that rank. So a checkpoint holds all of them, and each rank of a resume
+    gets its own back (:func:`rng_state_for_this_rank`). Python's and numpy's generators and the
+    episode samplers advance alike on every rank (same seed, same draws), so rank 0's stand for all.
+    """
+    gathered = distributed.gather_to_main_on_host(rng_state(), distributed.current_info())
+    return gathered if gathered is not None else []
+
+
+def rng_state_for_this_rank(state: Mapping[str, object]) -> tuple:
+    """``(rng state, note)``: this rank's entry of a checkpoint's ``rank_rngs`` when it was saved by
+    as many processes as this run has, else the saving rank 0's ``rng`` with a one-line note saying
+    why (None when nothing changed: a single process resuming a single process's checkpoint)."""
+    info = distributed.current_info()
+    ranks = state.get("rank_rngs") or []
+    saved_by = max(len(ranks), 1)
+    if saved_by == info.world_size:
+        return (ranks[info.rank] if ranks else state["rng"]), None
+    return state["rng"], (f"the checkpoint holds the random states of {saved_by} process(es), this run has "
+                          f"{info.world_size}: every process continues from rank 0's (drop-path masks differ "
+                          f"from an uninterrupted run)")
 
 
 class StopRequest:
@@ -176,8 +206,14 @@ class MetaTrainer:
         return os.path.join(self.run_dir, "best.pt")
 
     # -- checkpoints ------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, object]:
-        return {
+    def state_dict(self, rank_rngs: Optional[List[Dict[str, object]]] = None,
+                   tensorboard: Optional[Mapping[str, object]] = None) -> Dict[str, object]:
+        """The checkpoint. ``rank_rngs``: every data-parallel rank's RNG state
+        (:func:`checkpoint_rng_states`, gathered at the same point by all ranks); rank 0's is also
+        ``rng``. Without it (a single process) ``rng`` is this process's. ``tensorboard``: the
+        checkpoint's mark in the event files (:meth:`tnas.runlog.RunLogger.mark_checkpoint`), to
+        which a resume cuts them back."""
+        state = {
             "stage": self.stage,
             "summary": self.summary,
             "learner": self.learner.state_dict(),
@@ -188,9 +224,13 @@ class MetaTrainer:
             "best": self.best,
             "epoch_sums": {"loss": self._epoch_loss.cpu(), "accuracy": self._epoch_accuracy.cpu(),
                            "tasks": self._epoch_tasks},
-            "rng": rng_state(),
+            "rng": rank_rngs[0] if rank_rngs else rng_state(),
             "elapsed_s": self.elapsed(),
+            "tensorboard": dict(tensorboard) if tensorboard else None,
         }
+        if rank_rngs and len(rank_rngs) > 1:
+            state["rank_rngs"] = list(rank_rngs)
+        return state
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.learner.load_state_dict(state["learner"])
@@ -204,7 +244,10 @@ class MetaTrainer:
         self._epoch_loss = sums["loss"].to(self.device)
         self._epoch_accuracy = sums["accuracy"].to(self.device)
         self._epoch_tasks = int(sums["tasks"])
-        set_rng_state(state["rng"])
+        rng, note = rng_state_for_this_rank(state)
+        set_rng_state(rng)
+        if note is not None:
+            self.logger.log(note)
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
 
     def resume(self, path: Optional[str] = None) -> None:
@@ -219,6 +262,10 @@ class MetaTrainer:
             reason = " ".join(str(error).split())[:300]
             raise TnasError(f"--resume: {path} does not fit this run's model or samplers: {reason}") from None
         self.overrides = run_dir.active_overrides(self.run_dir)
+        if self.is_main:  # the points the killed run logged after the checkpoint would show twice
+            note = self.logger.rewind_tensorboard(state.get("tensorboard"))
+            if note is not None:
+                self.logger.log(note)
         self.logger.log(f"resumed from {path}: epoch {self.epoch}, iteration {self.iteration}")
 
     def check_finite(self, parameters: bool = False) -> None:
@@ -252,9 +299,12 @@ class MetaTrainer:
         self._pending_first_iteration = self.iteration
 
     def save_last(self) -> None:
+        """Write ``last.pt`` (rank 0); every rank calls it at the same iteration (its finite check and
+        RNG gather are collectives)."""
         self.check_finite(parameters=True)
+        rank_rngs = checkpoint_rng_states()
         if self.is_main:
-            save_checkpoint(self.state_dict(), self.last_path)
+            save_checkpoint(self.state_dict(rank_rngs, self.logger.mark_checkpoint(self.iteration)), self.last_path)
 
     def checkpoint_due(self) -> bool:
         """Whether ``last.pt`` is due after the current iteration (``--checkpoint_every``)."""
@@ -369,12 +419,14 @@ class MetaTrainer:
         self._epoch_tasks = 0
         if improved:
             self.best = record
+        rank_rngs = checkpoint_rng_states()  # every rank: a collective
         if self.is_main:
+            mark = self.logger.mark_checkpoint(self.iteration)  # after this epoch's points
             if improved:
-                save_checkpoint(self.state_dict(), self.best_path)
+                save_checkpoint(self.state_dict(rank_rngs, mark), self.best_path)
                 if self.best_hook is not None:
                     self.best_hook(record)
-            save_checkpoint(self.state_dict(), self.last_path)
+            save_checkpoint(self.state_dict(rank_rngs, mark), self.last_path)
             self.write_summary()
 
     def write_summary(self) -> Dict[str, object]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -94,6 +95,15 @@ def read_json(path) -> Any:
             return json.load(handle)
     except (OSError, ValueError):
         return None
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_checkpoint(state: dict, path) -> None:
@@ -284,12 +294,41 @@ def _image_to_uint8_hwc(image) -> np.ndarray:
     return array
 
 
+EVENT_FILE_PATTERN = "events.out.tfevents.*"
+
+
+def _event_records(handle: IO[bytes]) -> Iterator[tuple]:
+    """``(end offset, payload)`` of each TFRecord of an open event file (u64 length, u32 crc, payload,
+    u32 crc), in order; stops at a truncated record (a write cut short by a kill)."""
+    import struct
+
+    position = 0
+    while True:
+        header = handle.read(12)
+        if len(header) < 12:
+            return
+        (length,) = struct.unpack("<Q", header[:8])
+        payload = handle.read(length)
+        if len(payload) < length or len(handle.read(4)) < 4:
+            return
+        position += 12 + length + 4
+        yield position, payload
+
+
 class RunLogger:
     """Log lines to ``<out_dir>/log.txt`` (+ stdout) and tensorboard events to ``<out_dir>/tb``.
 
     ``append=True`` continues an existing ``log.txt`` when a run resumes. The tensorboard
     writer is created on the first scalar/text/image call, so runs that log none leave no
     ``tb`` directory; with ``use_tensorboard=False`` those calls do nothing.
+
+    A resumed run replays the iterations after its checkpoint, and would log their points a
+    second time. So each checkpoint puts a marker event into the event stream
+    (:meth:`mark_checkpoint`, its token saved in the checkpoint), and a resume cuts the event
+    files back to that marker (:meth:`rewind_tensorboard`): every tag, on the iteration axis
+    (``meta_train/``) and on the epoch axis (``epoch/``, pictures) alike, keeps exactly what was
+    logged before the checkpoint. (tensorboard's own ``purge_step`` cannot do this: it drops the
+    steps from one number on for every tag, and the epoch axis is not the iteration axis.)
     """
 
     def __init__(self, out_dir, use_tensorboard: bool = True, quiet: bool = False,
@@ -304,6 +343,11 @@ class RunLogger:
         self._log_file = open(self.log_path, "a" if append else "w", encoding="utf-8",
                               buffering=1)
         self._writer = None
+        self._event_pb2 = None  # the protobuf module of the writer's package (markers)
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.out_dir / "tb"
 
     @property
     def writer(self):
@@ -318,15 +362,77 @@ class RunLogger:
         if self._writer is None:
             try:
                 from tensorboardX import SummaryWriter
+                from tensorboardX.proto import event_pb2
             except ImportError:
                 try:
+                    from tensorboard.compat.proto import event_pb2
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:
                     self.use_tensorboard = False
                     self.log("tensorboard logging off: neither tensorboardX nor tensorboard is installed")
                     return None
-            self._writer = SummaryWriter(str(self.out_dir / "tb"))
+            # tensorboardX names a file by the second it opens it, and a second writer in the same
+            # second (a quick resume) would overwrite the first one's file: a suffix of its own, which
+            # also keeps the files in the order they were begun (tensorboard reads them in name order)
+            self._writer = SummaryWriter(str(self.tb_dir), filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+            self._event_pb2 = event_pb2
         return self._writer
+
+    def _event_files(self) -> list:
+        return sorted(self.tb_dir.rglob(EVENT_FILE_PATTERN)) if self.tb_dir.is_dir() else []
+
+    def mark_checkpoint(self, step: int) -> Optional[dict]:
+        """Put a checkpoint marker into the tensorboard stream, after everything logged so far, and
+        return what the checkpoint keeps for :meth:`rewind_tensorboard`: ``{"marker": token, "files":
+        [event files under tb/ now, relative]}``; None when tensorboard logging is off.
+
+        The marker is an ``Event`` (at ``step``) whose ``SessionLog`` has status CHECKPOINT and the
+        token as ``checkpoint_path``; tensorboard shows nothing for it. The writer queues events and
+        writes them from a thread of its own, so the token marks the checkpoint's place in the stream
+        where byte offsets taken now could not."""
+        import uuid
+
+        writer = self.writer
+        if writer is None:
+            return None
+        token = f"tnas-checkpoint-{uuid.uuid4().hex}"
+        pb2 = self._event_pb2
+        writer._get_file_writer().add_event(pb2.Event(step=int(step), session_log=pb2.SessionLog(
+            status=pb2.SessionLog.CHECKPOINT, checkpoint_path=token)))
+        return {"marker": token, "files": [path.relative_to(self.tb_dir).as_posix() for path in self._event_files()]}
+
+    def rewind_tensorboard(self, mark: Optional[Mapping[str, object]]) -> Optional[str]:
+        """Cut the tensorboard events back to a checkpoint's ``mark`` (:meth:`mark_checkpoint`), before
+        this logger writes any: the file holding the marker ends after it, event files that did not
+        exist at the checkpoint (a killed run's later ones, a finished run's hparams sub-run) are
+        removed, the others kept. Returns a line saying what was dropped (None: nothing; also for a
+        checkpoint without a mark, or with tensorboard off). A marker lost with a killed process's
+        unwritten events leaves its file whole: the writer writes in order, so nothing after the
+        marker reached the file either."""
+        if not mark or not self.use_tensorboard:
+            return None
+        if self._writer is not None:
+            raise RuntimeError("rewind_tensorboard must run before this logger writes tensorboard events")
+        token, kept = str(mark["marker"]).encode(), set(mark.get("files") or [])
+        cut = removed = 0
+        for path in self._event_files():
+            end = None
+            with open(path, "rb") as handle:
+                for position, payload in _event_records(handle):
+                    if token in payload:
+                        end = position
+                        break
+            if end is not None:
+                if path.stat().st_size > end:
+                    os.truncate(path, end)
+                    cut += 1
+            elif path.relative_to(self.tb_dir).as_posix() not in kept:
+                path.unlink()
+                removed += 1
+        if not (cut or removed):
+            return None
+        return (f"tensorboard: dropped the events logged after the checkpoint ({cut} file(s) cut back to it, "
+                f"{removed} later file(s) removed)")
 
     def log(self, message: str, echo: bool = True) -> None:
         """Write a timestamped line to log.txt, and to stdout unless quiet (or ``echo`` is False)."""

@@ -339,7 +339,8 @@ class EpisodeSampler:
     ``task_pool``: 0 (default) draws fresh episodes for every batch. N > 0 draws a pool of N
     episodes once (from ``seed``) and serves them in a random order, reshuffled at every pass
     over the pool, as the original T-NAS code does with its ``batch_size`` episodes (5,000
-    for the search, 15,000 for from-scratch training); with N a multiple of
+    for the search, 15,000 for from-scratch training), and each served episode's classes take
+    new labels, as there; with N a multiple of
     ``tasks_per_batch`` one pass is N / tasks_per_batch batches, else a batch straddling two
     passes ends one and starts the next. Augmentation (if on) is still drawn per batch.
     """
@@ -381,12 +382,23 @@ class EpisodeSampler:
     def sample_indices(self) -> np.ndarray:
         """Image indices of the next meta-batch, shape (T, n_way, k_shot + q_query); advances the state."""
         if self._pool is not None:
-            indices = self._pool[self._next_pool_episodes(self.tasks_per_batch)]
+            indices = self._relabel(self._pool[self._next_pool_episodes(self.tasks_per_batch)])
         else:
             indices = sample_episode_indices(self.split, self._rng, self.tasks_per_batch, self.n_way,
                                              self.k_shot + self.q_query)
         self.batches_drawn += 1
         return indices
+
+    def _relabel(self, indices: np.ndarray) -> np.ndarray:
+        """``indices`` (T, n_way, per_class) with each task's classes in a fresh random order.
+
+        Labels follow the class axis, so a pool episode served again gets new labels 0..n-1 for
+        its classes, as the original code assigns them afresh every time it loads an episode:
+        nothing ties a class to a label across passes over the pool.
+        """
+        tasks, n_way, _ = indices.shape
+        order = self._rng.permuted(np.tile(np.arange(n_way), (tasks, 1)), axis=1)
+        return np.take_along_axis(indices, order[:, :, None], axis=1)
 
     def _next_pool_episodes(self, count: int) -> np.ndarray:
         """The next ``count`` positions in the pool; a new random order starts each pass."""

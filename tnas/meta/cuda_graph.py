@@ -44,6 +44,8 @@ from typing import Any, Callable, Hashable, Iterable, Optional, Tuple, Union
 
 import torch
 
+from tnas.meta.optim_state import place_step_counters
+
 BATCH_FIELDS = ("support_x", "support_y", "query_x", "query_y")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 _OLD_SPELLINGS = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
@@ -116,8 +118,9 @@ def make_optimizers_capturable(optimizers: Iterable[torch.optim.Optimizer]) -> N
     """Switch optimisers (Adam, AdamW, SGD...) to their capturable form, in place.
 
     Sets ``capturable=True`` on every parameter group and moves any ``step`` counters
-    already in the state (a resumed run) to their parameter's device. Eager steps stay
-    valid; only the capturable form may be recorded in a CUDA graph.
+    already in the state (a resumed run) to their parameter's device, as float32
+    (:func:`tnas.meta.optim_state.place_step_counters`). Eager steps stay valid; only the
+    capturable form may be recorded in a CUDA graph.
     """
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -128,11 +131,7 @@ def make_optimizers_capturable(optimizers: Iterable[torch.optim.Optimizer]) -> N
                 raise ValueError(f"capturable optimisers need every parameter on a CUDA device, "
                                  f"found {', '.join(sorted(devices))}")
             group["capturable"] = True
-            for param in group["params"]:
-                state = optimizer.state.get(param, {})
-                step = state.get("step")
-                if torch.is_tensor(step) and step.device != param.device:
-                    state["step"] = step.to(param.device, torch.float32)
+        place_step_counters(optimizer)
 
 
 def _shapes(batch) -> Tuple[Tuple[Tuple[int, ...], torch.dtype], ...]:

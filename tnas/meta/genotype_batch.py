@@ -38,6 +38,7 @@ import torch
 from tnas.meta.learner import MetaLearner, StepStats
 from tnas.meta.maml import ForwardFn, Params
 from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
+from tnas.meta.optim_state import place_step
 from tnas.models.genotype_batch import GenotypeBatchNetwork, repeat_rows
 
 
@@ -237,8 +238,6 @@ class GenotypeBatchLearner(MAMLPlusPlus):
                         if key in current:
                             current[key].copy_(value)
                         else:  # where torch keeps it: on the parameter's device only when capturable/fused
-                            on_device = optimizer.param_groups[0].get("capturable") or \
-                                optimizer.param_groups[0].get("fused")
-                            current[key] = value.detach().clone().to(tensor.device if on_device else "cpu")
+                            current[key] = place_step(value.detach().clone(), optimizer.param_groups[0], tensor)
                     else:
                         current[key] = value

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from tnas.meta.maml import (COMPILE_BACKENDS, ForwardFn, InnerLoopResult, LearningRate, Params, compile_forward,
                             inner_loop, model_forward, query_loss_and_accuracy)
+from tnas.meta.optim_state import load_optimizer_state
 
 GradientHook = Callable[[List[torch.Tensor]], None]
 """Called with the parameters about to be stepped (their ``.grad`` filled); e.g. an all-reduce."""
@@ -209,11 +210,10 @@ class MetaLearner:
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore weights and optimiser moments; the optimisers keep this learner's own
-        hyper-parameters (learning rate, weight decay, betas), so a resume with changed flags
-        (``--resume_override``) trains with the new ones, and an exact resume is unchanged."""
+        hyper-parameters (learning rate, weight decay, betas, capturable), so a resume with changed
+        flags (``--resume_override``) trains with the new ones, and an exact resume is unchanged; Adam's
+        step counters go where these optimisers keep them (:func:`tnas.meta.optim_state.load_optimizer_state`:
+        a graphed run's checkpoint resumed eagerly gets them on the CPU, no host read per step)."""
         self.model.load_state_dict(state["model"])
         for name, opt in self.optimizers.items():
-            settings = [{key: value for key, value in group.items() if key != "params"} for group in opt.param_groups]
-            opt.load_state_dict(state["optimizers"][name])
-            for group, own in zip(opt.param_groups, settings):
-                group.update(own)
+            load_optimizer_state(opt, state["optimizers"][name])

@@ -24,6 +24,10 @@ with its own run directory under ``OUT/<shot>shot/<method>/<kind>``:
 - T-NAS / T-NAS++: ``search`` (one T-NAS search, shared) -> ``protocol`` (``--method tnas`` / ``tnas++``).
 
 Every evaluation of a shot reads the same fixed test tasks (``OUT/<shot>shot/test_episodes.npz``).
+A step that reads another step's output names it in its ``inputs`` (:class:`Input`): the
+from-scratch training reads the search's ``best_genotype.json``, an evaluation the training's
+``best.pt``, a protocol the T-NAS search's ``best.pt``; the runner fingerprints them to tell a
+result made from the current upstream from a stale one (:mod:`tnas.reproduce.freshness`).
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ SCRIPTS = {"search": "scripts/search.py", "train": "scripts/train_from_scratch.p
            "evaluate": "scripts/evaluate.py", "protocol": "scripts/evaluate_tnas.py"}
 RESULT_FILES = {"search": "search.json", "train": "train.json", "evaluate": "results.json",
                 "protocol": "results.json"}
+GENOTYPE_FILES = ("best_genotype.json", "genotype.json")
+"""What ``--genotype`` reads of a search's run directory, first found first (:func:`tnas.genotypes.load_genotype`;
+spelled out here so that the runner does not import torch, and checked against it by a test)."""
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -57,6 +64,16 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class Input:
+    """A file a step reads from an upstream step's run directory: the first of ``files`` that exists
+    (as the stage resolves a run directory: a search's ``best_genotype.json``, else the ``genotype.json``
+    of a search made before that file existed)."""
+
+    step: str  # the upstream step's name
+    files: Tuple[str, ...]  # absolute paths, in the order the stage tries them
+
+
+@dataclass(frozen=True)
 class Step:
     """One stage run: ``script`` with ``argv`` (without ``--resume``), writing into ``out``."""
 
@@ -66,6 +83,7 @@ class Step:
     argv: Tuple[str, ...]
     out: str
     distributed: bool  # may run under torchrun (not the evaluate stage)
+    inputs: Tuple[Input, ...] = ()  # what it reads of earlier steps' outputs
 
     @property
     def result(self) -> str:
@@ -184,9 +202,10 @@ def build_steps(plan: Plan, settings: Settings) -> Tuple[List[Step], List[Cell]]
     steps: Dict[str, Step] = {}
     cells: List[Cell] = []
 
-    def add(name: str, kind: str, argv: List[str], out: str) -> str:
+    def add(name: str, kind: str, argv: List[str], out: str, inputs: Sequence[Input] = ()) -> str:
         if name not in steps:
-            steps[name] = Step(name, kind, os.path.join(REPO, SCRIPTS[kind]), tuple(argv), out, kind != "evaluate")
+            steps[name] = Step(name, kind, os.path.join(REPO, SCRIPTS[kind]), tuple(argv), out, kind != "evaluate",
+                               tuple(inputs))
         return name
 
     for method in settings.methods:
@@ -197,10 +216,14 @@ def build_steps(plan: Plan, settings: Settings) -> Tuple[List[Step], List[Cell]]
             def stage_dir(owner: str, kind: str) -> str:
                 return os.path.join(base, owner, kind)
 
+            def best_pt(owner: str, kind: str) -> Input:  # a run directory as --checkpoint: its best.pt
+                return Input(f"{shot}shot/{owner}/{kind}", (os.path.join(stage_dir(owner, kind), "best.pt"),))
+
             def evaluate_step(owner: str, checkpoint_dir: str) -> str:
                 out = stage_dir(owner, "evaluate")
                 return add(f"{shot}shot/{owner}/evaluate", "evaluate",
-                           ["--checkpoint", checkpoint_dir, "--out", out] + episodes + evaluate + common, out)
+                           ["--checkpoint", checkpoint_dir, "--out", out] + episodes + evaluate + common, out,
+                           [best_pt(owner, "train")])
 
             def search_step(owner: str, search_method: str) -> str:
                 out = stage_dir(owner, "search")
@@ -208,17 +231,20 @@ def build_steps(plan: Plan, settings: Settings) -> Tuple[List[Step], List[Cell]]
                            ["--config", preset_path(plan, f"{owner}_search", shot), "--method", search_method,
                             "--k_shot", str(shot), "--out", out] + budget["search"] + common, out)
 
-            def train_step(owner: str, extra: List[str]) -> str:
+            def train_step(owner: str, extra: List[str], inputs: Sequence[Input] = ()) -> str:
                 out = stage_dir(owner, "train")
                 return add(f"{shot}shot/{owner}/train", "train",
                            ["--config", preset_path(plan, f"{owner}_train", shot), "--k_shot", str(shot),
-                            "--out", out] + extra + budget["train"] + common, out)
+                            "--out", out] + extra + budget["train"] + common, out, inputs)
 
             if method == "maml":
                 names = [train_step("maml", ["--model", "conv4"]), evaluate_step("maml", stage_dir("maml", "train"))]
             elif method == "auto_maml":
+                search_dir = stage_dir("auto_maml", "search")
+                genotype = Input(f"{shot}shot/auto_maml/search",
+                                 tuple(os.path.join(search_dir, name) for name in GENOTYPE_FILES))
                 names = [search_step("auto_maml", "auto_maml"),
-                         train_step("auto_maml", ["--genotype", stage_dir("auto_maml", "search")]),
+                         train_step("auto_maml", ["--genotype", search_dir], [genotype]),
                          evaluate_step("auto_maml", stage_dir("auto_maml", "train"))]
             else:
                 search = search_step("tnas", "tnas")
@@ -226,7 +252,8 @@ def build_steps(plan: Plan, settings: Settings) -> Tuple[List[Step], List[Cell]]
                 protocol = add(f"{shot}shot/{method}/protocol", "protocol",
                                ["--config", preset_path(plan, f"{method}_protocol", shot), "--method", method,
                                 "--checkpoint", stage_dir("tnas", "search"), "--out", out] + episodes + evaluate +
-                               (["--budget"] + budget["train"] if settings.budget else []) + common, out)
+                               (["--budget"] + budget["train"] if settings.budget else []) + common, out,
+                               [best_pt("tnas", "search")])
                 names = [search, protocol]
             cells.append(Cell(method, shot, tuple(names)))
     return list(steps.values()), cells

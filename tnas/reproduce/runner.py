@@ -8,9 +8,19 @@ evaluation or protocol is simply run again (the protocol reuses its decoded geno
 trained genotype runs by itself). Each stage runs as a process of its own (under
 ``torchrun --nproc_per_node N`` with ``nproc`` > 1, except evaluations).
 
-``OUT/ledger.json`` keeps, per step, its state (running, done, interrupted, failed) and the
-seconds spent on it over every invocation (updated every ``heartbeat_s`` while it runs, so a
-killed run loses at most that much); device-hours = seconds x processes / 3600.
+A step run from an earlier output of the steps it reads is **stale** (:mod:`tnas.reproduce.freshness`):
+each step's ledger entry records the SHA-256 of what it read (the search's ``best_genotype.json``,
+the training's or search's ``best.pt``) when it was launched; when those files are other now (an
+upstream step was redone), the step is redone from the start -- its run directory moved aside to
+``<dir>.stale-<n>``, never resumed -- with one log line naming it and the file that changed, and
+the table shows it as stale until then, not its old result. A step without a record (run by an
+older tnas) is taken as current unless a step it reads runs again in this invocation.
+
+``OUT/ledger.json`` keeps, per step, its state (running, done, interrupted, failed), what it
+read (``inputs``) and the seconds spent on it over every invocation (updated every
+``heartbeat_s`` while it runs, so a killed run loses at most that much; those of a stale run, or
+of a finished run whose directory was deleted, move to ``superseded``); device-hours = seconds x
+processes / 3600.
 ``OUT/settings.json`` pins what must not change between reruns into the same ``OUT`` (the
 plan and ``--budget``).
 """
@@ -27,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from tnas.errors import TnasError
+from tnas.reproduce import freshness
 from tnas.reproduce.plan import REPO, Cell, Plan, Settings, Step, step_summary
 from tnas.reproduce.table import build_table, render_markdown
 from tnas.runlog import atomic_write_bytes, atomic_write_json
@@ -104,8 +115,18 @@ def launch_subprocess(command: List[str], tick: Callable[[float], None], heartbe
     return code
 
 
+def step_states(steps: Sequence[Step], ledger: "Ledger") -> Dict[str, str]:
+    """Each step's :func:`step_state`, or ``"stale: why"`` where its run belongs to an earlier output of the
+    steps it reads (:func:`tnas.reproduce.freshness.stale_steps`; it will be redone from the start)."""
+    states = {step.name: step_state(step) for step in steps}
+    for name, why in freshness.stale_steps(steps, ledger.steps, states).items():
+        states[name] = f"stale: {why}"
+    return states
+
+
 class Ledger:
-    """``OUT/ledger.json``: per step ``{"kind", "state", "seconds", "devices", "attempts"}``."""
+    """``OUT/ledger.json``: per step ``{"kind", "state", "seconds", "devices", "attempts", "inputs"}`` (and
+    ``"superseded"``: the stale runs moved aside, with their seconds)."""
 
     def __init__(self, out: str):
         self.path = os.path.join(out, LEDGER_FILE)
@@ -117,6 +138,16 @@ class Ledger:
 
     def save(self) -> None:
         atomic_write_json(self.path, {"steps": self.steps})
+
+    def supersede(self, step: Step, moved_to: Optional[str], reason: str) -> Dict[str, Any]:
+        """Start ``step``'s entry afresh after its run was moved to ``moved_to`` (stale; None: deleted by the
+        user); the old run's cost goes with it, out of the table's."""
+        old = self.steps.pop(step.name, {})
+        superseded = list(old.get("superseded", [])) + [
+            {"run": moved_to, "reason": reason, "seconds": old.get("seconds", 0.0), "devices": old.get("devices", 1)}]
+        entry = self.entry(step)
+        entry["superseded"] = superseded
+        return entry
 
 
 def source_version(repo: str = REPO) -> str:
@@ -155,10 +186,13 @@ def check_settings(out: str, plan: Plan, settings: Settings) -> None:
 def step_records(steps: Sequence[Step], ledger: Ledger) -> Dict[str, Dict[str, Any]]:
     """What :func:`tnas.reproduce.table.build_table` needs per step: state, seconds, devices, result."""
     records = {}
+    states = step_states(steps, ledger)
     for step in steps:
         entry = dict(ledger.steps.get(step.name, {}))
-        on_disk = step_state(step)
-        if on_disk == "done":
+        on_disk = states[step.name]
+        if on_disk.startswith("stale"):  # made from an earlier upstream: neither its result nor its cost listed
+            record = {"state": "stale", "seconds": 0.0, "devices": entry.get("devices", 1), "result": None}
+        elif on_disk == "done":
             result = _read_json(step.result) or {}
             seconds = entry.get("seconds") or float(result.get("wall_time_s") or 0.0)  # no ledger: the stage's own
             record = {"state": "done", "seconds": seconds, "devices": entry.get("devices", 1),
@@ -204,13 +238,28 @@ def run_pipeline(plan: Plan, settings: Settings, steps: Sequence[Step], cells: S
         if entry.get("state") == "running":
             entry["state"] = "interrupted"
     write_table(out, steps, cells, ledger, meta)
+    ran = set()  # steps launched in this invocation
     for position, step in enumerate(steps, 1):
-        state = step_state(step)
         entry = ledger.entry(step)
         label = f"[{position}/{len(steps)}] {step.name}"
+        stale = freshness.stale_reason(step, entry, ran)
+        if stale:
+            moved = freshness.move_aside(step.out)
+            log(f"reproduce: {label}: stale, redoing it from the start ({stale}); its old run is now {moved}")
+            entry = ledger.supersede(step, moved, stale)
+            ledger.save()
+        elif entry["state"] == "done" and not freshness.has_run(step):  # deleted by the user: run anew
+            entry = ledger.supersede(step, None, "its run directory was deleted")
+            ledger.save()
+        elif "inputs" not in entry and step.inputs and freshness.has_run(step):
+            log(f"reproduce: {label}: note: no record of what it read (run by an older tnas); taken as current "
+                f"and recorded now")
+        state = step_state(step)
         if state == "done":
-            if entry["state"] != "done":
+            if entry["state"] != "done" or "inputs" not in entry:
                 entry["state"] = "done"
+                if "inputs" not in entry:  # an older tnas's step, taken as current
+                    entry["inputs"] = freshness.read_inputs(step)
                 ledger.save()
             log(f"reproduce: {label}: done, skipped ({step.result})")
             continue
@@ -218,7 +267,9 @@ def run_pipeline(plan: Plan, settings: Settings, steps: Sequence[Step], cells: S
         devices = nproc if (nproc > 1 and step.distributed) else 1
         action = "resuming" if state == "resume" or entry["state"] in ("interrupted", "failed") else "starting"
         log(f"reproduce: {label}: {action}: {' '.join(os.path.relpath(c, REPO) if c == step.script else c for c in command)}")
-        entry.update(state="running", devices=devices, attempts=int(entry.get("attempts", 0)) + 1)
+        entry.update(state="running", devices=devices, attempts=int(entry.get("attempts", 0)) + 1,
+                     inputs=freshness.read_inputs(step))  # what it reads now (checked above when resuming)
+        ran.add(step.name)
         before = float(entry.get("seconds") or 0.0)
         ledger.save()
         write_table(out, steps, cells, ledger, meta)

@@ -21,7 +21,7 @@ PAPER = {
     },
 }
 
-STEP_STATES = ("pending", "running", "interrupted", "failed", "done")
+STEP_STATES = ("pending", "running", "interrupted", "failed", "stale", "done")
 
 
 def paper_figure(paper: Optional[str], method: str, shot: int) -> Optional[Dict[str, float]]:
@@ -61,7 +61,7 @@ def cell_record(method: str, shot: int, step_names: Sequence[str], steps: Mappin
                     episodes=int(result["episodes"]), n_way=result.get("n_way"),
                     distinct_genotypes=distinct_genotypes(method, result))
         return cell
-    for wanted in ("running", "interrupted", "failed"):
+    for wanted in ("running", "interrupted", "failed", "stale"):
         for position, record in enumerate(records, 1):
             if record.get("state") == wanted:
                 cell["state"] = f"{wanted}: {record.get('kind')} ({position}/{len(records)})"

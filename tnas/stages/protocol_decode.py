@@ -16,17 +16,8 @@ from tnas import distributed
 from tnas.errors import TnasError
 from tnas.genotypes import genotype_from_dict
 from tnas.progress import TaskProgress
-from tnas.runlog import atomic_write_json
+from tnas.runlog import atomic_write_json, sha256_file
 from tnas.stages.decode import GENOTYPES_FILE, SUMMARY_FILE, decode_record, write_genotype_lines
-
-
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def decode_cache_key(prepared, args) -> Dict[str, Any]:
