@@ -243,9 +243,20 @@ def test_derivative_order_annealing_switches_at_the_epoch():
     assert difference > 1e-8
 
 
-def test_cosine_learning_rate_reaches_the_minimum_at_the_end():
+def test_cosine_learning_rate_follows_maml_pp_schedule():
+    # MAML++'s code: CosineAnnealingLR(T_max=epochs, eta_min) stepped with the epoch index
+    for length in (2, 10, 15):
+        weights = [torch.zeros(1, requires_grad=True)]
+        optimizer = torch.optim.Adam(weights, lr=1e-3)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=length, eta_min=1e-5)
+        reference = []
+        for _ in range(length):
+            reference.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert [cosine_lr(i, length, 1e-3, 1e-5) for i in range(length)] == pytest.approx(reference, rel=1e-9)
     assert cosine_lr(0, 10, 1e-3, 1e-5) == pytest.approx(1e-3)
-    assert cosine_lr(9, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
+    assert cosine_lr(14, 15, 1e-3, 1e-5) == pytest.approx(2.08e-5, rel=1e-2)  # above the minimum at the end
     values = [cosine_lr(i, 10, 1e-3, 1e-5) for i in range(10)]
     assert all(a > b for a, b in zip(values, values[1:]))
     per_epoch = make_learner(cosine_lr=True, meta_lr=1e-3, min_meta_lr=1e-5)
@@ -256,9 +267,10 @@ def test_cosine_learning_rate_reaches_the_minimum_at_the_end():
         per_iteration.set_progress(iteration, 4, 3)
         epoch_lrs.append(per_epoch.optimizers["weights"].param_groups[0]["lr"])
         iteration_lrs.append(per_iteration.optimizers["weights"].param_groups[0]["lr"])
-    assert epoch_lrs[:4] == [pytest.approx(1e-3)] * 4 and epoch_lrs[-4:] == [pytest.approx(1e-5)] * 4
-    assert epoch_lrs[4] == pytest.approx(0.5 * (1e-3 + 1e-5))
-    assert iteration_lrs[0] == pytest.approx(1e-3) and iteration_lrs[-1] == pytest.approx(1e-5)
+    last = cosine_lr(2, 3, 1e-3, 1e-5)
+    assert epoch_lrs[:4] == [pytest.approx(1e-3)] * 4 and epoch_lrs[-4:] == [pytest.approx(last)] * 4
+    assert epoch_lrs[4] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * 1.5)  # a third of the way: cos(pi/3) = 1/2
+    assert iteration_lrs[0] == pytest.approx(1e-3) and iteration_lrs[-1] == pytest.approx(cosine_lr(11, 12, 1e-3, 1e-5))
     assert len(set(iteration_lrs)) == 12
     constant = make_learner(meta_lr=1e-3)
     constant.set_progress(11, 4, 3)

@@ -171,6 +171,15 @@ def test_from_scratch_settings_budget_config_and_flags(tmp_path):
     assert from_config.method == "maml++" and from_config.n_way == 3 and from_config.inner_lr == 0.2
     budget = train(_protocol_args("--train_config", str(config), "--budget"))
     assert (budget.epochs, budget.tasks_per_epoch) == (2, 2000)  # --budget wins over the config
+    plusplus = tmp_path / "plusplus.yaml"  # MAML++'s epoch-counted schedules keep their share of a budget run
+    plusplus.write_text("epochs: 15\nmethod: maml++\nmsl_epochs: 10\nfirst_order_epochs: 5\n")
+    short = train(_protocol_args("--train_config", str(plusplus), "--budget", "--method", "tnas++"))
+    assert (short.epochs, short.msl_epochs, short.first_order_epochs) == (2, 1, 1)
+    full = train(_protocol_args("--train_config", str(plusplus), "--method", "tnas++"))
+    assert (full.epochs, full.msl_epochs, full.first_order_epochs) == (15, 10, 5)
+    kept = train(_protocol_args("--train_config", str(plusplus), "--budget", "--method", "tnas++",
+                                "--train_args", "--msl_epochs 2"))
+    assert (kept.msl_epochs, kept.first_order_epochs) == (2, 1)
     flags = train(_protocol_args("--budget", "--epochs", "3", "--train_args", "--msl_epochs 4 --second_order",
                                  "--train_seed", "9"))
     assert (flags.epochs, flags.tasks_per_epoch, flags.msl_epochs, flags.second_order, flags.seed) == \

@@ -19,8 +19,9 @@ switches off it is plain (first- or second-order) MAML:
   from uniform to only-the-last; after ``msl_epochs`` only the final loss is computed.
 - ``first_order_epochs``: derivative-order annealing, first order for epochs
   ``< first_order_epochs``, second order afterwards.
-- ``cosine_lr``: cosine annealing of the outer learning rate from ``meta_lr`` to
-  ``min_meta_lr``, per epoch or per iteration, reaching ``min_meta_lr`` at the last one.
+- ``cosine_lr``: cosine annealing of the outer learning rate from ``meta_lr`` towards
+  ``min_meta_lr``, per epoch or per iteration, with the period of the whole training as in
+  MAML++'s code (:func:`cosine_lr`: the last epoch runs a little above ``min_meta_lr``).
 
 The schedules are pure functions of the position in training (:meth:`set_progress`), so a
 resumed run continues them exactly without any scheduler state.
@@ -110,10 +111,13 @@ def first_order_at(epoch: int, first_order_epochs: Optional[int], default: bool)
 
 
 def cosine_lr(position: int, length: int, max_lr: float, min_lr: float) -> float:
-    """Cosine annealing over positions ``0 .. length-1``: ``max_lr`` at 0, ``min_lr`` at ``length-1``."""
+    """Cosine annealing over positions ``0 .. length-1`` with a period of ``length``, as MAML++'s
+    code steps torch's ``CosineAnnealingLR(T_max=epochs)`` once per epoch: ``max_lr`` at 0, halfway
+    at ``length / 2``; ``min_lr`` would come at ``length``, one past the last position, so the last
+    one runs a little above it (15 epochs, 1e-3 to 1e-5: 2.1e-5)."""
     if length <= 1:
         return max_lr
-    fraction = min(max(position, 0), length - 1) / (length - 1)
+    fraction = min(max(position, 0), length - 1) / length
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * fraction))
 
 

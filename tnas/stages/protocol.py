@@ -157,7 +157,8 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                             "shape, genotype and method are replaced by the protocol's")
     group.add_argument("--budget", action="store_true",
                        help=f"short from-scratch schedule: {BUDGET_SCHEDULE['epochs']} epochs of "
-                            f"{BUDGET_SCHEDULE['tasks_per_epoch']:,} tasks (labelled \"budget\" in results.json)")
+                            f"{BUDGET_SCHEDULE['tasks_per_epoch']:,} tasks (labelled \"budget\" in results.json); MAML++'s "
+                            f"--msl_epochs and --first_order_epochs shrink in proportion unless given")
     group.add_argument("--train_seed", type=int, default=None, help="seed of every from-scratch run (default: --seed)")
     group.add_argument("--train_args", default=None, metavar="'FLAGS'",
                        help="more train-stage flags, quoted, e.g. '--msl_epochs 3 --no-cosine_lr' "

@@ -69,6 +69,19 @@ def _given_train_flags(args, configured, search_summary: Dict[str, Any]) -> Dict
     return given
 
 
+def _shorten_epoch_schedules(flags, configured_epochs: int, given: Dict[str, Any]) -> None:
+    """Under ``--budget``, MAML++'s schedules counted in epochs (``--msl_epochs``, ``--first_order_epochs``)
+    keep their share of the shorter training: 10 and 5 of the presets' 15 epochs become 1 and 1 of 2, so a
+    budget T-NAS++ run still anneals its multi-step loss and turns to second order. A value given to the
+    protocol (or later in ``--train_args``) is kept as given."""
+    if not configured_epochs or flags.epochs >= configured_epochs:
+        return
+    for name in ("msl_epochs", "first_order_epochs"):
+        value = getattr(flags, name, None)
+        if value and name not in given:
+            setattr(flags, name, max(1, round(value * flags.epochs / configured_epochs)))
+
+
 def train_settings(args, search_summary: Dict[str, Any], device) -> train.TrainSettings:
     """The from-scratch settings every genotype shares, by precedence: what the protocol fixes (data,
     task shape, method, test-time steps, seed, device) > ``--train_args`` > the protocol's own flags >
@@ -76,8 +89,12 @@ def train_settings(args, search_summary: Dict[str, Any], device) -> train.TrainS
     parser, path = train.build_parser(), _find_train_config(args.train_config) if args.train_config else None
     try:
         flags = parse_args(parser, ["--config", path] if path else [])
-        for name, value in _given_train_flags(args, load_config(path) if path else {}, search_summary).items():
+        configured_epochs = flags.epochs
+        given = _given_train_flags(args, load_config(path) if path else {}, search_summary)
+        for name, value in given.items():
             setattr(flags, name, value)
+        if args.budget:
+            _shorten_epoch_schedules(flags, configured_epochs, given)
         if args.train_args:
             flags = parse_args(parser, shlex.split(args.train_args), namespace=flags)
     except TnasError as error:

@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="derivative-order annealing: first order for this many epochs, then second order "
                             "(default: none for maml, a third of --epochs for maml++)")
     group.add_argument("--cosine_lr", action=argparse.BooleanOptionalAction, default=None,
-                       help="cosine annealing of the meta learning rate to --min_meta_lr at the end of the run")
-    group.add_argument("--min_meta_lr", type=float, default=1e-5, help="final meta learning rate of --cosine_lr")
+                       help="cosine annealing of the meta learning rate towards --min_meta_lr over the run (MAML++'s schedule: a period of the whole run, so the last epoch ends a little above it)")
+    group.add_argument("--min_meta_lr", type=float, default=1e-5, help="the floor of --cosine_lr's annealing")
     group.add_argument("--cosine_unit", choices=COSINE_UNITS, default="epoch",
                        help="step the cosine schedule per epoch or per meta-iteration")
     return parser
