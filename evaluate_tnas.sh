@@ -9,6 +9,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python}"
+[ -n "${TNAS_TRAIN_ONLY:-}" ] || case "${1:-}" in -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; echo;; esac  # --help: this header first
 launch=("$python")
 if [ -n "${NPROC:-}" ]; then
     launch=("$python" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC")

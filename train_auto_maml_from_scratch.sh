@@ -4,15 +4,19 @@
 #   bash train_auto_maml_from_scratch.sh      # CPU demo on the embedded glyphs dataset, a few minutes
 #   bash train_auto_maml_from_scratch.sh --config configs/scratch_miniimagenet_5w1s.yaml --data_path DIR \
 #       [--genotype runs/auto_maml_search] [--out DIR] [more flags]
-# Any extra flags are passed on to scripts/train_from_scratch.py (python scripts/train_from_scratch.py --help).
+# Any extra flags are passed on to scripts/train_from_scratch.py (python scripts/train_from_scratch.py --help);
+# relative paths in them are taken from the directory you run it in.
 # The paper configs train the published auto-MAML genotype unless --genotype names another
 # (a published name, a genotype JSON file, or a search run directory).
 # Demo: trains the genotype of the auto-MAML demo search (runs/demo_auto_maml, from
 # train_auto_maml.sh) into runs/demo_scratch_searched when that exists, else the published
 # auto_maml_1shot genotype into runs/demo_scratch; rerunning resumes/finishes that run.
 set -euo pipefail
-cd "$(dirname "$0")"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-python}"
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; echo;; esac  # --help: this header first
 if [ "$#" -eq 0 ]; then
+    cd "$repo"
     if [ -f runs/demo_auto_maml/genotype.json ]; then
         genotype=runs/demo_auto_maml
         out=runs/demo_scratch_searched
@@ -21,8 +25,8 @@ if [ "$#" -eq 0 ]; then
         out=runs/demo_scratch
     fi
     echo "train_auto_maml_from_scratch.sh: no arguments, running the CPU demo (configs/demo_scratch.yaml, glyphs dataset, genotype $genotype) into $out"
-    exec python scripts/train_from_scratch.py --config configs/demo_scratch.yaml --genotype "$genotype" --out "$out" \
+    exec "$python" scripts/train_from_scratch.py --config configs/demo_scratch.yaml --genotype "$genotype" --out "$out" \
         $( [ -f "$out/last.pt" ] && echo --resume )
 fi
-echo "train_auto_maml_from_scratch.sh: from-scratch training with: $*"
-exec python scripts/train_from_scratch.py "$@"
+case "$1" in -h|--help) ;; *) echo "train_auto_maml_from_scratch.sh: from-scratch training with: $*" ;; esac
+exec "$python" "$repo/scripts/train_from_scratch.py" "$@"

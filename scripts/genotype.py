@@ -5,7 +5,8 @@
     python scripts/genotype.py runs/search --json
 
 NAME_OR_JSON is a published name (auto_maml_1shot, auto_maml_5shot), a genotype JSON file,
-a run directory holding genotype.json, or a JSON object given inline ('{"normal": ...}').
+a run directory (a search's best_genotype.json, that of its best.pt; else its genotype.json),
+or a JSON object given inline ('{"normal": ...}').
 MACs are per image, counted by ptflops (convolutions, linear, BatchNorm, pooling and
 elementwise ops) and checked against a count of convolution + linear MACs alone.
 """
@@ -28,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Print a genotype with its derived network's parameter count and MACs; optionally draw its cells.")
     parser.add_argument("genotype", metavar="NAME_OR_JSON",
                         help=f"published name ({', '.join(PUBLISHED)}), genotype JSON file, run directory "
-                             "with genotype.json, or an inline JSON object")
+                             "(its best_genotype.json, else genotype.json), or an inline JSON object")
     parser.add_argument("--n_way", type=int, default=5, help="classes of the classifier (default 5)")
     parser.add_argument("--C", type=int, default=16, help="channels of the first cell (default 16)")
     parser.add_argument("--layers", type=int, default=2, help="number of cells (default 2: normal + reduction)")

@@ -106,6 +106,29 @@ def test_unknown_cli_flag_names_flag():
     assert "--n_wya" in str(info.value) and "--n_way" in str(info.value)
 
 
+def test_bad_command_line_value_is_one_error_line_not_a_usage_block(capsys):
+    with pytest.raises(TnasError, match=r"^argument --n_way: invalid int value: 'five'$"):
+        parse_args(make_parser(), ["--n_way", "five"])
+    with pytest.raises(TnasError, match=r"^argument --method: invalid choice: 'darts'"):
+        parse_args(make_parser(), ["--method", "darts"])
+    assert capsys.readouterr().err == ""  # argparse printed no usage block
+    parser = make_parser()
+    with pytest.raises(TnasError):
+        parse_args(parser, ["--n_way", "five"])
+    with pytest.raises(SystemExit):  # the parser itself is left as argparse made it
+        parser.parse_args(["--n_way", "five"])
+
+
+def test_a_shortened_flag_is_refused_naming_the_flags_it_starts(tmp_path):
+    """argparse would take --lr for --lr_alpha; a stage refuses it, so a typo never sets another flag."""
+    with pytest.raises(TnasError) as info:
+        parse_args(make_parser(), ["--lr", "0.1"])
+    assert str(info.value) == "unknown command-line argument(s): --lr 0.1 (did you mean --lr_alpha?)"
+    with pytest.raises(TnasError, match="did you mean --second_order"):
+        parse_args(make_parser(), ["--second"])
+    assert parse_args(make_parser(), ["--lr_alpha", "0.1"]).lr_alpha == 0.1
+
+
 def test_include_is_overridden_by_includer(tmp_path):
     (tmp_path / "base").mkdir()
     write(tmp_path / "base" / "common.yaml", "n_way: 20\nseed: 1\n")

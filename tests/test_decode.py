@@ -107,3 +107,15 @@ def test_decode_errors(runs, decode, tmp_path):
     assert_one_line_error(decode("--checkpoint", str(runs["search"]), "--n_way", "3", "--out",
                                  str(tmp_path / "g.jsonl"), *FAST), "--n_way 3", "5-way")
     assert not (tmp_path / "g.jsonl").exists() and not (tmp_path / "decode_summary.json").exists()
+
+
+def test_an_auto_maml_checkpoint_is_refused_pointing_at_the_genotype_to_train():
+    """auto-MAML has no per-task genotypes: the one-line error names the file a run directory's --genotype reads."""
+    from tnas.errors import TnasError
+    from tnas.stages.decode import check_tnas_search
+    with pytest.raises(TnasError) as info:
+        check_tnas_search({"stage": "search", "method": "auto_maml"}, "runs/am/best.pt")
+    message = str(info.value)
+    assert "\n" not in message and "runs/am/best.pt" in message
+    assert "best_genotype.json" in message and "--genotype RUN_DIR" in message
+    check_tnas_search({"stage": "search", "method": "tnas"}, "runs/t/best.pt")  # a T-NAS search passes

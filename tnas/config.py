@@ -10,11 +10,12 @@ to repeat the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import yaml
@@ -78,7 +79,11 @@ def parse_args(parser: argparse.ArgumentParser, argv=None,
             if action.dest in defaults and action.required:
                 action.required = False  # the file supplies it
         parser.set_defaults(**defaults)
-    args, unknown = parser.parse_known_args(argv, namespace)
+    # No prefix matching: a mistyped or shortened flag (--epoch) is refused, never taken for another
+    # (--epochs); a bad value is one `error:` line naming its flag, not argparse's usage block.
+    parser.allow_abbrev = False
+    with _errors_as_tnas(parser, lambda message: message):
+        args, unknown = parser.parse_known_args(argv, namespace)
     if unknown:
         raise TnasError(_unknown_flags_message(parser, unknown))
     return args
@@ -253,22 +258,37 @@ def _parse_strictly(parser: argparse.ArgumentParser, tokens: list, where: str) -
     """``parser`` on ``tokens`` alone, its errors raised as one :class:`TnasError` line naming ``where``
     (no flag is required here: a config file sets some flags, the command line the others)."""
     required = [(action, action.required) for action in parser._actions]
-
-    def fail(message: str):
-        raise TnasError(f"{where}: {message}")
-
-    parser.error = fail  # argparse reports every parse problem through self.error
     try:
         for action, _ in required:
             action.required = False
-        namespace, unknown = parser.parse_known_args(tokens, argparse.Namespace())
+        with _errors_as_tnas(parser, lambda message: f"{where}: {message}"):
+            namespace, unknown = parser.parse_known_args(tokens, argparse.Namespace())
     finally:
-        del parser.error
         for action, was_required in required:
             action.required = was_required
     if unknown:
-        fail(f"cannot use {' '.join(unknown)}")
+        raise TnasError(f"{where}: cannot use {' '.join(unknown)}")
     return namespace
+
+
+@contextlib.contextmanager
+def _errors_as_tnas(parser: argparse.ArgumentParser, phrase: Callable[[str], str]):
+    """While inside, a parse problem of ``parser`` raises :class:`TnasError` (``phrase(message)``) instead
+    of argparse's usage block and exit; argparse reports every one through ``parser.error``."""
+    had_own = "error" in vars(parser)
+    previous = vars(parser).get("error")
+
+    def fail(message: str):
+        raise TnasError(phrase(message))
+
+    parser.error = fail
+    try:
+        yield
+    finally:
+        if had_own:
+            parser.error = previous
+        else:
+            del parser.error
 
 
 def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list) -> str:
@@ -278,9 +298,9 @@ def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list) -> st
     for item in unknown:
         if item.startswith("-"):
             flag = item.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
-            if close:
-                hints.append(close[0])
+            longer = ([option for option in options if option.startswith(flag)]  # --inner_lr: shortened
+                      if flag.startswith("--") and len(flag) > 2 else [])
+            hints.extend(longer or difflib.get_close_matches(flag, options, n=1, cutoff=0.75))
     hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
     return f"unknown command-line argument(s): {' '.join(unknown)}{hint}"
 

@@ -57,8 +57,8 @@ def check_tnas_search(summary: Dict[str, object], checkpoint: str, user: str = "
     stage, method = summary.get("stage"), summary.get("method")
     if stage != "search" or method != "tnas":
         what = f"a '{stage}' checkpoint" + (f" of method '{method}'" if method else "")
-        extra = (" (auto-MAML searches one genotype for all tasks: see the run's genotype.json)"
-                 if method == "auto_maml" else "")
+        extra = (" (auto-MAML searches one genotype for all tasks: train its run directory's best_genotype.json "
+                 "with train_from_scratch.py --genotype RUN_DIR)" if method == "auto_maml" else "")
         raise TnasError(f"{user} needs a T-NAS search checkpoint (stage 'search', method 'tnas'); "
                         f"{checkpoint} is {what}{extra}")
 

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_args(parser)
     parser.add_argument("--genotype", default=None, metavar="NAME|JSON|RUN_DIR",
                         help="check that the checkpoint's architecture is this genotype (published name, JSON "
-                             "file, run directory with genotype.json, or an inline JSON object)")
+                             "file, run directory (its best_genotype.json, else genotype.json), or an inline JSON object)")
     set_flag(parser, "out", help="directory for results.json (default: the checkpoint's run directory)")
     common.add_cuda_graph_arg(parser)  # graphs replay the adaptation of each batch of episodes
     return parser

@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(best checkpoint by validation accuracy).")
     add_common_args(parser)
     parser.add_argument("--genotype", default=None, metavar="NAME|JSON|RUN_DIR",
-                        help="published name (auto_maml_1shot, auto_maml_5shot), genotype JSON file, or a search "
-                             "run directory holding genotype.json (required for --model network)")
+                        help="published name (auto_maml_1shot, auto_maml_5shot), genotype JSON file, or a run "
+                             "directory (a search's best_genotype.json, the genotype of its best.pt; else its "
+                             "genotype.json) (required for --model network)")
     parser.add_argument("--model", choices=factory.MODELS, default="network",
                         help="network: the derived network of --genotype; conv4: MAML's 4-block baseline "
                              "(--filters channels; --genotype, --C, --layers, --drop_path_prob unused)")
