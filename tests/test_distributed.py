@@ -1,4 +1,4 @@
-"""Data parallelism over 2 gloo ranks on CPU equals one process on the same tasks."""
+"""Data parallelism over 2 gloo ranks on CPU equals one process on the same tasks (drop-path masks included)."""
 import os
 
 import pytest
@@ -8,7 +8,10 @@ import torch.multiprocessing as mp
 
 from tnas import distributed
 from tnas.data import EpisodeSampler, synthetic_split
+from tnas.genotypes import PUBLISHED
+from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
 from tnas.meta.tnas import TNAS, TNASConfig
+from tnas.models.network import Network
 from tnas.models.supernet import Supernet
 from tnas.stages import common
 
@@ -21,9 +24,9 @@ def make_learner():
     return TNAS(model, TNASConfig(inner_steps=1, inner_lr_weights=0.1, inner_lr_alphas=3.0))
 
 
-def make_sampler(task_slice=None):
+def make_sampler(task_slice=None, tasks=TASKS):
     split = synthetic_split(num_classes=6, images_per_class=6, img_size=8, channels=1)
-    return EpisodeSampler(split, n_way=3, k_shot=1, q_query=2, tasks_per_batch=TASKS, seed=5, augment="flip",
+    return EpisodeSampler(split, n_way=3, k_shot=1, q_query=2, tasks_per_batch=tasks, seed=5, augment="flip",
                           task_slice=task_slice)
 
 
@@ -49,6 +52,55 @@ def rank_main(rank, world_size, init_file, out_file):
             torch.save(params, out_file)
     finally:
         dist.destroy_process_group()
+
+
+DROP_TASKS = 3  # not a multiple of 2 ranks: rank 0 computes tasks 0-1, rank 1 task 2
+
+
+def make_derived_learner():
+    """The from-scratch stage's learner (MAML++: per-step BN, learned rates, a query loss per step) on a
+    derived network with drop-path on."""
+    torch.manual_seed(0)
+    model = Network(PUBLISHED["auto_maml_1shot"], n_way=3, C=4, layers=1, in_channels=1, drop_path_prob=0.3)
+    config = MAMLConfig(inner_steps=2, inner_steps_test=2, inner_lr=0.1, meta_lr=1e-2, per_step_bn=True,
+                        learn_inner_lr=True, multi_step_loss=True)
+    return MAMLPlusPlus(model.double(), config)
+
+
+def drop_path_iterations(learner, sampler):
+    """Two meta-iterations with a validation-style evaluation between them (eval mode, 2 tasks: as many
+    as rank 0 holds, which must not take the training window); parameters, validation accuracy and the
+    torch generator's state after them."""
+    learner.meta_step(double(sampler.sample()))
+    validation = learner.evaluate(double(make_sampler(tasks=2).sample()))
+    learner.meta_step(double(sampler.sample()), track_steps=True)
+    params = {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+    return params, validation.query_accuracy, torch.get_rng_state()
+
+
+def drop_path_rank(rank, world_size, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        learner = make_derived_learner()
+        task_slice = common.data_parallel(learner, DROP_TASKS)
+        result = drop_path_iterations(learner, make_sampler(task_slice, DROP_TASKS))
+        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_draw_the_drop_path_masks_of_one_process(tmp_path):
+    """With drop-path on and 3 tasks on 2 ranks, every rank ends with one process's parameters and
+    generator state: each draws the masks of the whole meta-batch and keeps its tasks' (float64)."""
+    mp.spawn(drop_path_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    params, accuracy, rng = drop_path_iterations(make_derived_learner(), make_sampler(tasks=DROP_TASKS))
+    for rank in range(2):
+        rank_params, rank_accuracy, rank_rng = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        for name, value in params.items():
+            torch.testing.assert_close(rank_params[name], value, rtol=1e-10, atol=1e-12, msg=f"rank {rank}: {name}")
+        assert torch.equal(rank_accuracy, accuracy)
+        assert torch.equal(rank_rng, rng), f"rank {rank}'s generator drew other masks than one process"
 
 
 def agreement_rank(rank, world_size, init_file, fake_nccl):

@@ -485,7 +485,7 @@ def test_a_run_saved_on_more_gpus_resumes_on_fewer(monkeypatch):
 
 def _rng_rank(rank, world_size, init_file, run_dir, out_file):
     """One rank of a toy data-parallel run (:mod:`toy_trainer`) whose steps draw ``rank + 1`` numbers from the
-    torch generator (as drop-path does for a rank's own slice when the slices differ in size): trained 6
+    torch generator (a draw for the rank's own work alone sets the ranks' generators apart): trained 6
     iterations straight, then killed after the checkpoint of iteration 4 and resumed. Rank 0 saves each
     rank's (learner state + its next draw) of both runs."""
     from datetime import timedelta
@@ -532,7 +532,7 @@ def _rng_rank(rank, world_size, init_file, run_dir, out_file):
 
 
 def test_each_data_parallel_rank_resumes_with_its_own_random_state(tmp_path):
-    """Ranks whose torch generators drifted apart (drop-path masks of slices of different sizes) each get
+    """Ranks whose torch generators drifted apart (here each rank draws its own count of numbers) each get
     their own back from rank 0's checkpoint, so a killed data-parallel run resumes to the same state on
     every rank; a resume with another number of processes continues from rank 0's, saying so."""
     import torch.multiprocessing as mp

@@ -182,6 +182,61 @@ def test_drop_path_masks_are_drawn_per_task_and_zero_whole_samples():
     assert set(mask.unique().tolist()) == {0.0, 1.0}
 
 
+@pytest.mark.parametrize("parts", [((0, 2), (2, 3)), ((0, 1), (1, 2), (2, 3)), ((0, 3),)],
+                         ids=["2+1", "1+1+1", "whole"])
+def test_a_windowed_mask_is_its_slice_of_the_whole_batchs_draw(parts):
+    """Each data-parallel process draws the mask for the whole meta-batch and keeps its window's tasks:
+    together the windows are exactly the one-process draw, one task windows (unfolded) included."""
+    tasks, count, channels = 3, 5, 2
+    torch.manual_seed(0)
+    whole = task_folding.sample_mask(torch.ones(count, tasks * channels, 2, 2, dtype=torch.float64), 0.5, tasks)
+    for start, stop in parts:
+        torch.manual_seed(0)  # every process's generator is where the one process's is
+        window = task_folding.TaskWindow(start, stop, tasks)
+        x = torch.ones(count, window.size * channels, 2, 2, dtype=torch.float64)
+        assert torch.equal(task_folding.sample_mask(x, 0.5, window.size, window),
+                           whole[:, start * channels:stop * channels])
+    torch.manual_seed(0)
+    task_folding.sample_mask(torch.ones(count, tasks * channels, 2, 2), 0.5, tasks)
+    after_whole = torch.get_rng_state()
+    torch.manual_seed(0)
+    task_folding.sample_mask(torch.ones(count, channels, 2, 2), 0.5, 1, task_folding.TaskWindow(2, 3, tasks))
+    assert torch.equal(torch.get_rng_state(), after_whole)  # the generator advances as the one process's
+
+
+def test_a_task_window_refuses_other_task_counts_and_empty_windows():
+    window = task_folding.TaskWindow.of(slice(1, 3), 4)
+    assert (window.start, window.stop, window.total, window.size) == (1, 3, 4, 2)
+    with pytest.raises(ValueError, match=r"3 folded task\(s\) under the task window 1:3 of 4 tasks"):
+        task_folding.sample_mask(torch.ones(2, 3 * 4, 1, 1), 0.5, 3, window)
+    for start, stop, total in ((1, 1, 4), (3, 5, 4), (-1, 1, 4)):
+        with pytest.raises(ValueError, match="non-empty part"):
+            task_folding.TaskWindow(start, stop, total)
+
+
+def test_a_derived_network_under_a_task_window_gives_its_slice_of_the_whole_batch():
+    """Drop-path on: the network on tasks 1..2 of 3 under their window gives those tasks' logits of the
+    one forward on all 3 (same generator state); eval mode ignores the window (any task count)."""
+    torch.manual_seed(0)
+    model = Network(PUBLISHED["auto_maml_1shot"], n_way=3, C=4, layers=1, in_channels=1, drop_path_prob=0.5).double()
+    images = torch.randn(3, 4, 1, 8, 8, dtype=torch.float64)
+    torch.manual_seed(1)
+    whole = task_folding.unfold_logits(model(task_folding.fold_images(images)), 3)
+    model.task_window = task_folding.TaskWindow(1, 3, 3)
+    torch.manual_seed(1)
+    part = task_folding.unfold_logits(model(task_folding.fold_images(images[1:])), 2)
+    torch.testing.assert_close(part, whole[1:], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="task window 1:3 of 3"):
+        model(task_folding.fold_images(images[:1]))
+    model.task_window = None
+    torch.manual_seed(1)
+    alone = task_folding.unfold_logits(model(task_folding.fold_images(images[1:])), 2)
+    assert not torch.allclose(alone, whole[1:])  # without the window the slice draws other masks
+    model.task_window = task_folding.TaskWindow(1, 3, 3)
+    model.eval()
+    model(task_folding.fold_images(images[:1]))  # no drop-path in eval mode, so no window either
+
+
 
 @pytest.mark.parametrize("per_task", [True, False], ids=["per_task", "shared"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])

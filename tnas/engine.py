@@ -95,12 +95,13 @@ def checkpoint_rng_states() -> List[Dict[str, object]]:
     """Every data-parallel rank's :func:`rng_state`, in rank order, on rank 0 (``[]`` on the others; one
     entry for a single process). A collective: every rank calls it at the same checkpoint.
 
-    The ranks' torch generators (CPU, and each rank's own GPU) drift apart during training: each
-    rank draws drop-path masks (``--drop_path_prob``) for its own slice of a meta-batch, and slices
-    differ in size when the ranks do not divide ``--tasks_per_batch``; a rank's CUDA generator is
-    only ever advanced by that rank. So a checkpoint holds all of them, and each rank of a resume
-    gets its own back (:func:`rng_state_for_this_rank`). Python's and numpy's generators and the
-    episode samplers advance alike on every rank (same seed, same draws), so rank 0's stand for all.
+    The ranks' torch generators (CPU, and each rank's own GPU) can drift apart during training: a
+    rank's CUDA generator is only ever advanced by that rank, and any draw a rank makes for its own
+    work alone sets its generators apart (drop-path masks, ``--drop_path_prob``, do not: every rank
+    draws them for the whole meta-batch and keeps its slice's, :class:`tnas.task_folding.TaskWindow`).
+    So a checkpoint holds all of them, and each rank of a resume gets its own back
+    (:func:`rng_state_for_this_rank`). Python's and numpy's generators and the episode samplers
+    advance alike on every rank (same seed, same draws), so rank 0's stand for all.
     """
     gathered = distributed.gather_to_main_on_host(rng_state(), distributed.current_info())
     return gathered if gathered is not None else []
@@ -116,8 +117,8 @@ def rng_state_for_this_rank(state: Mapping[str, object]) -> tuple:
     if saved_by == info.world_size:
         return (ranks[info.rank] if ranks else state["rng"]), None
     return state["rng"], (f"the checkpoint holds the random states of {saved_by} process(es), this run has "
-                          f"{info.world_size}: every process continues from rank 0's (drop-path masks differ "
-                          f"from an uninterrupted run)")
+                          f"{info.world_size}: every process continues from rank 0's (on GPUs, drop-path "
+                          f"masks may differ from an uninterrupted run's)")
 
 
 class StopRequest:

@@ -17,7 +17,9 @@ channels ``t*C .. (t+1)*C-1``), and
 No state says "we are folded": the data does. A layer built for ``C`` input channels that
 receives ``T*C`` reads T channel groups (``T = x.shape[1] // C``); a per-task parameter
 carries T as its leading dimension; the helpers that cannot see T take it as an argument
-(:func:`cat_channels`, :func:`sample_mask`, whose callers know their per-task channels).
+(:func:`cat_channels`, :func:`sample_mask`, whose callers know their per-task channels). A
+data-parallel process that holds a slice of a meta-batch's tasks folds only those; a
+:class:`TaskWindow` tells :func:`sample_mask` where they sit in the whole batch.
 With T = 1 and unbatched parameters every layer is exactly its torch parent.
 
 Parameters without a task dimension (shared by all tasks, e.g. the alphas of auto-MAML's
@@ -32,6 +34,7 @@ whole model does. The models of :mod:`tnas.models` all do.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -39,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["groups_of", "fold_images", "unfold_logits", "fold_parameter", "cat_channels", "weighted_sum", "scale_per_task",
-           "sample_mask", "POINTWISE_MODES", "use_pointwise_mode", "Conv2d", "BatchNorm2d", "Linear",
+           "TaskWindow", "sample_mask", "POINTWISE_MODES", "use_pointwise_mode", "Conv2d", "BatchNorm2d", "Linear",
            "supports_folding"]
 
 
@@ -126,13 +129,53 @@ def _folded_tasks_for(weights: torch.Tensor, channels: int, terms: Optional[int]
     return tasks
 
 
-def sample_mask(x: torch.Tensor, keep: float, tasks: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class TaskWindow:
+    """Tasks ``start .. stop-1`` of a meta-batch of ``total`` tasks: the slice one data-parallel
+    process computes (:func:`tnas.stages.common.data_parallel`).
+
+    A model that draws random numbers per task (drop-path, :func:`sample_mask`) draws them for
+    all ``total`` tasks and keeps the window's, so that the processes together draw exactly what
+    one process draws for the whole meta-batch (every process's generator is seeded alike and
+    makes the same calls as that one process)."""
+
+    start: int
+    stop: int
+    total: int
+
+    def __post_init__(self):
+        if not 0 <= self.start < self.stop <= self.total:
+            raise ValueError(f"a task window {self.start}:{self.stop} must be a non-empty part of 0:{self.total}")
+
+    @classmethod
+    def of(cls, part: slice, total: int) -> "TaskWindow":
+        """The window of ``part`` (a slice with start and stop, as :func:`tnas.distributed.task_slice` gives)."""
+        return cls(part.start, part.stop, total)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def sample_mask(x: torch.Tensor, keep: float, tasks: int, window: Optional[TaskWindow] = None) -> torch.Tensor:
     """A Bernoulli(``keep``) mask that zeroes whole samples of ``x``, drawn per task of ``tasks``
-    folded ones, shaped to multiply ``x`` (``[N, T*C, H, W]``; ``tasks`` 1: one draw per sample)."""
-    shape = (x.shape[0], 1, 1, 1) if tasks == 1 else (x.shape[0], tasks, 1, 1, 1)
-    mask = torch.bernoulli(torch.full(shape, keep, device=x.device, dtype=x.dtype))
-    if tasks == 1:
-        return mask
+    folded ones, shaped to multiply ``x`` (``[N, T*C, H, W]``; ``tasks`` 1: one draw per sample).
+
+    With a ``window`` (``tasks`` must be its size, else a ValueError: a forward under a window
+    holds exactly its slice of the meta-batch) the draw is ``[N, window.total]``, of which the
+    window's columns are kept: the numbers one process draws for those tasks. One tensor op, no
+    host sync, so it records in a CUDA graph as the unwindowed draw does."""
+    if window is not None:
+        if tasks != window.size:
+            raise ValueError(f"a forward of {tasks} folded task(s) under the task window {window.start}:{window.stop} "
+                             f"of {window.total} tasks: it must hold exactly the window's {window.size}")
+        full = torch.bernoulli(torch.full((x.shape[0], window.total, 1, 1, 1), keep, device=x.device, dtype=x.dtype))
+        mask = full[:, window.start:window.stop]
+    else:
+        shape = (x.shape[0], 1, 1, 1) if tasks == 1 else (x.shape[0], tasks, 1, 1, 1)
+        mask = torch.bernoulli(torch.full(shape, keep, device=x.device, dtype=x.dtype))
+        if tasks == 1:
+            return mask
     return mask.expand(x.shape[0], tasks, x.shape[1] // tasks, *x.shape[2:]).reshape(x.shape)
 
 

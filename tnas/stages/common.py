@@ -18,6 +18,7 @@ from tnas.meta.cuda_graph import (DataParallelGraphedStep, GraphDecision, Graphe
                                   KeyedGraphedStep, capture_failure_logger, cuda_graph_mode, resolve_cuda_graph)
 from tnas.runlog import RunLogger
 from tnas.stages.settings import rerun_free_flags
+from tnas.task_folding import TaskWindow
 
 
 def add_episode_args(parser: argparse.ArgumentParser) -> None:
@@ -272,13 +273,19 @@ def data_parallel(learner, tasks_per_batch: int) -> slice:
 
     Each rank computes ``tasks_per_batch / world_size`` tasks of every meta-batch (the same
     draws on all ranks), scales its loss by its share, and sums gradients over ranks before
-    the optimisers step: the result equals one process on the whole meta-batch.
+    the optimisers step: the result equals one process on the whole meta-batch. A model that
+    draws random numbers per task (the derived network's drop-path) gets the rank's
+    :class:`~tnas.task_folding.TaskWindow` as its ``task_window``: it draws for the whole
+    meta-batch and keeps its slice, so its masks too are the one process's.
     """
     info = distributed.current_info()
+    part = distributed.task_slice(tasks_per_batch, info)
     if info.enabled:
         learner.loss_scale = distributed.loss_scale(tasks_per_batch, info)
         learner.gradient_hook = distributed.sum_gradients
-    return distributed.task_slice(tasks_per_batch, info)
+        if hasattr(learner.model, "task_window"):
+            learner.model.task_window = TaskWindow.of(part, tasks_per_batch)
+    return part
 
 
 def load_splits(args, names=("train", "val"), logger: Optional[RunLogger] = None) -> Dict[str, object]:
