@@ -204,7 +204,8 @@ def test_presets_carry_the_original_settings(shot):
     assert search.meta_lr_alphas(tnas) == 1e-3 and search.meta_lr_alphas(auto) == 3e-4
     assert not auto.alternate_steps
     assert (scratch.weight_decay, scratch_tnas.weight_decay) == (3e-4, 0.0)
-    assert preset(train.build_parser(), f"scratch_plusplus_miniimagenet_5w{shot}s").weight_decay == 0.0
+    plusplus = preset(train.build_parser(), f"scratch_plusplus_miniimagenet_5w{shot}s")
+    assert (plusplus.weight_decay, plusplus.grad_clamp, scratch.grad_clamp) == (0.0, 10.0, None)  # MAML++'s clamp
     for name in ("omniglot", "fc100"):
         other = preset(search.build_parser(), f"tnas_{name}_5w{shot}s")
         assert (other.dataset, other.normalize, other.k_shot) == (name, "split", shot)

@@ -156,6 +156,8 @@ CONFIGS = {
     # for epoch 0 then second order, cosine outer LR.
     "maml_pp": dict(per_step_bn=True, learn_inner_lr=True, multi_step_loss=True, msl_epochs=2,
                     first_order_epochs=1, cosine_lr=True, min_meta_lr=1e-3),
+    # MAML++'s gradient clamp, tight enough to cut most elements: elementwise, as each genotype's alone
+    "maml_pp_clamped": dict(per_step_bn=True, learn_inner_lr=True, multi_step_loss=True, grad_clamp=1e-3),
 }
 ITERATIONS = 3
 

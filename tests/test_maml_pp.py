@@ -329,3 +329,40 @@ def test_loss_scale_and_gradient_hook_for_data_parallelism():
     assert len(full_seen) == len(stepped)  # the hook sees every meta-learned tensor
     for a, b in zip(stepped, list(half.model.parameters()) + list(half.learned_lrs.values())):
         assert torch.allclose(half_seen[id(b)], 0.5 * full_seen[id(a)], rtol=1e-12, atol=1e-15)
+
+
+# -- gradient clamp ----------------------------------------------------------------------------
+def test_grad_clamp_clamps_network_meta_gradients_not_learned_rates():
+    settings = dict(per_step_bn=True, learn_inner_lr=True, multi_step_loss=True)
+    batch = make_batch()
+    free = make_learner(**settings)
+    seen = captured_gradients(free, make_batch())  # the unclamped meta-gradients of the same first step
+    network = [p for p in free.model.parameters()]
+    rates = list(free.learned_lrs.values())
+    # a bound that cuts some network elements and lies below some learned-rate gradients
+    largest = torch.cat([seen[id(p)].abs().flatten() for p in network if seen[id(p)] is not None])
+    clamp = float(largest.quantile(0.9))
+    assert any(float(seen[id(r)].abs().max()) > clamp for r in rates if seen[id(r)] is not None)
+
+    # Adam's first step is nearly sign(g) whatever the magnitude: three steps let the moments show the clamp
+    batches = [batch, make_batch(1), make_batch(2)]
+    clamped, reference, unclamped = (make_learner(grad_clamp=clamp, **settings), make_learner(**settings),
+                                     make_learner(**settings))
+    for step_batch in batches:
+        clamped.meta_step(step_batch)
+        unclamped.meta_step(step_batch)
+        reference.meta_gradients(step_batch)
+        with torch.no_grad():
+            for param in reference.model.parameters():
+                if param.grad is not None:
+                    param.grad.clamp_(-clamp, clamp)
+        reference.optimizers["weights"].step()
+    for (name, a), b in zip(clamped.model.named_parameters(), reference.model.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), name
+    for name in clamped.learned_lrs:
+        assert torch.allclose(clamped.learned_lrs[name], reference.learned_lrs[name], rtol=0, atol=1e-12), name
+    difference = max(float((a - b).detach().abs().max()) for a, b in zip(clamped.model.parameters(),
+                                                                 unclamped.model.parameters()))
+    assert difference > 1e-6
+    with pytest.raises(ValueError, match="grad_clamp must be > 0"):
+        MAMLConfig(grad_clamp=0.0)

@@ -22,6 +22,9 @@ switches off it is plain (first- or second-order) MAML:
 - ``cosine_lr``: cosine annealing of the outer learning rate from ``meta_lr`` towards
   ``min_meta_lr``, per epoch or per iteration, with the period of the whole training as in
   MAML++'s code (:func:`cosine_lr`: the last epoch runs a little above ``min_meta_lr``).
+- ``grad_clamp``: every element of the network's meta-gradient (per-step BN sets included, the
+  learned rates not) clamped to ``[-grad_clamp, grad_clamp]`` before the outer Adam step, as
+  MAML++'s code does on ImageNet-type data (with 10).
 
 The schedules are pure functions of the position in training (:meth:`set_progress`), so a
 resumed run continues them exactly without any scheduler state.
@@ -69,6 +72,7 @@ class MAMLConfig:
     min_meta_lr: float = 1e-5
     cosine_unit: str = "epoch"
     weight_decay: float = 0.0  # outer Adam's on the network's parameters (auto-MAML from scratch: 3e-4)
+    grad_clamp: Optional[float] = None  # clamp each network meta-gradient element to [-c, c] before Adam
     amp_dtype: Optional[torch.dtype] = field(default=None)
 
     def __post_init__(self):
@@ -76,6 +80,8 @@ class MAMLConfig:
             raise ValueError("inner_steps and inner_steps_test must be >= 1")
         if self.cosine_unit not in COSINE_UNITS:
             raise ValueError(f"cosine_unit must be one of {COSINE_UNITS}, got {self.cosine_unit!r}")
+        if self.grad_clamp is not None and not self.grad_clamp > 0:
+            raise ValueError(f"grad_clamp must be > 0 (or None: off), got {self.grad_clamp!r}")
 
     def to_dict(self) -> Dict[str, object]:
         """The JSON-able settings (everything but ``amp_dtype``), e.g. for a run's summary."""
@@ -324,6 +330,18 @@ class MAMLPlusPlus(MetaLearner):
             meta_loss = losses[-1].mean()
         (meta_loss * (loss_scale * self.loss_scale)).backward()
         return StepStats(losses[-1].detach(), final["accuracy"], result.query_loss, result.query_accuracy)
+
+    def apply_gradients(self, update_groups: Optional[Iterable[str]] = None) -> None:
+        """The outer Adam step on the ``.grad`` that :meth:`meta_gradients` (and a data-parallel sum) left,
+        after clamping the network's elements to ``[-grad_clamp, grad_clamp]`` when set (in place: a CUDA
+        graph of the step records it)."""
+        clamp = self.config.grad_clamp
+        if clamp is not None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_clamp_min_(grads, -clamp)
+                torch._foreach_clamp_max_(grads, clamp)
+        super().apply_gradients(update_groups)
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:

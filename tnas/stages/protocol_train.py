@@ -122,7 +122,7 @@ def schedule_record(settings: train.TrainSettings, args) -> Dict[str, Any]:
     names = ["epochs", "tasks_per_epoch", "tasks_per_batch", "q_query", "inner_steps", "inner_steps_test",
              "inner_lr", "meta_lr", "second_order", "C", "layers", "val_episodes", "drop_path_prob", "seed"]
     if flags["method"] == "maml++":
-        names += ["msl_epochs", "first_order_epochs", "min_meta_lr"]
+        names += ["msl_epochs", "first_order_epochs", "min_meta_lr", "grad_clamp"]
     record.update({name: flags[name] for name in names})
     return record
 

@@ -71,6 +71,7 @@ class MAMLSettings(Settings):
     cosine_lr: Optional[bool] = None
     min_meta_lr: float = 1e-5
     cosine_unit: str = "epoch"
+    grad_clamp: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--min_meta_lr", type=float, default=1e-5, help="the meta learning rate --cosine_lr anneals towards")
     group.add_argument("--cosine_unit", choices=COSINE_UNITS, default="epoch",
                        help="step the cosine schedule per epoch or per meta-iteration")
+    group.add_argument("--grad_clamp", type=float, default=None, metavar="C",
+                       help="clamp every network meta-gradient element to [-C, C] before the outer Adam step, "
+                            "as MAML++'s code does on ImageNet-type data with 10 (default: off)")
     return parser
 
 
@@ -159,7 +163,7 @@ def maml_config(settings: TrainSettings, device: Optional[torch.device] = None) 
     return MAMLConfig(inner_steps=maml.inner_steps, inner_steps_test=maml.inner_steps_test, inner_lr=maml.inner_lr,
                       meta_lr=maml.meta_lr, first_order=not maml.second_order, msl_epochs=maml.msl_epochs,
                       first_order_epochs=first_order_epochs, min_meta_lr=maml.min_meta_lr,
-                      cosine_unit=maml.cosine_unit, weight_decay=maml.weight_decay,
+                      cosine_unit=maml.cosine_unit, weight_decay=maml.weight_decay, grad_clamp=maml.grad_clamp,
                       amp_dtype=common.amp_dtype(settings.run) if device else None,
                       **switches)
 
@@ -175,7 +179,7 @@ def check_settings(settings: TrainSettings) -> common.GraphDecision:
                           "val_batch_size")
     common.check_positive(settings.network, "C", "layers")
     common.check_positive(settings, "filters")
-    common.check_positive(settings.maml, "inner_steps", "inner_steps_test", "meta_lr")
+    common.check_positive(settings.maml, "inner_steps", "inner_steps_test", "meta_lr", "grad_clamp")
     maml = settings.maml
     common.check_positive(maml, "weight_decay", minimum=0)
     if not 0.0 <= maml.drop_path_prob < 1.0:
