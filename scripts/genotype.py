@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from tnas.config import HelpFormatter, parse_flags
 from tnas.errors import TnasError, cli_entry
 from tnas.genotypes import PUBLISHED, Genotype, genotype_from_dict, resolve_genotype
 from tnas.models.complexity import count_macs
@@ -24,21 +25,27 @@ from tnas.models.skeleton import min_image_size
 from tnas.visualize import plot_genotype
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Print a genotype with its derived network's parameter count and MACs; optionally draw its cells.")
+        description="Print a genotype with its derived network's parameter count and MACs; optionally draw its cells.",
+        formatter_class=HelpFormatter)
     parser.add_argument("genotype", metavar="NAME_OR_JSON",
                         help=f"published name ({', '.join(PUBLISHED)}), genotype JSON file, run directory "
                              "(its best_genotype.json, else genotype.json), or an inline JSON object")
-    parser.add_argument("--n_way", type=int, default=5, help="classes of the classifier (default 5)")
-    parser.add_argument("--C", type=int, default=16, help="channels of the first cell (default 16)")
-    parser.add_argument("--layers", type=int, default=2, help="number of cells (default 2: normal + reduction)")
-    parser.add_argument("--img_size", type=int, default=84, help="input height and width (default 84)")
-    parser.add_argument("--in_channels", type=int, default=3, help="3 for RGB, 1 for grayscale (default 3)")
+    parser.add_argument("--n_way", type=int, default=5, help="classes of the classifier")
+    parser.add_argument("--C", type=int, default=16, help="channels of the first cell (doubled at each reduction)")
+    parser.add_argument("--layers", type=int, default=2, help="number of cells (2: normal + reduction)")
+    parser.add_argument("--img_size", type=int, default=84, help="input height and width in pixels")
+    parser.add_argument("--in_channels", type=int, default=3, help="image channels: 3 for RGB, 1 for grayscale")
     parser.add_argument("--plot", metavar="DIR", default=None,
                         help="write normal.{dot,png} and reduce.{dot,png} cell diagrams to DIR")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; a bad or unknown one is a one-line error (:func:`tnas.config.parse_flags`)."""
+    return parse_flags(build_parser(), argv)
 
 
 def load(name_or_json: str) -> Genotype:

@@ -20,27 +20,35 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from tnas.data import DATASETS, SPLITS, ImageSplit, load_split, sample_episode_indices
+from tnas.config import HelpFormatter, parse_flags
 from tnas.errors import TnasError, cli_entry
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
-    parser.add_argument("--data_path", default=None, help="dataset root directory (not needed for glyphs)")
+    parser.add_argument("--data_path", default=None, metavar="DIR", help="dataset root directory (not needed for glyphs)")
     parser.add_argument("--img_size", type=int, default=None, help="image side in pixels (default: the dataset's)")
-    parser.add_argument("--channels", type=int, default=None, choices=(1, 3), help="1 grayscale, 3 RGB")
-    parser.add_argument("--cache_dir", default=None, help="cache directory (default $TNAS_CACHE_DIR or ~/.cache/tnas)")
-    parser.add_argument("--out", default=".", help="directory for the episode grid PNG")
+    parser.add_argument("--channels", type=int, default=None, choices=(1, 3),
+                        help="image channels: 1 grayscale, 3 RGB (default: the dataset's)")
+    parser.add_argument("--cache_dir", default=None, metavar="DIR",
+                        help="cache directory (default: $TNAS_CACHE_DIR, else ~/.cache/tnas)")
+    parser.add_argument("--out", default=".", metavar="DIR", help="directory for the episode grid PNG")
     parser.add_argument("--split", default="train", choices=SPLITS, help="split to draw the episode from")
-    parser.add_argument("--n_way", type=int, default=5)
-    parser.add_argument("--k_shot", type=int, default=1)
+    parser.add_argument("--n_way", type=int, default=5, help="classes of the episode drawn (rows of the grid)")
+    parser.add_argument("--k_shot", type=int, default=1, help="support images per class shown in the grid")
     parser.add_argument("--q_query", type=int, default=5, help="query images per class shown in the grid")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the episode drawn")
     parser.add_argument("--num_workers", type=int, default=None, help="decoding processes (default: all CPUs)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="dataset option, e.g. rotations=true (omniglot), images_per_class=30 (glyphs)")
-    return parser.parse_args(argv)
+                        help="dataset option, e.g. rotations=true (omniglot), images_per_class=30 (glyphs); "
+                             "repeat the flag for several")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The flags; a bad or unknown one is a one-line error (:func:`tnas.config.parse_flags`)."""
+    return parse_flags(build_parser(), argv)
 
 
 def parse_options(pairs: List[str]) -> Dict[str, Any]:

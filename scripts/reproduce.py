@@ -15,29 +15,27 @@ import os
 import shlex
 import sys
 
+from tnas.config import HelpFormatter, parse_flags
 from tnas.errors import TnasError, cli_entry
 
 PAPER_PLAN = "configs/reproduce_paper.yaml"
 DEMO_PLAN = "configs/reproduce_demo.yaml"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other stage, instead of the usage dump
-        raise TnasError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         description="Reproduce the T-NAS paper's main table (MAML with Conv-4, auto-MAML, T-NAS, T-NAS++; "
-                    "mean and 95% CI over fixed test tasks) into OUT/table.md and OUT/table.json.")
+                    "mean and 95% CI over fixed test tasks) into OUT/table.md and OUT/table.json.",
+        formatter_class=HelpFormatter)
     parser.add_argument("--data_path", default=None, metavar="DIR",
                         help="the mini-ImageNet directory (required unless --demo or --plan)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="where every run and the table go (default: runs/reproduce[_budget] or "
                              "runs/reproduce_demo)")
-    parser.add_argument("--shots", default=None, metavar="1,5", help="shots to run (default: the plan's, 1,5)")
+    parser.add_argument("--shots", default=None, metavar="1,5",
+                        help="shots (K of 5-way K-shot) to run, comma-separated (default: the plan's, 1,5)")
     parser.add_argument("--methods", default="maml,auto_maml,tnas,tnas++", metavar="LIST",
-                        help="rows to run, of maml,auto_maml,tnas,tnas++ (default: all)")
+                        help="rows to run, comma-separated, of maml,auto_maml,tnas,tnas++")
     parser.add_argument("--budget", action="store_true",
                         help="short schedules (the plan's budget: search and from-scratch epochs cut, the "
                              "protocol's --budget); marked as such in the table")
@@ -45,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache_dir", default=None, metavar="DIR", help="decoded dataset cache (default: the stages')")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes per search, training and protocol step, under torchrun (data-parallel "
-                             "meta-batches; the protocol deals its genotypes to them); default 1")
+                             "meta-batches; the protocol deals its genotypes to them)")
     parser.add_argument("--demo", action="store_true", help=f"the embedded glyphs demo ({DEMO_PLAN})")
     parser.add_argument("--plan", default=None, metavar="YAML", help=f"plan file (default: {PAPER_PLAN})")
     parser.add_argument("--dry_run", action="store_true",
@@ -59,7 +57,7 @@ def main(argv=None):
     from tnas.reproduce import runner
     from tnas.reproduce.table import render_markdown
 
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     if args.nproc < 1:
         raise TnasError(f"--nproc must be >= 1, got {args.nproc}")
     plan_path = args.plan or (DEMO_PLAN if args.demo else PAPER_PLAN)

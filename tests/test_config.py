@@ -207,6 +207,8 @@ def flag_values(parser: argparse.ArgumentParser, switches_on: bool) -> list:
         if action.dest in ("help", "config") or not action.option_strings:
             continue
         option = action.option_strings[0]
+        if option.startswith("--no-"):  # a flag's other spelling (--no-cuda_graph), set through its flag
+            continue
         if action.nargs == 0:
             if isinstance(action, argparse.BooleanOptionalAction):
                 argv.append(option if switches_on else "--no-" + option[2:])
@@ -270,3 +272,78 @@ def test_stage_settings_hold_every_flag(stage):
     flags = module.settings_from_args(args).to_flags()
     want = {k: v for k, v in vars(args).items() if k != "config"}
     assert flags == want
+
+
+# -- --help: every flag says what it is, and its default ---------------------------------------------
+def all_parsers():
+    """``{name: build_parser}`` of every stage and of the scripts that parse their own flags."""
+    from script_loader import load_script
+
+    scripts = {name: load_script(f"scripts/{name}.py").build_parser for name in ("genotype", "inspect_data", "reproduce")}
+    return {**stage_parsers(), **scripts}
+
+
+def help_of(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """The help text ``--help`` prints for ``action`` (defaults filled in), on one line."""
+    return " ".join(parser._get_formatter()._expand_help(action).split())
+
+
+@pytest.mark.parametrize("name", ["search", "train", "evaluate", "decode", "protocol", "genotype", "inspect_data",
+                                  "reproduce"])
+def test_every_flag_has_help_that_shows_its_default(name):
+    """Each flag of each script has a help text, and ``--help`` shows its default value (once) unless
+    it has none to show (None, a switch that is off)."""
+    from tnas.config import HelpFormatter
+
+    parser = all_parsers()[name]()
+    assert parser.formatter_class is HelpFormatter
+    missing, unshown = [], []
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        text = help_of(parser, action)
+        if not text.strip():
+            missing.append(action.dest)
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
+            if text.count(f"(default: {action.default})") != 1 or text.count("(default") != 1:
+                unshown.append(f"{action.dest}: {text}")
+    assert not missing, f"flags without help: {missing}"
+    assert not unshown, "defaults not shown once:\n" + "\n".join(unshown)
+
+
+def test_help_shows_the_config_files_defaults(capsys):
+    """``--config FILE --help`` shows the values the run would use: the file's."""
+    from script_loader import REPO
+    from tnas.stages import search
+
+    demo = f"{REPO}/configs/demo.yaml"
+    epochs = load_config(demo)["epochs"]
+    assert epochs != search.build_parser().get_default("epochs")
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(search.build_parser(), ["--config", demo, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"--epochs EPOCHS epochs of meta-training (each ends with a validation) (default: {epochs})" in text
+
+
+def test_cuda_graph_help_and_every_spelling(tmp_path, capsys):
+    """``--no-cuda_graph`` takes no value (nor does --help show one); ``--cuda_graph`` bare, with a mode,
+    ``--no-cuda_graph`` and a config's ``cuda_graph: true/false/auto`` all still work."""
+    from tnas.stages import search
+
+    text = search.build_parser().format_help()
+    assert "--no-cuda_graph [" not in text and "--cuda_graph [auto|on|off]" in text
+    assert "--no-cuda_graph       the same as --cuda_graph off" in text
+    parse = lambda *argv: parse_args(search.build_parser(), list(argv)).cuda_graph  # noqa: E731
+    assert [parse(), parse("--cuda_graph"), parse("--no-cuda_graph")] == ["auto", "on", "off"]
+    assert [parse("--cuda_graph", mode) for mode in ("auto", "on", "off")] == ["auto", "on", "off"]
+    assert parse("--cuda_graph", "on", "--no-cuda_graph") == "off"
+    for value, mode in (("true", "on"), ("false", "off"), ("auto", "auto"), ("off", "off")):
+        config = write(tmp_path / f"{value}.yaml", f"cuda_graph: {value}\n")
+        assert parse("--config", str(config)) == mode
+        assert parse("--config", str(config), "--no-cuda_graph") == "off"
+        assert parse("--config", str(config), "--cuda_graph") == "on"
+    with pytest.raises(TnasError, match="unknown command-line argument.*: on"):
+        parse("--no-cuda_graph", "on")
+    with pytest.raises(TnasError, match="--cuda_graph must be one of auto, on, off, got 'maybe'"):
+        parse("--cuda_graph", "maybe")

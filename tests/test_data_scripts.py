@@ -59,6 +59,21 @@ def test_inspect_cli_error_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr and "missing" in result.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "glyphs", "--n_wa", "3"], "unknown command-line argument(s): --n_wa 3 (did you mean --n_way?)"),
+    (["--dataset", "glyphs", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
+    (["--n_way", "3"], "the following arguments are required: --dataset"),
+])
+def test_inspect_bad_flags_are_one_line_errors(argv, message, capsys):
+    """A bad, unknown or shortened flag is one TnasError line (cli_entry prints it), not argparse's usage
+    block and exit; nothing is read or drawn first."""
+    inspect = load_script("scripts/inspect_data.py")
+    with pytest.raises(TnasError) as error:
+        inspect.main(argv)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert capsys.readouterr() == ("", "")
+
+
 def test_benchmark_smoke(tmp_path, capsys):
     bench = load_script("benchmarks/bench_episodes.py")
     code = bench.main(["--source", "synthetic", "--img_size", "16", "--synthetic_classes", "6",

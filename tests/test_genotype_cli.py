@@ -149,6 +149,17 @@ def test_errors_are_one_line(run_cli, workdir, key, message):
     assert_one_line_error(run_cli(argv), message)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["auto_maml_1shot", "--jso"], "unknown command-line argument(s): --jso (did you mean --json?)"),
+    (["auto_maml_1shot", "--C", "x"], "argument --C: invalid int value: 'x'"),
+    ([], "the following arguments are required: NAME_OR_JSON"),
+])
+def test_bad_flags_are_one_line_errors(run_cli, argv, message):
+    """A bad, unknown or shortened flag is one `error:` line (tnas.config.parse_flags), not argparse's usage
+    block; a shortened flag is never taken for the one it starts."""
+    assert_one_line_error(run_cli(*argv), message)
+
+
 # --------------------------------------------------------------------------- main() and helpers
 
 def test_small_image_is_rejected(script):

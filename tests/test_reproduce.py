@@ -130,7 +130,8 @@ def test_every_paper_and_demo_preset_parses_for_its_stage():
     (["--demo", "--shots", "1,x"], "--shots must be"),
     (["--demo", "--methods", "maml,darts"], "unknown method(s) darts"),
     (["--demo", "--nproc", "0"], "--nproc must be >= 1"),
-    (["--demo", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--demo", "--bogus"], "unknown command-line argument(s): --bogus"),
+    (["--dem", "--dry_run"], "unknown command-line argument(s): --dem (did you mean --demo?)"),  # never taken for --demo
     (["--plan", "nowhere.yaml"], "--plan nowhere.yaml: file not found"),
 ])
 def test_bad_input_is_one_line_error(argv, message, tmp_path):

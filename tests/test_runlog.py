@@ -48,6 +48,24 @@ def test_checkpoint_round_trip_with_rng_state(tmp_path):
     assert torch.equal(loaded["torch_rng"], state["torch_rng"])
 
 
+@pytest.mark.parametrize("content, hint", [
+    (json.dumps({"normal": [["sep_conv_3x3", 0]], "normal_concat": [2]}).encode(), True),  # a genotype file
+    (np.random.default_rng(0).bytes(512), False),  # random bytes
+    (b"\x80\x04\x95garbage", False),  # a pickle, but not torch's
+], ids=["json", "random_bytes", "foreign_pickle"])
+def test_a_file_that_is_no_checkpoint_says_so_in_one_line(tmp_path, content, hint):
+    """Not a torch file at all: one line that says so (not a refusal naming the first byte as a pickle
+    opcode, "it names 123"), pointing a JSON file to --genotype."""
+    path = tmp_path / "genotype.json"
+    path.write_bytes(content)
+    with pytest.raises(TnasError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot read checkpoint {path}: it is not a torch checkpoint")
+    assert ("a genotype file goes to --genotype" in message) == hint
+    assert "refusing" not in message and "it names" not in message and "\n" not in message
+
+
 def test_loading_allows_the_numpy_builders_for_that_load_only(tmp_path):
     """The numpy types of older RNG states are allowed inside load_checkpoint, not in torch.load after it
     (torch's process-wide allow-list is left as it was, on every supported torch)."""

@@ -5,7 +5,8 @@ defaults from a YAML mapping (keys are flag names, ``-`` or ``_``), and the comm
 still wins over the file. Every problem with a file or flag is one :class:`TnasError`
 line naming the file, key, flag or value, never a traceback or argparse's usage dump.
 Each run saves its resolved arguments as ``config.yaml``, which ``--config`` accepts again
-to repeat the run.
+to repeat the run. Every script's parser formats ``--help`` with :class:`HelpFormatter`, which
+shows each flag's default (a ``--config`` file's value where one is given).
 """
 from __future__ import annotations
 
@@ -29,22 +30,41 @@ _INCLUDE_KEY = "include"
 _IGNORED_KEYS = {"config", "help"}
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` of every tnas script: each flag's help ends with ``(default: VALUE)``, the value the
+    run would use -- a ``--config`` file's when one is given, since :func:`parse_args` sets the file's
+    values as defaults before ``--help`` is printed. Left out where the help already says its default
+    (one that depends on something else, written out as ``(default: the checkpoint's)``) or where
+    there is no value to show (None, a switch that is off, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "(default" in text or not action.option_strings
+                or default is None or default is argparse.SUPPRESS or default is False or default == []):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Add the flags every stage shares: config file, data, run directory, device, seed."""
+    from tnas.data import DATASETS
+
     group = parser.add_argument_group("common")
     group.add_argument("--config", default=None, metavar="PATH",
                        help="YAML file whose keys set defaults of these flags "
                             "(the command line overrides it)")
-    group.add_argument("--dataset", default="glyphs", help="dataset name (default: glyphs)")
+    group.add_argument("--dataset", default="glyphs",
+                       help=f"dataset name: {', '.join(DATASETS)}")
     group.add_argument("--data_path", default=None, metavar="DIR",
-                       help="where the raw dataset lives")
+                       help="where the raw dataset lives (not needed for the embedded glyphs)")
     group.add_argument("--cache_dir", default=None, metavar="DIR",
-                       help="where the decoded uint8 cache is kept")
+                       help="where the decoded uint8 cache is kept (default: $TNAS_CACHE_DIR, else ~/.cache/tnas)")
     group.add_argument("--out", default=None, metavar="DIR",
-                       help="run directory (default chosen by the stage)")
+                       help="run directory (default: runs/<stage>_<dataset>_<n>w<k>s)")
     group.add_argument("--device", default="auto",
                        help="cpu, cuda, cuda:N, or auto (cuda when available)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--seed", type=int, default=0, help="random seed of the run")
     group.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (default: torch's choice; 1 is often fastest for the "
                             "tiny CPU configs and on a busy machine)")
@@ -79,8 +99,15 @@ def parse_args(parser: argparse.ArgumentParser, argv=None,
             if action.dest in defaults and action.required:
                 action.required = False  # the file supplies it
         parser.set_defaults(**defaults)
-    # No prefix matching: a mistyped or shortened flag (--epoch) is refused, never taken for another
-    # (--epochs); a bad value is one `error:` line naming its flag, not argparse's usage block.
+    return parse_flags(parser, argv, namespace)
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv=None,
+                namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+    """Parse ``argv`` strictly, without config files (:func:`parse_args` for the stages; scripts with
+    no ``--config`` call this): no prefix matching, so a mistyped or shortened flag (``--epoch``) is
+    refused, never taken for another (``--epochs``); an unknown flag or bad value is one
+    :class:`TnasError` line naming it (with close flag names), not argparse's usage block."""
     parser.allow_abbrev = False
     with _errors_as_tnas(parser, lambda message: message):
         args, unknown = parser.parse_known_args(argv, namespace)
@@ -200,8 +227,10 @@ def _config_to_defaults(parser: argparse.ArgumentParser, values: dict, path) -> 
     """Map config keys to parser dests; each key must be a flag, and argparse itself parses each
     value (as the command-line tokens :func:`_value_tokens` writes for it), so a value is valid
     in a file exactly when it is valid on the command line."""
-    actions = {action.dest: action for action in parser._actions
-               if action.dest not in _IGNORED_KEYS and action.dest is not argparse.SUPPRESS}
+    actions: dict = {}
+    for action in parser._actions:  # a dest's first flag is its spelling (--cuda_graph, not --no-cuda_graph)
+        if action.dest not in _IGNORED_KEYS and action.dest is not argparse.SUPPRESS:
+            actions.setdefault(action.dest, action)
     defaults = {}
     for key, value in values.items():
         dest = key.replace("-", "_")

@@ -170,14 +170,37 @@ def _try_import(name: str):
 
 
 def _refusal(error: Exception) -> str:
-    """The one-line reason of a ``weights_only`` refusal (e.g. ``it names os.system``)."""
+    """The one-line reason of a ``weights_only`` refusal of a torch checkpoint (e.g. ``it names os.system``)."""
     import re
 
     text = " ".join(str(error).split())
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"Unsupported operand (\S+)", text)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     what = f"it names {found.group(1)}" if found else "it needs more than tensors and plain data"
     return (f"{what}, which a tnas checkpoint never holds; refusing to load it (tnas only loads tensors "
             f"and plain data, so a checkpoint cannot run code)")
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format; its older one is a pickle, which starts with PROTO (0x80)
+
+
+def _not_a_checkpoint(path: Path, error: Exception) -> Optional[str]:
+    """Why ``path`` is no torch checkpoint at all, given how ``torch.load`` failed on it; None when it may
+    be one that is damaged (a zip file, or a pickle that failed for another reason).
+
+    A file torch never wrote (JSON, text, random bytes) reaches the pickle reader, which fails on its
+    first byte with "Unsupported operand <byte>" -- no disallowed global, so no refusal to report."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        return None
+    if not head:
+        return "it is empty, not a torch checkpoint"
+    operand = "Unsupported operand" in str(error) and "Unsupported global" not in str(error)
+    if head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80" and not operand):
+        return None
+    hint = "; it looks like JSON: a genotype file goes to --genotype" if head.lstrip()[:1] in (b"{", b"[") else ""
+    return f"it is not a torch checkpoint (a file written by torch.save){hint}"
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -185,9 +208,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
     Only tensors, plain containers and scalars (and the numpy arrays of older RNG states) are
     accepted, so a crafted file cannot run code: a checkpoint that names anything else is
-    refused with one :class:`TnasError` line naming the file.
+    refused with one :class:`TnasError` line naming the file. A file that is no torch checkpoint
+    at all (a genotype's JSON, say) is one line that says so.
     """
     import pickle
+    import warnings
 
     import torch
 
@@ -195,15 +220,17 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.is_file():
         raise TnasError(f"checkpoint not found: {path}")
     try:
-        with _globals_allowed(_legacy_numpy_globals()):
+        with _globals_allowed(_legacy_numpy_globals()), warnings.catch_warnings():
+            # a plain pickle that is not torch's makes torch warn about its protocol before it fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower() or "Unsupported" in str(error):
-            raise TnasError(f"cannot read checkpoint {path}: {_refusal(error)}") from None
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise TnasError(f"cannot read checkpoint {path}: {reason}") from None
-    except Exception as error:  # torch raises many types for corrupt files
-        reason = " ".join(str(error).split()) or type(error).__name__
+    except Exception as error:  # torch raises many types for corrupt or foreign files
+        reason = _not_a_checkpoint(path, error)
+        if reason is None and isinstance(error, pickle.UnpicklingError) and (
+                "weights only" in str(error).lower() or "Unsupported" in str(error)):
+            reason = _refusal(error)
+        if reason is None:
+            reason = " ".join(str(error).split()) or type(error).__name__
         raise TnasError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(state, dict):
         raise TnasError(

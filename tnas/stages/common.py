@@ -23,17 +23,17 @@ from tnas.task_folding import TaskWindow
 
 def add_episode_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("episodes")
-    group.add_argument("--n_way", type=int, default=5, help="classes per task")
-    group.add_argument("--k_shot", type=int, default=1, help="support images per class")
+    group.add_argument("--n_way", type=int, default=5, help="classes per task (N-way)")
+    group.add_argument("--k_shot", type=int, default=1, help="support images per class (K-shot)")
     group.add_argument("--q_query", type=int, default=15, help="query images per class")
     group.add_argument("--tasks_per_batch", type=int, default=4, help="tasks per meta-batch")
-    group.add_argument("--img_size", type=int, default=None, help="image side (default: the dataset's)")
+    group.add_argument("--img_size", type=int, default=None, help="image side in pixels (default: the dataset's)")
     group.add_argument("--augment", action="store_true", help="random flips/shifts of meta-training images")
     group.add_argument("--normalize", choices=("split", "imagenet"), default="split",
-                       help="pixel mean/std: the train split's (default) or ImageNet's (the original code's, "
+                       help="pixel mean/std: the train split's or ImageNet's (the original code's, "
                             "mini-ImageNet presets; RGB only)")
     group.add_argument("--resize", choices=("lanczos", "bilinear"), default="lanczos",
-                       help="how images are resized to --img_size when cached: Lanczos (default) or bilinear "
+                       help="how images are resized to --img_size when cached: Lanczos or bilinear "
                             "(the original code's, mini-ImageNet presets); each has its own cache entry")
     group.add_argument("--rotations", action=argparse.BooleanOptionalAction, default=False,
                        help="Omniglot: each character also rotated by 90, 180 and 270 degrees as three new "
@@ -42,14 +42,16 @@ def add_episode_args(parser: argparse.ArgumentParser) -> None:
 
 def add_schedule_args(parser: argparse.ArgumentParser, epochs: int, tasks_per_epoch: int) -> None:
     group = parser.add_argument_group("schedule")
-    group.add_argument("--epochs", type=int, default=epochs)
-    group.add_argument("--tasks_per_epoch", type=int, default=tasks_per_epoch)
+    group.add_argument("--epochs", type=int, default=epochs, help="epochs of meta-training (each ends with a validation)")
+    group.add_argument("--tasks_per_epoch", type=int, default=tasks_per_epoch,
+                       help="meta-training tasks (episodes) per epoch; --tasks_per_batch of them per meta-iteration")
     group.add_argument("--task_pool", type=int, default=0, metavar="N",
                        help="meta-train on a fixed pool of N episodes drawn once and reshuffled at every pass, "
                             "as the original code (5,000 search, 15,000 from scratch); 0: fresh episodes for "
                             "every meta-batch")
-    group.add_argument("--val_episodes", type=int, default=200, help="fixed validation episodes per epoch")
-    group.add_argument("--val_batch_size", type=int, default=50, help="episodes adapted at once in validation")
+    group.add_argument("--val_episodes", type=int, default=200,
+                       help="fixed validation episodes scored after each epoch")
+    group.add_argument("--val_batch_size", type=int, default=50, help="validation episodes adapted at once (memory, not results)")
     group.add_argument("--log_every", type=int, default=50, help="meta-iterations between logged steps")
     group.add_argument("--checkpoint_every", type=int, default=200, help="meta-iterations between last.pt saves")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -64,39 +66,41 @@ def add_schedule_args(parser: argparse.ArgumentParser, epochs: int, tasks_per_ep
 
 def add_network_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("network")
-    group.add_argument("--C", type=int, default=16, help="channels of the first cell")
-    group.add_argument("--layers", type=int, default=2, help="cells (2: normal + reduction, the paper)")
+    group.add_argument("--C", type=int, default=16, help="channels of the first cell (doubled at each reduction)")
+    group.add_argument("--layers", type=int, default=2, help="number of cells (2: normal + reduction, the paper)")
 
 
 def add_meta_learning_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The "meta-learning" flag group with the inner-step counts every meta-training stage takes;
     returns the group so a stage adds its own learning rates to it."""
     group = parser.add_argument_group("meta-learning")
-    group.add_argument("--inner_steps", type=int, default=5, help="inner SGD steps in meta-training")
-    group.add_argument("--inner_steps_test", type=int, default=10, help="inner SGD steps at validation/test")
+    group.add_argument("--inner_steps", type=int, default=5, help="inner SGD steps per task in meta-training")
+    group.add_argument("--inner_steps_test", type=int, default=10, help="inner SGD steps per task at validation")
     add_cuda_graph_arg(group)
     return group
 
 
 class _CudaGraphAction(argparse.Action):
-    """``--cuda_graph [auto|on|off]`` (bare: on) and the old switch's ``--no-cuda_graph`` (off)."""
+    """``--cuda_graph [auto|on|off]``: a mode through :func:`cuda_graph_mode` (bare: on, the old switch)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if option_string is not None and option_string.startswith("--no-"):
-            values = "off"
         try:
-            setattr(namespace, self.dest, cuda_graph_mode("on" if values is None else values))
+            setattr(namespace, self.dest, cuda_graph_mode(values))
         except ValueError as error:
             parser.error(str(error))
 
 
 def add_cuda_graph_arg(group) -> None:
-    """The one definition of ``--cuda_graph auto|on|off`` (every stage that can replay CUDA graphs)."""
-    group.add_argument("--cuda_graph", "--no-cuda_graph", action=_CudaGraphAction, nargs="?", default="auto",
+    """The one definition of ``--cuda_graph auto|on|off`` (every stage that can replay CUDA graphs), and
+    ``--no-cuda_graph``, a flag of its own that takes no value and means off (the old switch's spelling).
+    A config file sets ``cuda_graph: auto|on|off`` (or true/false) through ``--cuda_graph``, its first flag."""
+    group.add_argument("--cuda_graph", action=_CudaGraphAction, nargs="?", const="on", default="auto",
                        metavar="auto|on|off",
-                       help="replay each untracked step as one CUDA graph: auto (default) on one CUDA device "
-                            "unless torchrun splits meta-batches or a setting changes inside a graph (then eager, "
-                            "with a log line saying why); on (an error where impossible); off")
+                       help="replay each untracked step as one CUDA graph. auto: on one CUDA device unless torchrun "
+                            "splits meta-batches or a setting changes inside a graph (then eager, with a log line "
+                            "saying why); on (also the bare flag): an error where impossible; off: eager")
+    group.add_argument("--no-cuda_graph", dest="cuda_graph", action="store_const", const="off",
+                       default=argparse.SUPPRESS, help="the same as --cuda_graph off")
 
 
 def check_cuda_graph(args, blocker: Optional[str] = None) -> GraphDecision:

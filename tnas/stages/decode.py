@@ -25,7 +25,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from tnas.config import set_flag
+from tnas.config import HelpFormatter, set_flag
 from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
 from tnas.genotypes import genotype_counts, genotype_from_dict
@@ -40,7 +40,8 @@ SUMMARY_FILE = "decode_summary.json"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Decode one genotype per fixed test episode from a T-NAS search checkpoint (adapt weights "
-                    "and alphas on each task's support set, then the DARTS rule).")
+                    "and alphas on each task's support set, then the DARTS rule).",
+        formatter_class=HelpFormatter)
     evaluate_stage.add_checkpoint_args(parser)
     set_flag(parser, "out", metavar="FILE",
              help=f"JSON-lines output (default: <run_dir>/{GENOTYPES_FILE}); {SUMMARY_FILE} is written beside it")

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import yaml
 
-from tnas.config import add_common_args, resolve_device, seed_everything, set_flag, set_threads
+from tnas.config import HelpFormatter, add_common_args, resolve_device, seed_everything, set_flag, set_threads
 from tnas.data import FixedEpisodes, load_split
 from tnas.errors import TnasError
 from tnas.evaluate import evaluate_episodes, format_accuracy, results_record
@@ -50,20 +50,20 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     set_flag(parser, "dataset", default=None, help="dataset name (default: the checkpoint's)")
     set_flag(parser, "data_path", help="where the raw dataset lives (default: the checkpoint run's, if the "
                                        "dataset is the checkpoint's)")
-    set_flag(parser, "seed", help="seed of the fixed test episodes (default: 0)")
+    set_flag(parser, "seed", help="seed of the fixed test episodes")
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="checkpoint .pt file, or a run directory (its best.pt) (required)")
     group = parser.add_argument_group("test episodes (default: the checkpoint's settings)")
-    group.add_argument("--n_way", type=int, default=None, help="classes per task (must match the checkpoint)")
-    group.add_argument("--k_shot", type=int, default=None, help="support images per class")
+    group.add_argument("--n_way", type=int, default=None, help="classes per task, N-way (must match the checkpoint)")
+    group.add_argument("--k_shot", type=int, default=None, help="support images per class, K-shot")
     group.add_argument("--q_query", type=int, default=None, help="query images per class")
-    group.add_argument("--img_size", type=int, default=None, help="image side (must match the checkpoint)")
-    group.add_argument("--episodes", type=int, default=None, help="fixed test episodes (default: 600)")
+    group.add_argument("--img_size", type=int, default=None, help="image side in pixels (must match the checkpoint)")
+    group.add_argument("--episodes", type=int, default=None, help="fixed test episodes scored (default: 600, or the --episodes_file's)")
     group.add_argument("--episodes_file", default=None, metavar="PATH",
                        help="episode index file (.npz or .json): read when it exists, else written, so "
                             "every method is scored on the same tasks")
-    group.add_argument("--update_step_test", type=int, default=10, help="adaptation steps per task (default: 10)")
-    group.add_argument("--batch_size", type=int, default=50, help="tasks adapted at once (default: 50)")
+    group.add_argument("--update_step_test", type=int, default=10, help="inner SGD steps adapting each test task")
+    group.add_argument("--batch_size", type=int, default=50, help="test tasks adapted at once (memory, not results)")
 
 
 @dataclass
@@ -106,7 +106,8 @@ def settings_from_args(args: argparse.Namespace) -> EvaluateSettings:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Score a checkpoint (derived network or supernet) on fixed test episodes: "
-                    "accuracy mean and 95% confidence interval, written to results.json.")
+                    "accuracy mean and 95% confidence interval, written to results.json.",
+        formatter_class=HelpFormatter)
     add_checkpoint_args(parser)
     parser.add_argument("--genotype", default=None, metavar="NAME|JSON|RUN_DIR",
                         help="check that the checkpoint's architecture is this genotype (published name, JSON "

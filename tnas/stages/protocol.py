@@ -58,7 +58,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from tnas import distributed
-from tnas.config import resolve_device, save_config, set_flag
+from tnas.config import HelpFormatter, resolve_device, save_config, set_flag
 from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
 from tnas.evaluate import format_accuracy, results_record
@@ -125,20 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="The T-NAS / T-NAS++ protocol on fixed test episodes: decode one genotype per task from a "
                     "T-NAS search checkpoint, train each distinct genotype from scratch (MAML / MAML++), score "
                     "each task with its own genotype's network; mean and 95% CI in results.json. "
-                    "Launch with torchrun to spread the genotypes over processes.")
+                    "Launch with torchrun to spread the genotypes over processes.",
+        formatter_class=HelpFormatter)
     evaluate_stage.add_checkpoint_args(parser)
     set_flag(parser, "checkpoint", help="T-NAS search checkpoint: .pt file, or its run directory (best.pt) (required)")
     set_flag(parser, "out", help="protocol directory (default: <checkpoint run dir>/protocol_<method>[_budget])")
-    set_flag(parser, "seed", help="seed of the fixed test episodes (default: 0); also the from-scratch seed unless "
+    set_flag(parser, "seed", help="seed of the fixed test episodes; also the from-scratch seed unless "
                                   "--train_seed")
-    set_flag(parser, "batch_size", help="tasks decoded / adapted at once (default: 50)")
+    set_flag(parser, "batch_size", help="test tasks decoded / adapted at once (memory, not results)")
     parser.add_argument("--method", choices=tuple(METHODS), default="tnas",
-                        help="tnas: from-scratch first-order MAML; tnas++: MAML++ (default: tnas)")
+                        help="tnas: from-scratch first-order MAML; tnas++: MAML++")
     parser.add_argument("--train_only", action="store_true",
                         help="decode and train every distinct genotype, but do not score (no results.json)")
     parser.add_argument("--dist_timeout_hours", type=float, default=48.0,
                         help="under torchrun: how long a rank that has finished its genotypes waits for the "
-                             "others at the final gather (default: 48)")
+                             "others at the final gather")
     group = parser.add_argument_group("decoding (per-task architectures)")
     group.add_argument("--decode_lr_alphas", type=float, default=None,
                        help="inner learning rate of the alphas when decoding (default: the checkpoint's)")

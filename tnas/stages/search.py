@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from tnas import distributed
-from tnas.config import add_common_args
+from tnas.config import HelpFormatter, add_common_args
 from tnas.data import EpisodeSampler, FixedEpisodes, split_images_in_half
 from tnas.engine import MetaTrainer
 from tnas.errors import TnasError
@@ -67,20 +67,24 @@ class SearchSettings(Settings):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Architecture search: T-NAS or auto-MAML meta-training of a "
-                                                 "DARTS supernet.")
+                                                 "DARTS supernet.", formatter_class=HelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--method", choices=METHODS, default="tnas")
+    parser.add_argument("--method", choices=METHODS, default="tnas",
+                        help="tnas: weights and alphas adapted per task, one architecture per task; auto_maml: "
+                             "weights adapted per task, one architecture (alphas) shared by all")
     common.add_episode_args(parser)
     common.add_network_args(parser)
     common.add_schedule_args(parser, epochs=10, tasks_per_epoch=5000)
     group = common.add_meta_learning_args(parser)
-    group.add_argument("--inner_lr_weights", type=float, default=0.01)
-    group.add_argument("--inner_lr_alphas", type=float, default=30.0)
-    group.add_argument("--meta_lr_weights", type=float, default=1e-3)
+    group.add_argument("--inner_lr_weights", type=float, default=0.01, help="inner SGD learning rate of the weights")
+    group.add_argument("--inner_lr_alphas", type=float, default=30.0,
+                       help="T-NAS: inner SGD learning rate of the alphas (the original code's; unused by auto-MAML)")
+    group.add_argument("--meta_lr_weights", type=float, default=1e-3, help="outer Adam learning rate of the weights")
     group.add_argument("--meta_lr_alphas", type=float, default=None,
                        help="outer Adam lr of the alphas (default: 1e-3 for T-NAS, 3e-4 for auto-MAML, the "
                             "original code's values)")
-    group.add_argument("--alpha_weight_decay", type=float, default=1e-3)
+    group.add_argument("--alpha_weight_decay", type=float, default=1e-3,
+                       help="weight decay (L2 coefficient) of the alphas' outer Adam")
     group.add_argument("--second_order", action="store_true", help="exact MAML (default: first order)")
     group.add_argument("--alternate_steps", action="store_true",
                        help="auto-MAML: one step per meta-iteration, weights and alphas in turn (default: an "

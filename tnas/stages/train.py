@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from tnas import distributed
-from tnas.config import add_common_args, load_config, to_plain
+from tnas.config import HelpFormatter, add_common_args, load_config, to_plain
 from tnas.data import EpisodeSampler, FixedEpisodes
 from tnas.engine import MetaTrainer
 from tnas.errors import TnasError
@@ -99,7 +99,8 @@ class TrainSettings(Settings):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a genotype's network from scratch with MAML or MAML++ "
-                                                 "(best checkpoint by validation accuracy).")
+                                                 "(best checkpoint by validation accuracy).",
+                                     formatter_class=HelpFormatter)
     add_common_args(parser)
     parser.add_argument("--genotype", default=None, metavar="NAME|JSON|RUN_DIR",
                         help="published name (auto_maml_1shot, auto_maml_5shot), genotype JSON file, or a run "
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--weight_decay", type=float, default=0.0,
                        help="outer Adam weight decay on the network (the original auto-MAML from-scratch script: "
                             "3e-4; its T-NAS from-scratch training: none)")
-    group.add_argument("--drop_path_prob", type=float, default=0.0, help="drop-path probability in meta-training")
+    group.add_argument("--drop_path_prob", type=float, default=0.0, help="probability of dropping each path of a cell in meta-training (0: none)")
     group.add_argument("--second_order", action="store_true",
                        help="exact (second-order) MAML; default first order")
     group = parser.add_argument_group("MAML++ (on by default with --method maml++)")
@@ -131,13 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="meta-learn an inner learning rate per parameter tensor and inner step")
     group.add_argument("--multi_step_loss", action=argparse.BooleanOptionalAction, default=None,
                        help="query loss after every inner step, weights annealed to the last over --msl_epochs")
-    group.add_argument("--msl_epochs", type=int, default=10, help="epochs of the multi-step loss annealing")
+    group.add_argument("--msl_epochs", type=int, default=10, help="epochs over which --multi_step_loss anneals to the last step's loss alone")
     group.add_argument("--first_order_epochs", type=int, default=None,
                        help="derivative-order annealing: first order for this many epochs, then second order "
                             "(default: none for maml, a third of --epochs for maml++)")
     group.add_argument("--cosine_lr", action=argparse.BooleanOptionalAction, default=None,
                        help="cosine annealing of the meta learning rate towards --min_meta_lr over the run (MAML++'s schedule: a period of the whole run, so the last epoch ends a little above it)")
-    group.add_argument("--min_meta_lr", type=float, default=1e-5, help="the floor of --cosine_lr's annealing")
+    group.add_argument("--min_meta_lr", type=float, default=1e-5, help="the meta learning rate --cosine_lr anneals towards")
     group.add_argument("--cosine_unit", choices=COSINE_UNITS, default="epoch",
                        help="step the cosine schedule per epoch or per meta-iteration")
     group.add_argument("--grad_clamp", type=float, default=None, metavar="C",
