@@ -1,4 +1,5 @@
 """Data parallelism over 2 gloo ranks on CPU equals one process on the same tasks (drop-path masks included)."""
+import contextlib
 import os
 
 import pytest
@@ -41,17 +42,24 @@ def meta_iterations(learner, sampler, iterations=2):
     return {name: p.detach().clone() for name, p in learner.model.named_parameters()}
 
 
-def rank_main(rank, world_size, init_file, out_file):
+@contextlib.contextmanager
+def gloo_rank(rank, world_size, init_file):
+    """This process as rank ``rank`` of a gloo group (one thread), left on the way out."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_main(rank, world_size, init_file, out_file):
+    with gloo_rank(rank, world_size, init_file):
         learner = make_learner()
         task_slice = common.data_parallel(learner, TASKS)
         params = meta_iterations(learner, make_sampler(task_slice))
         if rank == 0:
             torch.save(params, out_file)
-    finally:
-        dist.destroy_process_group()
 
 
 DROP_TASKS = 3  # not a multiple of 2 ranks: rank 0 computes tasks 0-1, rank 1 task 2
@@ -79,15 +87,11 @@ def drop_path_iterations(learner, sampler):
 
 
 def drop_path_rank(rank, world_size, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_rank(rank, world_size, init_file):
         learner = make_derived_learner()
         task_slice = common.data_parallel(learner, DROP_TASKS)
         result = drop_path_iterations(learner, make_sampler(task_slice, DROP_TASKS))
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_draw_the_drop_path_masks_of_one_process(tmp_path):
