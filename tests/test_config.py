@@ -127,6 +127,8 @@ def test_a_shortened_flag_is_refused_naming_the_flags_it_starts(tmp_path):
     with pytest.raises(TnasError, match="did you mean --second_order"):
         parse_args(make_parser(), ["--second"])
     assert parse_args(make_parser(), ["--lr_alpha", "0.1"]).lr_alpha == 0.1
+    with pytest.raises(TnasError, match=r"unknown command-line argument\(s\): --conf x.yaml \(did you mean --config"):
+        parse_args(make_parser(), ["--conf", "x.yaml"])  # not read as --config (a 'file not found' for x.yaml)
 
 
 def test_include_is_overridden_by_includer(tmp_path):

@@ -184,6 +184,24 @@ def test_resume_may_change_a_rerun_free_flag_such_as_cuda_graph(tmp_path, quick_
     assert json.loads((out / "search.json").read_text())["epochs_done"] == 2
 
 
+def test_a_flag_newer_than_the_run_is_named_once_when_a_resume_turns_it_on(tmp_path, quick_search):
+    """A run started before a flag existed has no line for it in config.yaml; a resume that runs with it on
+    (a preset gained it) says so in the log, and only once: the resume writes the flag into config.yaml."""
+    import yaml
+
+    out = finished_run(quick_search, tmp_path / "run")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    del config["meta_lr_weights"]  # as if the flag were newer than the run
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    resumed = quick_search(out, "--epochs", "2", "--tasks_per_epoch", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    log = (out / "log.txt").read_text()
+    assert "resuming with flags this run's config.yaml predates" in log and "--meta_lr_weights 0.001" in log
+    again = quick_search(out, "--epochs", "3", "--tasks_per_epoch", "4", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert (out / "log.txt").read_text().count("config.yaml predates") == 1
+
+
 def test_resume_of_a_corrupt_checkpoint_leaves_config_alone(tmp_path, quick_search):
     out = finished_run(quick_search, tmp_path / "run")
     config = (out / "config.yaml").read_bytes()

@@ -284,6 +284,20 @@ def test_steps_name_the_upstream_files_they_read(tmp_path):
         "1shot/tnas++/protocol": [("1shot/tnas/search", ["1shot/tnas/search/best.pt"])]}
 
 
+def test_odd_ledger_records_count_as_not_recorded(tmp_path):
+    """A hand-edited ledger's inputs (no file name, a string, a list) are 'not recorded', not a traceback."""
+    from tnas.reproduce.freshness import changed_inputs
+
+    _, _, steps, _ = _demo_pipeline(tmp_path)
+    step = next(s for s in steps if s.name == "1shot/maml/evaluate")
+    os.makedirs(os.path.dirname(step.inputs[0].files[0]), exist_ok=True)
+    with open(step.inputs[0].files[0], "wb") as handle:
+        handle.write(b"weights")
+    upstream = step.inputs[0].step
+    for recorded in ({upstream: {"sha256": "ab"}}, {upstream: "abc"}, [upstream], "x"):
+        assert changed_inputs(step, recorded) == [f"{upstream}/best.pt was not recorded"]
+
+
 def test_a_redone_search_makes_its_downstream_steps_stale_and_redone(tmp_path):
     plan, settings, steps, cells = _demo_pipeline(tmp_path)
     fake = FakeStages()

@@ -232,3 +232,23 @@ def test_a_killed_run_resumed_logs_each_point_once(tmp_path, per_epoch, epochs, 
     log = (out / "log.txt").read_text()
     assert "tensorboard: dropped the events logged after the checkpoint (1 file(s) cut back to it" in log
     assert ("1 later file(s) removed" in log) is (len(kills) == 3)
+
+
+def test_rewind_leaves_event_files_it_cannot_read_alone(tmp_path):
+    """Bytes that are no event file (a header promising more than the file holds, a directory of an event
+    file's name) are left as they are by a resume's rewind, not a traceback; the marker's file is still cut."""
+    with RunLogger(tmp_path, quiet=True) as logger:
+        logger.scalar("a", 1.0, 0)
+        mark = logger.mark_checkpoint(0)
+        logger.scalar("a", 2.0, 1)
+    foreign = tmp_path / "tb" / "events.out.tfevents.1.foreign"
+    foreign.write_bytes(b"\xff" * 64)  # its first 8 bytes read as a length of 2**64 - 1
+    (tmp_path / "tb" / "events.out.tfevents.2.dir").mkdir()
+    mark["files"] += [foreign.name, "events.out.tfevents.2.dir"]
+    with RunLogger(tmp_path, quiet=True, append=True) as logger:
+        line = logger.rewind_tensorboard(mark)
+    assert line is not None and "1 file(s) cut back to it" in line
+    assert foreign.read_bytes() == b"\xff" * 64
+    foreign.unlink()  # (the test's event reader is no more forgiving than tensorboard's)
+    (tmp_path / "tb" / "events.out.tfevents.2.dir").rmdir()
+    assert [step for _, step, _ in _scalar_points(tmp_path / "tb")] == [0]

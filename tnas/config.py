@@ -86,7 +86,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None,
 
     ``namespace``: parse onto these values (flags not in ``argv`` keep them, as argparse does).
     """
-    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre_parser.add_argument("--config", default=None)
     known, _ = pre_parser.parse_known_args(argv)
     if not any(action.dest == "config" for action in parser._actions):

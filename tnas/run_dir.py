@@ -187,6 +187,18 @@ def check_resume(args, out: str, stage: str, free_keys: FrozenSet[str] = FREE_KE
     return changed, int(state.get("epoch", 0)), int(state.get("iteration", 0))
 
 
+def flags_new_since_start(args, out: str, free_keys: FrozenSet[str] = FREE_KEYS) -> Dict[str, Any]:
+    """The flags of ``args`` that ``out/config.yaml`` does not hold -- added to tnas since the run
+    started -- with the values a resume now runs with, leaving out those off (None, False): the
+    epochs before ran without them. (A resume rewrites config.yaml with them, so this is said once.)"""
+    saved_flags = _read_config(os.path.join(out, "config.yaml"))
+    if not saved_flags:
+        return {}
+    wanted = _plain(vars(args))
+    return {key: wanted[key] for key in sorted(set(wanted) - set(saved_flags))
+            if key not in free_keys and wanted[key] is not None and wanted[key] is not False}
+
+
 def record_overrides(out: str, changes: Mapping[str, Tuple[Any, Any]], epoch: int, iteration: int) -> None:
     """Append the settings a resume changed to ``out/overrides.json`` (from ``epoch`` + 1 on)."""
     from tnas.runlog import atomic_write_json

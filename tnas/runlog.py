@@ -326,15 +326,19 @@ EVENT_FILE_PATTERN = "events.out.tfevents.*"
 
 def _event_records(handle: IO[bytes]) -> Iterator[tuple]:
     """``(end offset, payload)`` of each TFRecord of an open event file (u64 length, u32 crc, payload,
-    u32 crc), in order; stops at a truncated record (a write cut short by a kill)."""
+    u32 crc), in order; stops at a truncated record (a write cut short by a kill) and at a length
+    the rest of the file cannot hold (bytes that are no event file)."""
     import struct
 
+    size = os.fstat(handle.fileno()).st_size
     position = 0
     while True:
         header = handle.read(12)
         if len(header) < 12:
             return
         (length,) = struct.unpack("<Q", header[:8])
+        if length > size - position - 16:
+            return
         payload = handle.read(length)
         if len(payload) < length or len(handle.read(4)) < 4:
             return
@@ -444,11 +448,14 @@ class RunLogger:
         cut = removed = 0
         for path in self._event_files():
             end = None
-            with open(path, "rb") as handle:
-                for position, payload in _event_records(handle):
-                    if token in payload:
-                        end = position
-                        break
+            try:
+                with open(path, "rb") as handle:
+                    for position, payload in _event_records(handle):
+                        if token in payload:
+                            end = position
+                            break
+            except OSError:  # not a readable file (a directory of that name): not ours to touch
+                continue
             if end is not None:
                 if path.stat().st_size > end:
                     os.truncate(path, end)

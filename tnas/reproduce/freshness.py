@@ -71,11 +71,18 @@ def _change(item: Input, before: Optional[Mapping[str, str]], now: Optional[Mapp
     return f"{item.step}/{now['file']} changed (sha256 {str(before.get('sha256'))[:12]} -> {now['sha256'][:12]})"
 
 
+def _record(recorded: Any, name: str) -> Optional[Dict[str, str]]:
+    """The ledger's fingerprint of input ``name``; None (not recorded) for anything else a hand-edited
+    ledger may hold there."""
+    value = recorded.get(name) if isinstance(recorded, Mapping) else None
+    return value if isinstance(value, Mapping) and isinstance(value.get("file"), str) else None
+
+
 def changed_inputs(step: Step, recorded: Mapping[str, Any]) -> List[str]:
     """One phrase per input of ``step`` that differs from ``recorded`` (its ledger ``inputs``)."""
     changes = []
     for item in step.inputs:
-        before, now = recorded.get(item.step), fingerprint(item)
+        before, now = _record(recorded, item.step), fingerprint(item)
         if before != now:
             changes.append(_change(item, before, now))
     return changes

@@ -216,9 +216,9 @@ def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
     seed_everything(args.seed)
     args.out = args.out or default_run_dir(args, stage)
     resume = getattr(args, "resume", False)
-    changes = _claim_and_check(args, stage, info, resume, device)
-    release_dir = functools.partial(run_dir.release_run_dir, args.out)  # the run owns --out until its log closes
     notes = []
+    changes = _claim_and_check(args, stage, info, resume, device, notes)
+    release_dir = functools.partial(run_dir.release_run_dir, args.out)  # the run owns --out until its log closes
     release_tf32 = precision.hold_tf32(getattr(args, "tf32", False), device, notes.append)  # until the log closes
 
     def release() -> None:
@@ -244,9 +244,10 @@ def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
     return args.out, logger, device
 
 
-def _claim_and_check(args, stage: str, info, resume: bool, device: torch.device) -> dict:
+def _claim_and_check(args, stage: str, info, resume: bool, device: torch.device, notes: list) -> dict:
     """Rank 0 claims ``--out`` (exclusive lock) and checks a resume before anything is written; a
-    failure there stops every rank with the same one-line error. Returns the accepted overrides."""
+    failure there stops every rank with the same one-line error. Returns the accepted overrides;
+    ``notes`` gets a line for flags the run's config.yaml predates that the resume turns on."""
     check_positive(args, "log_every", "checkpoint_every", minimum=0)
     last = os.path.join(args.out, "last.pt")
     changes, problem = {}, None
@@ -259,8 +260,12 @@ def _claim_and_check(args, stage: str, info, resume: bool, device: torch.device)
                                 f"or choose another --out")
             run_dir.claim_run_dir(args.out)
             if resume:
-                changes, epoch, iteration = run_dir.check_resume(args, args.out, stage,
-                                                                     run_dir.FREE_KEYS | rerun_free_flags())
+                free = run_dir.FREE_KEYS | rerun_free_flags()
+                changes, epoch, iteration = run_dir.check_resume(args, args.out, stage, free)
+                new = run_dir.flags_new_since_start(args, args.out, free)
+                if new:
+                    notes.append(f"resuming with flags this run's config.yaml predates (its epochs so far ran "
+                                 f"without them): {', '.join(f'--{k} {v!r}' for k, v in new.items())}")
                 if changes or run_dir.read_overrides(args.out):  # also none, once some were: they end here
                     run_dir.record_overrides(args.out, changes, epoch, iteration)
         except TnasError as error:
