@@ -399,10 +399,12 @@ def run_comparison(name: str, spec: Dict[str, object], args, device: torch.devic
 def parse_args(argv: List[str] = None) -> argparse.Namespace:
     """The command line, with the paper setting (or ``--tiny``) filled in."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="the device to time on (default: %(default)s)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), metavar="CASE",
+                        help="the cases to run (default: all), of: " + ", ".join(CASES))
+    parser.add_argument("--iterations", type=int, default=10, help="timed meta-iterations per case (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed meta-iterations before them (default: %(default)s)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--tf32", action="store_true",
