@@ -10,6 +10,7 @@ replay does) equals the eager data-parallel step, in one process and over 2 gloo
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 import sys
 from types import SimpleNamespace
 
@@ -297,7 +298,8 @@ def test_a_failed_capture_leaves_eager_phases_and_one_line(monkeypatch):
 def rank_main(rank, world_size, init_file, device, fake):
     """Each method's eager data-parallel step against the graphed one (fake: the stand-in graph on a CPU)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))  # a stuck collective fails instead of hanging
     try:
         if fake:
             cuda_graph.GraphedStep = FakeGraph

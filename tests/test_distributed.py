@@ -1,6 +1,7 @@
 """Data parallelism over 2 gloo ranks on CPU equals one process on the same tasks (drop-path masks included)."""
 import contextlib
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -44,9 +45,11 @@ def meta_iterations(learner, sampler, iterations=2):
 
 @contextlib.contextmanager
 def gloo_rank(rank, world_size, init_file):
-    """This process as rank ``rank`` of a gloo group (one thread), left on the way out."""
+    """This process as rank ``rank`` of a gloo group (one thread), left on the way out; a collective
+    that waits a minute fails the test instead of hanging the suite."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
     try:
         yield
     finally:
@@ -110,8 +113,6 @@ def test_two_gloo_ranks_draw_the_drop_path_masks_of_one_process(tmp_path):
 def agreement_rank(rank, world_size, init_file, fake_nccl):
     """The host-side agreements of ``tnas.distributed`` on 2 gloo ranks (``fake_nccl``: the default group
     says it is NCCL, so the agreement goes through a gloo group of its own, as on GPUs)."""
-    from datetime import timedelta
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
@@ -147,8 +148,6 @@ SEARCH = ["--dataset", "glyphs", "--img_size", "16", "--device", "cpu", "--n_way
 def stopping_rank(rank, world_size, init_file, out, cache_dir):
     """scripts/search.py as torchrun's rank ``rank`` runs it; only rank 1 gets a stop request, after its
     fourth iteration (as when torchrun's SIGTERM reaches the ranks one after another)."""
-    from datetime import timedelta
-
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), TNAS_PROGRESS="0",
                       TNAS_CACHE_DIR=cache_dir)
     torch.set_num_threads(1)
