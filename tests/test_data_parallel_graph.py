@@ -10,8 +10,8 @@ replay does) equals the eager data-parallel step, in one process and over 2 gloo
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 import sys
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
