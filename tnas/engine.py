@@ -422,12 +422,12 @@ class MetaTrainer:
             self.best = record
         rank_rngs = checkpoint_rng_states()  # every rank: a collective
         if self.is_main:
-            mark = self.logger.mark_checkpoint(self.iteration)  # after this epoch's points
+            state = self.state_dict(rank_rngs, self.logger.mark_checkpoint(self.iteration))  # after this epoch's points
             if improved:
-                save_checkpoint(self.state_dict(rank_rngs, mark), self.best_path)
+                save_checkpoint(state, self.best_path)
                 if self.best_hook is not None:
                     self.best_hook(record)
-            save_checkpoint(self.state_dict(rank_rngs, mark), self.last_path)
+            save_checkpoint(state, self.last_path)
             self.write_summary()
 
     def write_summary(self) -> Dict[str, object]:
