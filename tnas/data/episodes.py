@@ -50,8 +50,15 @@ class EpisodeBatch:
     query_x: torch.Tensor
     query_y: torch.Tensor
 
-    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "EpisodeBatch":
-        return EpisodeBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+           non_blocking: bool = False) -> "EpisodeBatch":
+        """The batch on ``device`` (None: where it is), its images (``support_x``, ``query_x``) as ``dtype``
+        (None: as they are, float32; e.g. ``torch.float64`` for a float64 model); labels stay int64."""
+        images = dict(dtype=dtype) if dtype is not None else {}
+        return EpisodeBatch(self.support_x.to(device, non_blocking=non_blocking, **images),
+                            self.support_y.to(device, non_blocking=non_blocking),
+                            self.query_x.to(device, non_blocking=non_blocking, **images),
+                            self.query_y.to(device, non_blocking=non_blocking))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.support_x, self.support_y, self.query_x, self.query_y))
