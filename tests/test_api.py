@@ -285,3 +285,11 @@ def test_images_on_another_device_than_the_model_is_one_clear_error(glyphs):
     assert elsewhere.device.type == "meta" and elsewhere.support_x.dtype == torch.float32
     with pytest.raises(ValueError, match="the images are float32 on meta but the model's parameters are float32 on cpu"):
         learner.evaluate(elsewhere)
+
+
+def test_images_with_other_channels_than_the_network_name_in_channels():
+    from tnas.models import Network
+
+    net = Network(PUBLISHED["auto_maml_1shot"], **{**SMALL, "in_channels": 3})
+    with pytest.raises(ValueError, match=r"an input of 1 channels .*\(this layer takes 3 channels per task.*in_channels"):
+        net(torch.zeros(2, 1, 16, 16))
