@@ -190,6 +190,10 @@ def test_from_scratch_settings_budget_config_and_flags(tmp_path):
                                  "--train_seed", "9"))
     assert (flags.epochs, flags.tasks_per_epoch, flags.msl_epochs, flags.second_order, flags.seed) == \
         (3, 2000, 4, True, 9)
+    for fixed in ("--inner_steps_test 3", "--n_way=5", "--seed 4", "--out elsewhere"):  # would be overridden
+        flag = fixed.split()[0].split("=")[0]
+        with pytest.raises(TnasError, match=f"--train_args {flag}: the protocol sets {flag[2:]} for every"):
+            train(_protocol_args("--train_args", f"--epochs 2 {fixed}"))
     with pytest.raises(TnasError, match="from-scratch settings: unknown command-line argument"):
         train(_protocol_args("--train_args", "--no_such_flag 1"))
     with pytest.raises(TnasError, match="--train_config missing.yaml: file not found"):

@@ -94,6 +94,19 @@ def _shorten_epoch_schedules(flags, configured_epochs: int, given: Dict[str, Any
             setattr(flags, name, max(1, round(value * flags.epochs / configured_epochs)))
 
 
+def _refuse_fixed_flags(parser, tokens: List[str], fixed: set) -> None:
+    """A ``--train_args`` flag the protocol sets itself for every run would be overridden without a word:
+    refuse it, naming the flag (the protocol's own flag of that name, where it has one, is the way)."""
+    dests = {option: action.dest for action in parser._actions for option in action.option_strings}
+    for token in tokens:
+        dest = dests.get(token.split("=", 1)[0])
+        if dest in fixed:
+            raise TnasError(f"--train_args {token.split('=', 1)[0]}: the protocol sets {dest} for every "
+                            f"from-scratch run itself (from its own flags, the search checkpoint or per genotype); "
+                            f"give the protocol's flag instead where it has one (python scripts/evaluate_tnas.py "
+                            f"--help)")
+
+
 def train_settings(args, search_summary: Dict[str, Any], device) -> train.TrainSettings:
     """The from-scratch settings every genotype shares, by precedence: what the protocol fixes (data,
     task shape, method, test-time steps, seed, device) > ``--train_args`` > the protocol's own flags >
@@ -108,7 +121,8 @@ def train_settings(args, search_summary: Dict[str, Any], device) -> train.TrainS
         if args.budget:
             _shorten_epoch_schedules(flags, configured_epochs, given)
         if args.train_args:
-            flags = parse_args(parser, shlex.split(args.train_args), namespace=flags)
+            tokens = shlex.split(args.train_args)
+            flags = parse_args(parser, tokens, namespace=flags)
     except TnasError as error:
         raise TnasError(f"from-scratch settings: {error}") from None
     forced = {"dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
@@ -117,6 +131,9 @@ def train_settings(args, search_summary: Dict[str, Any], device) -> train.TrainS
               **evaluate_stage.checkpoint_data_settings(search_summary)}  # images as the search saw them
     forced.update({name: getattr(args, name) for name in ("data_path", "cache_dir", "threads")
                    if getattr(args, name, None)})
+    if args.train_args:
+        _refuse_fixed_flags(parser, tokens, {name for name, value in forced.items() if value is not None}
+                            | {"genotype", "out", "resume"})
     settings = train.settings_from_args(flags).replace(**{k: v for k, v in forced.items() if v is not None})
     try:
         with distributed.local_process():  # each genotype trains alone, so torchrun ranks may use CUDA graphs
