@@ -171,7 +171,8 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                             "--update_step_test; MAML++ itself adapts with its training's 5)")
     group.add_argument("--train_args", default=None, metavar="'FLAGS'",
                        help="more train-stage flags, quoted, e.g. '--msl_epochs 3 --no-cosine_lr' "
-                            "(one flag alone with '=': --train_args=--cuda_graph)")
+                            "(one flag alone with '=': --train_args=--cuda_graph); not those the protocol sets "
+                            "itself (task shape, data, method, --inner_steps_test, seed, device)")
     for name, kind, text in TRAIN_FLAGS:
         group.add_argument(f"--{name}", type=kind, default=None, help=text)
     for name, text in TRAIN_SWITCHES:
