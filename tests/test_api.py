@@ -157,6 +157,13 @@ def test_search_and_train_stages_as_library_calls_then_restore_and_continue(tmp_
     saved = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
     learner.meta_step(sample(glyphs["train"]))  # continue training the restored learner
     assert any(not torch.equal(saved[n], p) for n, p in learner.model.named_parameters())
+    # a device by name, as the stages' --device takes it
+    on_auto, _ = learner_from_checkpoint(str(tmp_path / "train"), device="auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(on_auto.model.parameters()).device.type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(TnasError, match="--device cuda requested but no CUDA GPU is available"):
+            learner_from_checkpoint(str(tmp_path / "train"), device="cuda")
 
     dirs = [str(tmp_path / "g0"), str(tmp_path / "g1")]
     genotypes = [genotype.to_dict(), resolve_genotype("auto_maml_5shot").to_dict()]
