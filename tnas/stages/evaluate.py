@@ -133,17 +133,18 @@ class Prepared:
     device: torch.device
     episodes: Any  # FixedEpisodes
     split: Any
-    trained: Dict[str, Any] = field(default_factory=dict)  # the checkpoint's "epoch" and "iteration"
+    provenance: Dict[str, Any] = field(default_factory=dict)  # results.json's record of them (:func:`provenance`)
 
 
-def provenance(prepared: Prepared) -> Dict[str, Any]:
-    """The results.json fields that tie a score to what was scored: the checkpoint's path and SHA-256, the
-    epochs and meta-iterations it had trained, and the SHA-256 of the test episodes' image indices
-    (:meth:`~tnas.data.episodes.FixedEpisodes.indices_sha256`: equal in two records exactly when both
-    scored the same tasks)."""
-    return {"checkpoint": os.path.abspath(prepared.checkpoint), "checkpoint_sha256": sha256_file(prepared.checkpoint),
-            "checkpoint_epoch": prepared.trained.get("epoch"), "checkpoint_iteration": prepared.trained.get("iteration"),
-            "episodes_sha256": prepared.episodes.indices_sha256()}
+def provenance(checkpoint: str, state: Dict[str, Any], episodes) -> Dict[str, Any]:
+    """The results.json fields that tie a score to what was scored: the checkpoint's path and SHA-256 (taken
+    when it is read), the epochs and meta-iterations it had trained (None where it does not say), and the
+    SHA-256 of the test episodes' image indices (:meth:`~tnas.data.episodes.FixedEpisodes.indices_sha256`:
+    equal in two records exactly when both scored the same tasks in the same order)."""
+    trained = {key: state[key] if isinstance(state.get(key), int) else None for key in ("epoch", "iteration")}
+    return {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+            "checkpoint_epoch": trained["epoch"], "checkpoint_iteration": trained["iteration"],
+            "episodes_sha256": episodes.indices_sha256()}
 
 
 def _run_config(checkpoint: str) -> Dict[str, Any]:
@@ -265,7 +266,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     check_against_checkpoint(args, summary, checkpoint)
     fill_from_checkpoint(args, summary, checkpoint)
     learner = restore.learner_from_state(state, device, source=checkpoint)
-    trained = {key: int(state[key]) for key in ("epoch", "iteration") if isinstance(state.get(key), int)}
+    trained = {key: state.get(key) for key in ("epoch", "iteration")}
     del state
     check_genotype(args, learner, summary, checkpoint)
     split = load_split(args.dataset, "test", data_path=args.data_path, img_size=args.img_size,
@@ -278,7 +279,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[1]}x{split.image_shape[2]} images, but the "
                         f"checkpoint {checkpoint} was trained on {shape[1]}x{shape[2]} images")
     episodes = load_test_episodes(args, split, episodes_given)
-    return Prepared(checkpoint, learner, summary, device, episodes, split, trained)
+    return Prepared(checkpoint, learner, summary, device, episodes, split, provenance(checkpoint, trained, episodes))
 
 
 def default_out_dir(args, checkpoint: str) -> str:
@@ -335,7 +336,7 @@ def _evaluate(args: EvaluateSettings, prepared: Prepared, cuda_graph: bool, info
     extra = {
         "q_query": args.q_query,
         "stage": summary["stage"],
-        **provenance(prepared),
+        **prepared.provenance,
         "update_step_test": args.update_step_test,
         "seed": episodes.seed if episodes.seed is not None else args.seed,
         "episodes_file": os.path.abspath(args.episodes_file) if args.episodes_file else None,
