@@ -566,6 +566,8 @@ class FixedEpisodes:
                     stream.write(json.dumps(dict(header, indices=self.indices.tolist())).encode())
                 else:
                     np.savez_compressed(stream, indices=self.indices.astype(dtype), header=json.dumps(header))
+                stream.flush()
+                os.fsync(stream.fileno())  # on disk before the rename: a crash leaves the old file or the whole new one
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
