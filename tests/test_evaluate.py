@@ -246,6 +246,8 @@ def test_batched_evaluation_scores_each_task_as_alone_and_leaves_the_learner_as_
             np.testing.assert_allclose(result["loss"], alone["loss"], rtol=0, atol=1e-12, err_msg=name)
         share = evaluate_episodes(learner, episodes, 4, "cpu", steps=2, desc=None, starts=[12, 4])
         np.testing.assert_array_equal(share["accuracy"], alone["accuracy"][[12, 4, 5, 6, 7]], err_msg=name)
+        nothing = evaluate_episodes(learner, episodes, 4, "cpu", steps=2, desc=None, starts=[])  # a rank left idle
+        assert nothing["accuracy"].shape == nothing["loss"].shape == (0,), name
         assert len(set(alone["accuracy"].round(4))) > 1, name  # a real spread of scores, not one constant
         assert learner.model.training, name
         assert torch.equal(torch.get_rng_state(), random_state), name

@@ -76,6 +76,8 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
         losses.append(stats.query_loss.detach())
         if track_steps and stats.per_step_accuracy is not None:
             per_step.append(stats.per_step_accuracy.detach())
+    if not accuracies:  # a torchrun rank left without a batch (fewer batches than ranks)
+        return {"accuracy": np.zeros(0), "loss": np.zeros(0)}
     out = {"accuracy": percent(torch.cat(accuracies)),
            "loss": torch.cat(losses).double().cpu().numpy()}
     if per_step:
