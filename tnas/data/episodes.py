@@ -18,6 +18,7 @@ gathered there directly when the whole split is kept on the GPU), optionally aug
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -524,6 +525,12 @@ class FixedEpisodes:
     def __len__(self) -> int:
         return int(self.indices.shape[0])
 
+    def indices_sha256(self) -> str:
+        """Hex SHA-256 of the episodes' image indices (as int64, in episode order): equal for two sets of
+        episodes exactly when they are the same tasks in the same order (results.json records it, so two
+        results can be checked to come from the same test tasks)."""
+        return hashlib.sha256(np.ascontiguousarray(self.indices, dtype=np.int64).tobytes()).hexdigest()
+
     def _loader(self, device: Union[str, torch.device]) -> _ImageLoader:
         key = str(torch.device(device))
         if key not in self._loaders:
@@ -566,6 +573,8 @@ class FixedEpisodes:
                     stream.write(json.dumps(dict(header, indices=self.indices.tolist())).encode())
                 else:
                     np.savez_compressed(stream, indices=self.indices.astype(dtype), header=json.dumps(header))
+                stream.flush()
+                os.fsync(stream.fileno())  # on disk before the rename: a crash leaves the old file or the whole new one
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

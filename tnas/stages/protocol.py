@@ -328,7 +328,7 @@ def results(p: Protocol, parts, genotypes, ids, by_id, episodes_of, runs, cost) 
     return results_record(args.method, args.dataset, args.n_way, args.k_shot,
                           [merged[episode] for episode in range(len(genotypes))], by_id,
                           genotype_id=ids, distinct_genotypes=len(by_id), budget=bool(args.budget),
-                          schedule=p.schedule, checkpoint=os.path.abspath(prepared.checkpoint),
+                          schedule=p.schedule, **prepared.provenance,
                           seed=episodes_seed(prepared, args),
                           episodes_file=os.path.abspath(args.episodes_file) if args.episodes_file else None,
                           q_query=args.q_query, update_step_test=args.update_step_test,
