@@ -30,7 +30,7 @@ from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
 from tnas.genotypes import genotype_counts, genotype_from_dict
 from tnas.progress import TaskProgress
-from tnas.runlog import atomic_write_bytes, atomic_write_json
+from tnas.files import atomic_write_bytes, atomic_write_json
 from tnas.stages import evaluate as evaluate_stage
 
 GENOTYPES_FILE = "episode_genotypes.jsonl"

@@ -16,7 +16,7 @@ from tnas import distributed
 from tnas.errors import TnasError
 from tnas.genotypes import genotype_from_dict
 from tnas.progress import TaskProgress
-from tnas.runlog import atomic_write_json, sha256_file
+from tnas.files import atomic_write_json, sha256_file
 from tnas.stages.decode import GENOTYPES_FILE, SUMMARY_FILE, decode_record, write_genotype_lines
 
 
