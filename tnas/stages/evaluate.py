@@ -63,7 +63,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--k_shot", type=int, default=None, help="support images per class, K-shot")
     group.add_argument("--q_query", type=int, default=None, help="query images per class")
     group.add_argument("--img_size", type=int, default=None, help="image side in pixels (must match the checkpoint)")
-    group.add_argument("--episodes", type=int, default=None, help="fixed test episodes scored (default: 600, or the --episodes_file's)")
+    group.add_argument("--episodes", type=int, default=None,
+                       help="fixed test episodes scored (default: 600, or the --episodes_file's); N episodes drawn "
+                            "from --seed are a set of their own, not the first N of the 600")
     group.add_argument("--episodes_file", default=None, metavar="PATH",
                        help="episode index file (.npz or .json): read when it exists, else written, so "
                             "every method is scored on the same tasks")
