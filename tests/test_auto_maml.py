@@ -17,7 +17,7 @@ from tnas.meta.auto_maml import AutoMAML, AutoMAMLConfig, build_auto_maml_learne
 from tnas.stages.search import SearchSettings, build_auto_maml
 from tnas.meta.maml import inner_loop, model_forward, query_loss_and_accuracy
 from tnas.models.supernet import Supernet
-from tnas.runlog import load_checkpoint
+from tnas.checkpoints import load_checkpoint
 from script_loader import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -272,7 +272,8 @@ def test_results_fields(runs, evaluate, tmp_path):
     assert record["image_shape"] == [1, 16, 16] and record["split"] == "glyphs/test" and record["world_size"] == 1
     # which checkpoint (its bytes, how far it had trained) and which tasks, checkable from the record alone
     from tnas.data import FixedEpisodes, load_split
-    from tnas.runlog import load_checkpoint, sha256_file
+    from tnas.checkpoints import load_checkpoint
+    from tnas.files import sha256_file
 
     state = load_checkpoint(runs["search"] / "best.pt")
     assert record["checkpoint_sha256"] == sha256_file(runs["search"] / "best.pt")
@@ -393,7 +394,7 @@ def test_error_genotype(runs, evaluate, sentinel):
 
 def test_error_channels(runs, evaluate, sentinel, tmp_path):
     """A checkpoint of 3-channel images scored on grayscale glyphs."""
-    from tnas.runlog import load_checkpoint, save_checkpoint
+    from tnas.checkpoints import load_checkpoint, save_checkpoint
     from tnas.meta.tnas import TNAS
     from tnas.models.supernet import Supernet
 

@@ -69,7 +69,7 @@ class _Planted:
 
 
 def test_planted_reduce_in_a_checkpoint_runs_nothing(tmp_path, quick_search, capsys):
-    from tnas.runlog import load_checkpoint
+    from tnas.checkpoints import load_checkpoint
 
     out = finished_run(quick_search, tmp_path / "run")
     marker = tmp_path / "pwned"
@@ -274,10 +274,10 @@ def _enospc(*args, **kwargs):
 
 
 def test_full_disk_on_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    from tnas import runlog
+    from tnas import checkpoints
 
     path = tmp_path / "last.pt"
-    runlog.save_checkpoint({"iteration": torch.tensor(1)}, path)
+    checkpoints.save_checkpoint({"iteration": torch.tensor(1)}, path)
     before = path.read_bytes()
 
     def partial_then_full(obj, handle, *args, **kwargs):
@@ -286,7 +286,7 @@ def test_full_disk_on_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", partial_then_full)
     with pytest.raises(TnasError, match="cannot write checkpoint .*last.pt: No space left on device; the previous"):
-        runlog.save_checkpoint({"iteration": torch.tensor(2)}, path)
+        checkpoints.save_checkpoint({"iteration": torch.tensor(2)}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["last.pt"]
 
@@ -556,7 +556,7 @@ def test_each_data_parallel_rank_resumes_with_its_own_random_state(tmp_path):
     import torch.multiprocessing as mp
 
     from tnas import engine
-    from tnas.runlog import load_checkpoint
+    from tnas.checkpoints import load_checkpoint
 
     out_file = str(tmp_path / "totals.pt")
     mp.spawn(_rng_rank, args=(2, str(tmp_path / "init"), str(tmp_path), out_file), nprocs=2, join=True)

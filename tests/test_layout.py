@@ -14,7 +14,7 @@ PACKAGE = os.path.join(REPO, "tnas")
 
 ABOVE_THE_LIBRARY = ("tnas.stages", "tnas.reproduce", "scripts")
 RUNS_AND_FILES = ("tnas.engine", "tnas.evaluate", "tnas.runlog", "tnas.run_dir", "tnas.config", "tnas.progress",
-                  "tnas.hparams", "tnas.diversity", "tnas.visualize", "tnas.guard")
+                  "tnas.hparams", "tnas.diversity", "tnas.visualize", "tnas.guard", "tnas.files", "tnas.checkpoints")
 
 # (modules, the modules they must not import)
 FORBIDDEN = [
@@ -23,7 +23,8 @@ FORBIDDEN = [
     (("tnas.meta",), ABOVE_THE_LIBRARY + RUNS_AND_FILES),
     (("tnas.data",), ABOVE_THE_LIBRARY + RUNS_AND_FILES + ("tnas.meta", "tnas.models", "tnas.ops",
                                                            "tnas.task_folding", "tnas.genotypes")),
-    (("tnas.errors", "tnas.runlog", "tnas.config", "tnas.precision", "tnas.distributed"),
+    (("tnas.errors", "tnas.files", "tnas.checkpoints", "tnas.runlog", "tnas.config", "tnas.precision",
+      "tnas.distributed"),
      ABOVE_THE_LIBRARY + ("tnas.engine", "tnas.evaluate", "tnas.meta", "tnas.models")),
     (("tnas.engine", "tnas.evaluate", "tnas.run_dir", "tnas.guard", "tnas.progress", "tnas.hparams",
       "tnas.diversity", "tnas.visualize"), ABOVE_THE_LIBRARY),

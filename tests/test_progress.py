@@ -10,7 +10,7 @@ import torch
 
 from tnas.meta.learner import StepStats
 from tnas.progress import (TaskProgress, TrainingProgress, Window, bar_postfix, format_duration,
-                           progress_line)
+                           progress_bar, progress_line)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIME = r"\d+:\d\d:\d\d"
@@ -160,3 +160,13 @@ def test_search_stdout_to_a_file_has_a_line_per_log_interval(tmp_path):
             [("search", "1", "3", "6"), ("search", "1", "5", "6"), ("search", "2", "3", "6"),
              ("search", "2", "5", "6")]
         assert all(float(m["rate"]) > 0 for m in parsed)
+
+
+def test_progress_respects_environment(monkeypatch):
+    monkeypatch.setenv("TNAS_PROGRESS", "0")
+    bar = progress_bar(range(3), desc="x")
+    assert bar.disable and list(bar) == [0, 1, 2]
+    monkeypatch.setenv("TNAS_PROGRESS", "1")
+    bar = progress_bar(total=3, file=open("/dev/null", "w"))
+    assert not bar.disable and bar.leave is False
+    bar.close()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tnas.errors import TnasError
-from tnas.runlog import load_checkpoint, save_checkpoint
+from tnas.checkpoints import load_checkpoint, save_checkpoint
 from tnas.stages import restore
 
 

@@ -1,96 +1,12 @@
-"""tnas.runlog: atomic files, checkpoints, log.txt and tensorboard events."""
+"""tnas.runlog: log.txt and tensorboard events (figures, heatmaps, the rewind after a resume)."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from tb_events import read_events
-from tnas.errors import TnasError
-from tnas.runlog import (RunLogger, atomic_write_bytes, atomic_write_json, load_checkpoint,
-                         progress, render_heatmap, save_checkpoint)
-
-
-def test_atomic_writes_leave_only_the_file(tmp_path):
-    atomic_write_bytes(tmp_path / "a.bin", b"first")
-    atomic_write_bytes(tmp_path / "a.bin", b"second")
-    atomic_write_json(tmp_path / "sub" / "r.json", {"accuracy_mean": 51.2, "per_episode": [1, 2]})
-    assert (tmp_path / "a.bin").read_bytes() == b"second"
-    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {
-        "accuracy_mean": 51.2, "per_episode": [1, 2]}
-    names = sorted(p.name for p in tmp_path.rglob("*"))
-    assert names == ["a.bin", "r.json", "sub"]
-
-
-def test_failed_atomic_write_keeps_old_file(tmp_path):
-    atomic_write_json(tmp_path / "r.json", {"ok": 1})
-    with pytest.raises(TypeError):
-        atomic_write_json(tmp_path / "r.json", {"bad": object()})
-    assert json.loads((tmp_path / "r.json").read_text()) == {"ok": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
-
-
-def test_checkpoint_round_trip_with_rng_state(tmp_path):
-    rng = np.random.RandomState(5)
-    state = {"weights": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 12,
-             "numpy_rng": rng.get_state(), "torch_rng": torch.get_rng_state()}
-    expected_next = rng.rand(3)
-    save_checkpoint(state, tmp_path / "last.pt")
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-    loaded = load_checkpoint(tmp_path / "last.pt")
-    assert loaded["step"] == 12
-    assert torch.equal(loaded["weights"]["w"], state["weights"]["w"])
-    restored = np.random.RandomState()
-    restored.set_state(loaded["numpy_rng"])
-    np.testing.assert_array_equal(restored.rand(3), expected_next)
-    assert torch.equal(loaded["torch_rng"], state["torch_rng"])
-
-
-@pytest.mark.parametrize("content, hint", [
-    (json.dumps({"normal": [["sep_conv_3x3", 0]], "normal_concat": [2]}).encode(), True),  # a genotype file
-    (np.random.default_rng(0).bytes(512), False),  # random bytes
-    (b"\x80\x04\x95garbage", False),  # a pickle, but not torch's
-], ids=["json", "random_bytes", "foreign_pickle"])
-def test_a_file_that_is_no_checkpoint_says_so_in_one_line(tmp_path, content, hint):
-    """Not a torch file at all: one line that says so (not a refusal naming the first byte as a pickle
-    opcode, "it names 123"), pointing a JSON file to --genotype."""
-    path = tmp_path / "genotype.json"
-    path.write_bytes(content)
-    with pytest.raises(TnasError) as info:
-        load_checkpoint(path)
-    message = str(info.value)
-    assert message.startswith(f"cannot read checkpoint {path}: it is not a torch checkpoint")
-    assert ("a genotype file goes to --genotype" in message) == hint
-    assert "refusing" not in message and "it names" not in message and "\n" not in message
-
-
-def test_loading_allows_the_numpy_builders_for_that_load_only(tmp_path):
-    """The numpy types of older RNG states are allowed inside load_checkpoint, not in torch.load after it
-    (torch's process-wide allow-list is left as it was, on every supported torch)."""
-    before = set(torch.serialization.get_safe_globals())  # a set inside torch: its order may change
-    path = tmp_path / "old.pt"
-    save_checkpoint({"numpy_rng": np.random.RandomState(1).get_state()}, path)
-    assert load_checkpoint(path)["numpy_rng"][0] == "MT19937"
-    assert set(torch.serialization.get_safe_globals()) == before
-    with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
-        torch.load(path, weights_only=True)
-
-
-def test_truncated_checkpoint_names_path(tmp_path):
-    path = tmp_path / "best.pt"
-    save_checkpoint({"w": torch.randn(100, 100)}, path)
-    path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(TnasError) as info:
-        load_checkpoint(path)
-    assert str(path) in str(info.value) and "cannot read checkpoint" in str(info.value)
-    assert "\n" not in str(info.value)
-
-
-def test_missing_checkpoint(tmp_path):
-    with pytest.raises(TnasError, match="checkpoint not found: .*missing.pt"):
-        load_checkpoint(tmp_path / "missing.pt")
+from tnas.runlog import RunLogger
 
 
 def test_run_logger_writes_log_and_events(tmp_path, capsys):
@@ -147,24 +63,6 @@ def test_figure_is_rendered_and_closed(tmp_path):
     assert not plt.fignum_exists(figure.number)
     tags = {v.tag for e in read_events(tmp_path / "tb") for v in e.summary.value}
     assert "curve" in tags
-
-
-def test_render_heatmap_image():
-    image = render_heatmap(np.eye(14, 8), title="t")
-    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-    assert image.std() > 0
-    with pytest.raises(ValueError):
-        render_heatmap(np.zeros(3))
-
-
-def test_progress_respects_environment(monkeypatch):
-    monkeypatch.setenv("TNAS_PROGRESS", "0")
-    bar = progress(range(3), desc="x")
-    assert bar.disable and list(bar) == [0, 1, 2]
-    monkeypatch.setenv("TNAS_PROGRESS", "1")
-    bar = progress(total=3, file=open("/dev/null", "w"))
-    assert not bar.disable and bar.leave is False
-    bar.close()
 
 
 def test_without_tensorboardx_falls_back_to_torch_writer_or_turns_off(tmp_path, monkeypatch):

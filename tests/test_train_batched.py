@@ -22,7 +22,7 @@ from tnas.config import parse_args
 from tnas.engine import MetaTrainer, Schedule
 from tnas.errors import TnasError
 from tnas.genotypes import PUBLISHED
-from tnas.runlog import load_checkpoint
+from tnas.checkpoints import load_checkpoint
 from tnas.stages import batched_train, restore, train
 from tnas.stages.protocol_score import batch_learner
 

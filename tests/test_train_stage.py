@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tnas.runlog import load_checkpoint
+from tnas.checkpoints import load_checkpoint
 from tnas.stages import restore, train
 from script_loader import load_script
 

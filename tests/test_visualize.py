@@ -13,7 +13,7 @@ import torch
 from tnas import visualize
 from tnas.errors import TnasError
 from tnas.genotypes import PRIMITIVES, PUBLISHED, Genotype, num_edges
-from tnas.visualize import edge_labels, genotype_to_dot, plot_genotype, render_cell
+from tnas.visualize import edge_labels, genotype_to_dot, plot_genotype, render_cell, render_heatmap
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CELLS = ("normal", "reduce")
@@ -153,12 +153,18 @@ def test_edge_labels():
 
 
 def test_alpha_heatmap_of_the_search_stage_is_labelled_by_edge_and_op():
-    """The search stage logs softmax(alpha) through RunLogger.heatmap (runlog.render_heatmap), rows
+    """The search stage logs softmax(alpha) through RunLogger.heatmap (tnas.visualize.render_heatmap), rows
     labelled by edge, columns by op: an RGB image whose size grows with the rows."""
-    from tnas.runlog import render_heatmap
-
     alpha = torch.softmax(torch.randn(14, 8), dim=-1)
     image = render_heatmap(alpha, edge_labels(4), PRIMITIVES, "alpha normal, epoch 3")
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     smaller = render_heatmap(alpha[:num_edges(2)], edge_labels(2), PRIMITIVES)
     assert smaller.shape[0] < image.shape[0]
+
+
+def test_render_heatmap_image():
+    image = render_heatmap(np.eye(14, 8), title="t")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.std() > 0
+    with pytest.raises(ValueError):
+        render_heatmap(np.zeros(3))

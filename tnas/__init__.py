@@ -8,9 +8,10 @@ Where things are, for use from Python (README: "Use from Python"):
 - :mod:`tnas.meta`: ``inner_loop`` / ``model_forward`` (functional MAML), the learners
   ``MAMLPlusPlus`` / ``TNAS`` / ``AutoMAML`` and their configs;
 - :mod:`tnas.evaluate`: ``evaluate_episodes``, ``mean_ci95`` (accuracy and 95% CI on fixed episodes);
-- :mod:`tnas.visualize`: ``plot_genotype`` (cell diagrams); :mod:`tnas.stages`: each stage as ``run(settings)``.
+- :mod:`tnas.visualize`: ``plot_genotype`` (cell diagrams); :mod:`tnas.stages`: each stage as ``run(settings)``;
+- :mod:`tnas.checkpoints`: ``load_checkpoint`` (any tnas checkpoint, without running code).
 
 Layers, arrows pointing down (see README): scripts -> engine / evaluate -> meta ->
-models / visualize -> genotypes, ops, data, config, runlog.
+models / visualize -> genotypes, ops, data, config, runlog, files, checkpoints.
 """
 __version__ = "0.1.0"

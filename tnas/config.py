@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from tnas.errors import TnasError
-from tnas.runlog import atomic_write_bytes
+from tnas.files import atomic_write_bytes
 
 # Keys of a config file that are not flags: ``include`` pulls in another file, and
 # ``config`` (present in saved configs) is the file's own path, which has no meaning there.

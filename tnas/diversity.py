@@ -22,7 +22,7 @@ import numpy as np
 
 from tnas.errors import TnasError
 from tnas.genotypes import PRIMITIVES, Genotype, edge_inputs, genotype_counts, genotype_from_dict, num_edges
-from tnas.runlog import atomic_write_bytes, atomic_write_json
+from tnas.files import atomic_write_bytes, atomic_write_json
 from tnas.visualize import edge_labels, op_frequency_image, png_bytes
 
 CELLS = ("normal", "reduce")

@@ -29,8 +29,10 @@ from tnas.errors import TnasError
 from tnas.evaluate import evaluate_episodes, mean_ci95
 from tnas.meta.learner import StepStats
 from tnas.precision import precision_name
-from tnas.progress import TrainingProgress
-from tnas.runlog import RunLogger, atomic_write_json, load_checkpoint, progress, save_checkpoint
+from tnas.progress import TrainingProgress, progress_bar
+from tnas.checkpoints import load_checkpoint, save_checkpoint
+from tnas.files import atomic_write_json
+from tnas.runlog import RunLogger
 
 StepFn = Callable[[int, bool], StepStats]
 """``step(iteration, track_steps) -> StepStats``: one meta-iteration (samples its own batch)."""
@@ -363,7 +365,7 @@ class MetaTrainer:
         with StopRequest() as stop:
             while self.epoch < schedule.epochs:
                 first = self.iteration - self.epoch * per_epoch
-                bar = progress(range(first, per_epoch), total=per_epoch, initial=first,
+                bar = progress_bar(range(first, per_epoch), total=per_epoch, initial=first,
                                desc=f"{self.stage} epoch {self.epoch + 1}/{schedule.epochs}")
                 meter.start_epoch(self.epoch, self.iteration, bar)
                 for _ in bar:

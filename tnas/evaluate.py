@@ -15,8 +15,7 @@ import torch
 
 from tnas.meta.cuda_graph import GraphedStep, capture_failure_logger
 from tnas.meta.genotype_batch import stack_batches
-from tnas.progress import TaskProgress
-from tnas.runlog import progress
+from tnas.progress import TaskProgress, progress_bar
 
 
 def mean_ci95(accuracies: Sequence[float]) -> Dict[str, float]:
@@ -73,7 +72,7 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
         batches = (episodes.batch(slice(start, start + batch_size), device) for start in starts)
         total, tasks = len(starts), tasks_in(starts, len(episodes), batch_size)
     meter = TaskProgress(desc or "evaluate", tasks, total, log=log) if log is not None else None
-    for batch in meter.wrap(batches) if meter else progress(batches, total=total, desc=desc):
+    for batch in meter.wrap(batches) if meter else progress_bar(batches, total=total, desc=desc):
         stats = evaluate(batch)
         if meter:
             meter.add(stats.query_accuracy.shape[0], stats.query_accuracy)

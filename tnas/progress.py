@@ -1,7 +1,7 @@
 """Progress you can watch off a terminal: one line per log interval, and the same numbers on the bar.
 
 Runs under ``nohup``, ``tmux`` or a batch scheduler have no progress bar on stdout (tqdm
-bars are drawn only when stderr is a terminal, see :func:`tnas.runlog.progress`), so the
+bars are drawn only when stderr is a terminal, see :func:`progress_bar`), so the
 loops here also write plain lines such as::
 
     search epoch 1/10 iter 50/1250 | loss 1.5873 acc 31.20% | 8.4 tasks/s | epoch 0:00:24 eta 0:09:31 | run 0:00:24 eta 1:39:05
@@ -21,6 +21,8 @@ check it already makes at each log interval.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from typing import Iterable, List, Optional
 
@@ -233,10 +235,8 @@ class TaskProgress:
     def wrap(self, batches: Optional[Iterable], desc: Optional[str] = None):
         """``batches`` under a tqdm bar (shown on a terminal only). ``None``: a bar that :meth:`add`
         advances, for loops that are not one iterable (the protocol scores genotype after genotype)."""
-        from tnas.runlog import progress
-
         self._manual = batches is None
-        self.bar = progress(batches, total=self.total_batches, desc=desc or self.stage)
+        self.bar = progress_bar(batches, total=self.total_batches, desc=desc or self.stage)
         self._started = time.time()
         return self.bar
 
@@ -265,3 +265,25 @@ class TaskProgress:
         if self._manual and self.bar is not None and self.batches >= self.total_batches:
             self.bar.close()
         return line
+
+
+def progress_bar(iterable=None, total=None, desc=None, disable=None, **kw):
+    """A tqdm progress bar with our defaults (``leave=False``).
+
+    With ``disable=None`` the bar is off when ``TNAS_PROGRESS=0``, forced on when
+    ``TNAS_PROGRESS=1``, and otherwise shown only when stderr is a terminal (so logs of
+    batch jobs stay clean).
+    """
+    from tqdm import tqdm
+
+    if disable is None:
+        setting = os.environ.get("TNAS_PROGRESS", "").strip()
+        if setting == "0":
+            disable = True
+        elif setting == "1":
+            disable = False
+        else:
+            disable = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    kw.setdefault("leave", False)
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, total=total, desc=desc, disable=disable, **kw)

@@ -157,7 +157,7 @@ def check_resume(args, out: str, stage: str, free_keys: FrozenSet[str] = FREE_KE
     (not in ``free_keys``) are refused unless ``args.resume_override``. Returns
     ``({flag: (saved value, new value)}, epoch, iteration)``.
     """
-    from tnas.runlog import load_checkpoint
+    from tnas.checkpoints import load_checkpoint
 
     last = os.path.join(out, "last.pt")
     state = load_checkpoint(last)
@@ -201,7 +201,7 @@ def flags_new_since_start(args, out: str, free_keys: FrozenSet[str] = FREE_KEYS)
 
 def record_overrides(out: str, changes: Mapping[str, Tuple[Any, Any]], epoch: int, iteration: int) -> None:
     """Append the settings a resume changed to ``out/overrides.json`` (from ``epoch`` + 1 on)."""
-    from tnas.runlog import atomic_write_json
+    from tnas.files import atomic_write_json
 
     records = read_overrides(out)
     records.append({"from_epoch": epoch + 1, "from_iteration": iteration,

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from tnas.errors import TnasError
+from tnas.files import atomic_write_bytes
 from tnas.genotypes import PRIMITIVES, Genotype, edge_inputs, num_edges, validate_genotype
-from tnas.runlog import atomic_write_bytes, render_heatmap
 
 CELLS = ("normal", "reduce")
 INPUT_NAMES = ("c_{k-2}", "c_{k-1}")
@@ -230,7 +230,7 @@ def _steps_of(rows: int) -> int:
 def op_frequency_image(frequency: Sequence, meta_choice: Sequence, title: str = "") -> np.ndarray:
     """RGB uint8 image [H, W, 3]: heatmap of ``frequency`` ([edges, len(PRIMITIVES)], the fraction of
     tasks keeping each op on each edge; ``none``: edge dropped) beside the meta-architecture's 0/1
-    choice of the same shape (rows line up), both drawn by :func:`tnas.runlog.render_heatmap`."""
+    choice of the same shape (rows line up), both drawn by :func:`render_heatmap`."""
     frequency, meta_choice = np.asarray(frequency, dtype=float), np.asarray(meta_choice, dtype=float)
     if frequency.ndim != 2 or frequency.shape[1] != len(PRIMITIVES) or meta_choice.shape != frequency.shape:
         raise ValueError(f"op frequencies of shape {frequency.shape} and a meta choice of shape {meta_choice.shape}: "
@@ -249,3 +249,57 @@ def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="png", optimize=True)
     return buffer.getvalue()
+
+
+# -- heatmaps (tensorboard pictures of alphas and op frequencies) ---------------------------------
+def figure_to_array(figure) -> np.ndarray:
+    """Render a matplotlib figure to an RGB uint8 array [H, W, 3] with the Agg canvas.
+
+    Works for ``matplotlib.figure.Figure`` objects and pyplot figures alike, without
+    changing the global backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def render_heatmap(
+    matrix,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> np.ndarray:
+    """Draw a 2-D matrix (e.g. softmax(alpha), 14 edges x 8 ops) as an annotated heatmap.
+
+    Returns the RGB uint8 image [H, W, 3]. Cells are annotated with their values when the
+    matrix is small enough to read (at most 32 x 16).
+    """
+    from matplotlib.figure import Figure
+
+    values = np.asarray(matrix.detach().cpu() if hasattr(matrix, "detach") else matrix, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"heatmap needs a 2-D matrix, got shape {values.shape}")
+    rows, cols = values.shape
+    figure = Figure(figsize=(1.2 + 0.9 * max(cols, 2), 1.0 + 0.4 * max(rows, 2)), dpi=80)
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(values, cmap="viridis", aspect="auto")
+    figure.colorbar(image, ax=axes)
+    axes.set_xticks(range(cols))
+    axes.set_yticks(range(rows))
+    if col_labels is not None:
+        axes.set_xticklabels(list(col_labels), rotation=45, ha="right", fontsize=8)
+    if row_labels is not None:
+        axes.set_yticklabels(list(row_labels), fontsize=8)
+    if rows <= 32 and cols <= 16 and np.isfinite(values).all():
+        middle = (values.max() + values.min()) / 2
+        for r in range(rows):
+            for c in range(cols):
+                colour = "black" if values[r, c] > middle else "white"
+                axes.text(c, r, f"{values[r, c]:.2f}", ha="center", va="center",
+                          fontsize=6, color=colour)
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    return figure_to_array(figure)

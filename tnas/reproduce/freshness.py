@@ -27,7 +27,7 @@ from typing import Any, Container, Dict, List, Mapping, Optional, Sequence, Tupl
 
 from tnas.errors import TnasError
 from tnas.reproduce.plan import Input, Step
-from tnas.runlog import sha256_file
+from tnas.files import sha256_file
 
 _DIGESTS: Dict[Tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256: one read per version
 

@@ -40,7 +40,7 @@ from tnas.errors import TnasError
 from tnas.reproduce import freshness
 from tnas.reproduce.plan import REPO, Cell, Plan, Settings, Step, step_summary
 from tnas.reproduce.table import build_table, render_markdown
-from tnas.runlog import atomic_write_bytes, atomic_write_json
+from tnas.files import atomic_write_bytes, atomic_write_json
 
 LEDGER_FILE = "ledger.json"
 SETTINGS_FILE = "settings.json"

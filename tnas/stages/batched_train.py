@@ -47,8 +47,8 @@ from tnas.meta.genotype_batch import GenotypeBatchLearner, stack_batches
 from tnas.meta.maml_pp import MAMLPlusPlus
 from tnas.models.complexity import count_macs
 from tnas.models.genotype_batch import GenotypeBatchNetwork
-from tnas.progress import TrainingProgress
-from tnas.runlog import load_checkpoint, progress
+from tnas.progress import TrainingProgress, progress_bar
+from tnas.checkpoints import load_checkpoint
 from tnas.stages import common
 from tnas.stages import train as train_stage
 
@@ -101,7 +101,7 @@ class _CallBar:
     solo validation's bar is (a terminal only, no log lines)."""
 
     def __init__(self, total: int, desc: str):
-        self.bar = progress(total=total, desc=desc)
+        self.bar = progress_bar(total=total, desc=desc)
 
     def add(self, tasks: int, accuracy=None) -> None:
         self.bar.update(1)
@@ -187,7 +187,7 @@ class BatchedTrainer:
         with StopRequest() as stop:
             while lead.epoch < schedule.epochs:
                 first = lead.iteration - lead.epoch * per_epoch
-                bar = progress(range(first, per_epoch), total=per_epoch, initial=first,
+                bar = progress_bar(range(first, per_epoch), total=per_epoch, initial=first,
                                desc=f"train {len(self.trainers)} genotypes epoch {lead.epoch + 1}/{schedule.epochs}")
                 for meter in meters:
                     meter.start_epoch(lead.epoch, lead.iteration, bar)

@@ -32,10 +32,9 @@ from tnas.config import HelpFormatter, resolve_device, set_flag
 from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
 from tnas.evaluate import batch_starts, merge_batches, tasks_in
+from tnas.files import atomic_write_bytes, atomic_write_json
 from tnas.genotypes import genotype_counts, genotype_from_dict
-from tnas.progress import StdoutLog, TaskProgress
-from tnas.runlog import progress
-from tnas.runlog import atomic_write_bytes, atomic_write_json
+from tnas.progress import StdoutLog, TaskProgress, progress_bar
 from tnas.stages import evaluate as evaluate_stage
 
 GENOTYPES_FILE = "episode_genotypes.jsonl"
@@ -118,7 +117,7 @@ def decode_episodes(prepared, args, info: distributed.DistInfo, log=None) -> Opt
     mine = distributed.shard(batch_starts(len(episodes), size), info)
     meter = TaskProgress("decode", tasks_in(mine, len(episodes), size), len(mine), log=log) if log is not None else None
     genotypes: List[Dict[str, Any]] = []
-    for start in meter.wrap(mine) if meter else progress(mine, total=len(mine), desc="decode"):
+    for start in meter.wrap(mine) if meter else progress_bar(mine, total=len(mine), desc="decode"):
         decoded = learner.decode(episodes.batch(slice(start, start + size), prepared.device),
                                  steps=args.update_step_test)
         genotypes.extend(genotype.to_dict() for genotype in decoded)

@@ -41,7 +41,7 @@ from tnas.errors import TnasError
 from tnas.evaluate import batch_starts, evaluate_episodes, format_accuracy, merge_shares, results_record
 from tnas.genotypes import genotype_from_dict, resolve_genotype
 from tnas.progress import StdoutLog
-from tnas.runlog import atomic_write_json, sha256_file
+from tnas.files import atomic_write_json, sha256_file
 from tnas.stages import common, restore
 from tnas.stages.settings import Settings
 

@@ -66,7 +66,8 @@ from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
 from tnas.evaluate import format_accuracy, results_record
 from tnas.genotypes import group_genotypes
-from tnas.runlog import RunLogger, atomic_write_json
+from tnas.files import atomic_write_json
+from tnas.runlog import RunLogger
 from tnas.stages import common, train
 from tnas.stages import cost as cost_stage
 from tnas.stages import evaluate as evaluate_stage

@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional
 
 from tnas import distributed
 from tnas.errors import TnasError
+from tnas.files import atomic_write_json, sha256_file
 from tnas.genotypes import genotype_from_dict
-from tnas.runlog import atomic_write_json, sha256_file
 from tnas.stages.decode import GENOTYPES_FILE, SUMMARY_FILE, decode_record, write_genotype_lines
 from tnas.stages.decode import decode_episodes as decode_to_main
 

@@ -33,7 +33,7 @@ from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
 from tnas.meta.tnas import TNAS, TNASConfig
 from tnas.models.factory import model_kind, network_from_config
 from tnas.models.supernet import Supernet
-from tnas.runlog import load_checkpoint
+from tnas.checkpoints import load_checkpoint
 
 
 # -- the learner registry ------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from tnas.meta.cuda_graph import make_optimizers_capturable
 from tnas.meta.maml_pp import COSINE_UNITS, MAMLConfig, MAMLPlusPlus
 from tnas.models.complexity import count_macs
 from tnas.models import factory
-from tnas.runlog import load_checkpoint, read_json
+from tnas.checkpoints import load_checkpoint
+from tnas.files import read_json
 from tnas.stages import common
 from tnas.stages.settings import (DataSettings, NetworkSettings, RunSettings, ScheduleSettings, Settings,
                                   differences, free, register_part)

@@ -1,0 +1,98 @@
+"""Files a later stage reads, written so that a crash or a full disk never leaves half of one.
+
+The bytes go to a temporary file in the same directory, are fsynced, and then ``os.replace``
+swaps it in (and the directory is fsynced, where the OS allows, so the rename itself lasts);
+a failed write is one :class:`~tnas.errors.TnasError` line that keeps the previous file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from tnas.errors import TnasError
+
+# Temp files are created 0600; give the final file the usual permissions (0666 & ~umask).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+@contextlib.contextmanager
+def atomic_file(path) -> Iterator[IO[bytes]]:
+    """Yield a binary temp file beside ``path``; on success fsync it and move it onto ``path``.
+
+    On any exception the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        mode="wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(OSError):
+            os.chmod(handle.name, _FILE_MODE)
+        os.replace(handle.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Persist the rename itself (best effort; not possible on every OS/filesystem)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_failed(path, error: OSError, what: str) -> TnasError:
+    """The one-line error of a failed atomic write (the temp file is gone; the old file is intact)."""
+    kept = "the previous one is kept" if Path(path).exists() else "nothing was written"
+    return TnasError(f"cannot write {what}{path}: {error.strerror or error}; {kept}")
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace); a failed
+    write (full disk, no permission) is one :class:`TnasError` line and keeps the previous file."""
+    try:
+        with atomic_file(path) as handle:
+            handle.write(data)
+    except OSError as error:
+        raise write_failed(path, error, "") from None
+
+
+def atomic_write_json(path, obj, indent: int = 2) -> None:
+    """Write ``obj`` as JSON (UTF-8, trailing newline) to ``path`` atomically."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path) -> Any:
+    """The JSON value in ``path``, or None when the file is missing, unreadable or not JSON."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
