@@ -38,6 +38,11 @@ def batch_starts(count: int, batch_size: int) -> List[int]:
     return list(range(0, int(count), int(batch_size)))
 
 
+def tasks_in(starts: Sequence[int], count: int, batch_size: int) -> int:
+    """How many of the ``count`` episodes the batches beginning at ``starts`` hold (a rank's share)."""
+    return sum(min(int(batch_size), int(count) - int(start)) for start in starts)
+
+
 def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optional[int] = None,
                       desc: Optional[str] = "evaluate", track_steps: bool = False,
                       cuda_graph: bool = False, log=None, starts: Optional[Sequence[int]] = None
@@ -65,7 +70,7 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
         batches, total, tasks = episodes.batches(batch_size, device), math.ceil(len(episodes) / batch_size), len(episodes)
     else:
         batches = (episodes.batch(slice(start, start + batch_size), device) for start in starts)
-        total, tasks = len(starts), sum(min(batch_size, len(episodes) - start) for start in starts)
+        total, tasks = len(starts), tasks_in(starts, len(episodes), batch_size)
     meter = TaskProgress(desc or "evaluate", tasks, total, log=log) if log is not None else None
     for batch in meter.wrap(batches) if meter else progress_bar(batches, total=total, desc=desc):
         stats = evaluate(batch)
@@ -84,13 +89,16 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
     return out
 
 
-def merge_shares(parts: Sequence[Dict[str, object]], count: int, batch_size: int) -> Dict[str, np.ndarray]:
-    """The per-episode results of all ``count`` episodes, in episode order, from the shares of the ranks
-    that scored them: each part ``{"starts": [...], "accuracy": [E_r], "loss": [E_r]}``, as
-    :func:`evaluate_episodes` returns for those ``starts``. A ValueError when an episode was scored
-    twice or by nobody (every episode is averaged exactly once, whatever the world size)."""
-    merged = {key: np.full(int(count), np.nan) for key in ("accuracy", "loss")}
-    seen = np.zeros(int(count), dtype=bool)
+def merge_batches(parts: Sequence[Dict[str, object]], count: int, batch_size: int,
+                  keys: Sequence[str]) -> Dict[str, List[object]]:
+    """Per key of ``keys``, the ``count`` per-episode items in episode order, from the shares of the ranks
+    that computed them: each part ``{"starts": [...], key: [E_r items], ...}``, the items of the batches
+    beginning at ``starts`` (a share of :func:`batch_starts`) in that order. A ValueError when an episode
+    was computed twice or by nobody, or a part's items do not fill its batches (so every episode counts
+    exactly once, whatever the world size and the order of the parts)."""
+    count, batch_size = int(count), int(batch_size)
+    merged: Dict[str, List[object]] = {key: [None] * count for key in keys}
+    seen = np.zeros(count, dtype=bool)
     for part in parts:
         offset = 0
         for start in part["starts"]:
@@ -99,14 +107,24 @@ def merge_shares(parts: Sequence[Dict[str, object]], count: int, batch_size: int
                 raise ValueError(f"the batch of episodes from {start} is not a batch of {count} episodes "
                                  f"at {batch_size} per batch, or was scored twice")
             seen[start:start + size] = True
-            for key in merged:
-                merged[key][start:start + size] = np.asarray(part[key])[offset:offset + size]
+            for key in keys:
+                merged[key][start:start + size] = list(part[key][offset:offset + size])
             offset += size
-        if offset != len(part["accuracy"]):
-            raise ValueError(f"a share holds {len(part['accuracy'])} accuracies for {offset} episodes")
+        for key in keys:
+            if offset != len(part[key]):
+                raise ValueError(f"a share holds {len(part[key])} '{key}' items for {offset} episodes")
     if not seen.all():
         raise ValueError(f"no result for episode(s) {np.flatnonzero(~seen)[:5].tolist()}")
     return merged
+
+
+def merge_shares(parts: Sequence[Dict[str, object]], count: int, batch_size: int) -> Dict[str, np.ndarray]:
+    """The per-episode results of all ``count`` episodes, in episode order, from the shares of the ranks
+    that scored them: each part ``{"starts": [...], "accuracy": [E_r], "loss": [E_r]}``, as
+    :func:`evaluate_episodes` returns for those ``starts``; float64 ``[count]`` arrays. The checks of
+    :func:`merge_batches` (every episode averaged exactly once, whatever the world size)."""
+    merged = merge_batches(parts, count, batch_size, ("accuracy", "loss"))
+    return {key: np.asarray(values, dtype=np.float64) for key, values in merged.items()}
 
 
 def chunks(count: int, genotypes: int, batch_size: int) -> List[Tuple[int, int]]:

@@ -15,22 +15,26 @@ what the tasks chose (:mod:`tnas.diversity`): ``op_frequency_{normal,reduce}.png
 fraction of tasks keeping each op, beside the meta-architecture's choice) and
 ``genotype_diversity.json`` (distinct genotypes, tasks sharing the most common one, per-edge
 entropy), also logged to tensorboard under ``tb/``.
+
+Under torchrun the batches of episodes are dealt to the ranks as in the evaluate stage, and rank 0
+alone writes and prints the same files and lines as one process (:func:`run`).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from tnas.config import HelpFormatter, set_flag
+from tnas import distributed
+from tnas.config import HelpFormatter, resolve_device, set_flag
 from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
-from tnas.genotypes import genotype_counts, genotype_from_dict
-from tnas.progress import TaskProgress
+from tnas.evaluate import batch_starts, merge_batches, tasks_in
 from tnas.files import atomic_write_bytes, atomic_write_json
+from tnas.genotypes import genotype_counts, genotype_from_dict
+from tnas.progress import StdoutLog, TaskProgress, progress_bar
 from tnas.stages import evaluate as evaluate_stage
 
 GENOTYPES_FILE = "episode_genotypes.jsonl"
@@ -99,24 +103,66 @@ def decode_record(prepared, args, genotypes: List[Dict[str, Any]], genotypes_fil
     }
 
 
-def run(args: evaluate_stage.CheckpointSettings) -> Dict[str, object]:
-    """Decode the per-episode genotypes the settings describe; returns the summary (``decode_summary.json``)."""
+def decode_episodes(prepared, args, info: distributed.DistInfo, log=None) -> Optional[List[Dict[str, Any]]]:
+    """The per-episode genotype dicts, in episode order, on rank 0 (None on the other ranks).
+
+    The batches of ``args.batch_size`` episodes (the same batches as one process cuts,
+    :func:`tnas.evaluate.batch_starts`) are dealt round robin to the ranks; each rank adapts and decodes
+    its share (``args.update_step_test`` steps) and rank 0 gathers the shares and puts every episode in
+    its place once (:func:`tnas.evaluate.merge_batches`): the same genotypes as one process. ``log``
+    (a RunLogger or :class:`tnas.progress.StdoutLog`) gets about ten progress lines of this rank's
+    share; without one, only a bar on a terminal.
+    """
+    episodes, learner, size = prepared.episodes, prepared.learner, args.batch_size
+    mine = distributed.shard(batch_starts(len(episodes), size), info)
+    meter = TaskProgress("decode", tasks_in(mine, len(episodes), size), len(mine), log=log) if log is not None else None
+    genotypes: List[Dict[str, Any]] = []
+    for start in meter.wrap(mine) if meter else progress_bar(mine, total=len(mine), desc="decode"):
+        decoded = learner.decode(episodes.batch(slice(start, start + size), prepared.device),
+                                 steps=args.update_step_test)
+        genotypes.extend(genotype.to_dict() for genotype in decoded)
+        if meter:
+            meter.add(len(decoded))
+    parts = distributed.gather_to_main({"starts": mine, "genotypes": genotypes}, info)
+    if not info.is_main:
+        return None
+    return merge_batches(parts, len(episodes), size, ("genotypes",))["genotypes"]
+
+
+def run(args: evaluate_stage.CheckpointSettings) -> Optional[Dict[str, object]]:
+    """Decode the per-episode genotypes the settings describe; returns the summary (``decode_summary.json``),
+    None on the other ranks under torchrun.
+
+    Under torchrun the batches of episodes are dealt to the ranks (:func:`decode_episodes`), each on its
+    own device (``cuda:LOCAL_RANK`` mod the GPUs; the ranks talk over gloo, only genotypes travel);
+    rank 0 writes ``--episodes_file`` before the others read it, and alone writes the files and prints:
+    the same files as one process.
+    """
     started = time.time()
     if args.out and os.path.isdir(args.out):
         raise TnasError(f"--out {args.out} is a directory; give a file name "
                         f"(e.g. {os.path.join(args.out, GENOTYPES_FILE)})")
-    prepared = evaluate_stage.prepare(args, check_summary=check_tnas_search)
-    learner, episodes = prepared.learner, prepared.episodes
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(prepared.checkpoint)), GENOTYPES_FILE)
+    device = resolve_device(args.device)
+    info = distributed.init_distributed(device, share_gpus=True)
+    try:
+        args.device = str(distributed.local_device(device, info))
+        if not info.is_main:  # rank 0 first: it writes --episodes_file when it does not exist yet
+            distributed.barrier(info)
+        prepared = evaluate_stage.prepare(args, check_summary=check_tnas_search)
+        if info.is_main:
+            distributed.barrier(info)
+        genotypes = decode_episodes(prepared, args, info, log=StdoutLog() if info.is_main else None)
+        summary = _write(args, prepared, genotypes, started) if info.is_main else None
+        distributed.barrier(info)  # every rank leaves the process group together
+        return summary
+    finally:
+        distributed.shutdown(info)
 
-    genotypes = []
-    total = math.ceil(len(episodes) / args.batch_size)
-    meter = TaskProgress("decode", len(episodes), total)
-    for batch in meter.wrap(episodes.batches(args.batch_size, prepared.device)):
-        decoded = learner.decode(batch, steps=args.update_step_test)
-        genotypes.extend(genotype.to_dict() for genotype in decoded)
-        meter.add(len(decoded))
-    meta_genotype = learner.genotype().to_dict()
+
+def _write(args, prepared, genotypes: List[Dict[str, Any]], started: float) -> Dict[str, object]:
+    """Write the genotypes, the summary and what the tasks chose (rank 0), print where; the summary."""
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(prepared.checkpoint)), GENOTYPES_FILE)
+    meta_genotype = prepared.learner.genotype().to_dict()
     summary = decode_record(prepared, args, genotypes, out, meta_genotype, time.time() - started)
     summary_path = os.path.join(os.path.dirname(os.path.abspath(out)), SUMMARY_FILE)
     write_genotype_lines(out, genotypes)

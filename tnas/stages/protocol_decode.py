@@ -7,24 +7,25 @@ reuses them when a later invocation asks for the same key.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Dict, List, Optional
 
 from tnas import distributed
 from tnas.errors import TnasError
-from tnas.genotypes import genotype_from_dict
-from tnas.progress import TaskProgress
 from tnas.files import atomic_write_json, sha256_file
+from tnas.genotypes import genotype_from_dict
 from tnas.stages.decode import GENOTYPES_FILE, SUMMARY_FILE, decode_record, write_genotype_lines
+from tnas.stages.decode import decode_episodes as decode_to_main
 
 
 def decode_cache_key(prepared, args) -> Dict[str, Any]:
-    """What the per-episode genotypes depend on: the checkpoint's bytes, the episodes, the adaptation."""
+    """What the per-episode genotypes depend on: the checkpoint's bytes, the episodes, the adaptation.
+    Caches written before stay valid only while this stays byte-identical (tests pin it): the episodes'
+    hash is :meth:`~tnas.data.episodes.FixedEpisodes.indices_sha256`, as in results.json."""
     episodes = prepared.episodes
     return {"checkpoint_sha256": sha256_file(prepared.checkpoint),
-            "episodes_sha256": hashlib.sha256(episodes.indices.astype("int64").tobytes()).hexdigest(),
+            "episodes_sha256": episodes.indices_sha256(),
             "episodes": len(episodes), "split": prepared.split.name, "dataset": args.dataset,
             "image_shape": list(prepared.split.image_shape), "n_way": args.n_way, "k_shot": args.k_shot,
             "q_query": args.q_query, "update_step_test": args.update_step_test,
@@ -48,25 +49,11 @@ def read_decode_cache(out_dir: str, key: Dict[str, Any]) -> Optional[List[Dict[s
 
 
 def decode_episodes(prepared, args, info: distributed.DistInfo, log=None) -> List[Dict[str, Any]]:
-    """Per-episode genotypes; decoding batches dealt round robin to the ranks (the same batches as one
-    process uses, so the same genotypes), gathered on rank 0 and sent back to every rank. ``log`` gets
-    progress lines (this rank's share)."""
-    episodes, learner = prepared.episodes, prepared.learner
-    starts = list(range(0, len(episodes), args.batch_size))
-    local: Dict[int, List[Dict[str, Any]]] = {}
-    mine = distributed.shard(starts, info)
-    meter = TaskProgress("decode", sum(min(args.batch_size, len(episodes) - start) for start in mine), len(mine),
-                         log=log)
-    for start in meter.wrap(mine):
-        batch = episodes.batch(slice(start, start + args.batch_size), prepared.device)
-        local[start] = [genotype.to_dict() for genotype in learner.decode(batch, steps=args.update_step_test)]
-        meter.add(len(local[start]))
-    parts = distributed.gather_to_main(local, info)
-    genotypes = None
-    if info.is_main:
-        merged = {start: value for part in parts for start, value in part.items()}
-        genotypes = [genotype for start in starts for genotype in merged[start]]
-    return distributed.broadcast_from_main(genotypes, info)
+    """Per-episode genotypes on every rank: the decode stage's batches dealt round robin to the ranks and
+    gathered on rank 0 (:func:`tnas.stages.decode.decode_episodes`: the same genotypes as one process),
+    then sent back to every rank (each groups them into the genotypes it trains). ``log`` gets progress
+    lines (this rank's share)."""
+    return distributed.broadcast_from_main(decode_to_main(prepared, args, info, log=log), info)
 
 
 def write_decode_files(out_dir: str, genotypes: List[Dict[str, Any]], ids: List[str], key: Dict[str, Any],
