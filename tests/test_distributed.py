@@ -160,6 +160,20 @@ def test_ranks_agree_on_a_stop_and_on_the_smallest_choice(tmp_path, fake_nccl):
     mp.spawn(agreement_rank, args=(2, str(tmp_path / "init"), fake_nccl), nprocs=2, join=True)
 
 
+def test_leaving_tears_down_the_host_group_too(tmp_path):
+    """A default group that says it is NCCL has a gloo host group of its own; leaving destroys both and
+    forgets the host group (kept, it would hold both groups alive past the teardown)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    get_backend = dist.get_backend
+    try:
+        dist.get_backend = lambda group=None: "nccl"
+        assert distributed._host_group() is not dist.group.WORLD and distributed._host_groups
+    finally:
+        dist.get_backend = get_backend
+        distributed.destroy_process_group()
+    assert not dist.is_initialized() and distributed._host_groups == []
+
+
 SEARCH = ["--dataset", "glyphs", "--img_size", "16", "--device", "cpu", "--n_way", "3", "--q_query", "2",
           "--tasks_per_batch", "4", "--C", "4", "--layers", "1", "--inner_steps", "1", "--inner_steps_test", "1",
           "--val_episodes", "4", "--epochs", "1", "--tasks_per_epoch", "40", "--log_every", "2",

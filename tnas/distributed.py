@@ -270,8 +270,9 @@ def destroy_process_group() -> None:
     Python handle frees it with the GIL released, so this keeps one handle per backend while
     torch tears the groups down and drops them afterwards: the last reference goes there.
     """
-    handles = [backend for group in [dist.group.WORLD, *(host for _, host in _host_groups)]
-               for backend in _backends(group)]  # no name here may hold a group: it would outlive the teardown
+    groups = [dist.group.WORLD, *(host for _, host in _host_groups)] if dist.is_initialized() else []
+    handles = [backend for group in groups for backend in _backends(group)]
+    del groups  # no name here may keep a group: it would outlive the teardown
     _host_groups.clear()  # the host group goes with the default group (it held both alive past teardown)
     dist.destroy_process_group()
     del handles  # frees the backends with the GIL released: their late workers can finish
