@@ -7,12 +7,11 @@
 #   NPROC=8 bash evaluate_tnas.sh ...      # the same under torchrun, 8 processes (one GPU each)
 # Every argument goes to scripts/evaluate_tnas.py (python scripts/evaluate_tnas.py --help).
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python}"
-[ -n "${TNAS_TRAIN_ONLY:-}" ] || case "${1:-}" in -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; echo;; esac  # --help: this header first
-launch=("$python")
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/entry_point.sh"
+[ -n "${TNAS_TRAIN_ONLY:-}" ] || print_header_on_help "$0" "${1:-}"
+launch=("$TNAS_PYTHON")
 if [ -n "${NPROC:-}" ]; then
-    launch=("$python" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC")
+    launch=("$TNAS_PYTHON" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC")
 fi
 # train_tnas_from_scratch.sh runs this script with TNAS_TRAIN_ONLY=1: decode and train, no scoring.
 name=evaluate_tnas.sh; mode=()
@@ -20,12 +19,12 @@ if [ -n "${TNAS_TRAIN_ONLY:-}" ]; then
     name=train_tnas_from_scratch.sh; mode=(--train_only)
 fi
 if [ "$#" -eq 0 ]; then
-    demo="${TNAS_DEMO_SEARCH:-$repo/runs/demo_tnas}"
+    demo="${TNAS_DEMO_SEARCH:-$TNAS_REPO/runs/demo_tnas}"
     if [ ! -f "$demo/best.pt" ]; then
         echo "$name: no demo T-NAS search checkpoint in $demo; run 'bash train_tnas.sh' first (a few minutes on CPU)" >&2
         exit 2
     fi
     echo "$name: no arguments, running the CPU demo protocol (configs/demo_protocol.yaml) on $demo ${mode[*]:-}"
-    exec "${launch[@]}" "$repo/scripts/evaluate_tnas.py" --config "$repo/configs/demo_protocol.yaml" --checkpoint "$demo" ${mode[@]+"${mode[@]}"}
+    exec "${launch[@]}" "$TNAS_REPO/scripts/evaluate_tnas.py" --config "$TNAS_REPO/configs/demo_protocol.yaml" --checkpoint "$demo" ${mode[@]+"${mode[@]}"}
 fi
-exec "${launch[@]}" "$repo/scripts/evaluate_tnas.py" ${mode[@]+"${mode[@]}"} "$@"
+exec "${launch[@]}" "$TNAS_REPO/scripts/evaluate_tnas.py" ${mode[@]+"${mode[@]}"} "$@"

@@ -7,15 +7,14 @@
 # Rerunning the same command skips finished steps and resumes interrupted ones. Every argument goes to
 # scripts/reproduce.py (python scripts/reproduce.py --help).
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python}"
-case "${1:-}" in -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; echo;; esac  # --help: this header first
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/entry_point.sh"
+print_header_on_help "$0" "${1:-}"
 if [ "$#" -eq 0 ]; then
     echo "reproduce_paper.sh: no arguments, running the CPU demo (configs/reproduce_demo.yaml, glyphs dataset) into runs/reproduce_demo"
-    exec "$python" "$repo/scripts/reproduce.py" --demo
+    exec "$TNAS_PYTHON" "$TNAS_REPO/scripts/reproduce.py" --demo
 fi
 case " $* " in
     *" --data_path "*|*" --data_path="*|*" --demo "*|*" --plan "*|*" --plan="*|*" --help "*|*" -h "*) ;;
     *) set -- --demo "$@" ;;  # no dataset named: the demo, with the flags given (e.g. --out DIR)
 esac
-exec "$python" "$repo/scripts/reproduce.py" "$@"
+exec "$TNAS_PYTHON" "$TNAS_REPO/scripts/reproduce.py" "$@"

@@ -8,14 +8,11 @@
 # The demo writes runs/demo_auto_maml in this checkout (rerunning it resumes/finishes that run; delete the
 # directory to start over); train_auto_maml_from_scratch.sh then trains its genotype.
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python}"
-case "${1:-}" in -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; echo;; esac  # --help: this header first
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/entry_point.sh"
+print_header_on_help "$0" "${1:-}"
 if [ "$#" -eq 0 ]; then
-    cd "$repo"
-    echo "train_auto_maml.sh: no arguments, running the CPU demo (configs/demo_auto_maml.yaml, glyphs dataset) into runs/demo_auto_maml"
-    exec "$python" scripts/search.py --method auto_maml --config configs/demo_auto_maml.yaml --out runs/demo_auto_maml \
-        $( [ -f runs/demo_auto_maml/last.pt ] && echo --resume )
+    run_demo train_auto_maml.sh "configs/demo_auto_maml.yaml, glyphs dataset" runs/demo_auto_maml \
+        scripts/search.py --method auto_maml --config configs/demo_auto_maml.yaml
 fi
-case "$1" in -h|--help) ;; *) echo "train_auto_maml.sh: auto-MAML search with: $*" ;; esac
-exec "$python" "$repo/scripts/search.py" --method auto_maml "$@"
+say_what_runs train_auto_maml.sh "auto-MAML search" "$@"
+exec "$TNAS_PYTHON" "$TNAS_REPO/scripts/search.py" --method auto_maml "$@"

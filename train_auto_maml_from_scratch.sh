@@ -12,21 +12,18 @@
 # train_auto_maml.sh) into runs/demo_scratch_searched when that exists, else the published
 # auto_maml_1shot genotype into runs/demo_scratch; rerunning resumes/finishes that run.
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python}"
-case "${1:-}" in -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; echo;; esac  # --help: this header first
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/entry_point.sh"
+print_header_on_help "$0" "${1:-}"
 if [ "$#" -eq 0 ]; then
-    cd "$repo"
-    if [ -f runs/demo_auto_maml/genotype.json ]; then
+    if [ -f "$TNAS_REPO/runs/demo_auto_maml/genotype.json" ]; then
         genotype=runs/demo_auto_maml
         out=runs/demo_scratch_searched
     else
         genotype=auto_maml_1shot
         out=runs/demo_scratch
     fi
-    echo "train_auto_maml_from_scratch.sh: no arguments, running the CPU demo (configs/demo_scratch.yaml, glyphs dataset, genotype $genotype) into $out"
-    exec "$python" scripts/train_from_scratch.py --config configs/demo_scratch.yaml --genotype "$genotype" --out "$out" \
-        $( [ -f "$out/last.pt" ] && echo --resume )
+    run_demo train_auto_maml_from_scratch.sh "configs/demo_scratch.yaml, glyphs dataset, genotype $genotype" "$out" \
+        scripts/train_from_scratch.py --config configs/demo_scratch.yaml --genotype "$genotype"
 fi
-case "$1" in -h|--help) ;; *) echo "train_auto_maml_from_scratch.sh: from-scratch training with: $*" ;; esac
-exec "$python" "$repo/scripts/train_from_scratch.py" "$@"
+say_what_runs train_auto_maml_from_scratch.sh "from-scratch training" "$@"
+exec "$TNAS_PYTHON" "$TNAS_REPO/scripts/train_from_scratch.py" "$@"

@@ -6,14 +6,11 @@
 # them are taken from the directory you run it in. The demo writes runs/demo_tnas in this checkout (rerunning it
 # resumes/finishes that run; delete the directory to start over).
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python}"
-case "${1:-}" in -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; echo;; esac  # --help: this header first
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/entry_point.sh"
+print_header_on_help "$0" "${1:-}"
 if [ "$#" -eq 0 ]; then
-    cd "$repo"
-    echo "train_tnas.sh: no arguments, running the CPU demo (configs/demo.yaml, glyphs dataset) into runs/demo_tnas"
-    exec "$python" scripts/search.py --method tnas --config configs/demo.yaml --out runs/demo_tnas \
-        $( [ -f runs/demo_tnas/last.pt ] && echo --resume )
+    run_demo train_tnas.sh "configs/demo.yaml, glyphs dataset" runs/demo_tnas \
+        scripts/search.py --method tnas --config configs/demo.yaml
 fi
-case "$1" in -h|--help) ;; *) echo "train_tnas.sh: T-NAS search with: $*" ;; esac
-exec "$python" "$repo/scripts/search.py" --method tnas "$@"
+say_what_runs train_tnas.sh "T-NAS search" "$@"
+exec "$TNAS_PYTHON" "$TNAS_REPO/scripts/search.py" --method tnas "$@"

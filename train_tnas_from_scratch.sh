@@ -8,5 +8,6 @@
 #   NPROC=8 bash train_tnas_from_scratch.sh ...   # under torchrun: the genotypes are shared among 8 processes
 # Every argument goes to scripts/evaluate_tnas.py (python scripts/evaluate_tnas.py --help).
 set -euo pipefail
-case "${1:-}" in -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; echo;; esac  # --help: this header first
-TNAS_TRAIN_ONLY=1 exec bash "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/evaluate_tnas.sh" "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/entry_point.sh"
+print_header_on_help "$0" "${1:-}"
+TNAS_TRAIN_ONLY=1 exec bash "$TNAS_REPO/evaluate_tnas.sh" "$@"

@@ -126,6 +126,10 @@ def started(runs, tmp_path_factory):
                PYTHON=sys.executable)
     commands = {
         "wrapper": ["bash", WRAPPER, "--checkpoint", str(runs["search"]), "--out", str(work / "ok"), *FAST],
+        # 5 episodes in batches of 2 over 2 ranks: batches 0 and 2 on rank 0, batch 1 on rank 1
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+                     "--checkpoint", str(runs["search"]), "--out", str(work / "two_ranks"), "--episodes", "5",
+                     "--batch_size", "2", "--update_step_test", "1", "--device", "cpu"],
     }
     processes = {key: subprocess.Popen(argv, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE) for key, argv in commands.items()}
@@ -152,6 +156,105 @@ def test_results_record_and_line():
     assert format_accuracy(record) == "5-way 1-shot glyphs: 60.00 \u00b1 11.32% (3 episodes)"
 
 
+# --------------------------------------------------------------------------- episodes dealt to ranks
+@pytest.mark.parametrize("count,batch_size", [(600, 50), (600, 7), (13, 1), (5, 8)])
+def test_ranks_together_score_every_episode_once(count, batch_size):
+    from tnas.distributed import DistInfo, shard
+    from tnas.evaluate import batch_starts, merge_shares
+
+    starts = batch_starts(count, batch_size)
+    for world_size in (1, 2, 3, 7, 8):
+        parts = []
+        for rank in range(world_size):
+            mine = shard(starts, DistInfo(rank=rank, world_size=world_size))
+            episodes = np.concatenate([np.arange(s, min(s + batch_size, count)) for s in mine] or [np.zeros(0)])
+            parts.append({"starts": mine, "accuracy": 100.0 * episodes / count, "loss": episodes + 0.5})
+        merged = merge_shares(parts[::-1], count, batch_size)  # in any order of the ranks
+        np.testing.assert_array_equal(merged["accuracy"], 100.0 * np.arange(count) / count)
+        np.testing.assert_array_equal(merged["loss"], np.arange(count) + 0.5)
+    share = {"starts": starts[:1], "accuracy": np.zeros(min(batch_size, count)), "loss": np.zeros(min(batch_size, count))}
+    rest = {"starts": starts[1:], "accuracy": np.zeros(count - len(share["accuracy"])),
+            "loss": np.zeros(count - len(share["accuracy"]))}
+    with pytest.raises(ValueError, match="scored twice"):
+        merge_shares([share, share, rest], count, batch_size)
+    if len(starts) > 1:
+        with pytest.raises(ValueError, match="no result for episode"):
+            merge_shares([rest], count, batch_size)
+
+
+# --------------------------------------------------------------------------- each task adapted on its own
+class DoubleEpisodes:
+    """``FixedEpisodes`` in float64 (``batches``/``batch`` as there), for exact comparisons."""
+
+    def __init__(self, episodes):
+        self.episodes = episodes
+
+    def __len__(self):
+        return len(self.episodes)
+
+    @staticmethod
+    def _double(batch):
+        return type(batch)(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y)
+
+    def batch(self, ids, device="cpu"):
+        return self._double(self.episodes.batch(ids, device))
+
+    def batches(self, batch_size, device="cpu"):
+        return (self._double(batch) for batch in self.episodes.batches(batch_size, device))
+
+
+def _tiny_learners():
+    """Conv-4 with MAML, a derived network with MAML++ (per-step BN, learned rates, drop-path in training
+    mode) and a T-NAS supernet: the three kinds of network the evaluation scores; float64."""
+    import torch
+
+    from tnas.genotypes import resolve_genotype
+    from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
+    from tnas.meta.tnas import TNAS
+    from tnas.models.conv4 import Conv4
+    from tnas.models.network import Network
+    from tnas.models.supernet import Supernet
+
+    torch.manual_seed(0)
+    network = Network(resolve_genotype("auto_maml_1shot"), n_way=5, C=4, layers=1, in_channels=1, drop_path_prob=0.3)
+    return {"conv4": MAMLPlusPlus(Conv4(n_way=5, filters=4, in_channels=1, image_size=16).double(),
+                                  MAMLConfig(inner_lr=0.1)),
+            "network": MAMLPlusPlus(network.double(), MAMLConfig(inner_lr=0.1, per_step_bn=True, learn_inner_lr=True)),
+            "supernet": TNAS(Supernet(n_way=5, C=4, layers=1, in_channels=1).double())}
+
+
+def test_batched_evaluation_scores_each_task_as_alone_and_leaves_the_learner_as_it_was(runs):
+    """Tasks adapted together (batches of 4 and 13) get exactly the accuracy they get one at a time (no
+    batch statistics or fast weights shared across tasks), a share of the batches gets those batches'
+    results, and scoring changes nothing a later training reads: parameters, gradients, the
+    train/eval mode, torch's random stream."""
+    import torch
+
+    from tnas.data import FixedEpisodes, load_split
+    from tnas.evaluate import evaluate_episodes
+
+    split = load_split("glyphs", "test", img_size=16, cache_dir=runs["cache_dir"])
+    episodes = DoubleEpisodes(FixedEpisodes.generate(split, 5, 1, 3, episodes=13, seed=0))
+    for name, learner in _tiny_learners().items():
+        learner.model.train()
+        before = {key: value.clone() for key, value in learner.model.state_dict().items()}
+        random_state = torch.get_rng_state()
+        alone, *together = [evaluate_episodes(learner, episodes, size, "cpu", steps=2, desc=None)
+                            for size in (1, 4, 13)]
+        for result in together:
+            np.testing.assert_array_equal(result["accuracy"], alone["accuracy"], err_msg=name)
+            np.testing.assert_allclose(result["loss"], alone["loss"], rtol=0, atol=1e-12, err_msg=name)
+        share = evaluate_episodes(learner, episodes, 4, "cpu", steps=2, desc=None, starts=[12, 4])
+        np.testing.assert_array_equal(share["accuracy"], alone["accuracy"][[12, 4, 5, 6, 7]], err_msg=name)
+        nothing = evaluate_episodes(learner, episodes, 4, "cpu", steps=2, desc=None, starts=[])  # a rank left idle
+        assert nothing["accuracy"].shape == nothing["loss"].shape == (0,), name
+        assert len(set(alone["accuracy"].round(4))) > 1, name  # a real spread of scores, not one constant
+        assert learner.model.training, name
+        assert torch.equal(torch.get_rng_state(), random_state), name
+        assert all(torch.equal(before[key], value) for key, value in learner.model.state_dict().items()), name
+        assert all(p.grad is None for p in learner.model.parameters()), name
+
+
 # --------------------------------------------------------------------------- successful runs
 def test_results_fields(runs, evaluate, tmp_path):
     result = ok(evaluate("--checkpoint", str(runs["search"]), "--out", str(tmp_path), *FAST))
@@ -166,7 +269,17 @@ def test_results_fields(runs, evaluate, tmp_path):
     assert record["ci95"] == pytest.approx(mean_ci95(record["per_episode"])["ci95"])
     assert record["checkpoint"] == str(runs["search"] / "best.pt")
     assert record["update_step_test"] == 1 and record["seed"] == 0 and record["wall_time_s"] > 0
-    assert record["image_shape"] == [1, 16, 16]
+    assert record["image_shape"] == [1, 16, 16] and record["split"] == "glyphs/test" and record["world_size"] == 1
+    # which checkpoint (its bytes, how far it had trained) and which tasks, checkable from the record alone
+    from tnas.data import FixedEpisodes, load_split
+    from tnas.runlog import load_checkpoint, sha256_file
+
+    state = load_checkpoint(runs["search"] / "best.pt")
+    assert record["checkpoint_sha256"] == sha256_file(runs["search"] / "best.pt")
+    assert (record["checkpoint_epoch"], record["checkpoint_iteration"]) == (state["epoch"], state["iteration"]) == (1, 1)
+    split = load_split("glyphs", "test", img_size=16, cache_dir=runs["cache_dir"])
+    assert record["episodes_sha256"] == FixedEpisodes.generate(split, 5, 1, 2, episodes=5, seed=0).indices_sha256()
+    assert record["episodes_sha256"] != FixedEpisodes.generate(split, 5, 1, 2, episodes=5, seed=1).indices_sha256()
     from tnas.stages.restore import learner_from_checkpoint
 
     learner, _ = learner_from_checkpoint(runs["search"])
@@ -221,6 +334,10 @@ def test_train_checkpoint_scores_the_derived_network(runs, evaluate, tmp_path):
     ok(evaluate("--checkpoint", str(runs["train"]), "--out", str(tmp_path), "--genotype",
                 str(runs["search"] / "genotype.json"), *FAST))
     record = results_of(tmp_path)
+    ok(evaluate("--checkpoint", str(runs["search"]), "--out", str(tmp_path / "search"), *FAST))
+    # the searched supernet and the network trained from scratch: the same test tasks, other checkpoints
+    assert record["episodes_sha256"] == results_of(tmp_path / "search")["episodes_sha256"]
+    assert record["checkpoint_sha256"] != results_of(tmp_path / "search")["checkpoint_sha256"]
     genotype = json.loads((runs["train"] / "genotype.json").read_text())
     assert record["method"] == "maml" and record["stage"] == "train"
     assert record["genotypes"] == genotype
@@ -325,3 +442,15 @@ def test_subprocess_wrapper_writes_results(started):
     record = results_of(work / "ok")
     assert f"\n5-way 1-shot glyphs: {record['accuracy_mean']:.2f} \u00b1 " in result.stdout
     assert record["episodes"] == 5 and len(record["per_episode"]) == 5
+
+
+def test_torchrun_ranks_share_the_batches_and_rank_0_writes_one_process_record(started, runs, evaluate, tmp_path):
+    processes, work = started
+    result = ok(_collect(processes["torchrun"]))
+    ok(evaluate("--checkpoint", str(runs["search"]), "--out", str(tmp_path), "--episodes", "5", "--batch_size", "2",
+                "--update_step_test", "1", "--device", "cpu"))
+    two, one = results_of(work / "two_ranks"), results_of(tmp_path)
+    assert two["world_size"] == 2 and two["episodes"] == 5 and len(two["per_episode"]) == 5
+    assert two["per_episode"] == one["per_episode"] and two["episodes_sha256"] == one["episodes_sha256"]
+    assert (two["accuracy_mean"], two["ci95"]) == (one["accuracy_mean"], one["ci95"])
+    assert result.stdout.count("5-way 1-shot glyphs:") == 1  # rank 0 alone prints (and writes) the result

@@ -163,6 +163,12 @@ def test_from_scratch_settings_budget_config_and_flags(tmp_path):
     plain = train(_protocol_args())
     assert (plain.epochs, plain.tasks_per_epoch) == (15, 15000)  # the paper's schedule by default
     assert (plain.method, plain.C, plain.layers, plain.n_way, plain.inner_steps_test) == ("maml", 4, 1, 3, 10)
+    # the from-scratch test steps: tied to --update_step_test unless --inner_steps_test is given
+    assert train(_protocol_args("--update_step_test", "3")).inner_steps_test == 3
+    own = _protocol_args("--inner_steps_test", "5")
+    assert (own.update_step_test, train(own).inner_steps_test) == (10, 5)
+    assert protocol.schedule_record(protocol.train_settings(own, search_summary, torch.device("cpu")),
+                                    own)["inner_steps_test"] == 5
     config = tmp_path / "scratch.yaml"
     config.write_text("epochs: 7\ntasks_per_epoch: 100\nC: 8\nmethod: maml\ngenotype: auto_maml_1shot\n"
                       "n_way: 5\ninner_lr: 0.2\n")
@@ -184,6 +190,10 @@ def test_from_scratch_settings_budget_config_and_flags(tmp_path):
                                  "--train_seed", "9"))
     assert (flags.epochs, flags.tasks_per_epoch, flags.msl_epochs, flags.second_order, flags.seed) == \
         (3, 2000, 4, True, 9)
+    for fixed in ("--inner_steps_test 3", "--n_way=5", "--seed 4", "--out elsewhere"):  # would be overridden
+        flag = fixed.split()[0].split("=")[0]
+        with pytest.raises(TnasError, match=f"--train_args {flag}: the protocol sets {flag[2:]} for every"):
+            train(_protocol_args("--train_args", f"--epochs 2 {fixed}"))
     with pytest.raises(TnasError, match="from-scratch settings: unknown command-line argument"):
         train(_protocol_args("--train_args", "--no_such_flag 1"))
     with pytest.raises(TnasError, match="--train_config missing.yaml: file not found"):
@@ -225,6 +235,8 @@ def test_results_fields_and_genotypes_match_the_decode_stage(single, search_run,
     assert record["budget"] is False and record["schedule"]["epochs"] == 1
     assert record["schedule"]["train_method"] == "maml" and record["seed"] == 0
     assert record["checkpoint"] == str(search_run / "best.pt")
+    # no --inner_steps_test: the from-scratch networks validate and score with --update_step_test's 1 step
+    assert record["update_step_test"] == record["inner_steps_test"] == record["schedule"]["inner_steps_test"] == 1
     assert f"T-NAS 3-way 1-shot glyphs: {record['accuracy_mean']:.2f} \u00b1 {record['ci95']:.2f}%" in single["printed"]
 
     # genotype ids: g0000, g0001, ... by first occurrence, one per distinct genotype
@@ -316,6 +328,39 @@ def test_unfinished_genotype_runs_are_resumed(single, search_run, tmp_path):
     # other from-scratch settings than the existing runs': a one-line error, nothing retrained
     with pytest.raises(TnasError, match=r"other from-scratch settings \(inner_lr: 0.1 -> 0.3\)"):
         run_protocol("--checkpoint", str(search_run), "--out", str(out), *FAST, "--epochs", "2", "--inner_lr", "0.3")
+
+
+def test_inner_steps_test_reaches_the_trainings_and_the_scoring(search_run, tmp_path, monkeypatch):
+    """--inner_steps_test 2 beside --update_step_test 1: genotypes decoded after 1 step, every from-scratch run
+    validated (best.pt chosen) and every test episode scored after 2, in genotype batches of 2 and one genotype
+    at a time; results.json says so. A rerun with other test steps is refused as any other changed
+    from-scratch setting is."""
+    from tnas.stages import protocol_score
+
+    out, steps = tmp_path / "steps", []
+    for name in ("score_learner", "evaluate_together"):  # genotypes scored alone, or together (equal counts)
+        def spy(learner, ids, episodes, batch_size, count, *rest, scorer=getattr(protocol_score, name)):
+            steps.append(count)
+            return scorer(learner, ids, episodes, batch_size, count, *rest)
+        monkeypatch.setattr(protocol_score, name, spy)
+    argv = ["--checkpoint", str(search_run), "--out", str(out), *FAST, "--episodes", "2"]
+    record, _ = run_protocol(*argv, "--inner_steps_test", "2", "--genotypes_per_batch", "2")
+    assert steps and set(steps) == {2}
+    assert (record["update_step_test"], record["inner_steps_test"], record["schedule"]["inner_steps_test"]) == (1, 2, 2)
+    assert read_json(out / "decode_summary.json")["update_step_test"] == 1
+    for gid in record["genotypes"]:
+        run_dir = out / "genotypes" / gid
+        assert "inner_steps_test: 2" in (run_dir / "config.yaml").read_text().splitlines()
+        assert read_json(run_dir / "train.json")["learner"]["inner_steps_test"] == 2
+    # the same steps again, one genotype at a time: the runs are reused and each scored alone, as in the batch
+    steps.clear()
+    again, _ = run_protocol(*argv, "--inner_steps_test", "2", "--genotypes_per_batch", "1")
+    assert steps and set(steps) == {2} and again["skipped_genotypes"] == sorted(record["genotypes"])
+    assert again["per_episode"] == record["per_episode"] and again["inner_steps_test"] == 2
+    # dropping the flag on resume means 1 test step again: the trained runs are refused, not reused
+    with pytest.raises(TnasError, match=r"other from-scratch settings \(inner_steps_test: 2 -> 1\)"):
+        run_protocol(*argv)
+    assert read_json(out / "results.json") == again
 
 
 def test_genotype_batches_give_the_same_accuracies(single, search_run, tmp_path):
@@ -425,6 +470,10 @@ def test_a_train_checkpoint_is_a_one_line_error(single, search_run, capsys, tmp_
                                "--genotypes_per_batch", "0"], capsys)
     assert_one_line_error(code, err, "--genotypes_per_batch must be >= 1, got 0")
     assert not (tmp_path / "z").exists()
+    code, _, err = run_script(["--checkpoint", str(search_run), "--out", str(tmp_path / "s"), *FAST,
+                               "--inner_steps_test", "0"], capsys)
+    assert_one_line_error(code, err, "--inner_steps_test must be positive, got 0")
+    assert not (tmp_path / "s").exists()
 
 
 def test_wrappers_without_a_demo_search_say_what_to_run(tmp_path):

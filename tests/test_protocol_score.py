@@ -100,3 +100,38 @@ def test_score_batch_groups_by_count_and_falls_back_for_other_shapes(monkeypatch
     for run in runs:
         expected.update(protocol_score.score_learner(learners[run.id], run.episodes, Episodes(), 4, 3, "cpu"))
     assert got == expected and sorted(got) == list(range(6))
+
+
+# -- the record -------------------------------------------------------------------------------------
+def _protocol_results(parts, episodes=5):
+    """:func:`tnas.stages.protocol.results` of the ranks' ``parts`` for ``episodes`` test episodes, the
+    other inputs stand-ins (two genotypes: even and odd episodes)."""
+    from tnas.distributed import DistInfo
+    from tnas.stages import protocol
+
+    provenance = {"checkpoint": "/runs/search/best.pt", "checkpoint_sha256": "ab" * 32, "checkpoint_epoch": 3,
+                  "checkpoint_iteration": 30, "episodes_sha256": "cd" * 32}
+    prepared = SimpleNamespace(checkpoint="/runs/search/best.pt", provenance=provenance, episodes=SimpleNamespace(seed=0),
+                               split=SimpleNamespace(name="glyphs/test", image_shape=(1, 16, 16)))
+    args = SimpleNamespace(method="tnas", dataset="glyphs", n_way=5, k_shot=1, q_query=2, budget=False, seed=0,
+                           episodes_file=None, update_step_test=1, batch_size=2)
+    p = SimpleNamespace(args=args, prepared=prepared, schedule={}, decode_inner_lrs={}, info=DistInfo())
+    ids = [f"g{e % 2:04d}" for e in range(episodes)]
+    episodes_of = {gid: [e for e in range(episodes) if ids[e] == gid] for gid in dict.fromkeys(ids)}
+    runs = {gid: {"best_val_accuracy": 50.0, "best_epoch": 1, "parameters": 10, "status": "trained", "run_dir": gid}
+            for gid in episodes_of}
+    return protocol.results(p, parts, [{}] * episodes, ids, {gid: {} for gid in episodes_of}, episodes_of, runs,
+                            {"wall_time_s": 1.0})
+
+
+def test_protocol_record_averages_every_episode_once_and_names_checkpoint_and_tasks():
+    parts = [{"accuracies": {0: 20.0, 2: 40.0, 4: 60.0}}, {"accuracies": {1: 80.0, 3: 100.0}}]  # two ranks
+    record = _protocol_results(parts)
+    assert record["per_episode"] == [20.0, 80.0, 40.0, 100.0, 60.0] and record["episodes"] == 5
+    assert record["accuracy_mean"] == pytest.approx(60.0)
+    assert (record["checkpoint"], record["checkpoint_epoch"], record["checkpoint_iteration"]) == (
+        "/runs/search/best.pt", 3, 30)
+    assert record["checkpoint_sha256"] == "ab" * 32 and record["episodes_sha256"] == "cd" * 32
+    from tnas.errors import TnasError
+    with pytest.raises(TnasError, match=r"no accuracy for episode\(s\) \[3\]"):
+        _protocol_results([parts[0], {"accuracies": {1: 80.0}}])

@@ -116,3 +116,61 @@ def test_every_repository_path_the_docs_name_exists():
             missing += [f"{doc}: {pattern}" for pattern in patterns
                         if not glob.glob(os.path.join(REPO, pattern))]
     assert not missing
+
+
+FAKE_PYTHON = '#!/usr/bin/env bash\necho "cwd=$PWD"\nprintf "%s\\n" "$@"\n'
+
+DEMOS = {  # wrapper: (the demo's program and its first flags, the demo's run directory)
+    "train_tnas.sh": (["scripts/search.py", "--method", "tnas", "--config", "configs/demo.yaml"], "runs/demo_tnas"),
+    "train_auto_maml.sh": (["scripts/search.py", "--method", "auto_maml", "--config", "configs/demo_auto_maml.yaml"],
+                           "runs/demo_auto_maml"),
+    "train_auto_maml_from_scratch.sh": (["scripts/train_from_scratch.py", "--config", "configs/demo_scratch.yaml",
+                                         "--genotype", "auto_maml_1shot"], "runs/demo_scratch"),
+}
+
+
+def _run_copied_wrapper(tmp_path, name, args=()):
+    """Run a copy of wrapper ``name`` (and the shell code it sources) in a checkout-shaped ``tmp_path``, with a
+    python that prints its working directory and arguments: what the wrapper runs, without running it."""
+    (tmp_path / "scripts").mkdir(exist_ok=True)
+    for path in [name] + [os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "scripts", "*.sh"))]:
+        with open(os.path.join(REPO, path)) as source:
+            (tmp_path / path).write_text(source.read())
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", str(tmp_path / name)] + list(args), cwd=tmp_path / "scripts",
+                          env=dict(os.environ, PYTHON=str(fake)), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    said, cwd = lines[0], lines[1]
+    return said, cwd[len("cwd="):], lines[2:]
+
+
+@pytest.mark.parametrize("name", sorted(DEMOS))
+def test_wrapper_without_arguments_runs_its_demo_from_the_checkout_and_resumes_it(tmp_path, name):
+    command, out = DEMOS[name]
+    said, cwd, argv = _run_copied_wrapper(tmp_path, name)
+    assert said.startswith(f"{name}: no arguments, running the CPU demo") and said.endswith(f"into {out}")
+    assert cwd == str(tmp_path) and argv[:len(command)] == command
+    assert argv[argv.index("--out") + 1] == out and "--resume" not in argv
+    (tmp_path / out).mkdir(parents=True)
+    (tmp_path / out / "last.pt").write_bytes(b"")
+    assert "--resume" in _run_copied_wrapper(tmp_path, name)[2]
+
+
+def test_scratch_demo_trains_the_auto_maml_demos_genotype_when_there_is_one(tmp_path):
+    (tmp_path / "runs" / "demo_auto_maml").mkdir(parents=True)
+    (tmp_path / "runs" / "demo_auto_maml" / "genotype.json").write_text("{}")
+    said, _, argv = _run_copied_wrapper(tmp_path, "train_auto_maml_from_scratch.sh")
+    assert "genotype runs/demo_auto_maml" in said
+    assert argv[argv.index("--genotype") + 1] == "runs/demo_auto_maml"
+    assert argv[argv.index("--out") + 1] == "runs/demo_scratch_searched"
+
+
+@pytest.mark.parametrize("name", sorted(DEMOS))
+def test_wrapper_with_arguments_says_what_it_runs_then_passes_them_on(tmp_path, name):
+    said, cwd, argv = _run_copied_wrapper(tmp_path, name, ["--epochs", "2"])
+    assert said.startswith(f"{name}: ") and said.endswith("with: --epochs 2")
+    assert cwd == str(tmp_path / "scripts")  # the caller's directory, for relative paths in the flags
+    assert argv[0] == str(tmp_path / DEMOS[name][0][0]) and argv[-2:] == ["--epochs", "2"]

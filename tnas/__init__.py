@@ -1,5 +1,15 @@
 """tnas: T-NAS and auto-MAML (fast adaptation of neural architectures with meta learning).
 
+Where things are, for use from Python (README: "Use from Python"):
+
+- :mod:`tnas.data`: ``load_split``, ``EpisodeSampler``, ``FixedEpisodes`` (batches of T tasks);
+- :mod:`tnas.genotypes`: ``Genotype``, ``PUBLISHED``, ``resolve_genotype``, ``decode_genotype``, JSON I/O;
+- :mod:`tnas.models`: ``Network`` (a genotype's network), ``Supernet``, ``Conv4``, ``count_macs``;
+- :mod:`tnas.meta`: ``inner_loop`` / ``model_forward`` (functional MAML), the learners
+  ``MAMLPlusPlus`` / ``TNAS`` / ``AutoMAML`` and their configs;
+- :mod:`tnas.evaluate`: ``evaluate_episodes``, ``mean_ci95`` (accuracy and 95% CI on fixed episodes);
+- :mod:`tnas.visualize`: ``plot_genotype`` (cell diagrams); :mod:`tnas.stages`: each stage as ``run(settings)``.
+
 Layers, arrows pointing down (see README): scripts -> engine / evaluate -> meta ->
 models / visualize -> genotypes, ops, data, config, runlog.
 """

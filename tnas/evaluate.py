@@ -34,13 +34,21 @@ def percent(accuracy: torch.Tensor) -> np.ndarray:
     return 100.0 * accuracy.detach().double().cpu().numpy()
 
 
+def batch_starts(count: int, batch_size: int) -> List[int]:
+    """The first episode of each batch when ``count`` episodes are scored ``batch_size`` at a time."""
+    return list(range(0, int(count), int(batch_size)))
+
+
 def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optional[int] = None,
                       desc: Optional[str] = "evaluate", track_steps: bool = False,
-                      cuda_graph: bool = False, log=None) -> Dict[str, np.ndarray]:
+                      cuda_graph: bool = False, log=None, starts: Optional[Sequence[int]] = None
+                      ) -> Dict[str, np.ndarray]:
     """Adapt and score every fixed episode, ``batch_size`` tasks per batched call.
 
     Returns ``{"accuracy": [E] percent, "loss": [E]}`` and, with ``track_steps``,
-    ``"accuracy_per_step": [S+1, E]`` percent (step 0 = before adaptation). ``cuda_graph``
+    ``"accuracy_per_step": [S+1, E]`` percent (step 0 = before adaptation). ``starts``: only the
+    batches beginning at these episodes (a share of :func:`batch_starts`, as a torchrun rank of the
+    evaluate stage scores), E their episodes in that order; default all of them. ``cuda_graph``
     (CUDA only) records the adaptation of the first full batch as a CUDA graph and replays
     it for the next ones (a last, smaller batch runs eagerly); the results are the same.
     ``log`` (a RunLogger or :class:`tnas.progress.StdoutLog`), when given, gets about ten
@@ -54,9 +62,12 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
         failure_line = log.log if log is not None else (lambda line: print(line, file=sys.stderr))
         evaluate = GraphedStep(evaluate, warmup=1, on_failure=capture_failure_logger(failure_line))
     accuracies, losses, per_step = [], [], []
-    batches = episodes.batches(batch_size, device)
-    total = math.ceil(len(episodes) / batch_size)
-    meter = TaskProgress(desc or "evaluate", len(episodes), total, log=log) if log is not None else None
+    if starts is None:
+        batches, total, tasks = episodes.batches(batch_size, device), math.ceil(len(episodes) / batch_size), len(episodes)
+    else:
+        batches = (episodes.batch(slice(start, start + batch_size), device) for start in starts)
+        total, tasks = len(starts), sum(min(batch_size, len(episodes) - start) for start in starts)
+    meter = TaskProgress(desc or "evaluate", tasks, total, log=log) if log is not None else None
     for batch in meter.wrap(batches) if meter else progress(batches, total=total, desc=desc):
         stats = evaluate(batch)
         if meter:
@@ -65,11 +76,38 @@ def evaluate_episodes(learner, episodes, batch_size: int, device, steps: Optiona
         losses.append(stats.query_loss.detach())
         if track_steps and stats.per_step_accuracy is not None:
             per_step.append(stats.per_step_accuracy.detach())
+    if not accuracies:  # a torchrun rank left without a batch (fewer batches than ranks)
+        return {"accuracy": np.zeros(0), "loss": np.zeros(0)}
     out = {"accuracy": percent(torch.cat(accuracies)),
            "loss": torch.cat(losses).double().cpu().numpy()}
     if per_step:
         out["accuracy_per_step"] = 100.0 * torch.cat(per_step, dim=1).double().cpu().numpy()
     return out
+
+
+def merge_shares(parts: Sequence[Dict[str, object]], count: int, batch_size: int) -> Dict[str, np.ndarray]:
+    """The per-episode results of all ``count`` episodes, in episode order, from the shares of the ranks
+    that scored them: each part ``{"starts": [...], "accuracy": [E_r], "loss": [E_r]}``, as
+    :func:`evaluate_episodes` returns for those ``starts``. A ValueError when an episode was scored
+    twice or by nobody (every episode is averaged exactly once, whatever the world size)."""
+    merged = {key: np.full(int(count), np.nan) for key in ("accuracy", "loss")}
+    seen = np.zeros(int(count), dtype=bool)
+    for part in parts:
+        offset = 0
+        for start in part["starts"]:
+            size = min(batch_size, count - start)
+            if size <= 0 or start % batch_size or seen[start:start + size].any():
+                raise ValueError(f"the batch of episodes from {start} is not a batch of {count} episodes "
+                                 f"at {batch_size} per batch, or was scored twice")
+            seen[start:start + size] = True
+            for key in merged:
+                merged[key][start:start + size] = np.asarray(part[key])[offset:offset + size]
+            offset += size
+        if offset != len(part["accuracy"]):
+            raise ValueError(f"a share holds {len(part['accuracy'])} accuracies for {offset} episodes")
+    if not seen.all():
+        raise ValueError(f"no result for episode(s) {np.flatnonzero(~seen)[:5].tolist()}")
+    return merged
 
 
 def chunks(count: int, genotypes: int, batch_size: int) -> List[Tuple[int, int]]:

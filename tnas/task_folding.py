@@ -49,7 +49,9 @@ __all__ = ["groups_of", "fold_images", "unfold_logits", "fold_parameter", "cat_c
 def groups_of(x: torch.Tensor, channels: int) -> int:
     """T, the channel groups of a folded activation ``x`` ``[N, T*channels, ...]`` (1 when unfolded)."""
     if x.shape[1] % channels:
-        raise ValueError(f"an input of {x.shape[1]} channels is not a whole number of task groups of {channels}")
+        raise ValueError(f"an input of {x.shape[1]} channels is not a whole number of task groups of {channels} "
+                         f"(this layer takes {channels} channels per task, T*{channels} for T folded tasks: "
+                         f"is the model's in_channels that of the images?)")
     return x.shape[1] // channels
 
 

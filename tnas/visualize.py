@@ -6,7 +6,9 @@ pair labelled with the op, and the concatenated nodes feeding the output ``c_{k}
 
 :func:`genotype_to_dot` writes Graphviz DOT text (no Python graphviz package needed);
 :func:`render_cell` renders it with the ``dot`` program when it is installed and
-otherwise draws the same graph with matplotlib, so a PNG always comes out. Matplotlib is
+otherwise draws the same graph with matplotlib, so a PNG always comes out
+(``renderer="dot"`` insists on graphviz: a one-line error when ``dot`` is not on PATH,
+:func:`dot_program` says whether it is). Matplotlib is
 imported lazily and only through its object API (``Figure`` + ``FigureCanvasAgg``): the
 global backend is never changed.
 """
@@ -16,11 +18,12 @@ import io
 import os
 import shutil
 import subprocess
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from tnas.errors import TnasError
 from tnas.genotypes import PRIMITIVES, Genotype, edge_inputs, num_edges, validate_genotype
 from tnas.runlog import atomic_write_bytes, render_heatmap
 
@@ -28,6 +31,7 @@ CELLS = ("normal", "reduce")
 INPUT_NAMES = ("c_{k-2}", "c_{k-1}")
 OUTPUT_NAME = "c_{k}"
 DOT_TIMEOUT_S = 60
+RENDERERS = ("auto", "dot", "matplotlib")
 
 _INPUT_COLOR = "darkseagreen2"
 _NODE_COLOR = "lightblue"
@@ -147,39 +151,63 @@ def _draw_cell_png(genotype: Genotype, cell: str, png_path: str) -> None:
     atomic_write_bytes(png_path, buffer.getvalue())
 
 
-def render_cell(genotype: Genotype, cell: str, out_path_without_ext: str) -> List[str]:
+def dot_program() -> Optional[str]:
+    """The path of graphviz's ``dot`` program, None when it is not on PATH (then ``renderer="auto"``
+    draws with matplotlib)."""
+    return shutil.which("dot")
+
+
+def _render_with_dot(dot_text: str, dot_program_path: str) -> Tuple[Optional[bytes], str]:
+    """``(PNG bytes, "")``, or ``(None, why)`` when ``dot`` fails. dot reads the source from stdin and
+    writes the PNG to stdout: no half-written file on disk."""
+    try:
+        result = subprocess.run([dot_program_path, "-Tpng"], input=dot_text.encode("utf-8"), capture_output=True,
+                                timeout=DOT_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, str(error)
+    if result.returncode == 0 and result.stdout.startswith(b"\x89PNG"):
+        return result.stdout, ""
+    reason = result.stderr.decode("utf-8", "replace").strip().splitlines()
+    return None, reason[0] if reason else f"exit status {result.returncode}"
+
+
+def render_cell(genotype: Genotype, cell: str, out_path_without_ext: str, renderer: str = "auto") -> List[str]:
     """Write ``<out>.dot`` and ``<out>.png`` of one cell atomically; returns the paths written.
 
-    The PNG comes from the ``dot`` program when it is on PATH (and succeeds), otherwise
-    from a matplotlib drawing of the same graph.
+    ``renderer``: ``"auto"`` (the PNG from the ``dot`` program when it is on PATH and succeeds,
+    otherwise from a matplotlib drawing of the same graph), ``"dot"`` (graphviz only: a
+    :class:`~tnas.errors.TnasError` when ``dot`` is missing or fails) or ``"matplotlib"``.
     """
+    if renderer not in RENDERERS:
+        raise ValueError(f"renderer must be one of {', '.join(RENDERERS)}, got {renderer!r}")
+    program = dot_program() if renderer != "matplotlib" else None
+    if renderer == "dot" and program is None:
+        raise TnasError("graphviz's `dot` program is not on PATH: install graphviz, or draw with "
+                        "renderer='matplotlib' ('auto' uses dot when it is there, matplotlib otherwise)")
     dot_text = genotype_to_dot(genotype, cell)
     directory = os.path.dirname(out_path_without_ext)
     if directory:
         os.makedirs(directory, exist_ok=True)
     dot_path, png_path = f"{out_path_without_ext}.dot", f"{out_path_without_ext}.png"
     atomic_write_bytes(dot_path, dot_text.encode("utf-8"))
-    dot_program = shutil.which("dot")
-    rendered = False
-    if dot_program:
-        try:  # dot reads the source from stdin and writes the PNG to stdout: no half-written file on disk
-            result = subprocess.run([dot_program, "-Tpng"], input=dot_text.encode("utf-8"), capture_output=True,
-                                    timeout=DOT_TIMEOUT_S)
-            rendered = result.returncode == 0 and result.stdout.startswith(b"\x89PNG")
-        except (OSError, subprocess.SubprocessError):
-            rendered = False
-        if rendered:
-            atomic_write_bytes(png_path, result.stdout)
-    if not rendered:
+    png = None
+    if program:
+        png, reason = _render_with_dot(dot_text, program)
+        if png is None and renderer == "dot":
+            raise TnasError(f"graphviz's dot ({program}) failed on {dot_path}: {reason}")
+    if png is not None:
+        atomic_write_bytes(png_path, png)
+    else:
         _draw_cell_png(genotype, cell, png_path)
     return [dot_path, png_path]
 
 
-def plot_genotype(genotype: Genotype, out_dir: str, prefix: str = "") -> List[str]:
-    """Diagrams of both cells: ``{out_dir}/{prefix}normal.{dot,png}`` and ``...reduce...``."""
+def plot_genotype(genotype: Genotype, out_dir: str, prefix: str = "", renderer: str = "auto") -> List[str]:
+    """Diagrams of both cells: ``{out_dir}/{prefix}normal.{dot,png}`` and ``...reduce...`` (``renderer``:
+    as :func:`render_cell`'s)."""
     paths: List[str] = []
     for cell in CELLS:
-        paths += render_cell(genotype, cell, os.path.join(out_dir, f"{prefix}{cell}"))
+        paths += render_cell(genotype, cell, os.path.join(out_dir, f"{prefix}{cell}"), renderer)
     return paths
 
 

@@ -18,6 +18,7 @@ gathered there directly when the whole split is kept on the GPU), optionally aug
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -50,8 +51,15 @@ class EpisodeBatch:
     query_x: torch.Tensor
     query_y: torch.Tensor
 
-    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "EpisodeBatch":
-        return EpisodeBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+           non_blocking: bool = False) -> "EpisodeBatch":
+        """The batch on ``device`` (None: where it is), its images (``support_x``, ``query_x``) as ``dtype``
+        (None: as they are, float32; e.g. ``torch.float64`` for a float64 model); labels stay int64."""
+        images = dict(dtype=dtype) if dtype is not None else {}
+        return EpisodeBatch(self.support_x.to(device, non_blocking=non_blocking, **images),
+                            self.support_y.to(device, non_blocking=non_blocking),
+                            self.query_x.to(device, non_blocking=non_blocking, **images),
+                            self.query_y.to(device, non_blocking=non_blocking))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.support_x, self.support_y, self.query_x, self.query_y))
@@ -517,6 +525,12 @@ class FixedEpisodes:
     def __len__(self) -> int:
         return int(self.indices.shape[0])
 
+    def indices_sha256(self) -> str:
+        """Hex SHA-256 of the episodes' image indices (as int64, in episode order): equal for two sets of
+        episodes exactly when they are the same tasks in the same order (results.json records it, so two
+        results can be checked to come from the same test tasks)."""
+        return hashlib.sha256(np.ascontiguousarray(self.indices, dtype=np.int64).tobytes()).hexdigest()
+
     def _loader(self, device: Union[str, torch.device]) -> _ImageLoader:
         key = str(torch.device(device))
         if key not in self._loaders:
@@ -559,6 +573,8 @@ class FixedEpisodes:
                     stream.write(json.dumps(dict(header, indices=self.indices.tolist())).encode())
                 else:
                     np.savez_compressed(stream, indices=self.indices.astype(dtype), header=json.dumps(header))
+                stream.flush()
+                os.fsync(stream.fileno())  # on disk before the rename: a crash leaves the old file or the whole new one
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -63,6 +63,11 @@ class ImageSplit:
         if min(self.std) <= 0:
             raise TnasError(f"{self.name}: std must be positive, got {self.std}")
 
+    def __repr__(self) -> str:
+        """One line (the dataclass default would print every image and class name)."""
+        return (f"ImageSplit({self.name!r}: {self.images.shape[0]} images of {self.num_classes} classes, "
+                f"{'x'.join(map(str, self.image_shape))} [C, H, W])")
+
     # ------------------------------------------------------------------ properties
     @property
     def num_classes(self) -> int:

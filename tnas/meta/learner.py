@@ -55,6 +55,19 @@ def check_compile_forward(compile_forward: Union[bool, str], first_order: bool) 
                          "which second order (and a schedule that turns it on) needs")
 
 
+def check_inputs(model: nn.Module, images: torch.Tensor) -> None:
+    """ValueError naming both sides unless ``images`` are on the device and of the floating dtype of
+    ``model``'s first parameter (a one-line message instead of the first convolution's error).
+    Batches come as float32: move and convert them with ``batch.to(device, dtype)``, or the model
+    with ``model.to(device, dtype)``."""
+    param = next(model.parameters(), None)
+    if param is None or (images.device == param.device and images.dtype == param.dtype):
+        return
+    raise ValueError(f"the images are {str(images.dtype).replace('torch.', '')} on {images.device} but the "
+                     f"model's parameters are {str(param.dtype).replace('torch.', '')} on {param.device}; "
+                     f"convert one side (batch.to(device, dtype) or model.to(device, dtype))")
+
+
 class MetaLearner:
     """Functional MAML over a model with named parameter groups.
 
@@ -125,7 +138,9 @@ class MetaLearner:
               adapt_groups: Optional[Iterable[str]] = None, meta_gradient: bool = False,
               query_x: Optional[torch.Tensor] = None, query_y: Optional[torch.Tensor] = None,
               track_query: bool = False) -> InnerLoopResult:
-        """Adapt on the support sets of a batch of tasks (``[T, N, C, H, W]``)."""
+        """Adapt on the support sets of a batch of tasks (``support_x [T, N, C, H, W]``, ``support_y [T, N]``),
+        ``steps`` steps (default ``inner_steps_test``)."""
+        check_inputs(self.model, support_x)
         steps = self.inner_steps_test if steps is None else steps
         forward = self.training_forward() if meta_gradient else self.forward
         with self._autocast(support_x.device):

@@ -43,6 +43,10 @@ def model_forward(model: nn.Module, fold_tasks: Optional[bool] = None) -> Forwar
 
     ``fold_tasks``: batch tasks by folding (:mod:`tnas.task_folding`) or by ``vmap``;
     default: fold when the model supports it. ``True`` for a model that does not is a ValueError.
+
+    Any other model (e.g. a plain ``nn.Sequential``) runs through ``vmap``: a BatchNorm in it must
+    use batch statistics (``track_running_stats=False``, as MAML does), since vmap cannot update
+    running statistics shared by all tasks in place.
     """
     supported = task_folding.supports_folding(model)
     if fold_tasks and not supported:
@@ -169,6 +173,15 @@ def sgd_update(params: Params, names: Sequence[str], grads: Sequence[Optional[to
     return {name: updated[name] for name in names}
 
 
+def check_task_batch(x: torch.Tensor, y: torch.Tensor, name: str = "support") -> None:
+    """ValueError unless ``x`` is ``[T, N, ...]`` (T tasks of N images each) and ``y`` is ``[T, N]``:
+    the task dimension comes first, also for a single task (``x[None]``, ``y[None]``). Shapes only,
+    no host sync."""
+    if y.dim() != 2 or x.dim() < 3 or tuple(x.shape[:2]) != tuple(y.shape):
+        raise ValueError(f"{name}_x must be [T, N, C, H, W] and {name}_y [T, N] (T tasks of N images; one task: "
+                         f"x[None], y[None]), got {tuple(x.shape)} and {tuple(y.shape)}")
+
+
 def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_rates: Mapping[str, LearningRate],
                support_x: torch.Tensor, support_y: torch.Tensor, steps: int, first_order: bool = True,
                meta_gradient: bool = True, query_x: Optional[torch.Tensor] = None,
@@ -181,9 +194,10 @@ def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_
         forward: functional forward of one task (see :data:`ForwardFn`).
         params: all parameters the forward needs, unbatched.
         learning_rates: the parameters to adapt, name -> learning rate (a float, or a
-            tensor ``[steps]`` of learned per-step rates, which then receive gradients).
+            tensor of at least ``steps`` learned per-step rates, which then receive gradients).
             Parameters not named here are shared and not adapted.
-        support_x, support_y: ``[T, N, C, H, W]``, ``[T, N]``.
+        support_x, support_y: ``[T, N, C, H, W]``, ``[T, N]`` (a ValueError otherwise; the task
+            dimension is there for one task too).
         first_order: drop second-order terms (FO-MAML); ``False`` differentiates through
             the inner loop.
         meta_gradient: ``False`` for meta-test adaptation: the result is cut from ``params``.
@@ -200,6 +214,14 @@ def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_
     unknown = [name for name in learning_rates if name not in params]
     if unknown:
         raise KeyError(f"learning rates given for unknown parameter(s): {', '.join(unknown)}")
+    check_task_batch(support_x, support_y, "support")
+    if query_x is not None and query_y is not None:
+        check_task_batch(query_x, query_y, "query")
+    short = [name for name, lr in learning_rates.items()
+             if isinstance(lr, torch.Tensor) and lr.dim() > 0 and lr.shape[0] < steps]
+    if short:
+        raise ValueError(f"per-step learning rates of {short[0]} have {learning_rates[short[0]].shape[0]} "
+                         f"entries, fewer than the {steps} inner steps")
     tasks = support_x.shape[0]
     task_params = (expand or expand_to_tasks)({n: params[n] for n in learning_rates}, tasks, meta_gradient)
     shared = {n: p for n, p in params.items() if n not in learning_rates}

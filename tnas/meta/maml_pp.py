@@ -46,7 +46,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from tnas.meta.learner import MetaLearner, StepStats, check_compile_forward
+from tnas.meta.learner import MetaLearner, StepStats, check_compile_forward, check_inputs
 from tnas.meta.maml import ForwardFn, InnerLoopResult, Params, inner_loop, per_task_cross_entropy, \
     batched_forward, per_task_accuracy, query_loss_and_accuracy
 from tnas.models.per_step_bn import make_per_step_batch_norm, select_batch_norm_set
@@ -259,6 +259,9 @@ class MAMLPlusPlus(MetaLearner):
               adapt_groups: Optional[Iterable[str]] = None, meta_gradient: bool = False,
               query_x: Optional[torch.Tensor] = None, query_y: Optional[torch.Tensor] = None,
               track_query: bool = False, on_step=None) -> InnerLoopResult:
+        """As :meth:`MetaLearner.adapt`, with the per-step BN sets and learned rates; ``on_step`` as
+        :func:`~tnas.meta.maml.inner_loop`'s."""
+        check_inputs(self.model, support_x)
         steps = self.inner_steps_test if steps is None else steps
         rates, expand = self.inner_loop_setup(support_x, adapt_groups, steps)
         if not meta_gradient:

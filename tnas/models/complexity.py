@@ -66,11 +66,15 @@ def ptflops_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> Optional[int
 
 
 def count_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> Dict[str, object]:
-    """``{"macs", "macs_conv_linear", "macs_source"}`` per image, counted on a CPU copy of ``model``.
+    """``{"macs", "macs_conv_linear", "macs_source"}`` per image, counted on a float32 CPU copy of ``model``
+    (any device or dtype); ``input_shape``: ``(C, H, W)``, e.g. ``(1, 16, 16)``. The parameter count is
+    ``sum(p.numel() for p in model.parameters())``.
 
     ptflops (which adds BatchNorm, pooling and elementwise ops) when its figure is sane:
     at least the convolution + linear count and at most twice it; otherwise that count.
     """
+    if len(tuple(input_shape)) != 3:
+        raise ValueError(f"input_shape is one image's (channels, height, width), got {tuple(input_shape)}")
     model = copy.deepcopy(model).cpu().float()
     by_hand = conv_linear_macs(model, input_shape)
     by_ptflops = ptflops_macs(model, input_shape)

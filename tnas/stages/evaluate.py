@@ -15,7 +15,11 @@ one-line error naming both values.
 Output: ``results.json`` in ``--out`` (default: the checkpoint's run directory), written
 atomically and only after a successful evaluation, with docs/design.md section 4's fields (method,
 dataset, n_way, k_shot, episodes, accuracy_mean, ci95, per_episode in percent, genotypes)
-plus checkpoint, update_step_test, seed, wall_time_s and the rest of the set-up.
+plus the checkpoint (path, SHA-256, epochs and iterations trained), the episodes' SHA-256,
+update_step_test, seed, wall_time_s and the rest of the set-up.
+
+Under torchrun the batches of episodes are dealt to the ranks and rank 0 writes the same record
+as one process would (:func:`run`).
 """
 from __future__ import annotations
 
@@ -24,19 +28,20 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
 import torch
 import yaml
 
+from tnas import distributed
 from tnas.config import HelpFormatter, add_common_args, resolve_device, seed_everything, set_flag, set_threads
 from tnas.data import FixedEpisodes, load_split
 from tnas.errors import TnasError
-from tnas.evaluate import evaluate_episodes, format_accuracy, results_record
+from tnas.evaluate import batch_starts, evaluate_episodes, format_accuracy, merge_shares, results_record
 from tnas.genotypes import genotype_from_dict, resolve_genotype
 from tnas.progress import StdoutLog
-from tnas.runlog import atomic_write_json
+from tnas.runlog import atomic_write_json, sha256_file
 from tnas.stages import common, restore
 from tnas.stages.settings import Settings
 
@@ -128,6 +133,18 @@ class Prepared:
     device: torch.device
     episodes: Any  # FixedEpisodes
     split: Any
+    provenance: Dict[str, Any] = field(default_factory=dict)  # results.json's record of them (:func:`provenance`)
+
+
+def provenance(checkpoint: str, state: Dict[str, Any], episodes) -> Dict[str, Any]:
+    """The results.json fields that tie a score to what was scored: the checkpoint's path and SHA-256 (taken
+    when it is read), the epochs and meta-iterations it had trained (None where it does not say), and the
+    SHA-256 of the test episodes' image indices (:meth:`~tnas.data.episodes.FixedEpisodes.indices_sha256`:
+    equal in two records exactly when both scored the same tasks in the same order)."""
+    trained = {key: state[key] if isinstance(state.get(key), int) else None for key in ("epoch", "iteration")}
+    return {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+            "checkpoint_epoch": trained["epoch"], "checkpoint_iteration": trained["iteration"],
+            "episodes_sha256": episodes.indices_sha256()}
 
 
 def _run_config(checkpoint: str) -> Dict[str, Any]:
@@ -249,6 +266,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     check_against_checkpoint(args, summary, checkpoint)
     fill_from_checkpoint(args, summary, checkpoint)
     learner = restore.learner_from_state(state, device, source=checkpoint)
+    trained = {key: state.get(key) for key in ("epoch", "iteration")}
     del state
     check_genotype(args, learner, summary, checkpoint)
     split = load_split(args.dataset, "test", data_path=args.data_path, img_size=args.img_size,
@@ -261,7 +279,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[1]}x{split.image_shape[2]} images, but the "
                         f"checkpoint {checkpoint} was trained on {shape[1]}x{shape[2]} images")
     episodes = load_test_episodes(args, split, episodes_given)
-    return Prepared(checkpoint, learner, summary, device, episodes, split)
+    return Prepared(checkpoint, learner, summary, device, episodes, split, provenance(checkpoint, trained, episodes))
 
 
 def default_out_dir(args, checkpoint: str) -> str:
@@ -269,33 +287,65 @@ def default_out_dir(args, checkpoint: str) -> str:
 
 
 # -- the stage -----------------------------------------------------------------------------------
-def run(args: EvaluateSettings) -> Dict[str, object]:
-    """Evaluate the checkpoint described by the settings; returns the record written to ``results.json``."""
+def run(args: EvaluateSettings) -> Optional[Dict[str, object]]:
+    """Evaluate the checkpoint described by the settings; returns the record written to ``results.json``
+    (None on the other ranks under torchrun).
+
+    Under torchrun the batches of ``--batch_size`` episodes (the same batches as one process cuts) are
+    dealt round robin to the ranks, each on its own device (``cuda:LOCAL_RANK`` mod the GPUs; the ranks
+    talk over gloo, only the per-episode results travel), and rank 0 gathers every episode's result
+    once (:func:`tnas.evaluate.merge_shares`) and writes results.json: the same record as one process.
+    """
     started = time.time()
-    graph = common.check_cuda_graph(args)
-    prepared = prepare(args)
-    print(graph.reason, file=sys.stderr)  # stdout carries the results
-    summary, learner = prepared.summary, prepared.learner
+    with distributed.local_process():  # one evaluation graph per rank: nothing is summed across ranks
+        graph = common.check_cuda_graph(args)
+    device = resolve_device(args.device)
+    info = distributed.init_distributed(device, share_gpus=True)
+    try:
+        args.device = str(distributed.local_device(device, info))
+        if not info.is_main:  # rank 0 first: it writes --episodes_file when it does not exist yet
+            distributed.barrier(info)
+        prepared = prepare(args)
+        if info.is_main:
+            distributed.barrier(info)
+            print(graph.reason, file=sys.stderr)  # stdout carries the results
+        record = _evaluate(args, prepared, graph.enabled, info, started)
+        distributed.barrier(info)  # every rank leaves the process group together
+        return record
+    finally:
+        distributed.shutdown(info)
+
+
+def _evaluate(args: EvaluateSettings, prepared: Prepared, cuda_graph: bool, info: distributed.DistInfo,
+              started: float) -> Optional[Dict[str, object]]:
+    """Score this rank's share of the batches, gather them on rank 0, write and print the record there."""
+    summary, learner, episodes = prepared.summary, prepared.learner, prepared.episodes
     out_dir = default_out_dir(args, prepared.checkpoint)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TnasError(f"--out {out_dir} is a file, not a directory")
-    result = evaluate_episodes(learner, prepared.episodes, args.batch_size, prepared.device,
-                               steps=args.update_step_test, desc="evaluate",
-                               cuda_graph=graph.enabled, log=StdoutLog())
+    mine = distributed.shard(batch_starts(len(episodes), args.batch_size), info)
+    result = evaluate_episodes(learner, episodes, args.batch_size, prepared.device, steps=args.update_step_test,
+                               desc="evaluate", cuda_graph=cuda_graph, log=StdoutLog() if info.is_main else None,
+                               starts=mine)
+    parts = distributed.gather_to_main({"starts": mine, "accuracy": result["accuracy"], "loss": result["loss"]}, info)
+    if not info.is_main:
+        return None
+    result = merge_shares(parts, len(episodes), args.batch_size)
     genotype = restore.checkpoint_genotype(learner, summary)
     genotype = genotype.to_dict() if genotype is not None else None  # None: Conv-4, no genotype
     extra = {
         "q_query": args.q_query,
         "stage": summary["stage"],
-        "checkpoint": os.path.abspath(prepared.checkpoint),
+        **prepared.provenance,
         "update_step_test": args.update_step_test,
-        "seed": prepared.episodes.seed if prepared.episodes.seed is not None else args.seed,
+        "seed": episodes.seed if episodes.seed is not None else args.seed,
         "episodes_file": os.path.abspath(args.episodes_file) if args.episodes_file else None,
         "split": prepared.split.name,
         "image_shape": list(prepared.split.image_shape),
         "loss_mean": float(result["loss"].mean()),
         "batch_size": args.batch_size,
         "device": str(prepared.device),
+        "world_size": info.world_size,
     }
     for key in ("genotype_source", "parameters", "macs"):
         if key in summary:

@@ -14,9 +14,12 @@ c. **train** -- each distinct genotype is trained from scratch once by the train
    ``--method tnas++``, validation on the validation classes, ``best.pt`` by validation
    accuracy; run directory ``OUT/genotypes/<id>/``;
 d. **evaluate** -- each episode is adapted on its support set and scored on its query set
-   by its own genotype's ``best.pt`` (all episodes of a genotype batched; with ``--genotypes_per_batch``
+   by its own genotype's ``best.pt``, for ``--inner_steps_test`` steps (default: ``--update_step_test``;
+   the same steps as the from-scratch runs' validation, which picked ``best.pt``: their ``inner_steps_test``;
+   :func:`~tnas.stages.protocol_train.scratch_steps_test`) (all episodes of a genotype batched; with ``--genotypes_per_batch``
    the genotypes of a batch with equal episode counts adapt in one forward, :mod:`tnas.stages.protocol_score`);
-e. **aggregate** -- mean and 95% CI into ``OUT/results.json`` (the evaluate stage's fields plus
+e. **aggregate** -- mean and 95% CI into ``OUT/results.json`` (the evaluate stage's fields, with
+   ``update_step_test`` the decoding steps and ``inner_steps_test`` the scoring steps, plus
    ``genotype_id`` per episode, ``genotypes`` {id: genotype}, ``distinct_genotypes``, the
    from-scratch ``schedule``, ``budget`` and a ``cost`` block: wall time and device-hours per
    stage, device name, world size).
@@ -73,8 +76,8 @@ from tnas.stages.protocol_decode import GENOTYPES_FILE, decode_cache_key, decode
     write_decode_files
 from tnas.stages.protocol_score import score_batch, scoring_progress
 from tnas.stages.protocol_train import (BUDGET_SCHEDULE, METHODS, TRAIN_FLAGS, TRAIN_SWITCHES, GenotypeRun,
-                                        genotypes_per_batch, memory_probe, schedule_record, train_genotype_batch,
-                                        train_settings)
+                                        genotypes_per_batch, memory_probe, schedule_record, scratch_steps_test,
+                                        train_genotype_batch, train_settings)
 
 GENOTYPES_DIR = "genotypes"
 INDEX_FILE = "genotypes.json"
@@ -96,6 +99,7 @@ class ProtocolSettings(evaluate_stage.CheckpointSettings):
     budget: bool = False
     train_seed: Optional[int] = None
     train_args: Optional[str] = None
+    inner_steps_test: Optional[int] = None
     epochs: Optional[int] = None
     tasks_per_epoch: Optional[int] = None
     tasks_per_batch: Optional[int] = None
@@ -161,9 +165,14 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                             f"{BUDGET_SCHEDULE['tasks_per_epoch']:,} tasks (labelled \"budget\" in results.json); MAML++'s "
                             f"--msl_epochs and --first_order_epochs shrink in proportion unless given")
     group.add_argument("--train_seed", type=int, default=None, help="seed of every from-scratch run (default: --seed)")
+    group.add_argument("--inner_steps_test", type=int, default=None,
+                       help="adaptation steps of the from-scratch networks at test time: in their validation, "
+                            "which picks best.pt, and on each test episode when scoring (default: "
+                            "--update_step_test; MAML++ itself adapts with its training's 5)")
     group.add_argument("--train_args", default=None, metavar="'FLAGS'",
                        help="more train-stage flags, quoted, e.g. '--msl_epochs 3 --no-cosine_lr' "
-                            "(one flag alone with '=': --train_args=--cuda_graph)")
+                            "(one flag alone with '=': --train_args=--cuda_graph); not those the protocol sets "
+                            "itself (task shape, data, method, --inner_steps_test, seed, device)")
     for name, kind, text in TRAIN_FLAGS:
         group.add_argument(f"--{name}", type=kind, default=None, help=text)
     for name, text in TRAIN_SWITCHES:
@@ -181,8 +190,8 @@ def default_out_dir(args, checkpoint: str) -> str:
 
 def check_flags(args) -> None:
     """One-line errors for protocol flags out of range (before anything is loaded)."""
-    common.check_positive(args, "epochs", "tasks_per_epoch", "tasks_per_batch", "inner_steps", "val_episodes",
-                          "val_batch_size", "C", "layers", "dist_timeout_hours")
+    common.check_positive(args, "epochs", "tasks_per_epoch", "tasks_per_batch", "inner_steps", "inner_steps_test",
+                          "val_episodes", "val_batch_size", "C", "layers", "dist_timeout_hours")
     common.check_positive(args, "inner_lr", "meta_lr", "decode_lr_alphas", "decode_lr_weights", minimum=0)
     if args.genotypes_per_batch is not None:
         train.check_genotypes_per_batch(args.genotypes_per_batch)
@@ -319,10 +328,11 @@ def results(p: Protocol, parts, genotypes, ids, by_id, episodes_of, runs, cost) 
     return results_record(args.method, args.dataset, args.n_way, args.k_shot,
                           [merged[episode] for episode in range(len(genotypes))], by_id,
                           genotype_id=ids, distinct_genotypes=len(by_id), budget=bool(args.budget),
-                          schedule=p.schedule, checkpoint=os.path.abspath(prepared.checkpoint),
+                          schedule=p.schedule, **prepared.provenance,
                           seed=episodes_seed(prepared, args),
                           episodes_file=os.path.abspath(args.episodes_file) if args.episodes_file else None,
-                          q_query=args.q_query, update_step_test=args.update_step_test, batch_size=args.batch_size,
+                          q_query=args.q_query, update_step_test=args.update_step_test,
+                          inner_steps_test=scratch_steps_test(args), batch_size=args.batch_size,
                           split=prepared.split.name, image_shape=list(prepared.split.image_shape),
                           decode_inner_lrs=p.decode_inner_lrs, per_genotype=per_genotype,
                           skipped_genotypes=[gid for gid, run in runs.items() if run["status"] == "skipped"],
@@ -374,7 +384,8 @@ def run(args: ProtocolSettings) -> Optional[Dict[str, object]]:
         info, schedule = p.info, p.schedule
         p.logger.log(f"T-NAS protocol ({args.method}: from-scratch {schedule['train_method']}"
                      f"{', budget' if args.budget else ''}, {schedule['epochs']} epoch(s) of "
-                     f"{schedule['tasks_per_epoch']:,} tasks) of {p.prepared.checkpoint} on "
+                     f"{schedule['tasks_per_epoch']:,} tasks; {args.update_step_test} decoding step(s), "
+                     f"{schedule['inner_steps_test']} test step(s) from scratch) of {p.prepared.checkpoint} on "
                      f"{len(p.prepared.episodes)} {args.dataset} {args.n_way}-way {args.k_shot}-shot test episodes; "
                      f"{info.world_size} process(es), device {p.device}; output in {p.out_dir}")
         genotypes, ids, by_id, episodes_of, cached = decode_step(p)

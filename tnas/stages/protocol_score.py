@@ -29,6 +29,7 @@ from tnas.models.genotype_batch import GenotypeBatchNetwork
 from tnas.progress import TaskProgress
 from tnas.stages import restore
 from tnas.stages.batched_train import free_device_memory, out_of_memory
+from tnas.stages.protocol_train import scratch_steps_test
 
 Log = Callable[[str], None]
 
@@ -80,10 +81,11 @@ def score_learner(learner, episode_ids: Sequence[int], episodes, batch_size: int
 
 
 def score_genotype(run, episodes, args, device: torch.device, meter=None) -> Dict[int, float]:
-    """Episode index -> accuracy (percent) of the genotype's best.pt, adapted on each episode's support set.
+    """Episode index -> accuracy (percent) of the genotype's best.pt, adapted on each episode's support set
+    for the from-scratch networks' test steps (:func:`~tnas.stages.protocol_train.scratch_steps_test`).
     ``meter`` (a :class:`tnas.progress.TaskProgress`), when given, counts the scored batches."""
     return score_learner(load_genotype_learner(run, device), run.episodes, episodes, args.batch_size,
-                         args.update_step_test, device, meter)
+                         scratch_steps_test(args), device, meter)
 
 
 # -- a batch of genotypes -------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def score_batch(runs: Sequence, episodes, args, device: torch.device, meter=None
             try:
                 together = batch_learner([learners[i] for i in group])
                 scored = evaluate_together(together, [runs[i].episodes for i in group], episodes, args.batch_size,
-                                           args.update_step_test, device, meter)
+                                           scratch_steps_test(args), device, meter)
             except ValueError as error:  # other shapes or settings: refused by the batch before any step
                 reason = " ".join(str(error).split())
             except RuntimeError as error:
@@ -139,7 +141,7 @@ def score_batch(runs: Sequence, episodes, args, device: torch.device, meter=None
                 log(f"scoring genotypes {', '.join(runs[i].id for i in group)} one at a time ({reason})")
         for i in group:
             accuracies.update(score_learner(learners[i], runs[i].episodes, episodes, args.batch_size,
-                                            args.update_step_test, device, meter))
+                                            scratch_steps_test(args), device, meter))
     return accuracies
 
 

@@ -5,6 +5,9 @@ or as genotype batches; their scoring: :mod:`tnas.stages.protocol_score`.
 The settings come from the train stage's own parser and config layer, by precedence: what the
 protocol fixes (data, task shape, method, test-time steps, seed, device) > ``--train_args`` > the
 protocol's own from-scratch flags > ``--budget`` > ``--train_config`` > the train stage's defaults.
+The test-time steps (the train stage's ``inner_steps_test``: validation, and the scoring of the test
+episodes) are the protocol's ``--inner_steps_test``, by default its ``--update_step_test``
+(:func:`scratch_steps_test`).
 """
 from __future__ import annotations
 
@@ -43,6 +46,15 @@ TRAIN_SWITCHES = (("second_order", "exact (second-order) MAML in from-scratch tr
 
 
 # -- the from-scratch settings ------------------------------------------------------------------------
+def scratch_steps_test(args) -> int:
+    """The adaptation steps of the from-scratch networks at test time: in their validation (which picks
+    each run's ``best.pt``) and on each test episode when the protocol scores it. ``--inner_steps_test``
+    when given, else ``--update_step_test`` (the steps that decode each task's genotype; an ``args``
+    without the field, as from before the flag, is tied to them too)."""
+    steps = getattr(args, "inner_steps_test", None)
+    return args.update_step_test if steps is None else steps
+
+
 def _find_train_config(path: str) -> str:
     """``--train_config`` as given, else relative to the repository (so ``configs/...`` works anywhere)."""
     if os.path.isfile(path):
@@ -82,6 +94,19 @@ def _shorten_epoch_schedules(flags, configured_epochs: int, given: Dict[str, Any
             setattr(flags, name, max(1, round(value * flags.epochs / configured_epochs)))
 
 
+def _refuse_fixed_flags(parser, tokens: List[str], fixed: set) -> None:
+    """A ``--train_args`` flag the protocol sets itself for every run would be overridden without a word:
+    refuse it, naming the flag (the protocol's own flag of that name, where it has one, is the way)."""
+    dests = {option: action.dest for action in parser._actions for option in action.option_strings}
+    for token in tokens:
+        dest = dests.get(token.split("=", 1)[0])
+        if dest in fixed:
+            raise TnasError(f"--train_args {token.split('=', 1)[0]}: the protocol sets {dest} for every "
+                            f"from-scratch run itself (from its own flags, the search checkpoint or per genotype); "
+                            f"give the protocol's flag instead where it has one (python scripts/evaluate_tnas.py "
+                            f"--help)")
+
+
 def train_settings(args, search_summary: Dict[str, Any], device) -> train.TrainSettings:
     """The from-scratch settings every genotype shares, by precedence: what the protocol fixes (data,
     task shape, method, test-time steps, seed, device) > ``--train_args`` > the protocol's own flags >
@@ -96,15 +121,19 @@ def train_settings(args, search_summary: Dict[str, Any], device) -> train.TrainS
         if args.budget:
             _shorten_epoch_schedules(flags, configured_epochs, given)
         if args.train_args:
-            flags = parse_args(parser, shlex.split(args.train_args), namespace=flags)
+            tokens = shlex.split(args.train_args)
+            flags = parse_args(parser, tokens, namespace=flags)
     except TnasError as error:
         raise TnasError(f"from-scratch settings: {error}") from None
     forced = {"dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
-              "img_size": args.img_size, "method": METHODS[args.method], "inner_steps_test": args.update_step_test,
+              "img_size": args.img_size, "method": METHODS[args.method], "inner_steps_test": scratch_steps_test(args),
               "seed": args.train_seed if args.train_seed is not None else args.seed, "device": str(device),
               **evaluate_stage.checkpoint_data_settings(search_summary)}  # images as the search saw them
     forced.update({name: getattr(args, name) for name in ("data_path", "cache_dir", "threads")
                    if getattr(args, name, None)})
+    if args.train_args:
+        _refuse_fixed_flags(parser, tokens, {name for name, value in forced.items() if value is not None}
+                            | {"genotype", "out", "resume"})
     settings = train.settings_from_args(flags).replace(**{k: v for k, v in forced.items() if v is not None})
     try:
         with distributed.local_process():  # each genotype trains alone, so torchrun ranks may use CUDA graphs

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from tnas.config import resolve_device
 from tnas.errors import TnasError
 from tnas.genotypes import Genotype, genotype_from_dict
 from tnas.meta.auto_maml import build_auto_maml_learner
@@ -119,8 +120,12 @@ def learner_from_state(state: Mapping[str, Any], device, source: str = "checkpoi
 def learner_from_checkpoint(path: str, device="cpu") -> Tuple[Any, Dict[str, Any]]:
     """``(learner, summary)`` of a checkpoint file or run directory (its ``best.pt``).
 
-    The summary is the checkpoint's ``state["summary"]`` with ``"stage"`` added.
+    ``device``: a ``torch.device``, or a name as the stages' ``--device`` takes it (``cpu``, ``cuda``,
+    ``cuda:N``, ``auto``: the GPU when there is one), checked first (a TnasError for a GPU that is not
+    there). The summary is the checkpoint's ``state["summary"]`` with ``"stage"`` added.
     """
+    if isinstance(device, str):
+        device = resolve_device(device)
     path = resolve_checkpoint(path)
     state = load_state(path)
     learner = learner_from_state(state, device, source=path)

@@ -41,15 +41,26 @@ class Settings:
     @classmethod
     def from_flags(cls: Type[S], flags: Mapping[str, Any]) -> S:
         """The settings of a flat flag mapping (parsed flags or a saved config.yaml); keys that are
-        no field are ignored, fields that are no key keep their defaults."""
+        no field are ignored, fields that are no key keep their defaults (a nested part's those of
+        this class's default part: ``SearchSettings.from_flags({})`` is ``SearchSettings()``)."""
         values = {}
         for item in dataclasses.fields(cls):
             kind = item.type if isinstance(item.type, type) else _PARTS.get(item.type)
             if kind is not None and issubclass(kind, Settings):
-                values[item.name] = kind.from_flags(flags)
+                default = item.default if isinstance(item.default, Settings) else None
+                values[item.name] = kind.from_flags({**default.to_flags(), **flags} if default else flags)
             elif item.name in flags:
                 values[item.name] = flags[item.name]
         return cls(**values)
+
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with flags changed by name, wherever they live (``settings.replace(epochs=2, out=...)``);
+        a TypeError names a flag that is no field."""
+        flags = self.to_flags()
+        unknown = sorted(set(changes) - set(flags))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no flag {', '.join(unknown)}")
+        return type(self).from_flags({**flags, **changes})
 
 
 def differences(old: Settings, new: Settings) -> List[Tuple[str, Any, Any]]:

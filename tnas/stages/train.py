@@ -88,14 +88,6 @@ class TrainSettings(Settings):
     maml: MAMLSettings = MAMLSettings()
     run: RunSettings = RunSettings()
 
-    def replace(self, **changes) -> "TrainSettings":
-        """A copy with flags changed by name, wherever they live (``replace(epochs=2, out=...)``)."""
-        flags = self.to_flags()
-        unknown = sorted(set(changes) - set(flags))
-        if unknown:
-            raise TypeError(f"TrainSettings has no flag {', '.join(unknown)}")
-        return TrainSettings.from_flags({**flags, **changes})
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a genotype's network from scratch with MAML or MAML++ "
