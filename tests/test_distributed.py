@@ -1,6 +1,8 @@
 """Data parallelism over 2 gloo ranks on CPU equals one process on the same tasks (drop-path masks included)."""
 import contextlib
+import faulthandler
 import os
+import time
 from datetime import timedelta
 
 import pytest
@@ -45,15 +47,20 @@ def meta_iterations(learner, sampler, iterations=2):
 
 @contextlib.contextmanager
 def gloo_rank(rank, world_size, init_file):
-    """This process as rank ``rank`` of a gloo group (one thread), left on the way out; a collective
-    that waits a minute fails the test instead of hanging the suite."""
+    """This process as rank ``rank`` of a gloo group (one thread), left on the way out (through
+    :func:`tnas.distributed.destroy_process_group`: torch 2.4's own teardown can deadlock). A collective
+    that waits a minute fails the test instead of hanging the suite, and so does a rank stuck anywhere
+    else for 3 minutes (it prints its threads' Python stacks and exits: mp.spawn then fails the test)."""
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(180, exit=True)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            distributed.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def rank_main(rank, world_size, init_file, out_file):
@@ -110,33 +117,61 @@ def test_two_gloo_ranks_draw_the_drop_path_masks_of_one_process(tmp_path):
         assert torch.equal(rank_rng, rng), f"rank {rank}'s generator drew other masks than one process"
 
 
+def late_worker_rank(rank, world_size, init_file):
+    """Rank 0 leaves the group while its gloo worker thread still holds the only reference to a collective's
+    tensor (rank 0 dropped it; rank 1 comes a second late, so the collective still runs). A worker thread
+    that a busy machine delays after a synchronous collective leaves the same behind; torch 2.4's own
+    teardown then deadlocks (it waits for the worker while holding the GIL the worker needs)."""
+    with gloo_rank(rank, world_size, init_file):
+        if rank == 0:
+            dist.all_reduce(torch.ones(3), async_op=True)  # the tensor and the work dropped at once
+        else:
+            time.sleep(1)
+            dist.all_reduce(torch.ones(3))
+
+
+def test_a_rank_leaves_the_group_while_its_gloo_worker_still_holds_a_dropped_tensor(tmp_path):
+    mp.spawn(late_worker_rank, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
 def agreement_rank(rank, world_size, init_file, fake_nccl):
     """The host-side agreements of ``tnas.distributed`` on 2 gloo ranks (``fake_nccl``: the default group
     says it is NCCL, so the agreement goes through a gloo group of its own, as on GPUs)."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
     get_backend = dist.get_backend
-    try:
-        if fake_nccl:
-            dist.get_backend = lambda group=None: "nccl"
-        info = distributed.current_info()
-        assert distributed.min_across_ranks(5 if rank == 0 else 3, info) == 3
-        assert distributed.any_rank_stopping(rank == 1) is True
-        assert distributed.any_rank_stopping(False) is False
-        assert distributed.any_rank_stopping(rank == 0) is True
-        assert (distributed._host_group() is dist.group.WORLD) is not fake_nccl
-        with distributed.local_process():  # a rank acting alone agrees with itself only
-            assert distributed.any_rank_stopping(rank == 1) is (rank == 1)
-    finally:
-        dist.get_backend = get_backend  # the teardown asks the real backend (gloo)
-        dist.barrier()  # neither rank leaves the group while the other still talks in it
-        dist.destroy_process_group()
+    with gloo_rank(rank, world_size, init_file):
+        try:
+            if fake_nccl:
+                dist.get_backend = lambda group=None: "nccl"
+            info = distributed.current_info()
+            assert distributed.min_across_ranks(5 if rank == 0 else 3, info) == 3
+            assert distributed.any_rank_stopping(rank == 1) is True
+            assert distributed.any_rank_stopping(False) is False
+            assert distributed.any_rank_stopping(rank == 0) is True
+            assert (distributed._host_group() is dist.group.WORLD) is not fake_nccl
+            with distributed.local_process():  # a rank acting alone agrees with itself only
+                assert distributed.any_rank_stopping(rank == 1) is (rank == 1)
+        finally:
+            dist.get_backend = get_backend  # the teardown asks the real backend (gloo)
+            dist.barrier()  # neither rank leaves the group while the other still talks in it
 
 
 @pytest.mark.parametrize("fake_nccl", [False, True])
 def test_ranks_agree_on_a_stop_and_on_the_smallest_choice(tmp_path, fake_nccl):
     mp.spawn(agreement_rank, args=(2, str(tmp_path / "init"), fake_nccl), nprocs=2, join=True)
+
+
+def test_leaving_tears_down_the_host_group_too(tmp_path):
+    """A default group that says it is NCCL has a gloo host group of its own; leaving destroys both and
+    forgets the host group (kept, it would hold both groups alive past the teardown)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    get_backend = dist.get_backend
+    try:
+        dist.get_backend = lambda group=None: "nccl"
+        assert distributed._host_group() is not dist.group.WORLD and distributed._host_groups
+    finally:
+        dist.get_backend = get_backend
+        distributed.destroy_process_group()
+    assert not dist.is_initialized() and distributed._host_groups == []
 
 
 SEARCH = ["--dataset", "glyphs", "--img_size", "16", "--device", "cpu", "--n_way", "3", "--q_query", "2",
@@ -150,9 +185,6 @@ def stopping_rank(rank, world_size, init_file, out, cache_dir):
     fourth iteration (as when torchrun's SIGTERM reaches the ranks one after another)."""
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), TNAS_PROGRESS="0",
                       TNAS_CACHE_DIR=cache_dir)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
     from tnas import engine
     from tnas.config import parse_args
     from tnas.stages import search
@@ -170,14 +202,12 @@ def stopping_rank(rank, world_size, init_file, out, cache_dir):
             pass
 
     engine.StopRequest = LateStop
-    try:
-        search.run(search.settings_from_args(parse_args(search.build_parser(), [*SEARCH, "--out", out])))
-        raise AssertionError("the run was not stopped")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with gloo_rank(rank, world_size, init_file):
+        try:
+            search.run(search.settings_from_args(parse_args(search.build_parser(), [*SEARCH, "--out", out])))
+            raise AssertionError("the run was not stopped")
+        except KeyboardInterrupt:
+            pass
 
 
 def test_a_stop_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):

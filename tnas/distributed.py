@@ -251,5 +251,39 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group (every rank calls it, after its last collective)."""
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """``dist.destroy_process_group()`` (every group) without torch 2.4's teardown deadlock.
+
+    A gloo group runs each collective on a worker thread, which drops its reference to the
+    collective's tensors only after the caller has been told the collective is done. When the
+    caller has dropped the tensor by then (a temporary: a flag, a flat gradient buffer), the
+    worker's drop frees its Python object and needs the GIL. In torch 2.4 (fixed upstream in
+    mid-2025; 2.11 and 2.14 are fine) the Python wrapper of a process group frees the gloo
+    backend with the GIL held, and the backend's destructor waits for its worker threads: a
+    worker that was late (a busy machine) waits for the GIL forever and the rank never leaves
+    (no collective timeout applies). The gloo backend's own
+    Python handle frees it with the GIL released, so this keeps one handle per backend while
+    torch tears the groups down and drops them afterwards: the last reference goes there.
+    """
+    groups = [dist.group.WORLD, *(host for _, host in _host_groups)] if dist.is_initialized() else []
+    handles = [backend for group in groups for backend in _backends(group)]
+    del groups  # no name here may keep a group: it would outlive the teardown
+    _host_groups.clear()  # the host group goes with the default group (it held both alive past teardown)
+    dist.destroy_process_group()
+    del handles  # frees the backends with the GIL released: their late workers can finish
+
+
+def _backends(group) -> List[Any]:
+    """The Python handles of ``group``'s backends (its CPU and CUDA ones, where it has them)."""
+    found = []
+    for device in ("cpu", "cuda"):
+        try:
+            found.append(group._get_backend(torch.device(device)))
+        except RuntimeError:  # no backend for that device in this group
+            pass
+    return found
