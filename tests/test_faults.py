@@ -568,3 +568,27 @@ def test_each_data_parallel_rank_resumes_with_its_own_random_state(tmp_path):
     rng, note = engine.rng_state_for_this_rank(state)  # this test's single process
     assert rng is state["rng"] and "2 process(es), this run has 1" in note
     assert engine.rng_state_for_this_rank({"rng": state["rng"]}) == (state["rng"], None)
+
+
+def test_full_disk_on_an_episodes_file_or_a_genotype_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The test-episode index file and a genotype's JSON are written like every other file a later stage
+    reads (tnas.files): a failed write is one line and leaves the previous file, and no temp file."""
+    from tnas.data import FixedEpisodes, load_split
+    from tnas.genotypes import load_genotype, resolve_genotype, save_genotype
+
+    split = load_split("glyphs", "test", img_size=16)
+    first, second = (FixedEpisodes.generate(split, 5, 1, 2, episodes=3, seed=seed) for seed in (0, 1))
+    genotype_path = tmp_path / "genotype.json"
+    save_genotype(resolve_genotype("auto_maml_1shot"), str(genotype_path))
+    for name in ("episodes.npz", "episodes.json"):
+        first.save(tmp_path / name)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    monkeypatch.setattr(os, "fsync", _enospc)
+    for name in ("episodes.npz", "episodes.json"):
+        with pytest.raises(TnasError, match=f"cannot write episodes file .*{name}: No space left on device; the prev"):
+            second.save(tmp_path / name)
+    with pytest.raises(TnasError, match="cannot write .*genotype.json: No space left on device; the previous"):
+        save_genotype(resolve_genotype("auto_maml_5shot"), str(genotype_path))
+    monkeypatch.undo()
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert load_genotype(str(genotype_path)) == resolve_genotype("auto_maml_1shot")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from tnas.errors import TnasError
-from tnas.files import atomic_file, write_failed
+from tnas.files import atomic_file
 
 
 def save_checkpoint(state: dict, path) -> None:
@@ -24,11 +24,8 @@ def save_checkpoint(state: dict, path) -> None:
     """
     import torch
 
-    try:
-        with atomic_file(path) as handle:
-            torch.save(state, handle)
-    except OSError as error:
-        raise write_failed(path, error, "checkpoint ") from None
+    with atomic_file(path, "checkpoint ") as handle:
+        torch.save(state, handle)
 
 
 # Types a checkpoint written before numpy RNG states were stored as plain lists may hold (a numpy

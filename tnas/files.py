@@ -23,12 +23,22 @@ _FILE_MODE = 0o666 & ~_UMASK
 
 
 @contextlib.contextmanager
-def atomic_file(path) -> Iterator[IO[bytes]]:
+def atomic_file(path, what: str = "") -> Iterator[IO[bytes]]:
     """Yield a binary temp file beside ``path``; on success fsync it and move it onto ``path``.
 
-    On any exception the temp file is removed and ``path`` is left as it was.
+    On any exception the temp file is removed and ``path`` is left as it was; an ``OSError`` (a full
+    disk, no permission) comes out as one :class:`TnasError` line, ``cannot write <what><path>: ...``.
     """
-    path = Path(path)
+    try:
+        with _replaced_on_success(Path(path)) as handle:
+            yield handle
+    except OSError as error:
+        kept = "the previous one is kept" if Path(path).exists() else "nothing was written"
+        raise TnasError(f"cannot write {what}{path}: {error.strerror or error}; {kept}") from None
+
+
+@contextlib.contextmanager
+def _replaced_on_success(path: Path) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(
         mode="wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
@@ -45,10 +55,10 @@ def atomic_file(path) -> Iterator[IO[bytes]]:
         with contextlib.suppress(OSError):
             os.unlink(handle.name)
         raise
-    fsync_directory(path.parent)
+    _fsync_directory(path.parent)
 
 
-def fsync_directory(directory: Path) -> None:
+def _fsync_directory(directory: Path) -> None:
     """Persist the rename itself (best effort; not possible on every OS/filesystem)."""
     with contextlib.suppress(OSError, AttributeError):
         fd = os.open(directory, os.O_RDONLY)
@@ -58,20 +68,11 @@ def fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def write_failed(path, error: OSError, what: str) -> TnasError:
-    """The one-line error of a failed atomic write (the temp file is gone; the old file is intact)."""
-    kept = "the previous one is kept" if Path(path).exists() else "nothing was written"
-    return TnasError(f"cannot write {what}{path}: {error.strerror or error}; {kept}")
-
-
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace); a failed
     write (full disk, no permission) is one :class:`TnasError` line and keeps the previous file."""
-    try:
-        with atomic_file(path) as handle:
-            handle.write(data)
-    except OSError as error:
-        raise write_failed(path, error, "") from None
+    with atomic_file(path) as handle:
+        handle.write(data)
 
 
 def atomic_write_json(path, obj, indent: int = 2) -> None:

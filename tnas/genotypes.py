@@ -16,6 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from tnas.errors import TnasError
+from tnas.files import atomic_write_json
 
 PRIMITIVES: Tuple[str, ...] = (
     "none",
@@ -168,12 +169,8 @@ def genotype_counts(genotypes: Sequence[Dict[str, object]]) -> List[Dict[str, ob
 
 
 def save_genotype(genotype: Genotype, path: str) -> None:
-    """Write ``genotype`` as JSON (atomically: temp file, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(genotype.to_dict(), handle, indent=1)
-        handle.write("\n")
-    os.replace(tmp, path)
+    """Write ``genotype`` as JSON (atomically: temp file, fsync, then rename)."""
+    atomic_write_json(path, genotype.to_dict(), indent=1)
 
 
 BEST_GENOTYPE_FILE = "best_genotype.json"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -32,6 +31,7 @@ import torch
 from tnas.data.image_loader import ImageLoader
 from tnas.data.split import ImageSplit
 from tnas.errors import TnasError
+from tnas.files import atomic_file
 
 __all__ = ["EpisodeBatch", "EpisodeSampler", "FixedEpisodes", "sample_episode_indices", "check_episode_shape"]
 
@@ -363,24 +363,13 @@ class FixedEpisodes:
     def save(self, path: Union[str, os.PathLike]) -> str:
         """Write the episodes to ``path`` (.json, else .npz), atomically; returns the path written."""
         path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
         header = self._header()
         dtype = np.int32 if len(self.split) < 2 ** 31 else np.int64
-        handle, tmp = tempfile.mkstemp(prefix=".episodes-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                if path.lower().endswith(".json"):
-                    stream.write(json.dumps(dict(header, indices=self.indices.tolist())).encode())
-                else:
-                    np.savez_compressed(stream, indices=self.indices.astype(dtype), header=json.dumps(header))
-                stream.flush()
-                os.fsync(stream.fileno())  # on disk before the rename: a crash leaves the old file or the whole new one
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path, "episodes file ") as stream:
+            if path.lower().endswith(".json"):
+                stream.write(json.dumps(dict(header, indices=self.indices.tolist())).encode())
+            else:
+                np.savez_compressed(stream, indices=self.indices.astype(dtype), header=json.dumps(header))
         return path
 
     @classmethod
