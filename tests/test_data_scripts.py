@@ -83,3 +83,34 @@ def test_benchmark_smoke(tmp_path, capsys):
     modes = {r["mode"] for r in report["results"]}
     assert {"indices only", "host", "FixedEpisodes.batches"} <= modes
     assert all(r["episodes_per_s"] > 0 for r in report["results"])
+
+
+def test_inspect_the_glyphs_demo_dataset(tmp_path, capsys):
+    """The demo dataset, as a first-time user inspects it: every split's size, no class in two splits, the
+    train split's pixel statistics and an episode grid of the documented layout (a row per class; support,
+    a blank column, then query)."""
+    import numpy as np
+    from PIL import Image
+
+    from tnas.data import glyphs, load_split
+
+    inspect = load_script("scripts/inspect_data.py")
+    assert inspect.main(["--dataset", "glyphs", "--img_size", "16", "--split", "test", "--n_way", "3",
+                         "--k_shot", "2", "--q_query", "3", "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    splits = report["splits"]
+    assert sum(entry["classes"] for entry in splits.values()) == len(glyphs.glyph_classes())
+    for entry in splits.values():
+        assert entry["images"] == 20 * entry["classes"] and entry["image_shape"] == [1, 16, 16]
+        assert entry["min_class_size"] == entry["max_class_size"] == 20
+    assert report["classes_shared_between_splits"] == 0
+    train = np.asarray(load_split("glyphs", "train", img_size=16).images, dtype=np.float64) / 255.0
+    assert report["mean"] == [pytest.approx(train.mean(), abs=1e-4)]
+    assert report["std"] == [pytest.approx(train.std(), abs=1e-4)]
+    grid = report["episode_grid"]
+    assert grid["split"] == "glyphs/test" and (grid["n_way"], grid["k_shot"], grid["q_query"]) == (3, 2, 3)
+    test_classes = set(load_split("glyphs", "test", img_size=16).class_names)
+    assert len(set(grid["classes"])) == 3 and set(grid["classes"]) <= test_classes
+    cell, gap = 56, 4  # 16x16 glyphs drawn as 56-pixel tiles, 4 pixels apart
+    with Image.open(grid["path"]) as image:
+        assert image.size == ((2 + 1 + 3) * (cell + gap) + gap, 3 * (cell + gap) + gap)
