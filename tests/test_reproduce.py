@@ -423,9 +423,20 @@ def test_steps_without_a_record_are_taken_as_current_unless_their_upstream_runs_
     assert sum("stale, redoing it from the start (no record of what it read" in line for line in lines) == 2
 
 
-def test_source_version_names_the_commit():
-    version = runner.source_version()
-    assert version.startswith("tnas ") or len(version.split("+")[0]) == 40
+def test_source_version_names_the_commit(tmp_path):
+    """In a git checkout: its HEAD commit (``+dirty`` with uncommitted changes to tracked files); elsewhere the
+    package version. Either branch alone passing (the old check) would hide the wrong one being taken."""
+    import tnas
+
+    git = lambda *args: subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True)  # noqa: E731
+    try:
+        head = git("rev-parse", "HEAD")
+    except OSError:
+        head = None  # no git program: the fallback is all there is
+    if head is not None and head.returncode == 0:
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        assert runner.source_version() == head.stdout.strip() + ("+dirty" if dirty else "")
+    assert runner.source_version(str(tmp_path)) == f"tnas {tnas.__version__} (no git checkout)"
 
 
 # -- the whole pipeline, tiny ---------------------------------------------------------------------------------

@@ -59,16 +59,12 @@ def _auto_maml_checkpoint(runs, path):
     state = load_checkpoint(runs["search"] / "best.pt")
     summary = dict(state["summary"], method="auto_maml")
     summary["learner"] = {k: v for k, v in summary["learner"].items() if k != "inner_lr_alphas"}
-    try:
-        from tnas.meta.auto_maml import AutoMAML, AutoMAMLConfig
-        from tnas.models.supernet import Supernet
+    from tnas.meta.auto_maml import AutoMAML, AutoMAMLConfig
+    from tnas.models.supernet import Supernet
 
-        learner = AutoMAML(Supernet(**summary["model"]), AutoMAMLConfig.from_dict(summary["learner"]))
-        learner.model.load_state_dict(state["learner"]["model"])
-        learner_state = learner.state_dict()
-    except ImportError:
-        learner_state = state["learner"]
-    save_checkpoint({"stage": "search", "summary": summary, "learner": learner_state}, path)
+    learner = AutoMAML(Supernet(**summary["model"]), AutoMAMLConfig.from_dict(summary["learner"]))
+    learner.model.load_state_dict(state["learner"]["model"])
+    save_checkpoint({"stage": "search", "summary": summary, "learner": learner.state_dict()}, path)
     return state
 
 
