@@ -349,3 +349,39 @@ def test_cuda_graph_help_and_every_spelling(tmp_path, capsys):
         parse("--no-cuda_graph", "on")
     with pytest.raises(TnasError, match="--cuda_graph must be one of auto, on, off, got 'maybe'"):
         parse("--cuda_graph", "maybe")
+
+
+def _stage_of_config(name):
+    """The stage a file of configs/ is written for, by its name (None: a reproduce plan, not a stage's)."""
+    if name in ("reproduce_paper.yaml", "reproduce_demo.yaml"):
+        return None
+    name = name[len("reproduce_"):] if name.startswith("reproduce_") else name
+    for prefixes, stage in ((("demo_protocol", "protocol"), "protocol"),
+                            (("demo_scratch", "demo_maml", "scratch", "maml"), "train"),
+                            (("demo", "tnas", "auto_maml"), "search")):
+        if name.startswith(prefixes):
+            return stage
+    raise AssertionError(f"configs/{name}: which stage is it for? (add its prefix here)")
+
+
+def test_every_shipped_config_parses_for_its_stage():
+    """Every YAML in configs/ is a valid config of its stage (an unknown or renamed key, a bad value or a broken
+    include fails here, not minutes into a demo or a paper run); the two reproduce plans load as plans."""
+    import glob
+    import os
+
+    from script_loader import REPO
+    from tnas.reproduce import plan as plans
+    from tnas.stages import protocol, search, train
+
+    parsers = {"search": search.build_parser, "train": train.build_parser, "protocol": protocol.build_parser}
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+    assert len(paths) >= 20
+    for path in paths:
+        stage = _stage_of_config(os.path.basename(path))
+        if stage is None:
+            plans.load_plan(path)
+            continue
+        args = parse_args(parsers[stage](), ["--config", path])
+        assert args.config == path
+        assert load_config(path).keys() <= set(vars(args)) | {"include"}, path  # nothing dropped on the way
