@@ -149,6 +149,44 @@ def test_learned_per_step_learning_rates_gradient_matches_reference(first_order)
     assert_close_relative(got, want, tol=1e-10)
 
 
+def plain_scores(forward, params, rates, batch, steps):
+    """Each task adapted alone by plain autograd SGD (``steps`` first-order steps), then its query set scored:
+    per-task loss and fraction correct, as the evaluation reports them."""
+    losses, accuracies = [], []
+    for task in range(batch.support_x.shape[0]):
+        fast = reference.adapt_one_task(forward, params, rates, batch.support_x[task], batch.support_y[task], steps,
+                                        first_order=True)
+        logits = forward(fast, batch.query_x[task], steps).detach()
+        losses.append(torch.nn.functional.cross_entropy(logits, batch.query_y[task]))
+        accuracies.append((logits.argmax(-1) == batch.query_y[task]).double().mean())
+    return torch.stack(losses), torch.stack(accuracies)
+
+
+def test_evaluate_equals_plain_per_task_adaptation_then_scoring():
+    """What every reported accuracy comes from, learner.evaluate: T-NAS (weights and alphas adapted, each at its
+    own rate) and MAML on a derived network, for more test steps than trained, against a plain loop (float64)."""
+    from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
+
+    supernet = tiny_supernet(layers=2)
+    network = Network(PUBLISHED["auto_maml_1shot"], n_way=N_WAY, C=4, layers=1, in_channels=1).double()
+    rates = {n: 0.1 for n, _ in supernet.named_weights()}
+    rates.update({n: 3.0 for n, _ in supernet.named_alphas()})
+    cases = [(TNAS(supernet, TNASConfig(inner_steps=1, inner_steps_test=3, inner_lr_weights=0.1, inner_lr_alphas=3.0)),
+              rates),
+             (MAMLPlusPlus(network, MAMLConfig(inner_steps=1, inner_steps_test=3, inner_lr=0.2)),
+              {n: 0.2 for n, _ in network.named_parameters()})]
+    for learner, rates in cases:
+        batch = make_batch(seed=5)
+        stats = learner.evaluate(batch)
+        loss, accuracy = plain_scores(model_forward(learner.model), dict(learner.model.named_parameters()), rates,
+                                      batch, 3)
+        torch.testing.assert_close(stats.query_loss.double(), loss, rtol=1e-6, atol=1e-7)  # reported as float32
+        torch.testing.assert_close(stats.query_accuracy.double(), accuracy, rtol=0, atol=1e-6)  # k/6, as float32
+        unadapted, _ = plain_scores(model_forward(learner.model), dict(learner.model.named_parameters()), rates,
+                                    batch, 0)
+        assert (loss - unadapted).abs().max() > 1e-3  # the three steps moved the scores: adaptation is checked
+
+
 def test_tnas_meta_step_updates_weights_and_alphas_with_adam():
     model = tiny_supernet()
     learner = TNAS(model, TNASConfig(inner_steps=1, inner_steps_test=2, inner_lr_weights=0.1, inner_lr_alphas=3.0))
