@@ -200,8 +200,20 @@ def test_tnas_meta_step_updates_weights_and_alphas_with_adam():
         assert not torch.equal(before[name], param.detach()), f"{name} was not updated"
     group = learner.optimizers["alphas"].param_groups[0]
     assert (tuple(group["betas"]), group["weight_decay"]) == ((0.5, 0.999), 1e-3)
-    genotypes = learner.decode(batch)
-    assert len(genotypes) == TASKS
+    # decode: each task's alphas adapted alone (plain autograd SGD, inner_steps_test steps), then decoded
+    from tnas.genotypes import decode_genotype
+
+    rates = {n: 0.1 for n, _ in model.named_weights()}
+    rates.update({n: 3.0 for n, _ in model.named_alphas()})
+    params = dict(model.named_parameters())
+    expected = []
+    for task in range(TASKS):
+        fast = reference.adapt_one_task(model_forward(model), params, rates, batch.support_x[task],
+                                        batch.support_y[task], 2, first_order=True)
+        expected.append(decode_genotype(fast["alpha_normal"].detach(), fast["alpha_reduce"].detach(), model.steps,
+                                        model.multiplier))
+    assert learner.decode(batch) == expected
+    assert any(genotype != learner.genotype() for genotype in expected)  # the adaptation changed the choice
 
 
 BF16_MIN_COSINE = 0.95
