@@ -52,7 +52,11 @@ def test_search_writes_every_output(tmp_path):
     for record in summary["history"]:
         assert 0 <= record["val_accuracy"] <= 100 and 0 <= record["train_accuracy"] <= 100
         assert set(record["genotype"]) == {"normal", "normal_concat", "reduce", "reduce_concat"}
-    assert summary["best_epoch"] in (1, 2) and summary["best"]["genotype"]
+    # best: the first epoch of the highest validation accuracy (a later tie does not replace it), and best.pt is it
+    accuracies = [record["val_accuracy"] for record in summary["history"]]
+    assert summary["best_epoch"] == 1 + accuracies.index(max(accuracies))
+    assert summary["best_val_accuracy"] == max(accuracies) and summary["best"]["genotype"]
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == summary["best_epoch"]
     # the run directory as a genotype is its result: the best epoch's (best.pt's), not the latest epoch's
     from tnas.genotypes import genotype_from_dict, load_genotype
 

@@ -85,10 +85,17 @@ def check_run_dir(out, epochs):
                 "macs"):
         assert key in summary, key
     assert summary["image_shape"] == [1, 16, 16] and summary["n_way"] == 3
-    assert summary["parameters"] > 0 and summary["macs"] > 0
     assert set(summary["model"]) >= {"n_way", "C", "layers", "in_channels", "stem_multiplier", "genotype"}
-    record = summary["history"][-1]
-    assert 0.0 <= record["val_accuracy"] <= 100.0 and summary["best_epoch"] is not None
+    from tnas.models.factory import network_from_config
+
+    network = network_from_config(summary["model"])
+    assert summary["parameters"] == sum(p.numel() for p in network.parameters()) and summary["macs"] > 0
+    accuracies = [record["val_accuracy"] for record in summary["history"]]
+    assert all(0.0 <= value <= 100.0 for value in accuracies)
+    # best: the first epoch of the highest validation accuracy, and best.pt holds that epoch
+    assert summary["best_epoch"] == 1 + accuracies.index(max(accuracies))
+    assert summary["best_val_accuracy"] == max(accuracies)
+    assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["epoch"] == summary["best_epoch"]
     assert all(epoch["precision"] == "fp32" for epoch in summary["history"])
     return summary
 
