@@ -41,7 +41,7 @@ from tnas.errors import TnasError
 from tnas.evaluate import batch_starts, evaluate_episodes, format_accuracy, merge_shares, results_record
 from tnas.genotypes import genotype_from_dict, resolve_genotype
 from tnas.progress import StdoutLog
-from tnas.files import atomic_write_json, sha256_file
+from tnas.files import atomic_write_json
 from tnas.stages import common, restore
 from tnas.stages.settings import Settings
 
@@ -138,13 +138,14 @@ class Prepared:
     provenance: Dict[str, Any] = field(default_factory=dict)  # results.json's record of them (:func:`provenance`)
 
 
-def provenance(checkpoint: str, state: Dict[str, Any], episodes) -> Dict[str, Any]:
-    """The results.json fields that tie a score to what was scored: the checkpoint's path and SHA-256 (taken
-    when it is read), the epochs and meta-iterations it had trained (None where it does not say), and the
-    SHA-256 of the test episodes' image indices (:meth:`~tnas.data.episodes.FixedEpisodes.indices_sha256`:
-    equal in two records exactly when both scored the same tasks in the same order)."""
+def provenance(checkpoint: str, checkpoint_sha256: str, state: Dict[str, Any], episodes) -> Dict[str, Any]:
+    """The results.json fields that tie a score to what was scored: the checkpoint's path and the SHA-256 of
+    the bytes its weights were read from (:func:`~tnas.stages.restore.load_state_and_sha256`), the epochs
+    and meta-iterations it had trained (None where it does not say), and the SHA-256 of the test episodes'
+    image indices (:meth:`~tnas.data.episodes.FixedEpisodes.indices_sha256`: equal in two records exactly
+    when both scored the same tasks in the same order)."""
     trained = {key: state[key] if isinstance(state.get(key), int) else None for key in ("epoch", "iteration")}
-    return {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+    return {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": checkpoint_sha256,
             "checkpoint_epoch": trained["epoch"], "checkpoint_iteration": trained["iteration"],
             "episodes_sha256": episodes.indices_sha256()}
 
@@ -260,7 +261,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     device = resolve_device(args.device)
     seed_everything(args.seed)
     checkpoint = restore.resolve_checkpoint(args.checkpoint)
-    state = restore.load_state(checkpoint)
+    state, checkpoint_sha256 = restore.load_state_and_sha256(checkpoint)
     summary = dict(state["summary"])
     summary["stage"] = state["stage"]
     if check_summary is not None:
@@ -281,7 +282,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[1]}x{split.image_shape[2]} images, but the "
                         f"checkpoint {checkpoint} was trained on {shape[1]}x{shape[2]} images")
     episodes = load_test_episodes(args, split, episodes_given)
-    return Prepared(checkpoint, learner, summary, device, episodes, split, provenance(checkpoint, trained, episodes))
+    return Prepared(checkpoint, learner, summary, device, episodes, split, provenance(checkpoint, checkpoint_sha256, trained, episodes))
 
 
 def default_out_dir(args, checkpoint: str) -> str:
