@@ -24,12 +24,13 @@ as one process would (:func:`run`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import yaml
@@ -302,19 +303,32 @@ def run(args: EvaluateSettings) -> Optional[Dict[str, object]]:
     started = time.time()
     with distributed.local_process():  # one evaluation graph per rank: nothing is summed across ranks
         graph = common.check_cuda_graph(args)
+    with prepared_on_ranks(args) as (info, prepared):
+        if info.is_main:
+            print(graph.reason, file=sys.stderr)  # stdout carries the results
+        return _evaluate(args, prepared, graph.enabled, info, started)
+
+
+@contextlib.contextmanager
+def prepared_on_ranks(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]] = None
+                      ) -> Iterator[Tuple[distributed.DistInfo, Prepared]]:
+    """``(info, prepared)`` of this process for a stage that deals its batches of test episodes to the
+    torchrun ranks (evaluate, decode; a single process alone): joins the process group (gloo: only small
+    results travel, so the ranks may outnumber the GPUs) with ``args.device`` this rank's own
+    (``cuda:LOCAL_RANK`` mod the GPUs), runs :func:`prepare` on rank 0 first (it writes
+    ``--episodes_file`` when it does not exist yet) and then on the others; after the block every
+    rank waits for the others and all leave the group together (also after an error)."""
     device = resolve_device(args.device)
     info = distributed.init_distributed(device, share_gpus=True)
     try:
         args.device = str(distributed.local_device(device, info))
-        if not info.is_main:  # rank 0 first: it writes --episodes_file when it does not exist yet
+        if not info.is_main:  # rank 0 first
             distributed.barrier(info)
-        prepared = prepare(args)
+        prepared = prepare(args, check_summary)
         if info.is_main:
             distributed.barrier(info)
-            print(graph.reason, file=sys.stderr)  # stdout carries the results
-        record = _evaluate(args, prepared, graph.enabled, info, started)
+        yield info, prepared
         distributed.barrier(info)  # every rank leaves the process group together
-        return record
     finally:
         distributed.shutdown(info)
 
