@@ -68,11 +68,6 @@ def check_tnas_search(summary: Dict[str, object], checkpoint: str, user: str = "
                         f"{checkpoint} is {what}{extra}")
 
 
-def episodes_seed(prepared, args) -> int:
-    """The seed the test episodes were drawn from (an episodes file's own, else ``--seed``)."""
-    return prepared.episodes.seed if prepared.episodes.seed is not None else args.seed
-
-
 def write_genotype_lines(path: str, genotypes: Sequence[Dict[str, Any]], ids: Optional[Sequence[str]] = None) -> None:
     """``{"episode": i, "genotype": {...}}`` per line (plus ``"genotype_id"`` when ``ids`` are given), atomically."""
     lines = []
@@ -94,7 +89,7 @@ def decode_record(prepared, args, genotypes: List[Dict[str, Any]], genotypes_fil
         "checkpoint": os.path.abspath(prepared.checkpoint), "method": prepared.summary.get("method"),
         "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
         "episodes": len(genotypes), "distinct": len(counts), "update_step_test": args.update_step_test,
-        "seed": episodes_seed(prepared, args),
+        "seed": evaluate_stage.episodes_seed(prepared, args),
         "episodes_file": os.path.abspath(args.episodes_file) if args.episodes_file else None,
         "split": prepared.split.name, "genotypes_file": os.path.abspath(genotypes_file),
         "meta_genotype": meta_genotype,

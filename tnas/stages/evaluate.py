@@ -286,6 +286,11 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     return Prepared(checkpoint, learner, summary, device, episodes, split, provenance(checkpoint, checkpoint_sha256, trained, episodes))
 
 
+def episodes_seed(prepared: Prepared, args) -> int:
+    """The seed the test episodes were drawn from (an episodes file's own, else ``--seed``)."""
+    return prepared.episodes.seed if prepared.episodes.seed is not None else args.seed
+
+
 def default_out_dir(args, checkpoint: str) -> str:
     return args.out or os.path.dirname(os.path.abspath(checkpoint))
 
@@ -355,7 +360,7 @@ def _evaluate(args: EvaluateSettings, prepared: Prepared, cuda_graph: bool, info
         "stage": summary["stage"],
         **prepared.provenance,
         "update_step_test": args.update_step_test,
-        "seed": episodes.seed if episodes.seed is not None else args.seed,
+        "seed": episodes_seed(prepared, args),
         "episodes_file": os.path.abspath(args.episodes_file) if args.episodes_file else None,
         "split": prepared.split.name,
         "image_shape": list(prepared.split.image_shape),
