@@ -283,7 +283,8 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[1]}x{split.image_shape[2]} images, but the "
                         f"checkpoint {checkpoint} was trained on {shape[1]}x{shape[2]} images")
     episodes = load_test_episodes(args, split, episodes_given)
-    return Prepared(checkpoint, learner, summary, device, episodes, split, provenance(checkpoint, checkpoint_sha256, trained, episodes))
+    return Prepared(checkpoint, learner, summary, device, episodes, split,
+                    provenance(checkpoint, checkpoint_sha256, trained, episodes))
 
 
 def episodes_seed(prepared: Prepared, args) -> int:
