@@ -514,3 +514,25 @@ def test_torchrun_ranks_share_the_batches_and_rank_0_writes_one_process_record(s
     assert two["per_episode"] == one["per_episode"] and two["episodes_sha256"] == one["episodes_sha256"]
     assert (two["accuracy_mean"], two["ci95"]) == (one["accuracy_mean"], one["ci95"])
     assert result.stdout.count("5-way 1-shot glyphs:") == 1  # rank 0 alone prints (and writes) the result
+
+
+def test_ranks_wait_for_rank_0s_preparation_longer_than_torchs_default(monkeypatch):
+    """Under torchrun the evaluate and decode stages prepare on rank 0 first (it may build a large dataset's
+    cache) while the others wait in a barrier: torch's default 30-minute collective timeout would kill them."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from tnas import distributed
+    from tnas.stages import evaluate as evaluate_stage
+
+    joined = {}
+
+    def join(device, timeout=None, share_gpus=False):
+        joined.update(timeout=timeout, share_gpus=share_gpus)
+        raise RuntimeError("joined")
+
+    monkeypatch.setattr(distributed, "init_distributed", join)
+    with pytest.raises(RuntimeError, match="joined"):
+        with evaluate_stage.prepared_on_ranks(SimpleNamespace(device="cpu")):
+            pass
+    assert joined["share_gpus"] and joined["timeout"] >= timedelta(hours=6)

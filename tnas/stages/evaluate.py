@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -315,6 +316,12 @@ def run(args: EvaluateSettings) -> Optional[Dict[str, object]]:
         return _evaluate(args, prepared, graph.enabled, info, started)
 
 
+# How long the other ranks may wait for rank 0 (torch's default is 30 minutes): rank 0 prepares first, and a first
+# read of a large folder dataset builds its cache. A rank that fails closes its connections, so the others
+# stop within seconds then, not at this timeout.
+RANKS_WAIT = timedelta(hours=12)
+
+
 @contextlib.contextmanager
 def prepared_on_ranks(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]] = None
                       ) -> Iterator[Tuple[distributed.DistInfo, Prepared]]:
@@ -325,7 +332,7 @@ def prepared_on_ranks(args, check_summary: Optional[Callable[[Dict[str, Any], st
     ``--episodes_file`` when it does not exist yet) and then on the others; after the block every
     rank waits for the others and all leave the group together (also after an error)."""
     device = resolve_device(args.device)
-    info = distributed.init_distributed(device, share_gpus=True)
+    info = distributed.init_distributed(device, timeout=RANKS_WAIT, share_gpus=True)
     try:
         args.device = str(distributed.local_device(device, info))
         if not info.is_main:  # rank 0 first
