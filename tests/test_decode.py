@@ -175,7 +175,10 @@ def test_decode_cache_key_is_pinned_so_existing_caches_stay_valid(tmp_path):
     episodes = FixedEpisodes(Split(), indices, n_way=2, k_shot=1, q_query=3, seed=0)
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(b"a checkpoint")
+    from tnas.files import sha256_file
+
     prepared = SimpleNamespace(checkpoint=str(checkpoint), episodes=episodes, split=Split(),
+                               provenance={"checkpoint_sha256": sha256_file(checkpoint)},  # as evaluate.prepare hashes it
                                learner=SimpleNamespace(inner_lrs={"weights": 0.4, "alphas": 0.5}))
     args = SimpleNamespace(dataset="glyphs", n_way=2, k_shot=1, q_query=3, update_step_test=10)
     key = decode_cache_key(prepared, args)

@@ -291,6 +291,65 @@ def test_results_fields(runs, evaluate, tmp_path):
                      lines[-3]), lines
 
 
+def test_the_record_names_the_checkpoint_bytes_that_were_scored_when_a_run_replaces_it_meanwhile(
+        runs, tmp_path, monkeypatch):
+    """A training still running replaces its best.pt (atomically) whenever validation improves, e.g. while
+    the evaluation loads its test data: the SHA-256 in results.json (and in the protocol's decoding cache
+    key) must be that of the weights read, not of the file found later, and must agree with their epoch."""
+    from tnas.checkpoints import load_checkpoint, save_checkpoint
+    from tnas.files import sha256_file
+    from tnas.stages import evaluate as evaluate_stage
+    from tnas.stages.protocol_decode import decode_cache_key
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["search"], run)
+    read_sha256 = sha256_file(run / "best.pt")
+    newer = load_checkpoint(run / "best.pt")
+    newer["epoch"] += 1  # the next epoch's best.pt (other bytes)
+    save_checkpoint(newer, tmp_path / "newer.pt")
+    load_split = evaluate_stage.load_split
+
+    def load_split_while_the_run_saves(*args, **kwargs):  # the run saves its next best.pt meanwhile
+        if (tmp_path / "newer.pt").exists():
+            os.replace(tmp_path / "newer.pt", run / "best.pt")
+        return load_split(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_stage, "load_split", load_split_while_the_run_saves)
+    settings = evaluate_stage.EvaluateSettings(checkpoint=str(run), device="cpu", episodes=3, batch_size=3,
+                                               update_step_test=1, cache_dir=runs["cache_dir"])
+    prepared = evaluate_stage.prepare(settings)
+    assert sha256_file(run / "best.pt") != read_sha256  # the file did change during the preparation
+    assert prepared.provenance["checkpoint_sha256"] == read_sha256
+    assert prepared.provenance["checkpoint_epoch"] == newer["epoch"] - 1  # the same checkpoint as the hash
+    assert decode_cache_key(prepared, settings)["checkpoint_sha256"] == read_sha256
+
+
+def test_a_checkpoint_replaced_while_it_is_read_is_read_again(runs, tmp_path, monkeypatch):
+    from tnas.errors import TnasError
+    from tnas.files import sha256_file
+    from tnas.stages import restore
+
+    path = tmp_path / "best.pt"
+    shutil.copyfile(runs["search"] / "best.pt", path)
+    versions = [runs["train"] / "best.pt", runs["search"] / "best.pt"]  # each read sees a new save
+    load_state = restore.load_state
+
+    def load_state_while_saving(source):
+        state = load_state(source)
+        if versions:
+            shutil.copyfile(versions.pop(0), str(path) + ".new")
+            os.replace(str(path) + ".new", path)
+        return state
+
+    monkeypatch.setattr(restore, "load_state", load_state_while_saving)
+    monkeypatch.setattr(restore, "READ_ATTEMPTS", 3)
+    state, digest = restore.load_state_and_sha256(str(path))  # the third read is of a file left alone
+    assert digest == sha256_file(path) == sha256_file(runs["search"] / "best.pt") and state["stage"] == "search"
+    versions[:] = [runs["train"] / "best.pt", runs["search"] / "best.pt"] * 2
+    with pytest.raises(TnasError, match=r"checkpoint .*best.pt changed while it was read, 3 times"):
+        restore.load_state_and_sha256(str(path))
+
+
 def test_same_seed_same_results_other_seed_other_episodes(runs, evaluate, tmp_path):
     first, second, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     ok(evaluate("--checkpoint", str(runs["search"]), "--out", str(first), "--episodes_file",
@@ -455,3 +514,25 @@ def test_torchrun_ranks_share_the_batches_and_rank_0_writes_one_process_record(s
     assert two["per_episode"] == one["per_episode"] and two["episodes_sha256"] == one["episodes_sha256"]
     assert (two["accuracy_mean"], two["ci95"]) == (one["accuracy_mean"], one["ci95"])
     assert result.stdout.count("5-way 1-shot glyphs:") == 1  # rank 0 alone prints (and writes) the result
+
+
+def test_ranks_wait_for_rank_0s_preparation_longer_than_torchs_default(monkeypatch):
+    """Under torchrun the evaluate and decode stages prepare on rank 0 first (it may build a large dataset's
+    cache) while the others wait in a barrier: torch's default 30-minute collective timeout would kill them."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from tnas import distributed
+    from tnas.stages import evaluate as evaluate_stage
+
+    joined = {}
+
+    def join(device, timeout=None, share_gpus=False):
+        joined.update(timeout=timeout, share_gpus=share_gpus)
+        raise RuntimeError("joined")
+
+    monkeypatch.setattr(distributed, "init_distributed", join)
+    with pytest.raises(RuntimeError, match="joined"):
+        with evaluate_stage.prepared_on_ranks(SimpleNamespace(device="cpu")):
+            pass
+    assert joined["share_gpus"] and joined["timeout"] >= timedelta(hours=6)

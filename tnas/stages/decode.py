@@ -28,7 +28,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from tnas import distributed
-from tnas.config import HelpFormatter, resolve_device, set_flag
+from tnas.config import HelpFormatter, set_flag
 from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
 from tnas.evaluate import batch_starts, merge_batches, tasks_in
@@ -68,11 +68,6 @@ def check_tnas_search(summary: Dict[str, object], checkpoint: str, user: str = "
                         f"{checkpoint} is {what}{extra}")
 
 
-def episodes_seed(prepared, args) -> int:
-    """The seed the test episodes were drawn from (an episodes file's own, else ``--seed``)."""
-    return prepared.episodes.seed if prepared.episodes.seed is not None else args.seed
-
-
 def write_genotype_lines(path: str, genotypes: Sequence[Dict[str, Any]], ids: Optional[Sequence[str]] = None) -> None:
     """``{"episode": i, "genotype": {...}}`` per line (plus ``"genotype_id"`` when ``ids`` are given), atomically."""
     lines = []
@@ -94,7 +89,7 @@ def decode_record(prepared, args, genotypes: List[Dict[str, Any]], genotypes_fil
         "checkpoint": os.path.abspath(prepared.checkpoint), "method": prepared.summary.get("method"),
         "dataset": args.dataset, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
         "episodes": len(genotypes), "distinct": len(counts), "update_step_test": args.update_step_test,
-        "seed": episodes_seed(prepared, args),
+        "seed": evaluate_stage.episodes_seed(prepared, args),
         "episodes_file": os.path.abspath(args.episodes_file) if args.episodes_file else None,
         "split": prepared.split.name, "genotypes_file": os.path.abspath(genotypes_file),
         "meta_genotype": meta_genotype,
@@ -142,21 +137,9 @@ def run(args: evaluate_stage.CheckpointSettings) -> Optional[Dict[str, object]]:
     if args.out and os.path.isdir(args.out):
         raise TnasError(f"--out {args.out} is a directory; give a file name "
                         f"(e.g. {os.path.join(args.out, GENOTYPES_FILE)})")
-    device = resolve_device(args.device)
-    info = distributed.init_distributed(device, share_gpus=True)
-    try:
-        args.device = str(distributed.local_device(device, info))
-        if not info.is_main:  # rank 0 first: it writes --episodes_file when it does not exist yet
-            distributed.barrier(info)
-        prepared = evaluate_stage.prepare(args, check_summary=check_tnas_search)
-        if info.is_main:
-            distributed.barrier(info)
+    with evaluate_stage.prepared_on_ranks(args, check_summary=check_tnas_search) as (info, prepared):
         genotypes = decode_episodes(prepared, args, info, log=StdoutLog() if info.is_main else None)
-        summary = _write(args, prepared, genotypes, started) if info.is_main else None
-        distributed.barrier(info)  # every rank leaves the process group together
-        return summary
-    finally:
-        distributed.shutdown(info)
+        return _write(args, prepared, genotypes, started) if info.is_main else None
 
 
 def _write(args, prepared, genotypes: List[Dict[str, Any]], started: float) -> Dict[str, object]:

@@ -24,12 +24,14 @@ as one process would (:func:`run`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from datetime import timedelta
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import yaml
@@ -41,7 +43,7 @@ from tnas.errors import TnasError
 from tnas.evaluate import batch_starts, evaluate_episodes, format_accuracy, merge_shares, results_record
 from tnas.genotypes import genotype_from_dict, resolve_genotype
 from tnas.progress import StdoutLog
-from tnas.files import atomic_write_json, sha256_file
+from tnas.files import atomic_write_json
 from tnas.stages import common, restore
 from tnas.stages.settings import Settings
 
@@ -138,13 +140,14 @@ class Prepared:
     provenance: Dict[str, Any] = field(default_factory=dict)  # results.json's record of them (:func:`provenance`)
 
 
-def provenance(checkpoint: str, state: Dict[str, Any], episodes) -> Dict[str, Any]:
-    """The results.json fields that tie a score to what was scored: the checkpoint's path and SHA-256 (taken
-    when it is read), the epochs and meta-iterations it had trained (None where it does not say), and the
-    SHA-256 of the test episodes' image indices (:meth:`~tnas.data.episodes.FixedEpisodes.indices_sha256`:
-    equal in two records exactly when both scored the same tasks in the same order)."""
+def provenance(checkpoint: str, checkpoint_sha256: str, state: Dict[str, Any], episodes) -> Dict[str, Any]:
+    """The results.json fields that tie a score to what was scored: the checkpoint's path and the SHA-256 of
+    the bytes its weights were read from (:func:`~tnas.stages.restore.load_state_and_sha256`), the epochs
+    and meta-iterations it had trained (None where it does not say), and the SHA-256 of the test episodes'
+    image indices (:meth:`~tnas.data.episodes.FixedEpisodes.indices_sha256`: equal in two records exactly
+    when both scored the same tasks in the same order)."""
     trained = {key: state[key] if isinstance(state.get(key), int) else None for key in ("epoch", "iteration")}
-    return {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+    return {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": checkpoint_sha256,
             "checkpoint_epoch": trained["epoch"], "checkpoint_iteration": trained["iteration"],
             "episodes_sha256": episodes.indices_sha256()}
 
@@ -260,7 +263,7 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
     device = resolve_device(args.device)
     seed_everything(args.seed)
     checkpoint = restore.resolve_checkpoint(args.checkpoint)
-    state = restore.load_state(checkpoint)
+    state, checkpoint_sha256 = restore.load_state_and_sha256(checkpoint)
     summary = dict(state["summary"])
     summary["stage"] = state["stage"]
     if check_summary is not None:
@@ -281,7 +284,13 @@ def prepare(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]]
         raise TnasError(f"dataset {args.dataset} gives {split.image_shape[1]}x{split.image_shape[2]} images, but the "
                         f"checkpoint {checkpoint} was trained on {shape[1]}x{shape[2]} images")
     episodes = load_test_episodes(args, split, episodes_given)
-    return Prepared(checkpoint, learner, summary, device, episodes, split, provenance(checkpoint, trained, episodes))
+    return Prepared(checkpoint, learner, summary, device, episodes, split,
+                    provenance(checkpoint, checkpoint_sha256, trained, episodes))
+
+
+def episodes_seed(prepared: Prepared, args) -> int:
+    """The seed the test episodes were drawn from (an episodes file's own, else ``--seed``)."""
+    return prepared.episodes.seed if prepared.episodes.seed is not None else args.seed
 
 
 def default_out_dir(args, checkpoint: str) -> str:
@@ -301,19 +310,38 @@ def run(args: EvaluateSettings) -> Optional[Dict[str, object]]:
     started = time.time()
     with distributed.local_process():  # one evaluation graph per rank: nothing is summed across ranks
         graph = common.check_cuda_graph(args)
+    with prepared_on_ranks(args) as (info, prepared):
+        if info.is_main:
+            print(graph.reason, file=sys.stderr)  # stdout carries the results
+        return _evaluate(args, prepared, graph.enabled, info, started)
+
+
+# How long the other ranks may wait for rank 0 (torch's default is 30 minutes): rank 0 prepares first, and a first
+# read of a large folder dataset builds its cache. A rank that fails closes its connections, so the others
+# stop within seconds then, not at this timeout.
+RANKS_WAIT = timedelta(hours=12)
+
+
+@contextlib.contextmanager
+def prepared_on_ranks(args, check_summary: Optional[Callable[[Dict[str, Any], str], None]] = None
+                      ) -> Iterator[Tuple[distributed.DistInfo, Prepared]]:
+    """``(info, prepared)`` of this process for a stage that deals its batches of test episodes to the
+    torchrun ranks (evaluate, decode; a single process alone): joins the process group (gloo: only small
+    results travel, so the ranks may outnumber the GPUs) with ``args.device`` this rank's own
+    (``cuda:LOCAL_RANK`` mod the GPUs), runs :func:`prepare` on rank 0 first (it writes
+    ``--episodes_file`` when it does not exist yet) and then on the others; after the block every
+    rank waits for the others and all leave the group together (also after an error)."""
     device = resolve_device(args.device)
-    info = distributed.init_distributed(device, share_gpus=True)
+    info = distributed.init_distributed(device, timeout=RANKS_WAIT, share_gpus=True)
     try:
         args.device = str(distributed.local_device(device, info))
-        if not info.is_main:  # rank 0 first: it writes --episodes_file when it does not exist yet
+        if not info.is_main:  # rank 0 first
             distributed.barrier(info)
-        prepared = prepare(args)
+        prepared = prepare(args, check_summary)
         if info.is_main:
             distributed.barrier(info)
-            print(graph.reason, file=sys.stderr)  # stdout carries the results
-        record = _evaluate(args, prepared, graph.enabled, info, started)
+        yield info, prepared
         distributed.barrier(info)  # every rank leaves the process group together
-        return record
     finally:
         distributed.shutdown(info)
 
@@ -340,7 +368,7 @@ def _evaluate(args: EvaluateSettings, prepared: Prepared, cuda_graph: bool, info
         "stage": summary["stage"],
         **prepared.provenance,
         "update_step_test": args.update_step_test,
-        "seed": episodes.seed if episodes.seed is not None else args.seed,
+        "seed": episodes_seed(prepared, args),
         "episodes_file": os.path.abspath(args.episodes_file) if args.episodes_file else None,
         "split": prepared.split.name,
         "image_shape": list(prepared.split.image_shape),

@@ -71,7 +71,7 @@ from tnas.runlog import RunLogger
 from tnas.stages import common, train
 from tnas.stages import cost as cost_stage
 from tnas.stages import evaluate as evaluate_stage
-from tnas.stages.decode import check_tnas_search, episodes_seed
+from tnas.stages.decode import check_tnas_search
 from tnas.stages.settings import free
 from tnas.stages.protocol_decode import GENOTYPES_FILE, decode_cache_key, decode_episodes, read_decode_cache, \
     write_decode_files
@@ -330,7 +330,7 @@ def results(p: Protocol, parts, genotypes, ids, by_id, episodes_of, runs, cost) 
                           [merged[episode] for episode in range(len(genotypes))], by_id,
                           genotype_id=ids, distinct_genotypes=len(by_id), budget=bool(args.budget),
                           schedule=p.schedule, **prepared.provenance,
-                          seed=episodes_seed(prepared, args),
+                          seed=evaluate_stage.episodes_seed(prepared, args),
                           episodes_file=os.path.abspath(args.episodes_file) if args.episodes_file else None,
                           q_query=args.q_query, update_step_test=args.update_step_test,
                           inner_steps_test=scratch_steps_test(args), batch_size=args.batch_size,

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from tnas import distributed
 from tnas.errors import TnasError
-from tnas.files import atomic_write_json, sha256_file
+from tnas.files import atomic_write_json
 from tnas.genotypes import genotype_from_dict
 from tnas.stages.decode import GENOTYPES_FILE, SUMMARY_FILE, decode_record, write_genotype_lines
 from tnas.stages.decode import decode_episodes as decode_to_main
@@ -21,10 +21,12 @@ from tnas.stages.decode import decode_episodes as decode_to_main
 
 def decode_cache_key(prepared, args) -> Dict[str, Any]:
     """What the per-episode genotypes depend on: the checkpoint's bytes, the episodes, the adaptation.
-    Caches written before stay valid only while this stays byte-identical (tests pin it): the episodes'
-    hash is :meth:`~tnas.data.episodes.FixedEpisodes.indices_sha256`, as in results.json."""
+    Caches written before stay valid only while this stays byte-identical (tests pin it): the hashes are
+    results.json's, the checkpoint's that of the bytes the supernet was read from (hashing the file again
+    now could name a newer best.pt than the one decoded) and the episodes'
+    :meth:`~tnas.data.episodes.FixedEpisodes.indices_sha256`."""
     episodes = prepared.episodes
-    return {"checkpoint_sha256": sha256_file(prepared.checkpoint),
+    return {"checkpoint_sha256": prepared.provenance["checkpoint_sha256"],
             "episodes_sha256": episodes.indices_sha256(),
             "episodes": len(episodes), "split": prepared.split.name, "dataset": args.dataset,
             "image_shape": list(prepared.split.image_shape), "n_way": args.n_way, "k_shot": args.k_shot,

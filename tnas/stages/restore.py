@@ -34,6 +34,7 @@ from tnas.meta.tnas import TNAS, TNASConfig
 from tnas.models.factory import model_kind, network_from_config
 from tnas.models.supernet import Supernet
 from tnas.checkpoints import load_checkpoint
+from tnas.files import sha256_file
 
 
 # -- the learner registry ------------------------------------------------------------------------
@@ -87,6 +88,24 @@ def load_state(path: str) -> Dict[str, Any]:
     if not isinstance(state["summary"], Mapping):
         raise TnasError(f"{path}: the checkpoint's summary is a {type(state['summary']).__name__}, not a dict")
     return state
+
+
+READ_ATTEMPTS = 3
+
+
+def load_state_and_sha256(path: str) -> Tuple[Dict[str, Any], str]:
+    """:func:`load_state` and the SHA-256 of the very bytes it read, for a record that names the weights
+    it scored. A run still training replaces its ``best.pt`` atomically at any time, so the file is
+    hashed before and after reading: a hash taken later (after the test data loaded, say) could name a
+    newer checkpoint than the weights in use. A file replaced meanwhile is read again; one that keeps
+    changing is a one-line error."""
+    for _ in range(READ_ATTEMPTS):
+        before = sha256_file(path) if os.path.isfile(path) else None
+        state = load_state(path)  # a missing or foreign file: its own one-line error
+        if before is not None and sha256_file(path) == before:
+            return state, before
+    raise TnasError(f"checkpoint {path} changed while it was read, {READ_ATTEMPTS} times (a run still saving it?); "
+                    f"evaluate it once it is written, or a copy of it")
 
 
 def build_learner(state: Mapping[str, Any], device, source: str = "checkpoint"):
