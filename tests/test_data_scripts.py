@@ -114,3 +114,19 @@ def test_inspect_the_glyphs_demo_dataset(tmp_path, capsys):
     cell, gap = 56, 4  # 16x16 glyphs drawn as 56-pixel tiles, 4 pixels apart
     with Image.open(grid["path"]) as image:
         assert image.size == ((2 + 1 + 3) * (cell + gap) + gap, 3 * (cell + gap) + gap)
+
+
+def test_a_script_piped_into_a_reader_that_stops_early_ends_quietly():
+    """`python scripts/inspect_data.py ... | head`: the reader goes away, the script stops with the shell's
+    SIGPIPE status and no BrokenPipeError traceback (cli_entry, shared by every script)."""
+    code = ("from tnas.errors import cli_entry\n"
+            "def main():\n"
+            "    for _ in range(100000):\n"
+            "        print('x' * 100)\n"
+            "cli_entry(main)\n")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=dict(os.environ, PYTHONPATH=REPO))
+    assert process.stdout.read(1) == b"x"
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and stderr == "", stderr

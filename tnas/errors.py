@@ -7,6 +7,7 @@ flag or value at fault; scripts run their ``main`` through :func:`cli_entry`, wh
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -16,7 +17,8 @@ class TnasError(Exception):
 
 
 def cli_entry(main: Callable[[], object]) -> None:
-    """Run a script's ``main``; turn :class:`TnasError` into a one-line error and exit 2."""
+    """Run a script's ``main``; turn :class:`TnasError` into a one-line error and exit 2. Output piped
+    into a reader that stops early (``| head``) ends the script quietly, as a shell tool does."""
     try:
         result = main()
     except TnasError as error:
@@ -25,5 +27,9 @@ def cli_entry(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # the reader is gone: point stdout at /dev/null so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool ended this way
     if isinstance(result, int):
         sys.exit(result)
