@@ -279,18 +279,22 @@ def test_results_fields_and_genotypes_match_the_decode_stage(single, search_run,
 
 
 def test_each_episode_is_scored_by_its_own_genotype(single, tmp_path):
-    """The evaluate stage on a genotype's best.pt gives the protocol's accuracies on that genotype's episodes."""
+    """The evaluate stage on each genotype's best.pt gives the protocol's accuracies on that genotype's
+    episodes: every episode checked, each against its own genotype's network."""
     from tnas.stages import evaluate
 
     record = single["record"]
-    gid = record["genotype_id"][0]
-    with contextlib.redirect_stdout(io.StringIO()):
-        scored = evaluate.run(evaluate.settings_from_args(parse_args(evaluate.build_parser(), [
-            "--checkpoint", str(single["out"] / "genotypes" / gid), "--out", str(tmp_path), "--episodes",
-            str(EPISODES), "--update_step_test", "1", "--device", "cpu"])))
-    for episode, owner in enumerate(record["genotype_id"]):
-        if owner == gid:
-            assert scored["per_episode"][episode] == record["per_episode"][episode]
+    checked = []
+    for gid in sorted(set(record["genotype_id"])):
+        with contextlib.redirect_stdout(io.StringIO()):
+            scored = evaluate.run(evaluate.settings_from_args(parse_args(evaluate.build_parser(), [
+                "--checkpoint", str(single["out"] / "genotypes" / gid), "--out", str(tmp_path / gid), "--episodes",
+                str(EPISODES), "--update_step_test", "1", "--device", "cpu"])))
+        for episode, owner in enumerate(record["genotype_id"]):
+            if owner == gid:
+                assert scored["per_episode"][episode] == record["per_episode"][episode], (gid, episode)
+                checked.append(episode)
+    assert sorted(checked) == list(range(EPISODES)) == list(range(len(record["per_episode"])))
 
 
 def test_rerun_skips_training_and_gives_identical_results(single, search_run):
