@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.func import functional_call
 
 from tnas.genotypes import Genotype
 from tnas.meta.learner import MetaLearner
@@ -366,3 +367,94 @@ def test_grad_clamp_clamps_network_meta_gradients_not_learned_rates():
     assert difference > 1e-6
     with pytest.raises(ValueError, match="grad_clamp must be > 0"):
         MAMLConfig(grad_clamp=0.0)
+
+
+# -- meta-test adaptation against a plain per-task loop -------------------------------------------------
+def per_step_bn_names(model):
+    """The affine BatchNorm weights and biases of ``model``, found from its modules (not the learner's list)."""
+    return {f"{name}.{attribute}" for name, module in model.named_modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.affine
+            for attribute in ("weight", "bias")}
+
+
+def plain_per_step_adaptation(learner, batch, steps):
+    """MAML++ meta-test adaptation by hand, one task at a time: ``torch.func.functional_call`` of the
+    learner's network on one task's images ``[N, C, H, W]``, ``torch.autograd.grad`` of its mean support
+    cross-entropy, ``w - lr * g`` with the learned rate of the step.
+
+    The mapping written out (``S`` = trained inner steps): inner step ``s`` (0-based, the network adapted
+    ``s`` times) runs its support forward with BN set ``min(s, S-1)`` and updates every non-BN tensor with
+    its learned rate ``lr[min(s, S-1)]``; the network after the final update runs the query with set ``S``,
+    whatever ``steps`` is. The query before step ``s`` (tracked diagnostics) uses the support's set ``min(s, S-1)``.
+
+    Returns, per task, the adapted tensors (name -> tensor) and the query logits ``[steps + 1]`` of
+    ``[N, n_way]`` (before each step, then after the last).
+    """
+    model = learner.model
+    trained = learner.config.inner_steps
+    batch_norm = per_step_bn_names(model)
+    meta = {name: param.detach() for name, param in model.named_parameters()}
+    rates = {name: rate.detach() for name, rate in learner.learned_lrs.items()}
+
+    def forward(fast, bn_set, images):
+        params = {name: meta[name][bn_set] if name in batch_norm else fast[name] for name in meta}
+        return functional_call(model, params, (images,))
+
+    tasks = []
+    for task in range(batch.support_x.shape[0]):
+        fast = {name: value.clone().requires_grad_(True) for name, value in meta.items() if name not in batch_norm}
+        query_logits = []
+        for step in range(steps):
+            trained_step = min(step, trained - 1)
+            with torch.no_grad():
+                query_logits.append(forward(fast, trained_step, batch.query_x[task]))
+            loss = torch.nn.functional.cross_entropy(forward(fast, trained_step, batch.support_x[task]),
+                                                     batch.support_y[task])
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            fast = {name: (value - rates[name][trained_step] * grad).detach().requires_grad_(True)
+                    for (name, value), grad in zip(fast.items(), grads)}
+        with torch.no_grad():
+            query_logits.append(forward(fast, trained, batch.query_x[task]))
+        tasks.append(({name: value.detach() for name, value in fast.items()}, query_logits))
+    return tasks
+
+
+@pytest.mark.parametrize("test_steps", [4, 2, 1], ids=["more_than_trained", "as_trained", "fewer_than_trained"])
+def test_evaluation_with_per_step_bn_and_learned_rates_matches_a_plain_loop(test_steps):
+    """Trained with 2 inner steps, adapted with ``test_steps`` at meta-test: ``evaluate`` (query loss and
+    accuracy, the tracked per-step ones) and ``adapt`` (the fast weights) against
+    :func:`plain_per_step_adaptation`, to 1e-10 in float64. Every learned rate differs per tensor and
+    step and every BN set differs from the others, so a wrong rate or set beyond the trained steps
+    (or a wrong final set) changes the numbers."""
+    learner = make_learner(per_step_bn=True, learn_inner_lr=True, inner_steps=2, inner_steps_test=test_steps)
+    assert per_step_bn_names(learner.model) == set(learner.batch_norm_names)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for rate in learner.learned_lrs.values():
+            rate.copy_(0.05 + 0.25 * torch.rand(rate.shape, generator=generator, dtype=rate.dtype))
+        for name, param in learner.model.named_parameters():
+            if name in learner.batch_norm_names:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    batch = make_batch()
+    reference = plain_per_step_adaptation(learner, batch, test_steps)
+    labels = batch.query_y
+
+    stats = learner.evaluate(batch, track_steps=True)  # default steps: inner_steps_test
+    want_loss = torch.stack([torch.stack([torch.nn.functional.cross_entropy(logits, labels[task])
+                                          for logits in reference[task][1]]) for task in range(TASKS)], dim=1)
+    want_accuracy = torch.stack([torch.stack([(logits.argmax(-1) == labels[task]).float().mean()
+                                              for logits in reference[task][1]]) for task in range(TASKS)], dim=1)
+    assert stats.per_step_loss.dtype == torch.float64 and stats.per_step_loss.shape == (test_steps + 1, TASKS)
+    assert torch.allclose(stats.per_step_loss, want_loss, rtol=0, atol=1e-10)
+    assert torch.equal(stats.per_step_accuracy, want_accuracy)
+    # the final query loss comes back as float32 (StepStats casts it): equal to the float64 reference cast
+    assert torch.allclose(stats.query_loss, want_loss[-1].float(), rtol=1e-6, atol=0)
+    assert torch.equal(stats.query_accuracy, want_accuracy[-1])
+
+    adapted = learner.adapt(batch.support_x, batch.support_y).task_params
+    assert set(adapted) == set(reference[0][0])
+    for task in range(TASKS):
+        for name, value in reference[task][0].items():
+            assert torch.allclose(adapted[name][task], value, rtol=0, atol=1e-10), (task, name)
+    # the adaptation moved the query loss, so the comparison covers the updates
+    assert float((want_loss[-1] - want_loss[0]).abs().min()) > 1e-4
