@@ -18,8 +18,12 @@ timed ones, synchronising the device before reading the clock. Prints one JSON o
 ``setting`` carries what ``--cuda_graph auto`` chose and why; a SIGTERM (a time limit such as
 ``gpu_check.sh``'s) still prints it, with the cases finished so far, an error for the case cut and
 those not started, and ``cut_short`` (exit status 1). Each case also counts the FLOPs
-of one meta-iteration (``torch.utils.flop_counter``: convolutions and matrix products, forward
-and backward) and, on a GPU of known peak, the fraction of it achieved, and the torch operators
+of one meta-iteration (``gflop_per_iteration``; ``torch.utils.flop_counter``: convolutions and
+matrix products, the folded 1x1 convolutions' batched matmuls included, forward and backward, with
+our own formula for a convolution's backward, whose grouped weight gradient torch overcounts;
+BatchNorm and elementwise work not counted) and, on a GPU of known peak, the fraction of it
+achieved (``fraction_of_peak`` of ``peak_tflops``, dense, on the ``peak_basis`` the run asked
+for: :func:`peak_tflops`), and the torch operators
 it dispatches (``ops_per_iteration``: every aten op but views, forward and backward; on a GPU
 about one kernel each), which is what bounds a meta-iteration of small kernels on a GPU.
 ``--edges`` picks the supernet's edge path (``sources``: source folding, ``fused``: edge by edge,
@@ -100,9 +104,15 @@ DEFAULT_EDGES = ("sources" if ExecutionPlan.fold_sources else "fused") if Execut
 """``--edges`` choices; the default is the default plan's path."""
 GRAPH_WARMUP = 2
 """Eager calls of each step before its CUDA graph is captured (when graphed)."""
-PEAK_TFLOPS = {"H200": {"fp32": 67.0, "tf32": 494.0, "bf16": 989.0}, "H100": {"fp32": 67.0, "tf32": 494.0, "bf16": 989.0},
+PEAK_TFLOPS = {"H200 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5},
+               "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5},
+               "H100 PCIe": {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5},
+               "H200": {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5}, "H100": {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5},
                "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}}
-"""Dense peak TFLOP/s by GPU name (SXM parts): fp32 without tensor cores, tf32 and bf16 with them."""
+"""Dense peak TFLOP/s by GPU name, from NVIDIA's datasheets: fp32 on the CUDA cores, tf32 and bf16 on the
+tensor cores at half the datasheets' "with sparsity" figures (2:4 sparsity, which nothing here uses).
+The first key found in ``torch.cuda.get_device_name`` wins, so the NVL and PCIe parts come before the
+SXM parts that a bare "H200" / "H100" names (an A100's peaks are the same for both)."""
 
 CASES: Dict[str, Dict[str, object]] = {
     "tnas_1shot_T4": dict(kind="tnas", k_shot=1, tasks=4),
@@ -244,8 +254,11 @@ def prepare_case(spec: Dict[str, object], args, device: torch.device):
 def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
                          _output_padding, groups, output_mask, out_shape=None) -> int:
     """FLOPs of ``aten.convolution_backward``: the forward's ``2 * out elements * (C_in/groups) * kh * kw``
-    once per gradient asked for (input, weight). torch's own formula ignores ``groups`` for the input
-    gradient, so it counts a depthwise conv's backward ~C times over."""
+    once per gradient asked for in ``output_mask`` (input, weight; the bias gradient is a sum, not
+    counted). So a conv whose input needs no gradient (the stem's first, on the images) costs 1x its
+    forward backward, every other 2x. torch's own formula counts the weight gradient of a grouped
+    conv ``groups`` times over: C times for a depthwise conv, and T (tasks) x E (folded edges) times
+    more for the folded convs here, 26x the true total at the paper setting of T-NAS."""
     from math import prod
 
     forward = 2 * prod(x_shape if transposed else grad_out_shape) * prod(w_shape[1:])
@@ -280,18 +293,29 @@ def count_work(one_iteration, iterations: List[int]):
     return counter.get_total_flops() / len(iterations), ops.ops / len(iterations)
 
 
-def peak_tflops(args, device: torch.device):
-    """(peak TFLOP/s, basis) of the device, from ``--peak_tflops`` or :data:`PEAK_TFLOPS`; (None, None) if unknown."""
-    basis = "bf16" if args.amp else "tf32" if getattr(args, "tf32", False) else "fp32"
+def peak_tflops(args, device: torch.device) -> Dict[str, object]:
+    """The peak ``fraction_of_peak`` is taken of: ``{"peak_tflops", "peak_basis"}`` from ``--peak_tflops``
+    (basis ``given``) or :data:`PEAK_TFLOPS` by the device's name; ``{}`` when unknown (a CPU, another GPU).
+
+    The basis is the arithmetic the run asks for: ``bf16`` under ``--amp``, ``tf32`` when both TF32
+    switches are on (``--tf32``), else ``fp32``. PyTorch's default lets cuDNN run float32
+    convolutions in TF32 while matmuls stay float32, so the ceiling of a default run lies between
+    the two peaks: on an ``fp32`` basis with cuDNN TF32 allowed, ``tf32_peak_tflops`` comes too
+    (and :func:`run_case` adds ``fraction_of_tf32_peak``)."""
     if args.peak_tflops is not None:
-        return args.peak_tflops, "given"
+        return {"peak_tflops": args.peak_tflops, "peak_basis": "given"}
     if device.type != "cuda":
-        return None, None
+        return {}
+    state = precision.tf32_state()
+    basis = "bf16" if args.amp else "tf32" if state.matmul and state.cudnn else "fp32"
     name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in name:
-            return peaks[basis], basis
-    return None, None
+    peaks = next((peaks for key, peaks in PEAK_TFLOPS.items() if key in name), None)
+    if peaks is None:
+        return {}
+    found = {"peak_tflops": peaks[basis], "peak_basis": basis}
+    if basis == "fp32" and state.cudnn:
+        found["tf32_peak_tflops"] = peaks["tf32"]
+    return found
 
 
 def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> Dict[str, object]:
@@ -326,10 +350,12 @@ def run_case(name: str, spec: Dict[str, object], args, device: torch.device) -> 
                   if one_iteration.capture_failures else "graphed")}
     if flops is not None:
         record["gflop_per_iteration"], record["achieved_tflops"] = flops / 1e9, flops / seconds / 1e12
-    peak, basis = peak_tflops(args, device)
+    peak = peak_tflops(args, device)
     if peak and flops is not None:
-        record["peak_tflops"], record["peak_basis"] = peak, basis
-        record["fraction_of_peak"] = record["achieved_tflops"] / peak
+        record.update(peak)
+        record["fraction_of_peak"] = record["achieved_tflops"] / peak["peak_tflops"]
+        if "tf32_peak_tflops" in peak:
+            record["fraction_of_tf32_peak"] = record["achieved_tflops"] / peak["tf32_peak_tflops"]
     if kind == "scratch":
         record["genotype"] = spec["genotype"]
         record["method"] = "maml++ (second order)" if spec.get("plus_plus") else "maml (first order)"

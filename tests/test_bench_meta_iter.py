@@ -111,16 +111,95 @@ def test_shared_gpu_sums_throughput_and_rescales_the_cost(tmp_path, capsys):
 
 
 def test_flop_count_of_a_depthwise_conv_counts_groups_once(bench):
-    """Forward + backward of a conv is 3x its forward (input and weight gradients), grouped or not
-    (torch's own formula counts a depthwise conv's input gradient C times over)."""
+    """Forward + backward of a conv is 3x its forward (input and weight gradients), grouped or not, and
+    2x when its input needs no gradient (a network's first conv, on the images). torch's own formula
+    counts a grouped conv's weight gradient ``groups`` times over; ungrouped, ours is torch's."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     for groups in (1, 8):
         conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=False)
-        x = torch.randn(2, 8, 5, 5, requires_grad=True)
-        flops, _ = bench.count_work(lambda _: conv(x).sum().backward(), [0])
-        forward = 2 * (2 * 8 * 5 * 5) * (8 // groups) * 9
-        assert flops == 3 * forward
+        forward = 2 * (2 * 8 * 5 * 5) * (8 // groups) * 9  # 2 * out elements * C_in/groups * kh * kw
+        for input_grad in (True, False):
+            x = torch.randn(2, 8, 5, 5, requires_grad=input_grad)
+            flops, _ = bench.count_work(lambda _: conv(x).sum().backward(), [0])
+            assert flops == (3 if input_grad else 2) * forward
+            if groups == 1:
+                with FlopCounterMode(display=False) as torch_count:
+                    conv(x).sum().backward()
+                assert flops == torch_count.get_total_flops()
+
+
+@pytest.mark.parametrize("case", ["tnas_1shot_T4", "scratch_1shot_T4"])
+@pytest.mark.parametrize("pointwise", ["matmul", "conv"])
+def test_meta_iteration_flops_are_three_forwards_per_image(bench, case, pointwise):
+    """A first-order meta-iteration (tiny: 4 tasks x (5 support images x 1 inner step + 10 queries)) is,
+    per image, 3x the network's forward FLOPs (counted by module hooks, no dispatch: 2 x MACs of every
+    conv and linear layer), less the first conv's input gradient. Against torch's FlopCounterMode on the
+    same iteration: its forward convolutions and matmuls as ours (the folded 1x1 convolutions' batched
+    matmuls counted either way), each conv's backward 2x its forward. Fails if a grouped (task- or
+    edge-folded, depthwise) conv's backward or the pointwise bmm path were miscounted."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tnas.genotypes import PUBLISHED
+    from tnas.models.complexity import conv_linear_macs
+    from tnas.models.fast_edges import REFERENCE
+    from tnas.models.network import Network
+    from tnas.models.supernet import Supernet
+
+    args = bench.parse_args(["--tiny", "--device", "cpu", "--pointwise", pointwise])
+    one_iteration, _, tasks = bench.prepare_case(bench.CASES[case], args, torch.device("cpu"))
+    flops, _ = bench.count_work(one_iteration, [0])
+    shape = dict(n_way=5, C=args.C, layers=args.layers, in_channels=3, plan=REFERENCE)  # hooks see every layer
+    model = Supernet(**shape) if case.startswith("tnas") else Network(PUBLISHED["auto_maml_1shot"], **shape)
+    macs = conv_linear_macs(model, (3, args.img_size, args.img_size))
+    first = model.stem[0]
+    first_forward = 2 * first.out_channels * args.img_size ** 2 * first.in_channels * 9
+    images = tasks * (5 * args.inner_steps + 5 * args.q_query)
+    assert images == 60
+    assert flops == images * (3 * 2 * macs - first_forward)
+
+    with FlopCounterMode(display=False) as torch_count:
+        one_iteration(1)
+    by_op = {str(op): count for op, count in torch_count.get_flop_counts()["Global"].items()}
+    assert set(by_op) == {"aten.convolution", "aten.convolution_backward", "aten.bmm"}  # no mm path missed
+    assert flops == 3 * by_op["aten.convolution"] - images * first_forward + by_op["aten.bmm"]
+    assert by_op["aten.convolution_backward"] > 2 * by_op["aten.convolution"]  # torch's grouped overcount
+
+
+def test_peak_is_the_dense_peak_of_the_part_and_basis_asked_for(bench, monkeypatch):
+    """fraction_of_peak's denominator: NVIDIA's dense figures (not the 2:4-sparsity ones) of the part the
+    device's name says (NVL and PCIe parts apart from SXM), on the basis of the run's arithmetic; a
+    default run (cuDNN allowed TF32, matmuls float32) gets the TF32 peak too."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tnas import precision
+
+    cuda = torch.device("cuda")  # only the type is read; no GPU needed
+    args = SimpleNamespace(peak_tflops=None, amp=False)
+    expected = {"NVIDIA H200": (67.0, 494.5, 989.5), "NVIDIA H100 80GB HBM3": (67.0, 494.5, 989.5),
+                "NVIDIA H200 NVL": (60.0, 417.5, 835.5), "NVIDIA H100 PCIe": (51.0, 378.0, 756.5),
+                "NVIDIA A100-SXM4-80GB": (19.5, 156.0, 312.0)}
+    for name, (fp32, tf32, bf16) in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device, name=name: name)
+        with precision.tf32(False):
+            assert bench.peak_tflops(args, cuda) == {"peak_tflops": fp32, "peak_basis": "fp32"}
+        with precision.tf32(True):
+            assert bench.peak_tflops(args, cuda) == {"peak_tflops": tf32, "peak_basis": "tf32"}
+        with precision.tf32(False):
+            precision.set_tf32_state(precision.TF32State(matmul=False, cudnn=True))  # PyTorch's default
+            assert bench.peak_tflops(args, cuda) == {"peak_tflops": fp32, "peak_basis": "fp32",
+                                                     "tf32_peak_tflops": tf32}
+            assert bench.peak_tflops(SimpleNamespace(peak_tflops=None, amp=True), cuda) == {
+                "peak_tflops": bf16, "peak_basis": "bf16"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device: "NVIDIA GeForce RTX 4090")
+    assert bench.peak_tflops(args, cuda) == {}
+    assert bench.peak_tflops(args, torch.device("cpu")) == {}
+    assert bench.peak_tflops(SimpleNamespace(peak_tflops=100.0, amp=False), torch.device("cpu")) == {
+        "peak_tflops": 100.0, "peak_basis": "given"}
 
 
 def test_op_count_leaves_out_views(bench):
