@@ -4,11 +4,12 @@
     python benchmarks/gpu_check_summary.py OUT/bench_meta_iter_*.json
 
 Each line names the report (its file name without ``bench_meta_iter_``), the case and the figures
-it has (tasks/s, GFLOP per meta-iteration and fraction of peak, protocol hours, memory, whether it
-ran graphed, its error). A report's ``setting.cuda_graph_reason`` (what ``--cuda_graph auto``
-chose) and ``cut_short`` get a line each. A file that a failed or cut step left empty or partial
-gets one ``unreadable`` line instead of a traceback, so the summary covers every file and its
-exit status is 0. Needs only the standard library (no torch import: it runs in a second).
+it has (tasks/s, GFLOP per meta-iteration, fraction of peak and its basis, and of the TF32 peak
+when cuDNN may use TF32, protocol hours, memory, whether it ran graphed, its error). A report's
+``setting.cuda_graph_reason`` (what ``--cuda_graph auto`` chose) and ``cut_short`` get a line each.
+A file that a failed or cut step left empty or partial gets one ``unreadable`` line instead of a
+traceback, so the summary covers every file and its exit status is 0. Needs only the standard
+library (no torch import: it runs in a second).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import List
 FIELDS = (("s/iter", "seconds_per_iteration"), ("tasks/s", "tasks_per_second"),
           ("x orig", "speedup_vs_original"), ("GFLOP/iter", "gflop_per_iteration"),
           ("TFLOP/s", "achieved_tflops"), ("of peak", "fraction_of_peak"), ("peak basis", "peak_basis"),
+          ("of tf32 peak", "fraction_of_tf32_peak"),
           ("G", "genotypes"), ("protocol h", "protocol_hours_600"), ("t_g h", "genotype_hours_paper_schedule"),
           ("GiB", "peak_gpu_memory_gib"), ("warm-up s", "warmup_seconds"), ("", "cuda_graph"),
           ("error", "error"))

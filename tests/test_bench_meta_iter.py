@@ -316,14 +316,15 @@ def test_summary_reads_every_report_and_says_which_are_unreadable(tmp_path, caps
     good = tmp_path / "bench_meta_iter_default.json"
     good.write_text(json.dumps({"setting": {"cuda_graph_reason": "cuda_graph auto: graphs"}, "cut_short": "cut",
                                 "results": [{"case": "tnas_1shot_T4", "tasks_per_second": 42.91234,
-                                             "fraction_of_peak": 0.01, "cuda_graph": "graphed"},
+                                             "fraction_of_peak": 0.01, "peak_basis": "fp32",
+                                             "fraction_of_tf32_peak": 0.0014, "cuda_graph": "graphed"},
                                             {"case": "tnas_5shot_T4", "error": "CutShort: cut"}]}))
     (tmp_path / "bench_meta_iter_partial.json").write_text('{"results": [{"case": "x"')
     (tmp_path / "bench_meta_iter_empty.json").write_text("")
     paths = [str(tmp_path / f"bench_meta_iter_{n}.json") for n in ("default", "partial", "empty", "missing")]
     assert summary.main(paths) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:4] == ["default: cuda_graph auto: graphs", "default tnas_1shot_T4 tasks/s 42.91 of peak 0.01 graphed",
+    assert lines[:4] == ["default: cuda_graph auto: graphs", "default tnas_1shot_T4 tasks/s 42.91 of peak 0.01 peak basis fp32 of tf32 peak 0.0014 graphed",
                          "default tnas_5shot_T4 error CutShort: cut", "default: cut"]
     assert [line.split(":")[0:2] for line in lines[4:]] == [["partial", " unreadable (JSONDecodeError"],
                                                             ["empty", " unreadable (JSONDecodeError"],
