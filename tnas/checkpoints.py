@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from tnas.errors import TnasError
 from tnas.files import atomic_file
@@ -89,17 +90,12 @@ def _refusal(error: Exception) -> str:
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format; its older one is a pickle, which starts with PROTO (0x80)
 
 
-def _not_a_checkpoint(path: Path, error: Exception) -> Optional[str]:
+def _not_a_checkpoint(head: bytes, error: Exception) -> Optional[str]:
     """Why ``path`` is no torch checkpoint at all, given how ``torch.load`` failed on it; None when it may
     be one that is damaged (a zip file, or a pickle that failed for another reason).
 
     A file torch never wrote (JSON, text, random bytes) reaches the pickle reader, which fails on its
     first byte with "Unsupported operand <byte>" -- no disallowed global, so no refusal to report."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(64)
-    except OSError:
-        return None
     if not head:
         return "it is empty, not a torch checkpoint"
     operand = "Unsupported operand" in str(error) and "Unsupported global" not in str(error)
@@ -117,6 +113,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     refused with one :class:`TnasError` line naming the file. A file that is no torch checkpoint
     at all (a genotype's JSON, say) is one line that says so.
     """
+    return read_checkpoint(path, map_location)[0]
+
+
+def read_checkpoint(path, map_location="cpu") -> Tuple[dict, str]:
+    """:func:`load_checkpoint`'s state and the SHA-256 of the bytes it came from. The file is read
+    once, so the hash names exactly the weights loaded, even while a run replaces the file (a
+    training still saving its ``best.pt``)."""
+    import io
     import pickle
     import warnings
 
@@ -126,12 +130,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.is_file():
         raise TnasError(f"checkpoint not found: {path}")
     try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise TnasError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    try:
         with _globals_allowed(_legacy_numpy_globals()), warnings.catch_warnings():
             # a plain pickle that is not torch's makes torch warn about its protocol before it fails
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or foreign files
-        reason = _not_a_checkpoint(path, error)
+        reason = _not_a_checkpoint(data[:64], error)
         if reason is None and isinstance(error, pickle.UnpicklingError) and (
                 "weights only" in str(error).lower() or "Unsupported" in str(error)):
             reason = _refusal(error)
@@ -142,4 +150,4 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise TnasError(
             f"cannot read checkpoint {path}: expected a dict, found {type(state).__name__}"
         )
-    return state
+    return state, hashlib.sha256(data).hexdigest()

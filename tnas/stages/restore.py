@@ -33,8 +33,7 @@ from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus
 from tnas.meta.tnas import TNAS, TNASConfig
 from tnas.models.factory import model_kind, network_from_config
 from tnas.models.supernet import Supernet
-from tnas.checkpoints import load_checkpoint
-from tnas.files import sha256_file
+from tnas.checkpoints import read_checkpoint
 
 
 # -- the learner registry ------------------------------------------------------------------------
@@ -81,31 +80,20 @@ def resolve_checkpoint(path: str) -> str:
 
 def load_state(path: str) -> Dict[str, Any]:
     """Load a checkpoint and check it has the layout every stage writes (stage, summary, learner)."""
-    state = load_checkpoint(path)
+    return load_state_and_sha256(path)[0]
+
+
+def load_state_and_sha256(path: str) -> Tuple[Dict[str, Any], str]:
+    """:func:`load_state` and the SHA-256 of the very bytes it read (:func:`tnas.checkpoints.read_checkpoint`:
+    one read), for a record that names the weights it scored: a hash taken later (after the test data
+    loaded, say) could name a newer ``best.pt`` of a run still training."""
+    state, sha256 = read_checkpoint(path)
     missing = [key for key in ("stage", "summary", "learner") if key not in state]
     if missing:
         raise TnasError(f"{path} is not a tnas run checkpoint: no {', '.join(repr(k) for k in missing)} entry")
     if not isinstance(state["summary"], Mapping):
         raise TnasError(f"{path}: the checkpoint's summary is a {type(state['summary']).__name__}, not a dict")
-    return state
-
-
-READ_ATTEMPTS = 3
-
-
-def load_state_and_sha256(path: str) -> Tuple[Dict[str, Any], str]:
-    """:func:`load_state` and the SHA-256 of the very bytes it read, for a record that names the weights
-    it scored. A run still training replaces its ``best.pt`` atomically at any time, so the file is
-    hashed before and after reading: a hash taken later (after the test data loaded, say) could name a
-    newer checkpoint than the weights in use. A file replaced meanwhile is read again; one that keeps
-    changing is a one-line error."""
-    for _ in range(READ_ATTEMPTS):
-        before = sha256_file(path) if os.path.isfile(path) else None
-        state = load_state(path)  # a missing or foreign file: its own one-line error
-        if before is not None and sha256_file(path) == before:
-            return state, before
-    raise TnasError(f"checkpoint {path} changed while it was read, {READ_ATTEMPTS} times (a run still saving it?); "
-                    f"evaluate it once it is written, or a copy of it")
+    return state, sha256
 
 
 def build_learner(state: Mapping[str, Any], device, source: str = "checkpoint"):
