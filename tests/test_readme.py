@@ -174,3 +174,116 @@ def test_wrapper_with_arguments_says_what_it_runs_then_passes_them_on(tmp_path, 
     assert said.startswith(f"{name}: ") and said.endswith("with: --epochs 2")
     assert cwd == str(tmp_path / "scripts")  # the caller's directory, for relative paths in the flags
     assert argv[0] == str(tmp_path / DEMOS[name][0][0]) and argv[-2:] == ["--epochs", "2"]
+
+
+def _parser_flags(path):
+    """The --flags of one script or benchmark (and their --no- forms): a stage script's from its stage's
+    parser, the others' from their own add_argument calls."""
+    from tnas.stages import decode, evaluate, protocol, search, train
+    stages = {"scripts/search.py": search, "scripts/train_from_scratch.py": train, "scripts/evaluate.py": evaluate,
+              "scripts/decode.py": decode, "scripts/evaluate_tnas.py": protocol}
+    if path in stages:
+        return {option for action in stages[path].build_parser()._actions for option in action.option_strings}
+    with open(os.path.join(REPO, path)) as handle:
+        source = handle.read()
+    flags = set(re.findall(r'add_argument\(\s*"(--[\w-]+)"', source))
+    if "from bench_meta_iter import" in source and "parse_args" in source:  # profile_meta_iter: bench's + its own
+        flags |= _parser_flags("benchmarks/bench_meta_iter.py") | set(re.findall(r'"(--[\w-]+)"', source))
+    return flags | {"--no-" + flag[2:] for flag in flags}
+
+
+# what each root wrapper runs (tests above pin the wrappers' own behaviour)
+WRAPPED = {"train_tnas.sh": "scripts/search.py", "train_auto_maml.sh": "scripts/search.py",
+           "train_auto_maml_from_scratch.sh": "scripts/train_from_scratch.py", "evaluate.sh": "scripts/evaluate.py",
+           "evaluate_tnas.sh": "scripts/evaluate_tnas.py", "train_tnas_from_scratch.sh": "scripts/evaluate_tnas.py",
+           "reproduce_paper.sh": "scripts/reproduce.py"}
+
+
+def _commands(text):
+    """Every command line the docs write out: each line of a fenced block (backslash continuations joined) and
+    each inline code span, cut at `&&`, `;`, `|` and comments."""
+    pieces = []
+    for block in re.findall(r"```[^\n]*\n(.*?)```", text, re.S):
+        pieces += block.replace("\\\n", " ").splitlines()
+    pieces += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    return [part for piece in pieces for part in re.split(r"&&|;|\||#", piece)]
+
+
+def test_every_flag_written_after_a_script_is_that_scripts():
+    """`scripts/X.py --flag`, `bash W.sh --flag` or `bench_meta_iter.py --flag` in README or docs/: the flag is
+    one of that program's own (the test above only checks that some parser has it)."""
+    programs = {os.path.relpath(path, REPO) for path in glob.glob(os.path.join(REPO, "scripts", "*.py"))
+                + glob.glob(os.path.join(REPO, "benchmarks", "*.py"))}
+    wrong = []
+    for doc in [doc for doc in _docs() if doc != os.path.join("docs", "fidelity.md")]:  # quotes the original's
+        with open(os.path.join(REPO, doc)) as handle:
+            commands = _commands(handle.read())
+        for command in commands:
+            match = re.search(r"(?<![\w/.-])((?:scripts/|benchmarks/)?[\w]+\.py|[\w]+\.sh)(?![\w.])", command)
+            if not match:
+                continue
+            name = match.group(1)
+            program = WRAPPED.get(name) or next((p for p in sorted(programs) if p == name
+                                                 or os.path.basename(p) == name), None)
+            if program is None:
+                continue
+            known = _parser_flags(program)
+            named = re.findall(r"(?<![\w-])(--[a-z][\w-]*)", command[match.end():])
+            wrong += [f"{doc}: {name} {flag}" for flag in named if flag not in known | {"--help"}]
+    assert not wrong
+
+
+def _layout_entries():
+    """The README's Layout block as {folder or file it starts with: its text, continuation lines included}."""
+    text = readme_text()
+    block = re.search(r"## Layout\n\n```\n(.*?)```", text, re.S).group(1)
+    entries, key = {}, None
+    for line in block.splitlines():
+        if line and not line[0].isspace():
+            key = line.split()[0]
+            entries[key] = line[len(key):]
+        elif key is not None:
+            entries[key] += "\n" + line
+    return entries
+
+
+def test_the_layout_names_every_module_and_script_and_only_real_ones():
+    """Each tnas/, scripts/ and benchmarks/ file is named in the Layout block: by its path anywhere, or by its
+    name in its folder's entry (scripts also by their name without .py); each file name an entry gives exists."""
+    entries = _layout_entries()
+    block = "\n".join(key + text for key, text in entries.items())
+    files = [os.path.relpath(path, REPO) for path in glob.glob(os.path.join(REPO, "tnas", "**", "*.py"), recursive=True)
+             + glob.glob(os.path.join(REPO, "scripts", "*")) + glob.glob(os.path.join(REPO, "benchmarks", "*"))]
+    unlisted = []
+    for path in sorted(files):
+        folder, name = os.path.split(path)
+        if name == "__init__.py" or "__pycache__" in path or os.path.isdir(os.path.join(REPO, path)):
+            continue
+        names = [name] + ([os.path.splitext(name)[0]] if folder == "scripts" else [])
+        listed = re.search(rf"(?<![\w/]){re.escape(path)}\b", block) or any(
+            re.search(rf"(?<![\w/.]){re.escape(n)}(?![\w])", entries.get(folder + "/", "")) for n in names)
+        if not listed:
+            unlisted.append(path)
+    assert not unlisted, f"files the README's Layout does not name: {unlisted}"
+    missing = [folder + name for folder, text in entries.items() if folder.endswith("/")
+               for name in re.findall(r"(?<![\w/.*])(\w+\.(?:py|sh))\b", text)
+               if not os.path.exists(os.path.join(REPO, folder, name))]
+    assert not missing, f"files the README's Layout names that are not there: {missing}"
+
+
+def test_the_markers_and_the_gpu_test_count_the_readme_gives_are_pytests():
+    """The README runs `python -m pytest -m M` for each marker pytest.ini declares (and no other), and the
+    number of `gpu` tests it says are collected now is what pytest collects with -m gpu."""
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read(os.path.join(REPO, "pytest.ini"))
+    markers = {line.split(":")[0].strip() for line in ini["pytest"]["markers"].strip().splitlines()}
+    text = readme_text()
+    assert set(re.findall(r"python -m pytest -m (\w+)", text)) == markers
+    said = int(re.search(r"\((\d+) are collected now", text).group(1))
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+    collected = re.search(r"(\d+)/\d+ tests collected", done.stdout)
+    assert collected, done.stdout[-2000:] + done.stderr[-2000:]
+    assert said == int(collected.group(1))
