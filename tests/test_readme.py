@@ -287,3 +287,20 @@ def test_the_markers_and_the_gpu_test_count_the_readme_gives_are_pytests():
     collected = re.search(r"(\d+)/\d+ tests collected", done.stdout)
     assert collected, done.stdout[-2000:] + done.stderr[-2000:]
     assert said == int(collected.group(1))
+
+
+def test_every_test_the_docs_name_exists_where_they_say():
+    """A `test_name` (or `tests/file.py::test_name`) named in README or docs/ is a test function of tests/ (of
+    that file when one is given), so a renamed or removed test does not leave a promise without its proof."""
+    defined = {}
+    for path in glob.glob(os.path.join(REPO, "tests", "test_*.py")):
+        with open(path) as handle:
+            for name in re.findall(r"^def (test_\w+)", handle.read(), re.M):
+                defined.setdefault(name, set()).add(os.path.relpath(path, REPO))
+    wrong = []
+    for doc in _docs():
+        with open(os.path.join(REPO, doc)) as handle:
+            named = re.findall(r"`(?:(tests/\w+\.py)::)?(test_\w+)`", handle.read())
+        wrong += [f"{doc}: {file}::{name}" for file, name in named
+                  if name not in defined or (file and file not in defined[name])]
+    assert not wrong
