@@ -177,8 +177,8 @@ def test_wrapper_with_arguments_says_what_it_runs_then_passes_them_on(tmp_path, 
 
 
 def _parser_flags(path):
-    """The --flags of one script or benchmark (and their --no- forms): a stage script's from its stage's
-    parser, the others' from their own add_argument calls."""
+    """The --flags of one script or benchmark: a stage script's from its stage's parser, the others' from their
+    own add_argument calls (and the --no- form of each, as _all_flags allows)."""
     from tnas.stages import decode, evaluate, protocol, search, train
     stages = {"scripts/search.py": search, "scripts/train_from_scratch.py": train, "scripts/evaluate.py": evaluate,
               "scripts/decode.py": decode, "scripts/evaluate_tnas.py": protocol}
@@ -187,9 +187,16 @@ def _parser_flags(path):
     with open(os.path.join(REPO, path)) as handle:
         source = handle.read()
     flags = set(re.findall(r'add_argument\(\s*"(--[\w-]+)"', source))
+    if "add_cuda_graph_arg(" in source:  # the stages' one definition of --cuda_graph / --no-cuda_graph
+        import argparse
+
+        from tnas.stages.common import add_cuda_graph_arg
+        parser = argparse.ArgumentParser()
+        add_cuda_graph_arg(parser)
+        flags |= {option for action in parser._actions for option in action.option_strings}
     if "from bench_meta_iter import" in source and "parse_args" in source:  # profile_meta_iter: bench's + its own
-        flags |= _parser_flags("benchmarks/bench_meta_iter.py") | set(re.findall(r'"(--[\w-]+)"', source))
-    return flags | {"--no-" + flag[2:] for flag in flags}
+        flags |= _parser_flags("benchmarks/bench_meta_iter.py") | set(re.findall(r'"(--[a-z]\w*)"', source))
+    return flags | {"--no-" + flag[2:] for flag in flags if not flag.startswith("--no-")}
 
 
 # what each root wrapper runs (tests above pin the wrappers' own behaviour)
