@@ -1,4 +1,5 @@
-"""Flags and set-up shared by the stages: episodes, schedule, run directory, data splits."""
+"""Flags and set-up shared by the stages: episodes, schedule, run directory, data splits, and the
+``--cuda_graph`` flag, its decision and the graphed meta-step (:func:`graph_meta_step`)."""
 from __future__ import annotations
 
 import argparse
