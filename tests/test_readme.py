@@ -1,5 +1,7 @@
 """The README's Python snippet runs as written, its quick-start commands stay true, the shell wrappers behave
-as their headers say, and every flag and repository path the README and docs/ name exists."""
+as their headers say, and every flag and repository path the README and docs/ name exists: a flag written after
+a script is that script's own, the Layout names every module and only real ones, and each test and `tnas.*` name
+the docs give is there; the markers and the gpu test count the README states are pytest's."""
 import glob
 import os
 import re
@@ -310,4 +312,30 @@ def test_every_test_the_docs_name_exists_where_they_say():
             named = re.findall(r"`(?:(tests/\w+\.py)::)?(test_\w+)`", handle.read())
         wrong += [f"{doc}: {file}::{name}" for file, name in named
                   if name not in defined or (file and file not in defined[name])]
+    assert not wrong
+
+
+def test_every_dotted_tnas_name_the_docs_give_resolves():
+    """`tnas.pkg.module.name` in README or docs/ (call arguments aside) imports and has that attribute, so a
+    moved or renamed function does not stay in the prose."""
+    import importlib
+
+    wrong = []
+    for doc in _docs():
+        with open(os.path.join(REPO, doc)) as handle:
+            spans = re.findall(r"`([^`\n]+)`", handle.read())
+        for name in {n for span in spans for n in re.findall(r"(?<![\w.])tnas(?:\.\w+)+", span)}:
+            parts = name.split(".")
+            if parts[-1] == "py":  # a file name (tnas.py, the original's), not a module path
+                continue
+            for cut in range(len(parts), 0, -1):
+                try:
+                    found = importlib.import_module(".".join(parts[:cut]))
+                    break
+                except ImportError:
+                    continue
+            for part in parts[cut:]:
+                found = getattr(found, part, None)
+            if found is None:
+                wrong.append(f"{doc}: {name}")
     assert not wrong
