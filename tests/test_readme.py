@@ -291,8 +291,8 @@ def test_the_markers_and_the_gpu_test_count_the_readme_gives_are_pytests():
     text = readme_text()
     assert set(re.findall(r"python -m pytest -m (\w+)", text)) == markers
     said = int(re.search(r"\((\d+) are collected now", text).group(1))
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
-                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                           "-p", "no:cacheprovider"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
     collected = re.search(r"(\d+)/\d+ tests collected", done.stdout)
     assert collected, done.stdout[-2000:] + done.stderr[-2000:]
     assert said == int(collected.group(1))
