@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# auto-MAML search: one architecture for all tasks (weights and alphas updated in turn, on two
-# halves of each class's images); writes genotype.json, cell diagrams and search.json.
+# auto-MAML search: one architecture for all tasks (an alpha-step and a weight-step every iteration, on
+# two halves of each class's images); writes search.json, genotype.json, best_genotype.json (the best
+# validation epoch's, what --genotype RUN_DIR trains), cell diagrams and best.pt / last.pt.
 #   bash train_auto_maml.sh               # CPU demo on the embedded glyphs dataset, a few minutes
 #   bash train_auto_maml.sh --config configs/auto_maml_miniimagenet_5w1s.yaml --data_path DIR [--out DIR] [more flags]
 # Any extra flags are passed on to scripts/search.py (see: python scripts/search.py --help); relative paths in

@@ -2,7 +2,7 @@
 """Train a genotype's network from scratch with MAML (T-NAS, auto-MAML) or MAML++ (T-NAS++).
 
     python scripts/train_from_scratch.py --config configs/demo_scratch.yaml --out runs/demo_scratch
-    python scripts/train_from_scratch.py --config configs/scratch_miniimagenet_5w1s.yaml --data_path DIR \
+    python scripts/train_from_scratch.py --config configs/scratch_miniimagenet_5w1s.yaml --data_path DIR \\
         --genotype runs/auto_maml_miniimagenet_5w1s
     python scripts/train_from_scratch.py --genotype auto_maml_1shot --method maml++ ...
 """

@@ -1,5 +1,7 @@
 """The README's Python snippet runs as written, its quick-start commands stay true, the shell wrappers behave
-as their headers say, and every flag and repository path the README and docs/ name exists."""
+as their headers say, and every flag and repository path the README and docs/ name exists: a flag written after
+a script is that script's own, the Layout names every module and only real ones, and each test and `tnas.*` name
+the docs give is there; the markers and the gpu test count the README states are pytest's."""
 import glob
 import os
 import re
@@ -174,3 +176,166 @@ def test_wrapper_with_arguments_says_what_it_runs_then_passes_them_on(tmp_path, 
     assert said.startswith(f"{name}: ") and said.endswith("with: --epochs 2")
     assert cwd == str(tmp_path / "scripts")  # the caller's directory, for relative paths in the flags
     assert argv[0] == str(tmp_path / DEMOS[name][0][0]) and argv[-2:] == ["--epochs", "2"]
+
+
+def _parser_flags(path):
+    """The --flags of one script or benchmark: a stage script's from its stage's parser, the others' from their
+    own add_argument calls (and the --no- form of each, as _all_flags allows)."""
+    from tnas.stages import decode, evaluate, protocol, search, train
+    stages = {"scripts/search.py": search, "scripts/train_from_scratch.py": train, "scripts/evaluate.py": evaluate,
+              "scripts/decode.py": decode, "scripts/evaluate_tnas.py": protocol}
+    if path in stages:
+        return {option for action in stages[path].build_parser()._actions for option in action.option_strings}
+    with open(os.path.join(REPO, path)) as handle:
+        source = handle.read()
+    flags = set(re.findall(r'add_argument\(\s*"(--[\w-]+)"', source))
+    if "add_cuda_graph_arg(" in source:  # the stages' one definition of --cuda_graph / --no-cuda_graph
+        import argparse
+
+        from tnas.stages.common import add_cuda_graph_arg
+        parser = argparse.ArgumentParser()
+        add_cuda_graph_arg(parser)
+        flags |= {option for action in parser._actions for option in action.option_strings}
+    if "from bench_meta_iter import" in source and "parse_args" in source:  # profile_meta_iter: bench's + its own
+        flags |= _parser_flags("benchmarks/bench_meta_iter.py") | set(re.findall(r'"(--[a-z]\w*)"', source))
+    return flags | {"--no-" + flag[2:] for flag in flags if not flag.startswith("--no-")}
+
+
+# what each root wrapper runs (tests above pin the wrappers' own behaviour)
+WRAPPED = {"train_tnas.sh": "scripts/search.py", "train_auto_maml.sh": "scripts/search.py",
+           "train_auto_maml_from_scratch.sh": "scripts/train_from_scratch.py", "evaluate.sh": "scripts/evaluate.py",
+           "evaluate_tnas.sh": "scripts/evaluate_tnas.py", "train_tnas_from_scratch.sh": "scripts/evaluate_tnas.py",
+           "reproduce_paper.sh": "scripts/reproduce.py"}
+
+
+def _commands(text):
+    """Every command line the docs write out: each line of a fenced block (backslash continuations joined) and
+    each inline code span, cut at `&&`, `;`, `|` and comments."""
+    pieces = []
+    for block in re.findall(r"```[^\n]*\n(.*?)```", text, re.S):
+        pieces += block.replace("\\\n", " ").splitlines()
+    pieces += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    return [part for piece in pieces for part in re.split(r"&&|;|\||#", piece)]
+
+
+def test_every_flag_written_after_a_script_is_that_scripts():
+    """`scripts/X.py --flag`, `bash W.sh --flag` or `bench_meta_iter.py --flag` in README or docs/: the flag is
+    one of that program's own (the test above only checks that some parser has it)."""
+    programs = {os.path.relpath(path, REPO) for path in glob.glob(os.path.join(REPO, "scripts", "*.py"))
+                + glob.glob(os.path.join(REPO, "benchmarks", "*.py"))}
+    wrong = []
+    for doc in [doc for doc in _docs() if doc != os.path.join("docs", "fidelity.md")]:  # quotes the original's
+        with open(os.path.join(REPO, doc)) as handle:
+            commands = _commands(handle.read())
+        for command in commands:
+            match = re.search(r"(?<![\w/.-])((?:scripts/|benchmarks/)?[\w]+\.py|[\w]+\.sh)(?![\w.])", command)
+            if not match:
+                continue
+            name = match.group(1)
+            program = WRAPPED.get(name) or next((p for p in sorted(programs) if p == name
+                                                 or os.path.basename(p) == name), None)
+            if program is None:
+                continue
+            known = _parser_flags(program)
+            named = re.findall(r"(?<![\w-])(--[a-z][\w-]*)", command[match.end():])
+            wrong += [f"{doc}: {name} {flag}" for flag in named if flag not in known | {"--help"}]
+    assert not wrong
+
+
+def _layout_entries():
+    """The README's Layout block as {folder or file it starts with: its text, continuation lines included}."""
+    text = readme_text()
+    block = re.search(r"## Layout\n\n```\n(.*?)```", text, re.S).group(1)
+    entries, key = {}, None
+    for line in block.splitlines():
+        if line and not line[0].isspace():
+            key = line.split()[0]
+            entries[key] = line[len(key):]
+        elif key is not None:
+            entries[key] += "\n" + line
+    return entries
+
+
+def test_the_layout_names_every_module_and_script_and_only_real_ones():
+    """Each tnas/, scripts/ and benchmarks/ file is named in the Layout block: by its path anywhere, or by its
+    name in its folder's entry (scripts also by their name without .py); each file name an entry gives exists."""
+    entries = _layout_entries()
+    block = "\n".join(key + text for key, text in entries.items())
+    files = [os.path.relpath(path, REPO) for path in glob.glob(os.path.join(REPO, "tnas", "**", "*.py"), recursive=True)
+             + glob.glob(os.path.join(REPO, "scripts", "*")) + glob.glob(os.path.join(REPO, "benchmarks", "*"))]
+    unlisted = []
+    for path in sorted(files):
+        folder, name = os.path.split(path)
+        if name == "__init__.py" or "__pycache__" in path or os.path.isdir(os.path.join(REPO, path)):
+            continue
+        names = [name] + ([os.path.splitext(name)[0]] if folder == "scripts" else [])
+        listed = re.search(rf"(?<![\w/]){re.escape(path)}\b", block) or any(
+            re.search(rf"(?<![\w/.]){re.escape(n)}(?![\w])", entries.get(folder + "/", "")) for n in names)
+        if not listed:
+            unlisted.append(path)
+    assert not unlisted, f"files the README's Layout does not name: {unlisted}"
+    missing = [folder + name for folder, text in entries.items() if folder.endswith("/")
+               for name in re.findall(r"(?<![\w/.*])(\w+\.(?:py|sh))\b", text)
+               if not os.path.exists(os.path.join(REPO, folder, name))]
+    assert not missing, f"files the README's Layout names that are not there: {missing}"
+
+
+def test_the_markers_and_the_gpu_test_count_the_readme_gives_are_pytests():
+    """The README runs `python -m pytest -m M` for each marker pytest.ini declares (and no other), and the
+    number of `gpu` tests it says are collected now is what pytest collects with -m gpu."""
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read(os.path.join(REPO, "pytest.ini"))
+    markers = {line.split(":")[0].strip() for line in ini["pytest"]["markers"].strip().splitlines()}
+    text = readme_text()
+    assert set(re.findall(r"python -m pytest -m (\w+)", text)) == markers
+    said = int(re.search(r"\((\d+) are collected now", text).group(1))
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                           "-p", "no:cacheprovider"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+    collected = re.search(r"(\d+)/\d+ tests collected", done.stdout)
+    assert collected, done.stdout[-2000:] + done.stderr[-2000:]
+    assert said == int(collected.group(1))
+
+
+def test_every_test_the_docs_name_exists_where_they_say():
+    """A `test_name` (or `tests/file.py::test_name`) named in README or docs/ is a test function of tests/ (of
+    that file when one is given), so a renamed or removed test does not leave a promise without its proof."""
+    defined = {}
+    for path in glob.glob(os.path.join(REPO, "tests", "test_*.py")):
+        with open(path) as handle:
+            for name in re.findall(r"^def (test_\w+)", handle.read(), re.M):
+                defined.setdefault(name, set()).add(os.path.relpath(path, REPO))
+    wrong = []
+    for doc in _docs():
+        with open(os.path.join(REPO, doc)) as handle:
+            named = re.findall(r"`(?:(tests/\w+\.py)::)?(test_\w+)`", handle.read())
+        wrong += [f"{doc}: {file}::{name}" for file, name in named
+                  if name not in defined or (file and file not in defined[name])]
+    assert not wrong
+
+
+def test_every_dotted_tnas_name_the_docs_give_resolves():
+    """`tnas.pkg.module.name` in README or docs/ (call arguments aside) imports and has that attribute, so a
+    moved or renamed function does not stay in the prose."""
+    import importlib
+
+    wrong = []
+    for doc in _docs():
+        with open(os.path.join(REPO, doc)) as handle:
+            spans = re.findall(r"`([^`\n]+)`", handle.read())
+        for name in {n for span in spans for n in re.findall(r"(?<![\w.])tnas(?:\.\w+)+", span)}:
+            parts = name.split(".")
+            if parts[-1] == "py":  # a file name (tnas.py, the original's), not a module path
+                continue
+            for cut in range(len(parts), 0, -1):
+                try:
+                    found = importlib.import_module(".".join(parts[:cut]))
+                    break
+                except ImportError:
+                    continue
+            for part in parts[cut:]:
+                found = getattr(found, part, None)
+            if found is None:
+                wrong.append(f"{doc}: {name}")
+    assert not wrong

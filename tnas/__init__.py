@@ -9,9 +9,13 @@ Where things are, for use from Python (README: "Use from Python"):
   ``MAMLPlusPlus`` / ``TNAS`` / ``AutoMAML`` and their configs;
 - :mod:`tnas.evaluate`: ``evaluate_episodes``, ``mean_ci95`` (accuracy and 95% CI on fixed episodes);
 - :mod:`tnas.visualize`: ``plot_genotype`` (cell diagrams); :mod:`tnas.stages`: each stage as ``run(settings)``;
-- :mod:`tnas.checkpoints`: ``load_checkpoint`` (any tnas checkpoint, without running code).
+- :mod:`tnas.checkpoints`: ``load_checkpoint`` (any tnas checkpoint, without running code; ``read_checkpoint``
+  also gives the SHA-256 of the bytes read).
 
-Layers, arrows pointing down (see README): scripts -> engine / evaluate -> meta ->
-models / visualize -> genotypes, ops, data, config, runlog, files, checkpoints.
+Imports point down only (docs/design.md section 2; tests/test_layout.py checks every one): scripts ->
+stages, reproduce -> the run layer (engine, evaluate, runlog, config, checkpoints, visualize, ...) -> meta ->
+models, ops, task_folding -> genotypes; meta also reads data. Models and meta-learning know nothing of runs
+and files, data nothing of models; data, genotypes and the run layer write through files, errors is at the
+bottom.
 """
 __version__ = "0.1.0"

@@ -2,7 +2,8 @@
 
 :func:`save_checkpoint` writes through :func:`tnas.files.atomic_file`. :func:`load_checkpoint`
 reads with ``torch.load(weights_only=True)`` and an explicit allow-list (the numpy types of older
-RNG states only), so a crafted file is refused with one line naming what it asked for.
+RNG states only), so a crafted file is refused with one line naming what it asked for;
+:func:`read_checkpoint` does the same and also returns the SHA-256 of the very bytes it loaded.
 """
 from __future__ import annotations
 

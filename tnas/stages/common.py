@@ -1,4 +1,5 @@
-"""Flags and set-up shared by the stages: episodes, schedule, run directory, data splits."""
+"""Flags and set-up shared by the stages: episodes, schedule, run directory, data splits, and the
+``--cuda_graph`` flag, its decision and the graphed meta-step (:func:`graph_meta_step`)."""
 from __future__ import annotations
 
 import argparse
@@ -96,9 +97,10 @@ def add_cuda_graph_arg(group) -> None:
     A config file sets ``cuda_graph: auto|on|off`` (or true/false) through ``--cuda_graph``, its first flag."""
     group.add_argument("--cuda_graph", action=_CudaGraphAction, nargs="?", const="on", default="auto",
                        metavar="auto|on|off",
-                       help="replay each untracked step as one CUDA graph. auto: on one CUDA device unless torchrun "
-                            "splits meta-batches or a setting changes inside a graph (then eager, with a log line "
-                            "saying why); on (also the bare flag): an error where impossible; off: eager")
+                       help="replay each untracked step as one CUDA graph. auto: on a CUDA device (under torchrun "
+                            "that splits meta-batches, each step's gradients, summed and stepped eagerly) unless a "
+                            "setting changes inside a graph; eager on a CPU or then, with a log line saying why; on "
+                            "(also the bare flag): an error where impossible; off: eager")
     group.add_argument("--no-cuda_graph", dest="cuda_graph", action="store_const", const="off",
                        default=argparse.SUPPRESS, help="the same as --cuda_graph off")
 

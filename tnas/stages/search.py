@@ -2,7 +2,8 @@
 
 Outputs in the run directory: ``config.yaml``, ``log.txt``, ``tb/``, ``last.pt``,
 ``best.pt``, ``genotype.json`` (the meta-architecture, rewritten each epoch),
-``cells/`` (diagrams of the latest genotype) and ``search.json`` (per-epoch meta-train
+``best_genotype.json`` (the best validation epoch's, that of ``best.pt``: what ``--genotype RUN_DIR``
+trains), ``cells/`` (diagrams of the latest genotype) and ``search.json`` (per-epoch meta-train
 and validation accuracy after adaptation, in percent; the best epoch and its genotype).
 
 Library use: ``run(SearchSettings)``; the command line builds the settings with
