@@ -226,6 +226,35 @@ def test_inner_loop_on_a_plain_sequential_matches_plain_autograd(glyphs, first_o
     expected = reference_meta_gradient(model, batch, 0.4, 2, first_order)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    # one float for every parameter: the same adaptation as the mapping
+    single = inner_loop(forward, params, 0.4, batch.support_x, batch.support_y, steps=2, first_order=first_order)
+    assert set(single.task_params) == set(params)
+    for name in params:
+        assert torch.equal(single.task_params[name], result.task_params[name]), name
+
+
+def test_a_batch_norm_with_running_statistics_under_vmap_is_one_clear_error(glyphs):
+    """vmap cannot update running statistics shared by the tasks: in training mode that is our error naming
+    the module and the two ways out; in eval mode (running statistics read, not written), and with
+    ``track_running_stats=False``, the inner loop runs."""
+    from tnas.meta import inner_loop, model_forward
+
+    def with_batch_norm(track_running_stats):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=track_running_stats),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 5))
+
+    batch = sample(glyphs["train"])
+    model = with_batch_norm(True)
+    with pytest.raises(ValueError, match=r"BatchNorm '1' of Sequential keeps running statistics.*"
+                                         r"track_running_stats=False.*model\.eval\(\)"):
+        inner_loop(model_forward(model), dict(model.named_parameters()), 0.4, batch.support_x, batch.support_y, 1)
+    model.eval()
+    result = inner_loop(model_forward(model), dict(model.named_parameters()), 0.4, batch.support_x, batch.support_y, 1)
+    assert torch.isfinite(result.support_loss).all()
+    model = with_batch_norm(False)
+    result = inner_loop(model_forward(model), dict(model.named_parameters()), 0.4, batch.support_x, batch.support_y, 1)
+    assert result.support_loss.shape == (1, 2)  # [steps, tasks]
 
 
 def test_a_meta_learner_over_a_plain_sequential(glyphs):
@@ -279,7 +308,7 @@ def test_a_float64_model_with_float32_images_is_one_clear_error_and_converting_t
     with pytest.raises(ValueError, match=message):
         evaluate_episodes(maml, episodes, batch_size=2, device="cpu", desc=None)
     converted = batch.to(dtype=torch.float64)
-    assert maml.meta_step(converted).query_loss.dtype == torch.float32  # statistics come as float32
+    assert maml.meta_step(converted).query_loss.dtype == torch.float64  # statistics keep the run's precision
     assert search.evaluate(converted, steps=1).query_accuracy.shape == (2,)
 
 

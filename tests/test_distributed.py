@@ -324,3 +324,79 @@ def test_the_protocol_lets_processes_share_gpus(monkeypatch, tmp_path):
     with pytest.raises(Joined):
         protocol.run(protocol.settings_from_args(args))
     assert seen["share_gpus"] is True
+
+
+# -- a rank that fails under torchrun: one line from it, one from each rank it leaves stranded -------------------
+PEER_GONE = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+             "[127.0.0.1]:28592. This is typically caused by a remote worker crashing.")
+
+
+def run_cli_entry(main, capsys):
+    from tnas.errors import cli_entry
+
+    with pytest.raises(SystemExit) as stopped:
+        cli_entry(main)
+    return stopped.value.code, capsys.readouterr().err
+
+
+def test_a_rank_stranded_by_a_failed_peer_says_so_in_one_line(monkeypatch, capsys):
+    from tnas.errors import TnasError
+
+    def collective_lost():
+        raise RuntimeError(PEER_GONE)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    code, err = run_cli_entry(collective_lost, capsys)
+    assert code == 1
+    assert err == ("error: rank 0: stopped: another rank ended (its error is above or in its log): "
+                   "Connection closed by peer [127.0.0.1]:28592\n")
+    monkeypatch.setenv("RANK", "1")
+
+    def bad_input():
+        raise TnasError("no such file: /data/x.pkl")
+
+    assert run_cli_entry(bad_input, capsys) == (2, "error: rank 1: no such file: /data/x.pkl\n")
+    # any other RuntimeError stays a traceback (a bug must not hide behind a line), and so does a lost peer
+    # outside a process group
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        from tnas.errors import cli_entry
+        cli_entry(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        cli_entry(collective_lost)
+    # a single process keeps the plain line
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert run_cli_entry(bad_input, capsys) == (2, "error: no such file: /data/x.pkl\n")
+
+
+def test_torchrun_rank_failure_leaves_one_line_per_rank_and_no_traceback(tmp_path):
+    """A real 2-rank gloo torchrun: rank 1 stops with a TnasError while rank 0 waits in an all-reduce. Rank 1's
+    line names it; rank 0 either reports the lost peer in one line or is ended by torchrun first (a race
+    torchrun decides); neither prints a traceback."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fail_on_rank1.py"
+    script.write_text(
+        "import time, torch\n"
+        "from tnas import distributed\n"
+        "from tnas.errors import TnasError, cli_entry\n"
+        "def main():\n"
+        "    distributed.init_distributed(torch.device('cpu'))\n"
+        "    if distributed.current_info().rank == 1:\n"
+        "        time.sleep(1)\n"
+        "        raise TnasError('bad file: /data/x.pkl')\n"
+        "    distributed.sum_across_ranks(torch.ones(()))\n"
+        "cli_entry(main)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert "error: rank 1: bad file: /data/x.pkl" in lines, result.stderr
+    assert not [line for line in lines if line.startswith("[rank")], result.stderr  # no rank's traceback
+    stranded = [line for line in lines if line.startswith("error: rank 0: ")]
+    assert all(line.startswith("error: rank 0: stopped: another rank ended") for line in stranded), result.stderr

@@ -14,11 +14,11 @@ from tnas.models.supernet import Supernet
 TASKS, N_WAY, K_SHOT, Q_QUERY, SIDE = 2, 3, 1, 2, 8
 
 
-def make_batch(channels=1, dtype=torch.float64, seed=0):
+def make_batch(channels=1, dtype=torch.float64, seed=0, tasks=TASKS):
     generator = torch.Generator().manual_seed(seed)
     def images(n):
-        return torch.randn(TASKS, n, channels, SIDE, SIDE, generator=generator, dtype=dtype)
-    labels = lambda per_class: torch.arange(N_WAY).repeat_interleave(per_class).repeat(TASKS, 1)
+        return torch.randn(tasks, n, channels, SIDE, SIDE, generator=generator, dtype=dtype)
+    labels = lambda per_class: torch.arange(N_WAY).repeat_interleave(per_class).repeat(tasks, 1)
     return SimpleNamespace(support_x=images(N_WAY * K_SHOT), support_y=labels(K_SHOT),
                            query_x=images(N_WAY * Q_QUERY), query_y=labels(Q_QUERY))
 
@@ -180,11 +180,48 @@ def test_evaluate_equals_plain_per_task_adaptation_then_scoring():
         stats = learner.evaluate(batch)
         loss, accuracy = plain_scores(model_forward(learner.model), dict(learner.model.named_parameters()), rates,
                                       batch, 3)
-        torch.testing.assert_close(stats.query_loss.double(), loss, rtol=1e-6, atol=1e-7)  # reported as float32
+        assert stats.query_loss.dtype == torch.float64  # the run's precision, not float32
+        torch.testing.assert_close(stats.query_loss, loss, rtol=0, atol=1e-10)
         torch.testing.assert_close(stats.query_accuracy.double(), accuracy, rtol=0, atol=1e-6)  # k/6, as float32
         unadapted, _ = plain_scores(model_forward(learner.model), dict(learner.model.named_parameters()), rates,
                                     batch, 0)
         assert (loss - unadapted).abs().max() > 1e-3  # the three steps moved the scores: adaptation is checked
+
+
+@pytest.mark.parametrize("first_order", [True, False], ids=["first_order", "second_order"])
+def test_learner_meta_gradients_are_exact_in_float64_for_any_task_count(first_order):
+    """The learners' own meta-gradients (T-NAS: weights and alphas; MAML++ with the multi-step loss on)
+    against the plain reference with 3 tasks, to 1e-10: the mean over tasks stays in float64 (a cast to
+    float32 rounded its 1/3 and left only ~3e-8 relative agreement), and so do the reported losses."""
+    from tnas.meta.maml_pp import MAMLConfig, MAMLPlusPlus, msl_weights
+
+    batch = make_batch(seed=2, tasks=3)
+    supernet = tiny_supernet()
+    search = TNAS(supernet, TNASConfig(inner_steps=1, inner_lr_weights=0.1, inner_lr_alphas=3.0,
+                                       first_order=first_order))
+    stats = search.meta_gradients(batch)
+    assert stats.query_loss.dtype == torch.float64
+    rates = {n: 0.1 for n, _ in supernet.named_weights()}
+    rates.update({n: 3.0 for n, _ in supernet.named_alphas()})
+    expected = reference.meta_gradient(model_forward(supernet), dict(supernet.named_parameters()), rates,
+                                       batch.support_x, batch.support_y, batch.query_x, batch.query_y, 1, first_order)
+    del expected["alpha_normal"]  # unused with layers=1
+    assert_close_relative({n: p.grad for n, p in supernet.named_parameters() if n in expected}, expected, tol=1e-10)
+
+    torch.manual_seed(0)
+    network = Network(PUBLISHED["auto_maml_1shot"], n_way=N_WAY, C=4, layers=1, in_channels=1).double()
+    maml = MAMLPlusPlus(network, MAMLConfig(inner_steps=2, inner_lr=0.1, multi_step_loss=True, msl_epochs=4,
+                                            first_order=first_order))
+    maml.set_progress(iteration=2, iterations_per_epoch=2, epochs=10)  # epoch 1: every step's loss weighs
+    assert maml.multi_step_loss_active()
+    maml.meta_gradients(batch)
+    params = dict(network.named_parameters())
+    weights = msl_weights(1, 2, 4, dtype=torch.float64)
+    rates = {n: 0.1 for n in params}
+    gradients = [reference.meta_gradient(model_forward(network), params, rates, batch.support_x, batch.support_y,
+                                         batch.query_x, batch.query_y, steps, first_order) for steps in (1, 2)]
+    assert_close_relative({n: p.grad for n, p in network.named_parameters()},
+                          {n: weights[0] * gradients[0][n] + weights[1] * gradients[1][n] for n in params}, tol=1e-10)
 
 
 def test_tnas_meta_step_updates_weights_and_alphas_with_adam():

@@ -3,13 +3,39 @@
 Library code raises :class:`TnasError` with a one-line message that names the file,
 flag or value at fault; scripts run their ``main`` through :func:`cli_entry`, which prints
 ``error: <message>`` on stderr and exits with status 2 instead of a traceback (Ctrl-C:
-``interrupted``, status 130, after the stage has saved what it must).
+``interrupted``, status 130, after the stage has saved what it must). Under torchrun the
+line names the rank, and a rank whose collective broke because another rank stopped says so in
+one line (status 1) instead of adding the backend's traceback to the failing rank's error.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable
+
+PEER_GONE = re.compile(r"closed by peer|reset by peer|remote worker|remote process|broken pipe", re.IGNORECASE)
+"""What gloo and NCCL say when the other end of a collective has gone (its process ended)."""
+
+
+def rank_tag() -> str:
+    """``"rank R: "`` in a process that torchrun started with more than one rank, else ``""``."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return f"rank {os.environ.get('RANK', '?')}: "
+    return ""
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank's process went away."""
+    if not isinstance(error, RuntimeError) or not rank_tag():
+        return False
+    try:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+    except ImportError:
+        return False
+    return bool(PEER_GONE.search(str(error)))
 
 
 class TnasError(Exception):
@@ -22,8 +48,16 @@ def cli_entry(main: Callable[[], object]) -> None:
     try:
         result = main()
     except TnasError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {rank_tag()}{error}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as error:
+        if not lost_peer(error):
+            raise
+        # gloo's "[.../pair.cc:561] Connection closed by peer [host]:port. This is typically ...": the first sentence
+        first_line = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0].splitlines()[0]
+        print(f"error: {rank_tag()}stopped: another rank ended (its error is above or in its log): {first_line}",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

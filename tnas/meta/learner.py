@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from tnas.meta.maml import (COMPILE_BACKENDS, ForwardFn, InnerLoopResult, LearningRate, Params, compile_forward,
-                            inner_loop, model_forward, query_loss_and_accuracy)
+                            inner_loop, loss_in_full_precision, model_forward, query_loss_and_accuracy)
 from tnas.meta.optim_state import load_optimizer_state
 
 GradientHook = Callable[[List[torch.Tensor]], None]
@@ -161,7 +161,7 @@ class MetaLearner:
             shared = {n: p.detach() for n, p in self.shared_params(result.task_params).items()}
             loss, accuracy = query_loss_and_accuracy(self.forward, result.task_params, shared, batch.query_x,
                                                      batch.query_y, steps)
-        return StepStats(loss.float(), accuracy, result.query_loss, result.query_accuracy)
+        return StepStats(loss_in_full_precision(loss), accuracy, result.query_loss, result.query_accuracy)
 
     # -- meta-training ---------------------------------------------------------------------
     # A meta-step is three phases: meta_gradients (adapt, query loss, backward into ``.grad``),
@@ -199,8 +199,8 @@ class MetaLearner:
                                                      batch.query_y, self.inner_steps)
         # Only the stepped groups' gradients: auto-MAML's alpha step then skips the weight gradients
         # of every convolution (autograd prunes what no requested input needs).
-        (loss.float().mean() * (loss_scale * self.loss_scale)).backward(inputs=self.stepped_params(update_groups))
-        return StepStats(loss.detach().float(), accuracy, result.query_loss, result.query_accuracy)
+        (loss_in_full_precision(loss).mean() * (loss_scale * self.loss_scale)).backward(inputs=self.stepped_params(update_groups))
+        return StepStats(loss_in_full_precision(loss.detach()), accuracy, result.query_loss, result.query_accuracy)
 
     def apply_gradients(self, update_groups: Optional[Iterable[str]] = None) -> None:
         """The last phase of :meth:`meta_step`: the optimisers of ``update_groups`` step on the ``.grad`` there."""

@@ -38,6 +38,9 @@ the attribute ``folds_tasks = True`` also accepts per-task parameters ``[T, *sha
 folded images ``[N, T*C, H, W]``, giving ``[N, T*n_way]``."""
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def model_forward(model: nn.Module, fold_tasks: Optional[bool] = None) -> ForwardFn:
     """The functional forward of an ``nn.Module`` whose ``forward(x)`` gives logits.
 
@@ -46,16 +49,26 @@ def model_forward(model: nn.Module, fold_tasks: Optional[bool] = None) -> Forwar
 
     Any other model (e.g. a plain ``nn.Sequential``) runs through ``vmap``: a BatchNorm in it must
     use batch statistics (``track_running_stats=False``, as MAML does), since vmap cannot update
-    running statistics shared by all tasks in place.
+    running statistics shared by all tasks in place; in training mode one that keeps them is a
+    ValueError naming it (in eval mode it reads them, which works).
     """
     supported = task_folding.supports_folding(model)
     if fold_tasks and not supported:
         raise ValueError(f"{type(model).__name__} is not built from task-folding layers; use fold_tasks=False")
+    folds = supported if fold_tasks is None else bool(fold_tasks)
+    running_stats = [] if folds else [(name, module) for name, module in model.named_modules()
+                                      if isinstance(module, BATCH_NORMS)
+                                      and module.track_running_stats]
 
     def forward(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
+        for name, module in running_stats:
+            if module.training:
+                raise ValueError(f"BatchNorm {name!r} of {type(model).__name__} keeps running statistics, which "
+                                 f"tasks batched by vmap cannot update; build it with "
+                                 f"track_running_stats=False (batch statistics, as MAML does) or call model.eval()")
         return functional_call(model, params, (x,))
 
-    forward.folds_tasks = supported if fold_tasks is None else bool(fold_tasks)
+    forward.folds_tasks = folds
     forward.uses_step = False
     return forward
 
@@ -111,6 +124,13 @@ def per_task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     """Mean cross-entropy of each task: ``logits [T, N, n_way]``, ``labels [T, N]`` -> ``[T]``."""
     losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
     return losses.view(labels.shape).mean(dim=1)
+
+
+def loss_in_full_precision(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` in float32 when autocast left it in bf16 or fp16, as it is otherwise: a float64 run's
+    losses, means and meta-gradients stay float64 (a cast to float32 would round the mean's
+    ``1 / T`` for a task count that is not a power of two)."""
+    return loss.float() if loss.dtype in (torch.bfloat16, torch.float16) else loss
 
 
 def per_task_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -182,7 +202,8 @@ def check_task_batch(x: torch.Tensor, y: torch.Tensor, name: str = "support") ->
                          f"x[None], y[None]), got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
-def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_rates: Mapping[str, LearningRate],
+def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor],
+               learning_rates: Union[float, Mapping[str, LearningRate]],
                support_x: torch.Tensor, support_y: torch.Tensor, steps: int, first_order: bool = True,
                meta_gradient: bool = True, query_x: Optional[torch.Tensor] = None,
                query_y: Optional[torch.Tensor] = None, track_query: bool = False,
@@ -195,7 +216,8 @@ def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_
         params: all parameters the forward needs, unbatched.
         learning_rates: the parameters to adapt, name -> learning rate (a float, or a
             tensor of at least ``steps`` learned per-step rates, which then receive gradients).
-            Parameters not named here are shared and not adapted.
+            Parameters not named here are shared and not adapted. A single float adapts every
+            parameter at that rate.
         support_x, support_y: ``[T, N, C, H, W]``, ``[T, N]`` (a ValueError otherwise; the task
             dimension is there for one task too).
         first_order: drop second-order terms (FO-MAML); ``False`` differentiates through
@@ -211,6 +233,8 @@ def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor], learning_
             [T, *shape]``). A genotype batch (:mod:`tnas.meta.genotype_batch`) passes one that
             repeats each genotype's row over that genotype's tasks.
     """
+    if isinstance(learning_rates, (int, float)):
+        learning_rates = {name: float(learning_rates) for name in params}
     unknown = [name for name in learning_rates if name not in params]
     if unknown:
         raise KeyError(f"learning rates given for unknown parameter(s): {', '.join(unknown)}")

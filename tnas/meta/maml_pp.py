@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from tnas.meta.learner import MetaLearner, StepStats, check_compile_forward, check_inputs
 from tnas.meta.maml import ForwardFn, InnerLoopResult, Params, inner_loop, per_task_cross_entropy, \
-    batched_forward, per_task_accuracy, query_loss_and_accuracy
+    batched_forward, loss_in_full_precision, per_task_accuracy, query_loss_and_accuracy
 from tnas.models.per_step_bn import make_per_step_batch_norm, select_batch_norm_set
 
 COSINE_UNITS = ("epoch", "iteration")
@@ -293,7 +293,7 @@ class MAMLPlusPlus(MetaLearner):
                 shared = {n: p.detach() for n, p in self.shared_params(result.task_params).items()}
                 loss, accuracy = query_loss_and_accuracy(self.forward_for(steps), result.task_params, shared,
                                                          batch.query_x, batch.query_y, steps)
-        return StepStats(loss.float(), accuracy, result.query_loss, result.query_accuracy)
+        return StepStats(loss_in_full_precision(loss), accuracy, result.query_loss, result.query_accuracy)
 
     # -- meta-training ---------------------------------------------------------------------
     def update_group_names(self, update_groups: Optional[Iterable[str]] = None) -> List[str]:
@@ -325,9 +325,9 @@ class MAMLPlusPlus(MetaLearner):
         result = self.adapt(batch.support_x, batch.support_y, steps, adapt_groups, meta_gradient=True,
                             query_x=batch.query_x, query_y=batch.query_y, track_query=track_steps,
                             on_step=on_step)
-        losses = torch.stack(step_losses).float()  # [S, T] or [1, T]
+        losses = loss_in_full_precision(torch.stack(step_losses))  # [S, T] or [1, T]
         if multi_step:
-            weights = msl_weights(self.epoch, steps, self.config.msl_epochs, device=losses.device)
+            weights = msl_weights(self.epoch, steps, self.config.msl_epochs, dtype=losses.dtype, device=losses.device)
             meta_loss = (weights[:, None] * losses).sum(dim=0).mean()
         else:
             meta_loss = losses[-1].mean()
