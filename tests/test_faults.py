@@ -211,6 +211,23 @@ def test_resume_of_a_corrupt_checkpoint_leaves_config_alone(tmp_path, quick_sear
     assert (out / "config.yaml").read_bytes() == config
 
 
+@pytest.mark.parametrize("text", ["lr: [0.1, 0.2\n", "lr: !!python/object/apply:os.system ['touch {marker}']\n"])
+def test_resume_with_a_corrupt_or_code_naming_config_yaml_is_one_line(tmp_path, text):
+    """A run directory's config.yaml that is no YAML, or that names Python code (which safe_load refuses
+    with a YAMLError, no ValueError), is refused on --resume in one line naming the file; nothing runs."""
+    import argparse
+
+    from tnas.checkpoints import save_checkpoint
+    from tnas.run_dir import check_resume
+
+    marker = tmp_path / "ran"
+    save_checkpoint({"stage": "search", "summary": {}}, tmp_path / "last.pt")
+    (tmp_path / "config.yaml").write_text(text.format(marker=marker))
+    with pytest.raises(TnasError, match=r"--resume: cannot read .*config\.yaml") as raised:
+        check_resume(argparse.Namespace(seed=3), str(tmp_path), "search")
+    assert "\n" not in str(raised.value) and not marker.exists()
+
+
 def test_changed_hyper_parameters_need_resume_override_and_are_recorded_per_epoch(tmp_path, quick_search):
     out = finished_run(quick_search, tmp_path / "run")
     config = (out / "config.yaml").read_bytes()
