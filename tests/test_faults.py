@@ -465,6 +465,23 @@ def test_folder_default_shape_follows_the_data(tmp_path):
     assert given.image_shape == (3, 16, 16)
 
 
+def test_an_image_over_pils_size_limit_in_a_folder_is_one_line_naming_it(tmp_path, monkeypatch):
+    """An image whose header claims more pixels than PIL allows (a decompression bomb) raises
+    DecompressionBombError, no OSError: the shape probe of a folder dataset skips it as it skips other
+    unreadable headers, and decoding names the file."""
+    from PIL import Image
+
+    from tnas.data import load_split
+
+    _gray_folder(tmp_path / "gray")
+    big = tmp_path / "gray" / "train" / "class1" / "big.png"
+    fx.write_image(str(big), np.random.default_rng(1), size=(60, 60), mode="L")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the 28x28 images pass, 60x60 is over twice that
+    with pytest.raises(TnasError, match="big.png: Image size .*decompression bomb") as raised:
+        load_split("folder", "train", data_path=str(tmp_path / "gray"), cache_dir=str(tmp_path / "c"))
+    assert str(big) in str(raised.value) and "\n" not in str(raised.value)
+
+
 def test_folder_shape_choice_is_in_the_run_log_and_inspect_data(tmp_path, quick_search, capsys):
     from script_loader import load_script
 
