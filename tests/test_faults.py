@@ -439,6 +439,38 @@ def test_episodes_file_holding_a_json_list_is_one_line(tmp_path):
     assert "\n" not in str(raised.value)
 
 
+def _spoilt_episodes(path, how):
+    if how == "deep_json":
+        path.write_text("[" * 100000 + "]" * 100000)
+        return
+    if how == "index_out_of_range":
+        data = json.loads(path.read_text())
+        data["indices"] = (np.asarray(data["indices"]) + 10 ** 6).tolist()
+        path.write_text(json.dumps(data))
+        return
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes({"truncated": data[:middle], "empty": b"",
+                      "flipped_byte": data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]}[how])
+
+
+@pytest.mark.parametrize("name, how", [("episodes.npz", "truncated"), ("episodes.npz", "empty"),
+                                       ("episodes.npz", "flipped_byte"), ("episodes.json", "deep_json"),
+                                       ("episodes.json", "index_out_of_range")])
+def test_a_damaged_episodes_file_is_one_line_naming_it(tmp_path, name, how):
+    """An --episodes_file someone sent that is damaged: one line naming the file (a damaged .npz fails in
+    zipfile / zlib, deeply nested JSON in the decoder's recursion, none of them an OSError/ValueError)."""
+    from tnas.data import FixedEpisodes, load_split
+
+    split = load_split("glyphs", "test", img_size=16)
+    path = tmp_path / name
+    FixedEpisodes.generate(split, 3, 1, 2, episodes=4, seed=0).save(path)
+    _spoilt_episodes(path, how)
+    with pytest.raises(TnasError) as raised:
+        FixedEpisodes.load(path, split, n_way=3, k_shot=1, q_query=2)
+    assert str(raised.value).startswith(f"{path}: ") and "\n" not in str(raised.value)
+
+
 # ------------------------------------------------------------------------- folder data keeps its shape
 def _gray_folder(root, side=28, classes=3, per_class=4, mode="L"):
     rng = np.random.default_rng(0)
