@@ -326,6 +326,44 @@ def test_full_disk_while_building_a_cache_leaves_no_partial_entry(tmp_path, monk
     assert [name for name in os.listdir(cache_dir / "folder") if not name.endswith(".lock")] == []
 
 
+def test_a_cache_entry_with_an_empty_npy_is_rebuilt(tmp_path):
+    """An installed entry whose labels.npy is empty (what a crash leaves when the rename reached the disk
+    before the data) is rebuilt, not a traceback: np.load raises EOFError on it, no OSError/ValueError."""
+    from tnas.data import load_split
+
+    root = tmp_path / "mine"
+    fx.build_class_folders(root, {"train": 3}, per_class=4)
+    first = load_split("folder", "train", data_path=str(root), cache_dir=str(tmp_path / "c"))
+    expected = np.array(first.labels)
+    (labels,) = (tmp_path / "c").rglob("labels.npy")
+    labels.write_bytes(b"")
+    again = load_split("folder", "train", data_path=str(root), cache_dir=str(tmp_path / "c"))
+    assert np.array_equal(again.labels, expected) and labels.stat().st_size > 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name fsynced descriptors")
+def test_a_cache_entry_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Every file of a new entry, and its directory, reach the disk before the rename that installs it."""
+    from tnas.data import cache, load_split
+
+    root = tmp_path / "mine"
+    fx.build_class_folders(root, {"train": 3}, per_class=4)
+    synced, real_fsync, real_install = set(), os.fsync, cache._install
+
+    def recording_fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def checked_install(tmp, directory):
+        wanted = {os.path.realpath(os.path.join(tmp, name)) for name in os.listdir(tmp)} | {os.path.realpath(tmp)}
+        assert wanted <= synced, sorted(wanted - synced)
+        real_install(tmp, directory)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(cache, "_install", checked_install)
+    load_split("folder", "train", data_path=str(root), cache_dir=str(tmp_path / "c"))
+
+
 def test_abandoned_cache_builds_are_removed_by_the_next_build(tmp_path):
     from tnas.data import load_split
 
