@@ -232,6 +232,12 @@ def _as_npy(path):
 _SPOILT = {
     "mini_class_dict_not_indices": ("miniimagenet", fx.build_mini_pickles, "mini-imagenet-cache-train.pkl",
                                     lambda p: _rewrite_pickle(p, lambda d: dict(d, class_dict={"n1": ["a", "b"]}))),
+    "mini_images_of_7_channels": ("miniimagenet", fx.build_mini_pickles, "mini-imagenet-cache-train.pkl",
+                                  lambda p: _rewrite_pickle(p, lambda d: dict(d, image_data=np.zeros(
+                                      d["image_data"].shape[:3] + (7,), np.uint8)))),
+    "mini_images_of_no_pixels": ("miniimagenet", fx.build_mini_pickles, "mini-imagenet-cache-train.pkl",
+                                 lambda p: _rewrite_pickle(p, lambda d: dict(d, image_data=np.zeros(
+                                     (len(d["image_data"]), 0, 0, 3), np.uint8)))),
     "mini_csv_not_utf8": ("miniimagenet", fx.build_mini_csv, "train.csv",
                           lambda p: p.write_bytes(p.read_bytes() + b"\xff\xfe.jpg,n1\n")),
     "cifar_names_not_a_list": ("cifar_fs", fx.build_cifar100, "cifar-100-python/meta",

@@ -84,7 +84,9 @@ def _text(value: Any) -> str:
 
 def _uint8_images(value: Any, path: str, what: str) -> np.ndarray:
     array = np.asarray(value)
-    if array.dtype != np.uint8 or array.ndim not in (3, 4):
+    # (N, H, W) grayscale or (N, H, W, 1|3); another channel count would be read as gray without a word
+    if array.dtype != np.uint8 or array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[3] not in (1, 3)) \
+            or 0 in array.shape[1:3]:
         raise TnasError(f"{path}: '{what}' should be uint8 images (N, H, W, 3), got {array.dtype} {array.shape}")
     return array
 
