@@ -87,6 +87,35 @@ def test_truncated_checkpoint_names_path(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_checkpoint_damaged_after_saving_is_refused_not_loaded_with_wrong_weights(tmp_path):
+    """One flipped byte inside a tensor: torch.load itself reads the file and returns the changed weight;
+    tnas checks the CRC-32 torch.save stored for each record and refuses the file in one line."""
+    path = tmp_path / "best.pt"
+    weights = torch.arange(256, dtype=torch.float32)
+    save_checkpoint({"w": weights}, path)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(weights.numpy().tobytes()) + 4 * 100 + 3  # the high byte of w[100]
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["w"], weights)  # torch does not notice
+    with pytest.raises(TnasError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot read checkpoint {path}: it is damaged (its record ") and "\n" not in message
+
+
+@pytest.mark.skipif(not hasattr(torch.serialization, "set_crc32_options"), reason="torch without the option")
+def test_a_checkpoint_saved_without_checksums_still_loads(tmp_path):
+    """torch.save under set_crc32_options(False) stores CRC 0 for every record: nothing to check, no error."""
+    path = tmp_path / "nocrc.pt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        save_checkpoint({"w": torch.arange(4.0)}, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(4.0))
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(TnasError, match="checkpoint not found: .*missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")

@@ -210,6 +210,67 @@ def test_unsafe_pickle_refused(tmp_path):
         load_split("miniimagenet", "train", data_path=str(root), cache_dir=str(tmp_path / "c"))
 
 
+def _rewrite_pickle(path, change):
+    with open(path, "rb") as handle:
+        data = pickle.load(handle)
+    with open(path, "wb") as handle:
+        pickle.dump(change(data), handle)
+
+
+def _flip_middle_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _as_npy(path):
+    with open(path, "wb") as handle:
+        np.save(handle, np.zeros((2, 84, 84, 3), np.uint8))
+
+
+# (dataset, builder, the file spoilt, how), each a file someone might send that once gave a traceback
+_SPOILT = {
+    "mini_class_dict_not_indices": ("miniimagenet", fx.build_mini_pickles, "mini-imagenet-cache-train.pkl",
+                                    lambda p: _rewrite_pickle(p, lambda d: dict(d, class_dict={"n1": ["a", "b"]}))),
+    "mini_images_of_7_channels": ("miniimagenet", fx.build_mini_pickles, "mini-imagenet-cache-train.pkl",
+                                  lambda p: _rewrite_pickle(p, lambda d: dict(d, image_data=np.zeros(
+                                      d["image_data"].shape[:3] + (7,), np.uint8)))),
+    "mini_images_of_no_pixels": ("miniimagenet", fx.build_mini_pickles, "mini-imagenet-cache-train.pkl",
+                                 lambda p: _rewrite_pickle(p, lambda d: dict(d, image_data=np.zeros(
+                                     (len(d["image_data"]), 0, 0, 3), np.uint8)))),
+    "mini_csv_not_utf8": ("miniimagenet", fx.build_mini_csv, "train.csv",
+                          lambda p: p.write_bytes(p.read_bytes() + b"\xff\xfe.jpg,n1\n")),
+    "cifar_names_not_a_list": ("cifar_fs", fx.build_cifar100, "cifar-100-python/meta",
+                               lambda p: _rewrite_pickle(p, lambda d: dict(d, fine_label_names=5))),
+    "tiered_png_not_a_list": ("tieredimagenet", lambda r: fx.build_tiered(r, variant="png"), "train_images_png.pkl",
+                              lambda p: _rewrite_pickle(p, lambda d: 5)),
+    "tiered_names_not_a_list": ("tieredimagenet", lambda r: fx.build_tiered(r, variant="png"), "train_labels.pkl",
+                                lambda p: _rewrite_pickle(p, lambda d: dict(d, label_specific_str=7))),
+    "tiered_npz_truncated": ("tieredimagenet", lambda r: fx.build_tiered(r, variant="npz"), "train_images.npz",
+                             lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2])),
+    "tiered_npz_bad_crc": ("tieredimagenet", lambda r: fx.build_tiered(r, variant="npz"), "train_images.npz",
+                           _flip_middle_byte),
+    "tiered_npz_object_array": ("tieredimagenet", lambda r: fx.build_tiered(r, variant="npz"), "train_images.npz",
+                                lambda p: np.savez(p, images=np.array([None, 1], dtype=object))),
+    "tiered_npz_is_an_npy": ("tieredimagenet", lambda r: fx.build_tiered(r, variant="npz"), "train_images.npz",
+                             _as_npy),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_SPOILT))
+def test_a_spoilt_dataset_file_is_one_line_naming_it(tmp_path, case):
+    """A dataset file that is damaged, or holds the expected keys with values of the wrong type: one
+    TnasError line naming the file, not a traceback from numpy, zipfile or the csv reader."""
+    dataset, build, name, spoil = _SPOILT[case]
+    root = tmp_path / "data"
+    build(str(root))
+    spoil(root / name)
+    with pytest.raises(TnasError) as info:
+        load_split(dataset, "train", data_path=str(root), cache_dir=str(tmp_path / "c"))
+    message = str(info.value)
+    assert str(root / name) in message and "\n" not in message
+
+
 # ----------------------------------------------------------------------------- tieredImageNet
 
 

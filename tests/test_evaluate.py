@@ -484,6 +484,25 @@ def test_error_missing_and_corrupt_checkpoints(runs, evaluate, sentinel, tmp_pat
     _untouched(sentinel)
 
 
+@pytest.mark.parametrize("entry, value, fragment", [
+    ("model", "oops", "model 'oops', not a dict"),
+    ("n_way", "five", "n_way 'five', not an integer"),
+    ("image_shape", 5, "image_shape 5, not [channels, height, width]"),
+])
+def test_error_checkpoint_summary_entry_of_the_wrong_type(evaluate, sentinel, tmp_path, entry, value, fragment):
+    """A checkpoint someone sent whose summary has an entry of the wrong type (crafted, or from another
+    tool): one line naming the file and the entry, not a traceback from the flag checks that read it."""
+    from tnas.checkpoints import save_checkpoint
+
+    summary = {"method": "tnas", "dataset": "glyphs", "n_way": 3, "k_shot": 1, "q_query": 2,
+               "image_shape": [3, 16, 16], "model": {"C": 4}, "learner": {}}
+    summary[entry] = value
+    path = tmp_path / "sent.pt"
+    save_checkpoint({"stage": "search", "summary": summary, "learner": {}}, path)
+    assert_one_line_error(evaluate("--checkpoint", str(path), "--out", str(sentinel), *FAST), str(path), fragment)
+    _untouched(sentinel)
+
+
 # --------------------------------------------------------------------------- the real processes (collected last)
 def _collect(process):
     try:

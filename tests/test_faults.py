@@ -211,6 +211,23 @@ def test_resume_of_a_corrupt_checkpoint_leaves_config_alone(tmp_path, quick_sear
     assert (out / "config.yaml").read_bytes() == config
 
 
+@pytest.mark.parametrize("text", ["lr: [0.1, 0.2\n", "lr: !!python/object/apply:os.system ['touch {marker}']\n"])
+def test_resume_with_a_corrupt_or_code_naming_config_yaml_is_one_line(tmp_path, text):
+    """A run directory's config.yaml that is no YAML, or that names Python code (which safe_load refuses
+    with a YAMLError, no ValueError), is refused on --resume in one line naming the file; nothing runs."""
+    import argparse
+
+    from tnas.checkpoints import save_checkpoint
+    from tnas.run_dir import check_resume
+
+    marker = tmp_path / "ran"
+    save_checkpoint({"stage": "search", "summary": {}}, tmp_path / "last.pt")
+    (tmp_path / "config.yaml").write_text(text.format(marker=marker))
+    with pytest.raises(TnasError, match=r"--resume: cannot read .*config\.yaml") as raised:
+        check_resume(argparse.Namespace(seed=3), str(tmp_path), "search")
+    assert "\n" not in str(raised.value) and not marker.exists()
+
+
 def test_changed_hyper_parameters_need_resume_override_and_are_recorded_per_epoch(tmp_path, quick_search):
     out = finished_run(quick_search, tmp_path / "run")
     config = (out / "config.yaml").read_bytes()
@@ -307,6 +324,44 @@ def test_full_disk_while_building_a_cache_leaves_no_partial_entry(tmp_path, monk
     with pytest.raises(TnasError, match="MiB free"):
         load_split("folder", "train", data_path=str(root), cache_dir=str(cache_dir))
     assert [name for name in os.listdir(cache_dir / "folder") if not name.endswith(".lock")] == []
+
+
+def test_a_cache_entry_with_an_empty_npy_is_rebuilt(tmp_path):
+    """An installed entry whose labels.npy is empty (what a crash leaves when the rename reached the disk
+    before the data) is rebuilt, not a traceback: np.load raises EOFError on it, no OSError/ValueError."""
+    from tnas.data import load_split
+
+    root = tmp_path / "mine"
+    fx.build_class_folders(root, {"train": 3}, per_class=4)
+    first = load_split("folder", "train", data_path=str(root), cache_dir=str(tmp_path / "c"))
+    expected = np.array(first.labels)
+    (labels,) = (tmp_path / "c").rglob("labels.npy")
+    labels.write_bytes(b"")
+    again = load_split("folder", "train", data_path=str(root), cache_dir=str(tmp_path / "c"))
+    assert np.array_equal(again.labels, expected) and labels.stat().st_size > 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name fsynced descriptors")
+def test_a_cache_entry_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Every file of a new entry, and its directory, reach the disk before the rename that installs it."""
+    from tnas.data import cache, load_split
+
+    root = tmp_path / "mine"
+    fx.build_class_folders(root, {"train": 3}, per_class=4)
+    synced, real_fsync, real_install = set(), os.fsync, cache._install
+
+    def recording_fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def checked_install(tmp, directory):
+        wanted = {os.path.realpath(os.path.join(tmp, name)) for name in os.listdir(tmp)} | {os.path.realpath(tmp)}
+        assert wanted <= synced, sorted(wanted - synced)
+        real_install(tmp, directory)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(cache, "_install", checked_install)
+    load_split("folder", "train", data_path=str(root), cache_dir=str(tmp_path / "c"))
 
 
 def test_abandoned_cache_builds_are_removed_by_the_next_build(tmp_path):
@@ -422,6 +477,38 @@ def test_episodes_file_holding_a_json_list_is_one_line(tmp_path):
     assert "\n" not in str(raised.value)
 
 
+def _spoilt_episodes(path, how):
+    if how == "deep_json":
+        path.write_text("[" * 100000 + "]" * 100000)
+        return
+    if how == "index_out_of_range":
+        data = json.loads(path.read_text())
+        data["indices"] = (np.asarray(data["indices"]) + 10 ** 6).tolist()
+        path.write_text(json.dumps(data))
+        return
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes({"truncated": data[:middle], "empty": b"",
+                      "flipped_byte": data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]}[how])
+
+
+@pytest.mark.parametrize("name, how", [("episodes.npz", "truncated"), ("episodes.npz", "empty"),
+                                       ("episodes.npz", "flipped_byte"), ("episodes.json", "deep_json"),
+                                       ("episodes.json", "index_out_of_range")])
+def test_a_damaged_episodes_file_is_one_line_naming_it(tmp_path, name, how):
+    """An --episodes_file someone sent that is damaged: one line naming the file (a damaged .npz fails in
+    zipfile / zlib, deeply nested JSON in the decoder's recursion, none of them an OSError/ValueError)."""
+    from tnas.data import FixedEpisodes, load_split
+
+    split = load_split("glyphs", "test", img_size=16)
+    path = tmp_path / name
+    FixedEpisodes.generate(split, 3, 1, 2, episodes=4, seed=0).save(path)
+    _spoilt_episodes(path, how)
+    with pytest.raises(TnasError) as raised:
+        FixedEpisodes.load(path, split, n_way=3, k_shot=1, q_query=2)
+    assert str(raised.value).startswith(f"{path}: ") and "\n" not in str(raised.value)
+
+
 # ------------------------------------------------------------------------- folder data keeps its shape
 def _gray_folder(root, side=28, classes=3, per_class=4, mode="L"):
     rng = np.random.default_rng(0)
@@ -446,6 +533,23 @@ def test_folder_default_shape_follows_the_data(tmp_path):
     given = load_split("folder", "train", data_path=str(tmp_path / "gray"), cache_dir=str(tmp_path / "c"),
                        img_size=16, channels=3)
     assert given.image_shape == (3, 16, 16)
+
+
+def test_an_image_over_pils_size_limit_in_a_folder_is_one_line_naming_it(tmp_path, monkeypatch):
+    """An image whose header claims more pixels than PIL allows (a decompression bomb) raises
+    DecompressionBombError, no OSError: the shape probe of a folder dataset skips it as it skips other
+    unreadable headers, and decoding names the file."""
+    from PIL import Image
+
+    from tnas.data import load_split
+
+    _gray_folder(tmp_path / "gray")
+    big = tmp_path / "gray" / "train" / "class1" / "big.png"
+    fx.write_image(str(big), np.random.default_rng(1), size=(60, 60), mode="L")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the 28x28 images pass, 60x60 is over twice that
+    with pytest.raises(TnasError, match="big.png: Image size .*decompression bomb") as raised:
+        load_split("folder", "train", data_path=str(tmp_path / "gray"), cache_dir=str(tmp_path / "c"))
+    assert str(big) in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_folder_shape_choice_is_in_the_run_log_and_inspect_data(tmp_path, quick_search, capsys):

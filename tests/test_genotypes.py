@@ -302,6 +302,14 @@ def test_malformed_json_file(tmp_path):
         load_genotype(str(path))
 
 
+def test_deeply_nested_json_file_is_one_line(tmp_path):
+    """json's decoder recurses per nesting level: a crafted file raises RecursionError, no ValueError."""
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(TnasError, match="deep.json: not a genotype JSON file .nested too deeply."):
+        load_genotype(str(path))
+
+
 def test_valid_json_but_invalid_genotype_names_the_file(tmp_path):
     path = tmp_path / "g.json"
     path.write_text(json.dumps(with_changes(normal_concat=[9])))

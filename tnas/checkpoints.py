@@ -106,13 +106,40 @@ def _not_a_checkpoint(head: bytes, error: Exception) -> Optional[str]:
     return f"it is not a torch checkpoint (a file written by torch.save){hint}"
 
 
+def _damaged_record(data: bytes) -> Optional[str]:
+    """The name of the first record of a torch zip checkpoint whose bytes no longer match the CRC-32
+    ``torch.save`` stored for it, else None. ``torch.load`` does not check these, so a file damaged
+    after it was written (a bad copy or disk) would load with wrong weights and no error. A record with
+    CRC 0 is not checked: ``torch.save`` under ``set_crc32_options(False)`` stores 0 for every record.
+    A file zipfile cannot open at all (a truncated one) is left to ``torch.load``'s own error."""
+    import io
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - not readable as a zip: torch.load says why
+        return None
+    with archive:
+        for info in archive.infolist():
+            if info.CRC == 0:
+                continue
+            try:
+                with archive.open(info) as member:  # reading to the end checks the CRC-32
+                    while member.read(1 << 20):
+                        pass
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError):
+                return info.filename
+    return None
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
 
     Only tensors, plain containers and scalars (and the numpy arrays of older RNG states) are
     accepted, so a crafted file cannot run code: a checkpoint that names anything else is
     refused with one :class:`TnasError` line naming the file. A file that is no torch checkpoint
-    at all (a genotype's JSON, say) is one line that says so.
+    at all (a genotype's JSON, say) is one line that says so, and so is one whose bytes changed
+    after it was saved (its records' CRC-32s, which torch.load does not check, are).
     """
     return read_checkpoint(path, map_location)[0]
 
@@ -134,6 +161,10 @@ def read_checkpoint(path, map_location="cpu") -> Tuple[dict, str]:
         data = path.read_bytes()
     except OSError as error:
         raise TnasError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    damaged = _damaged_record(data) if data.startswith(_ZIP_MAGIC) else None
+    if damaged is not None:
+        raise TnasError(f"cannot read checkpoint {path}: it is damaged (its record {damaged} no longer matches "
+                        f"the checksum torch.save wrote; the file changed after it was saved: copy it again)")
     try:
         with _globals_allowed(_legacy_numpy_globals()), warnings.catch_warnings():
             # a plain pickle that is not torch's makes torch warn about its protocol before it fails

@@ -196,6 +196,8 @@ def load_genotype(path: str) -> Genotype:
         raise TnasError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
     except UnicodeDecodeError:
         raise TnasError(f"{path}: not a genotype JSON file (binary content)") from None
+    except RecursionError:  # json's decoder recurses once per nested [ or {
+        raise TnasError(f"{path}: not a genotype JSON file (nested too deeply)") from None
     return genotype_from_dict(data, source=path)
 
 

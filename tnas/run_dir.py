@@ -120,7 +120,8 @@ def _read_config(path: str) -> Dict[str, Any]:
             config = yaml.safe_load(handle)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        # YAMLError (bad syntax, or a tag such as !!python/object that safe_load refuses) is no ValueError
         raise TnasError(f"--resume: cannot read {path} ({' '.join(str(error).split())})") from None
     if not isinstance(config, dict):
         raise TnasError(f"--resume: {path} does not hold the run's settings (not a mapping)")

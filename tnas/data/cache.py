@@ -7,8 +7,9 @@ the dataset, split, resolved absolute data path, size, channels, options and the
 format version, so two datasets never collide. ``cache_dir`` defaults to ``$TNAS_CACHE_DIR``
 or ``~/.cache/tnas``.
 
-Writing is atomic: an entry is built in a temporary sibling directory and renamed into place
-(``os.replace``); a process that loses the race drops its copy and uses the winner's. An entry
+Writing is atomic: an entry is built in a temporary sibling directory, its files fsynced, and renamed
+into place (``os.replace``); an entry that cannot be read back whole (an empty or short ``.npy``) is
+rebuilt. A process that loses the race drops its copy and uses the winner's. An entry
 whose source fingerprint (every file's name, size and modification time:
 :func:`files_fingerprint`) no longer matches the files on disk is rebuilt. Before decoding, the
 builder checks the free space and reserves the whole images file (``posix_fallocate``), so a
@@ -124,11 +125,11 @@ def _read_entry(directory: str) -> Optional[CacheEntry]:
     try:
         with open(meta_path, "r", encoding="utf-8") as handle:
             meta = json.load(handle)
-        if meta.get("version") != CACHE_VERSION:
+        if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
             return None
         images = np.load(os.path.join(directory, "images.npy"), mmap_mode="r")
         labels = np.load(os.path.join(directory, "labels.npy"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # EOFError: an empty .npy (a crash before its data reached the disk)
         return None
     if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != (images.shape[0],):
         return None
@@ -228,7 +229,9 @@ def _build_entry(directory: str, name: str, img_size: int, channels: int, source
         del raw
         _finish(tmp, images, labels, class_names, source, started, name, img_size, channels)
         del images
+        _persist(tmp)
         _install(tmp, directory)
+        _fsync(parent)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TnasError(f"{name}: cannot write the cache entry in {parent}: {error.strerror or error}") from None
@@ -298,6 +301,30 @@ def _finish(tmp: str, images: np.ndarray, labels: np.ndarray, class_names: List[
             "source": source.location, "build_seconds": round(time.time() - started, 3)}
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=1)
+
+
+def _fsync(path: str) -> None:
+    """fsync a directory (best effort: not every OS or filesystem allows it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _persist(directory: str) -> None:
+    """fsync every file of a finished entry, then its directory, before the entry is renamed into place:
+    the rename may otherwise reach the disk before the data, and a crash in between leaves an installed
+    entry with empty or zeroed files (an empty ``labels.npy`` is rebuilt; zeroed pixels would not be noticed).
+    A failed fsync of a file is an OSError, which the builder reports in one line."""
+    for name in sorted(os.listdir(directory)):
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync(directory)
 
 
 def _install(tmp: str, directory: str) -> None:

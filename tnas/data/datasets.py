@@ -140,7 +140,7 @@ def folder_default_shape(root: str, split: str) -> Optional[Tuple[int, int, str]
             with Image.open(path) as image:
                 sizes[image.size] += 1
                 colour += image.mode not in _GRAY_MODES
-        except (OSError, ValueError):
+        except (OSError, ValueError, Image.DecompressionBombError):  # the last is no OSError/ValueError
             continue  # decoding reports it, naming the file
     if not sizes:
         spec = DATASETS["folder"]

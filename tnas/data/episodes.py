@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -393,8 +395,12 @@ class FixedEpisodes:
                     indices = archive["indices"].astype(np.int64)
         except FileNotFoundError:
             raise TnasError(f"episode file {path} does not exist") from None
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
-            raise TnasError(f"{path}: not an episode file written by FixedEpisodes.save ({error})") from None
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            # a damaged .npz fails as BadZipFile (bad CRC, truncated), EOFError or zlib.error: no OSError/ValueError
+            raise TnasError(f"{path}: not an episode file written by FixedEpisodes.save "
+                            f"({type(error).__name__}: {error})") from None
+        except RecursionError:
+            raise TnasError(f"{path}: not an episode file written by FixedEpisodes.save (JSON nested too deeply)") from None
         if header.get("split") != split.name:
             raise TnasError(f"{path}: episodes were drawn from split '{header.get('split')}', not '{split.name}'")
         for key, wanted in (("n_way", n_way), ("k_shot", k_shot), ("q_query", q_query)):
@@ -403,4 +409,10 @@ class FixedEpisodes:
         if header.get("num_images") != len(split) or header.get("labels_fingerprint") != split.labels_fingerprint():
             raise TnasError(f"{path}: episodes were drawn from a different version of '{split.name}' "
                             f"({header.get('num_images')} images then, {len(split)} now)")
-        return cls(split, indices, int(header["n_way"]), int(header["k_shot"]), int(header["q_query"]), header.get("seed"))
+        for key in ("n_way", "k_shot", "q_query"):
+            if not isinstance(header.get(key), int) or isinstance(header.get(key), bool):
+                raise TnasError(f"{path}: its header has {key} {header.get(key)!r}, not an integer")
+        try:
+            return cls(split, indices, header["n_way"], header["k_shot"], header["q_query"], header.get("seed"))
+        except TnasError as error:  # the indices do not fit the split or the task shape
+            raise TnasError(f"{path}: {error}") from None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import zipfile
+import zlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -82,7 +84,9 @@ def _text(value: Any) -> str:
 
 def _uint8_images(value: Any, path: str, what: str) -> np.ndarray:
     array = np.asarray(value)
-    if array.dtype != np.uint8 or array.ndim not in (3, 4):
+    # (N, H, W) grayscale or (N, H, W, 1|3); another channel count would be read as gray without a word
+    if array.dtype != np.uint8 or array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[3] not in (1, 3)) \
+            or 0 in array.shape[1:3]:
         raise TnasError(f"{path}: '{what}' should be uint8 images (N, H, W, 3), got {array.dtype} {array.shape}")
     return array
 
@@ -120,8 +124,14 @@ def _mini_csv_source(root: str, csv_path: str) -> SplitSource:
     images_dir = os.path.join(root, "images")
     if not os.path.isdir(images_dir):
         raise TnasError(f"miniimagenet: found {csv_path} but no {images_dir}/ directory with the .jpg files")
-    with open(csv_path, "r", encoding="utf-8", newline="") as handle:
-        rows = list(csv.reader(handle))
+    try:
+        with open(csv_path, "r", encoding="utf-8", newline="") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError:
+        raise TnasError(f"{csv_path}: not UTF-8 text; expected the header 'filename,label' and one "
+                        f"'<file>.jpg,<class>' line per image") from None
+    except (OSError, csv.Error) as error:
+        raise TnasError(f"cannot read {csv_path}: {getattr(error, 'strerror', None) or error}") from None
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["filename", "label"]:
         header = ",".join(rows[0]) if rows else "(empty file)"
         raise TnasError(f"{csv_path}: expected the header 'filename,label', found '{header}'")
@@ -152,7 +162,11 @@ def _load_mini_pickle(path: str) -> RawSplit:
     if not isinstance(class_dict, dict) or not class_dict:
         raise TnasError(f"{path}: 'class_dict' should map class names to image indices")
     classes = sorted(class_dict, key=_text)
-    rows_per_class = [np.asarray(class_dict[c], dtype=np.int64).reshape(-1) for c in classes]
+    try:
+        rows_per_class = [np.asarray(class_dict[c], dtype=np.int64).reshape(-1) for c in classes]
+    except (TypeError, ValueError, OverflowError):
+        raise TnasError(f"{path}: 'class_dict' should map each class name to a list of image indices "
+                        f"(integers)") from None
     rows = np.concatenate(rows_per_class) if rows_per_class else np.zeros(0, np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= images.shape[0]):
         raise TnasError(f"{path}: 'class_dict' refers to image {int(rows.max())} but 'image_data' has {images.shape[0]}")
@@ -270,6 +284,9 @@ def _load_cifar(directory: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Lis
     if not isinstance(meta, dict) or not {"fine_label_names", "coarse_label_names"} <= set(meta):
         found = sorted(map(str, meta)) if isinstance(meta, dict) else type(meta).__name__
         raise TnasError(f"{meta_path}: expected keys 'fine_label_names' and 'coarse_label_names', found {found}")
+    for key in ("fine_label_names", "coarse_label_names"):
+        if not isinstance(meta[key], (list, tuple, np.ndarray)):
+            raise TnasError(f"{meta_path}: '{key}' should be a list of class names, found {type(meta[key]).__name__}")
     fine_names = [_text(n) for n in meta["fine_label_names"]]
     coarse_names = [_text(n) for n in meta["coarse_label_names"]]
     images, fine, coarse = [], [], []
@@ -282,8 +299,11 @@ def _load_cifar(directory: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Lis
         array = np.asarray(data["data"])
         if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != 3072:
             raise TnasError(f"{path}: 'data' should be uint8 of shape (N, 3072), got {array.dtype} {array.shape}")
-        labels_fine = np.asarray(data["fine_labels"], np.int64)
-        labels_coarse = np.asarray(data["coarse_labels"], np.int64)
+        try:
+            labels_fine = np.asarray(data["fine_labels"], np.int64)
+            labels_coarse = np.asarray(data["coarse_labels"], np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise TnasError(f"{path}: 'fine_labels' and 'coarse_labels' should be lists of integers") from None
         if labels_fine.shape != (array.shape[0],) or labels_coarse.shape != (array.shape[0],):
             raise TnasError(f"{path}: {array.shape[0]} images but {labels_fine.size} fine / {labels_coarse.size} coarse labels")
         images.append(array.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
@@ -381,6 +401,8 @@ def find_tieredimagenet(root: Optional[str], split: str, options: Dict[str, Any]
         encoded = load_pickle(png)
         if isinstance(encoded, dict):
             raise TnasError(f"{png}: expected a list of PNG-encoded images, found a dict with keys {sorted(map(str, encoded))}")
+        if not isinstance(encoded, (list, tuple, np.ndarray)) or np.ndim(encoded) == 0:
+            raise TnasError(f"{png}: expected a list of PNG-encoded images, found {type(encoded).__name__}")
         if len(encoded) != len(values):
             raise TnasError(f"tieredimagenet: {png} has {len(encoded)} images but {labels_path} has {len(values)} labels")
         labels, distinct = _labels_from_values(values)
@@ -398,6 +420,8 @@ def _tiered_labels(path: Optional[str], images_path: str) -> Tuple[Optional[np.n
         raise TnasError(f"{path}: expected a dict with key 'label_specific' (fine class per image), found {found}")
     values = np.asarray(data["label_specific"]).reshape(-1)
     names = data.get("label_specific_str")
+    if names is not None and not isinstance(names, (list, tuple, np.ndarray)):
+        raise TnasError(f"{path}: 'label_specific_str' should be a list of class names, found {type(names).__name__}")
     return values, ([_text(n) for n in names] if names is not None else None)
 
 
@@ -408,20 +432,28 @@ def _tiered_npz(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     PNG pickle with OpenCV and so stores the channels in BGR order; they are turned back to RGB here
     (a view), so both layouts give the same images and ``--normalize imagenet`` its own channels."""
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise TnasError(f"{path}: not a readable .npz file ({error})") from None
-    with archive:
-        if "images" not in archive.files:
-            raise TnasError(f"{path}: expected the key 'images', found {sorted(archive.files)}")
-        images = _uint8_images(archive["images"], path, "images")
-        if images.ndim == 4 and images.shape[-1] == 3:
-            images = images[..., ::-1]  # BGR -> RGB
-        labels = None
-        for key in ("labels", "label_specific"):
-            if key in archive.files:
-                labels = np.asarray(archive[key]).reshape(-1)
-                break
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise TnasError(f"cannot read {path}: {error.strerror or error}") from None
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.load would take any other file for a pickle
+        raise TnasError(f"{path}: not an .npz file (a zip archive of .npy arrays, as np.savez writes)")
+    # a damaged archive fails as BadZipFile (bad CRC), EOFError or zlib.error, which are no OSError/ValueError
+    damaged = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "images" not in archive.files:
+                raise TnasError(f"{path}: expected the key 'images', found {sorted(archive.files)}")
+            images = _uint8_images(archive["images"], path, "images")
+            if images.ndim == 4 and images.shape[-1] == 3:
+                images = images[..., ::-1]  # BGR -> RGB
+            labels = None
+            for key in ("labels", "label_specific"):
+                if key in archive.files:
+                    labels = np.asarray(archive[key]).reshape(-1)
+                    break
+    except damaged as error:
+        raise TnasError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
     return images, labels
 
 

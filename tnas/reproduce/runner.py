@@ -22,7 +22,8 @@ read (``inputs``) and the seconds spent on it over every invocation (updated eve
 of a finished run whose directory was deleted, move to ``superseded``); device-hours = seconds x
 processes / 3600.
 ``OUT/settings.json`` pins what must not change between reruns into the same ``OUT`` (the
-plan and ``--budget``).
+plan and ``--budget``). One reproduction at a time holds ``OUT`` (:func:`tnas.run_dir.claim_run_dir`):
+a second one into it is refused in one line naming the first's pid.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from tnas import run_dir
 from tnas.errors import TnasError
 from tnas.reproduce import freshness
 from tnas.reproduce.plan import REPO, Cell, Plan, Settings, Step, step_summary
@@ -230,7 +232,18 @@ def run_pipeline(plan: Plan, settings: Settings, steps: Sequence[Step], cells: S
                  log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run every step not done yet, in order; returns the final table. A failing stage is a one-line
     error naming the step and its run directory (its log says why); the table shows where it stopped."""
-    launch = launch or launch_subprocess
+    # one reproduction at a time in --out: a second one would mark the first's running step interrupted,
+    # rerun it alongside, or move a live run directory aside as stale
+    run_dir.claim_run_dir(settings.out)
+    try:
+        return _run_steps(plan, settings, steps, cells, meta, nproc, launch or launch_subprocess, log)
+    finally:
+        run_dir.release_run_dir(settings.out)
+
+
+def _run_steps(plan: Plan, settings: Settings, steps: Sequence[Step], cells: Sequence[Cell],
+               meta: Mapping[str, Any], nproc: int, launch: Launch, log: Callable[[str], None]) -> Dict[str, Any]:
+    """:func:`run_pipeline`'s work, with ``--out`` held."""
     out = settings.out
     check_settings(out, plan, settings)
     ledger = Ledger(out)

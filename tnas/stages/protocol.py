@@ -24,7 +24,8 @@ e. **aggregate** -- mean and 95% CI into ``OUT/results.json`` (the evaluate stag
    from-scratch ``schedule``, ``budget`` and a ``cost`` block: wall time and device-hours per
    stage, device name, world size).
 
-Resumable: the per-episode genotypes are cached in ``OUT/episode_genotypes.jsonl`` (with
+One protocol at a time holds ``OUT`` (:func:`tnas.run_dir.claim_run_dir`; a second is refused in one
+line naming the first's pid). Resumable: the per-episode genotypes are cached in ``OUT/episode_genotypes.jsonl`` (with
 ``OUT/decode_summary.json``, which records the checkpoint's and the episodes' SHA-256) and
 reused when they match (:mod:`tnas.stages.protocol_decode`; what the tasks chose --
 ``op_frequency_{normal,reduce}.png``, ``genotype_diversity.json``, ``tb/`` -- is rewritten from
@@ -52,6 +53,7 @@ so several small genotype trainings share each GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -60,7 +62,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from tnas import distributed
+from tnas import distributed, run_dir
 from tnas.config import HelpFormatter, resolve_device, save_config, set_flag
 from tnas.diversity import diversity_line, write_task_choices
 from tnas.errors import TnasError
@@ -247,14 +249,34 @@ def set_up(args) -> Protocol:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TnasError(f"--out {out_dir} is a file, not a directory")
     settings = train_settings(args, prepared.summary, device)
-    if info.is_main:
-        os.makedirs(os.path.join(out_dir, GENOTYPES_DIR), exist_ok=True)
-        save_config(args.to_flags(), os.path.join(out_dir, "config.yaml"))
-    distributed.barrier(info)
-    log_dir = out_dir if info.is_main else os.path.join(out_dir, f"rank{info.rank}")
-    logger = RunLogger(log_dir, use_tensorboard=False, quiet=not info.is_main, append=True)
+    _claim_out(out_dir, info, device)
+    release = functools.partial(run_dir.release_run_dir, out_dir)  # held until the log closes (a no-op off rank 0)
+    try:
+        if info.is_main:
+            os.makedirs(os.path.join(out_dir, GENOTYPES_DIR), exist_ok=True)
+            save_config(args.to_flags(), os.path.join(out_dir, "config.yaml"))
+        distributed.barrier(info)
+        log_dir = out_dir if info.is_main else os.path.join(out_dir, f"rank{info.rank}")
+        logger = RunLogger(log_dir, use_tensorboard=False, quiet=not info.is_main, append=True, on_close=release)
+    except BaseException:
+        release()
+        raise
     return Protocol(args, info, device, prepared, out_dir, settings, schedule_record(settings, args), logger,
                     started=started)
+
+
+def _claim_out(out_dir: str, info, device) -> None:
+    """Rank 0 holds ``out_dir`` (:func:`tnas.run_dir.claim_run_dir`) before anything is written there: a
+    second protocol into the same directory would rewrite its config.yaml and decoding cache under it.
+    A refusal stops every rank with the same one-line error."""
+    problem = None
+    if info.is_main:
+        try:
+            run_dir.claim_run_dir(out_dir)
+        except TnasError as error:
+            problem = error
+    if not distributed.all_ranks_true(problem is None, device):
+        raise problem or TnasError(f"rank 0 could not claim --out {out_dir} (see its error)")
 
 
 def decode_step(p: Protocol):

@@ -93,7 +93,38 @@ def load_state_and_sha256(path: str) -> Tuple[Dict[str, Any], str]:
         raise TnasError(f"{path} is not a tnas run checkpoint: no {', '.join(repr(k) for k in missing)} entry")
     if not isinstance(state["summary"], Mapping):
         raise TnasError(f"{path}: the checkpoint's summary is a {type(state['summary']).__name__}, not a dict")
+    _check_summary_types(state["summary"], path)
     return state, sha256
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_SUMMARY_TYPES: Tuple[Tuple[str, str, Callable[[Any], bool]], ...] = (
+    ("model", "a dict", lambda value: isinstance(value, Mapping)),
+    ("learner", "a dict", lambda value: isinstance(value, Mapping)),
+    ("dataset", "a name", lambda value: isinstance(value, str)),
+    ("method", "a name", lambda value: isinstance(value, str)),
+    ("n_way", "an integer", _is_int),
+    ("k_shot", "an integer", _is_int),
+    ("q_query", "an integer", _is_int),
+    ("image_shape", "[channels, height, width]",
+     lambda value: isinstance(value, (list, tuple)) and len(value) == 3 and all(map(_is_int, value))),
+)
+"""The summary entries the stages read before rebuilding the learner (evaluate fills and checks its flags
+from them), with the type each must have when present; a checkpoint written by tnas always has them so."""
+
+
+def _check_summary_types(summary: Mapping[str, Any], path: str) -> None:
+    """One line naming the entry of a checkpoint's summary that has the wrong type (a crafted or foreign
+    checkpoint), instead of a traceback from the first stage that reads it."""
+    for key, wanted, fits in _SUMMARY_TYPES:
+        value = summary.get(key)
+        if value is not None and not fits(value):
+            shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+            raise TnasError(f"{path}: the checkpoint's summary has {key} {shown}, not {wanted}; "
+                            f"it was not written by tnas")
 
 
 def build_learner(state: Mapping[str, Any], device, source: str = "checkpoint"):
