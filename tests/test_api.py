@@ -246,15 +246,33 @@ def test_a_batch_norm_with_running_statistics_under_vmap_is_one_clear_error(glyp
 
     batch = sample(glyphs["train"])
     model = with_batch_norm(True)
-    with pytest.raises(ValueError, match=r"BatchNorm '1' of Sequential keeps running statistics.*"
+    with pytest.raises(ValueError, match=r"BatchNorm2d '1' of Sequential keeps running statistics.*"
                                          r"track_running_stats=False.*model\.eval\(\)"):
         inner_loop(model_forward(model), dict(model.named_parameters()), 0.4, batch.support_x, batch.support_y, 1)
     model.eval()
-    result = inner_loop(model_forward(model), dict(model.named_parameters()), 0.4, batch.support_x, batch.support_y, 1)
+    forward = model_forward(model)
+    result = inner_loop(forward, dict(model.named_parameters()), 0.4, batch.support_x, batch.support_y, 1)
     assert torch.isfinite(result.support_loss).all()
+    # the mode and track_running_stats are read at each call, not when the forward was built
+    model.train()
+    with pytest.raises(ValueError, match="BatchNorm2d '1' of Sequential keeps running statistics"):
+        inner_loop(forward, dict(model.named_parameters()), 0.4, batch.support_x, batch.support_y, 1)
+    model[1].track_running_stats = False  # buffers kept, no longer updated (torch's BatchNorm then ignores them)
+    assert inner_loop(forward, dict(model.named_parameters()), 0.4, batch.support_x, batch.support_y, 1).support_loss.isfinite().all()
     model = with_batch_norm(False)
     result = inner_loop(model_forward(model), dict(model.named_parameters()), 0.4, batch.support_x, batch.support_y, 1)
     assert result.support_loss.shape == (1, 2)  # [steps, tasks]
+    # every norm with running statistics, not only nn.BatchNorm1d/2d/3d: a lazy BatchNorm (the forward built
+    # before its first call materialises it) and an InstanceNorm that tracks statistics
+    lazy = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(12, 5))
+    instance = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.InstanceNorm2d(3, track_running_stats=True), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 5))
+    for model, kind in ((lazy, "BatchNorm2d"), (instance, "InstanceNorm2d")):
+        forward = model_forward(model)
+        model(batch.support_x[0])
+        with pytest.raises(ValueError, match=f"{kind} '1' of Sequential keeps running statistics"):
+            inner_loop(forward, dict(model.named_parameters()), 0.4, batch.support_x, batch.support_y, 1)
 
 
 def test_a_meta_learner_over_a_plain_sequential(glyphs):

@@ -371,10 +371,38 @@ def test_a_rank_stranded_by_a_failed_peer_says_so_in_one_line(monkeypatch, capsy
     assert run_cli_entry(bad_input, capsys) == (2, "error: no such file: /data/x.pkl\n")
 
 
-def test_torchrun_rank_failure_leaves_one_line_per_rank_and_no_traceback(tmp_path):
+def test_a_lost_peer_after_the_group_was_left_is_still_one_line(monkeypatch, capsys):
+    """The evaluate and protocol stages leave the process group in a ``finally``, so the group is gone when
+    cli_entry sees the collective's error: raised by torch.distributed it is still the lost peer's one line;
+    the same words raised elsewhere with no group (not a collective) keep their traceback; a WORLD_SIZE that
+    is no integer leaves the line untagged instead of breaking it."""
+    from tnas.errors import TnasError
+
+    def raised_in(directory):
+        def collective_lost():  # the error as work.wait() raises it, from a frame of that directory's file
+            exec(compile(f"raise RuntimeError({PEER_GONE!r})", os.path.join(directory, "distributed_c10d.py"),
+                         "exec"))
+        return collective_lost
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    code, err = run_cli_entry(raised_in(os.path.dirname(dist.__file__)), capsys)
+    assert (code, err) == (1, "error: rank 0: stopped: another rank ended (its error is above or in its log): "
+                              "Connection closed by peer [127.0.0.1]:28592\n")
+    from tnas.errors import cli_entry
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        cli_entry(raised_in(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert run_cli_entry(lambda: (_ for _ in ()).throw(TnasError("bad flag")), capsys) == (2, "error: bad flag\n")
+
+
+@pytest.mark.parametrize("leave_group", [False, True], ids=["group_kept", "group_left_in_finally"])
+def test_torchrun_rank_failure_leaves_one_line_per_rank_and_no_traceback(tmp_path, leave_group):
     """A real 2-rank gloo torchrun: rank 1 stops with a TnasError while rank 0 waits in an all-reduce. Rank 1's
     line names it; rank 0 either reports the lost peer in one line or is ended by torchrun first (a race
-    torchrun decides); neither prints a traceback."""
+    torchrun decides); neither prints a traceback. ``group_left_in_finally``: the main leaves the process group
+    in a ``finally`` before cli_entry sees the error, as the evaluate and protocol stages do."""
     import subprocess
     import sys
 
@@ -384,11 +412,15 @@ def test_torchrun_rank_failure_leaves_one_line_per_rank_and_no_traceback(tmp_pat
         "from tnas import distributed\n"
         "from tnas.errors import TnasError, cli_entry\n"
         "def main():\n"
-        "    distributed.init_distributed(torch.device('cpu'))\n"
-        "    if distributed.current_info().rank == 1:\n"
-        "        time.sleep(1)\n"
-        "        raise TnasError('bad file: /data/x.pkl')\n"
-        "    distributed.sum_across_ranks(torch.ones(()))\n"
+        "    info = distributed.init_distributed(torch.device('cpu'))\n"
+        "    try:\n"
+        "        if info.rank == 1:\n"
+        "            time.sleep(1)\n"
+        "            raise TnasError('bad file: /data/x.pkl')\n"
+        "        distributed.sum_across_ranks(torch.ones(()))\n"
+        "    finally:\n"
+        f"        if {leave_group}:\n"
+        "            distributed.shutdown(info)\n"
         "cli_entry(main)\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))

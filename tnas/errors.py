@@ -19,23 +19,40 @@ PEER_GONE = re.compile(r"closed by peer|reset by peer|remote worker|remote proce
 
 
 def rank_tag() -> str:
-    """``"rank R: "`` in a process that torchrun started with more than one rank, else ``""``."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return f"rank {os.environ.get('RANK', '?')}: "
-    return ""
+    """``"rank R: "`` in a process that torchrun started with more than one rank, else ``""`` (also for a
+    ``WORLD_SIZE`` that is no integer: the error line must come out whatever the environment holds)."""
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return ""
+    return f"rank {os.environ.get('RANK', '?')}: " if world_size > 1 else ""
+
+
+def _raised_in_collective(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is torch.distributed's (a collective or the
+    store): the stages leave the process group in a ``finally``, so by the time :func:`cli_entry` sees
+    the error the group may be gone, but the traceback still says where it came from."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.sep}torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 def lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` is a collective that failed because another rank's process went away."""
-    if not isinstance(error, RuntimeError) or not rank_tag():
+    """Whether ``error`` is a collective that failed because another rank's process went away: a
+    RuntimeError under torchrun, in the words of :data:`PEER_GONE`, raised by torch.distributed or
+    while a process group is up."""
+    if not isinstance(error, RuntimeError) or not rank_tag() or not PEER_GONE.search(str(error)):
         return False
+    if _raised_in_collective(error):
+        return True
     try:
         import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            return False
+        return dist.is_available() and dist.is_initialized()
     except ImportError:
         return False
-    return bool(PEER_GONE.search(str(error)))
 
 
 class TnasError(Exception):

@@ -38,33 +38,33 @@ the attribute ``folds_tasks = True`` also accepts per-task parameters ``[T, *sha
 folded images ``[N, T*C, H, W]``, giving ``[N, T*n_way]``."""
 
 
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
 def model_forward(model: nn.Module, fold_tasks: Optional[bool] = None) -> ForwardFn:
     """The functional forward of an ``nn.Module`` whose ``forward(x)`` gives logits.
 
     ``fold_tasks``: batch tasks by folding (:mod:`tnas.task_folding`) or by ``vmap``;
     default: fold when the model supports it. ``True`` for a model that does not is a ValueError.
 
-    Any other model (e.g. a plain ``nn.Sequential``) runs through ``vmap``: a BatchNorm in it must
-    use batch statistics (``track_running_stats=False``, as MAML does), since vmap cannot update
-    running statistics shared by all tasks in place; in training mode one that keeps them is a
-    ValueError naming it (in eval mode it reads them, which works).
+    Any other model (e.g. a plain ``nn.Sequential``) runs through ``vmap``: a BatchNorm in it (or an
+    InstanceNorm that tracks statistics) must use batch statistics (``track_running_stats=False``, as
+    MAML does), since vmap cannot update running statistics shared by all tasks in place; in training
+    mode one that keeps them is a ValueError naming it (in eval mode it reads them, which works).
     """
     supported = task_folding.supports_folding(model)
     if fold_tasks and not supported:
         raise ValueError(f"{type(model).__name__} is not built from task-folding layers; use fold_tasks=False")
     folds = supported if fold_tasks is None else bool(fold_tasks)
+    # every norm with running-statistics buffers (BatchNorm, SyncBatchNorm, the lazy ones, an InstanceNorm
+    # that tracks them); whether one updates them is read at each call: model.train()/eval() and
+    # track_running_stats may change after this forward was built
     running_stats = [] if folds else [(name, module) for name, module in model.named_modules()
-                                      if isinstance(module, BATCH_NORMS)
-                                      and module.track_running_stats]
+                                      if isinstance(module, nn.modules.batchnorm._NormBase)
+                                      and module.running_mean is not None]
 
     def forward(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
         for name, module in running_stats:
-            if module.training:
-                raise ValueError(f"BatchNorm {name!r} of {type(model).__name__} keeps running statistics, which "
-                                 f"tasks batched by vmap cannot update; build it with "
+            if module.training and module.track_running_stats:
+                raise ValueError(f"{type(module).__name__} {name!r} of {type(model).__name__} keeps running "
+                                 f"statistics, which tasks batched by vmap cannot update; build it with "
                                  f"track_running_stats=False (batch statistics, as MAML does) or call model.eval()")
         return functional_call(model, params, (x,))
 
