@@ -231,6 +231,13 @@ def test_inner_loop_on_a_plain_sequential_matches_plain_autograd(glyphs, first_o
     assert set(single.task_params) == set(params)
     for name in params:
         assert torch.equal(single.task_params[name], result.task_params[name]), name
+    as_numpy = inner_loop(forward, params, np.float32(0.4), batch.support_x, batch.support_y, steps=2,
+                          first_order=first_order)
+    for name in params:  # a numpy number is one number too (float32's 0.4 differs from 0.4 in the last bits)
+        torch.testing.assert_close(as_numpy.task_params[name], result.task_params[name], rtol=1e-6, atol=1e-7)
+    for wrong in (True, [0.4]):  # a flag or a list is no rate: a TypeError that says what is wanted
+        with pytest.raises(TypeError, match="one number or a mapping name -> rate"):
+            inner_loop(forward, params, wrong, batch.support_x, batch.support_y, steps=1)
 
 
 def test_a_batch_norm_with_running_statistics_under_vmap_is_one_clear_error(glyphs):

@@ -19,6 +19,7 @@ over tasks. Nothing in the loop reads a value back to the host.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
@@ -233,8 +234,11 @@ def inner_loop(forward: ForwardFn, params: Mapping[str, torch.Tensor],
             [T, *shape]``). A genotype batch (:mod:`tnas.meta.genotype_batch`) passes one that
             repeats each genotype's row over that genotype's tasks.
     """
-    if isinstance(learning_rates, (int, float)):
+    if isinstance(learning_rates, numbers.Real) and not isinstance(learning_rates, bool):
         learning_rates = {name: float(learning_rates) for name in params}
+    elif not isinstance(learning_rates, Mapping):
+        raise TypeError(f"learning_rates must be one number or a mapping name -> rate, got "
+                        f"{type(learning_rates).__name__}")
     unknown = [name for name in learning_rates if name not in params]
     if unknown:
         raise KeyError(f"learning rates given for unknown parameter(s): {', '.join(unknown)}")
