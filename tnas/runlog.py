@@ -50,6 +50,23 @@ def _image_to_uint8_hwc(image) -> np.ndarray:
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
 
 
+def remove_event_files(tb_dir) -> int:
+    """Delete the tensorboard event files under ``tb_dir`` (recursively; sub-runs too); returns how many.
+
+    For a run that starts afresh in a directory whose earlier attempt was killed before its first
+    checkpoint: that attempt's points would otherwise show beside the new run's, as :meth:`RunLogger.rewind_tensorboard`
+    prevents for a resume."""
+    removed = 0
+    for path in sorted(Path(tb_dir).rglob(EVENT_FILE_PATTERN)) if Path(tb_dir).is_dir() else []:
+        if path.is_file():
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def _write_queued_events(writer) -> None:
     """Put every event queued so far into the event file (and flush it), now.
 
