@@ -79,9 +79,14 @@ def _write_queued_events(writer) -> None:
     events = getattr(writer._get_file_writer(), "event_writer", None)
     worker = getattr(events, "_worker", None)
     if worker is not None and hasattr(worker, "stop") and hasattr(events, "_event_queue"):  # tensorboardX
-        worker.stop()
-        events._worker = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
-        events._worker.start()
+        try:  # the successor first: a tensorboardX whose thread takes other arguments keeps its own thread
+            successor = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
+        except (TypeError, AttributeError):
+            successor = None
+        if successor is not None:
+            worker.stop()
+            events._worker = successor
+            successor.start()
     writer.flush()
 
 
