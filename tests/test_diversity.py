@@ -94,3 +94,19 @@ def test_write_task_choices(tmp_path):
     assert values[("tasks/op_frequency_normal", 3)].image.encoded_image_string.startswith(b"\x89PNG")
     assert values[("tasks/distinct_genotypes", 3)].simple_value == 2.0
     assert values[("tasks/most_common_count", 3)].simple_value == 3.0
+
+
+def test_write_task_choices_again_replaces_its_tensorboard_points(tmp_path):
+    """Each protocol invocation (a rerun, a resume after a kill) writes what the tasks chose again: the
+    points replace those written before instead of showing once per invocation, and event files of
+    others in the same tb/ (a run's own) are left alone."""
+    from tnas.runlog import RunLogger
+
+    with RunLogger(tmp_path, quiet=True) as logger:
+        logger.scalar("meta_train/loss", 1.0, 0)
+    write_task_choices(str(tmp_path), [A, A, B, A], A.to_dict())
+    write_task_choices(str(tmp_path), [A, B, B, A], A.to_dict())  # within the same second too
+    points = [(tag, step) for tag, step, _ in summary_values(tmp_path / "tb")]
+    assert len(points) == len(set(points)) and ("meta_train/loss", 0) in points
+    values = {(tag, step): value for tag, step, value in summary_values(tmp_path / "tb")}
+    assert values[("tasks/most_common_count", 0)].simple_value == 2.0  # the second call's

@@ -161,6 +161,22 @@ def test_stale_temp_files_of_a_killed_write_are_cleaned(tmp_path, quick_search):
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
 
 
+
+def test_a_fresh_run_after_an_attempt_killed_before_its_first_checkpoint_logs_each_point_once(tmp_path, quick_search):
+    """A run killed before its first last.pt is started again without --resume; the event files that attempt
+    left in tb/ (tensorboardX writes its first points at once) are removed, as its log.txt is rewritten, so
+    no point shows twice. The killed attempt is planted: an earlier run's tb/ without its last.pt."""
+    from tb_events import summary_values
+
+    out = finished_run(quick_search, tmp_path / "run", "--log_every", "1")
+    want = sorted((tag, step) for tag, step, _ in summary_values(out / "tb"))
+    for name in ("last.pt", "best.pt", "search.json"):
+        os.unlink(out / name)
+    again = finished_run(quick_search, out, "--log_every", "1")
+    got = sorted((tag, step) for tag, step, _ in summary_values(again / "tb"))
+    assert got == want and any(tag.startswith("meta_train/") for tag, _ in got)
+    assert "removed" in (out / "log.txt").read_text()
+
 # ------------------------------------------------------------------------- resume compatibility
 @pytest.mark.parametrize("flags, keys", [
     (["--C", "8"], "C: 4 -> 8"),

@@ -150,3 +150,41 @@ def test_rewind_leaves_event_files_it_cannot_read_alone(tmp_path):
     foreign.unlink()  # (the test's event reader is no more forgiving than tensorboard's)
     (tmp_path / "tb" / "events.out.tfevents.2.dir").rmdir()
     assert [step for _, step, _ in _scalar_points(tmp_path / "tb")] == [0]
+
+
+KILLED_AFTER_A_CHECKPOINT = """
+import os, signal, sys
+from tnas.runlog import RunLogger
+logger = RunLogger(sys.argv[1], quiet=True)
+for step in range(3):
+    logger.scalar("meta_train/loss", float(step), step)
+logger.scalar("epoch/val_accuracy", 50.0, 1)
+mark = logger.mark_checkpoint(3)
+print(mark["marker"], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would, right after the checkpoint is saved
+"""
+
+
+def test_points_logged_before_a_checkpoint_outlive_a_sigkill(tmp_path):
+    """A process killed outright after a checkpoint keeps every tensorboard point logged before it and the
+    checkpoint's marker in its event file: the resume cuts back to the marker and logs only what follows
+    it, so a point still queued in the writer at the kill would be lost for good (an epoch's points
+    missing from a resumed run). tensorboardX's writer queues events for a thread that writes them every
+    120 s; its flush() alone leaves the queue as it is."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_A_CHECKPOINT, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    events = read_events(tmp_path / "tb")
+    points = sorted((value.tag, event.step) for event in events if event.HasField("summary")
+                    for value in event.summary.value)
+    assert points == [("epoch/val_accuracy", 1), ("meta_train/loss", 0), ("meta_train/loss", 1),
+                      ("meta_train/loss", 2)]
+    markers = [event.session_log.checkpoint_path for event in events if event.HasField("session_log")]
+    assert markers == [killed.stdout.strip()]

@@ -146,13 +146,23 @@ def write_task_choices(out_dir: str, genotypes: Sequence[GenotypeLike], meta_gen
     return record
 
 
+TASKS_EVENTS_SUFFIX = ".tnas-tasks"
+"""The name ending of the event files :func:`write_task_choices` writes (``events.out.tfevents.<time>.<host>``
+then this), so that a rewrite can find and replace its own files among other event files in ``tb/``."""
+
+
 def _to_tensorboard(logdir: str, record: Dict[str, object], images: Dict[str, np.ndarray], step: int) -> None:
-    """The pictures, the counts and a one-line summary as tensorboard events (skipped without tensorboardX)."""
+    """The pictures, the counts and a one-line summary as tensorboard events (skipped without tensorboardX).
+
+    They replace those an earlier call wrote into ``logdir``: each protocol invocation (a rerun, a resume
+    after a kill) rewrites what the tasks chose, and a new event file beside the old ones would show every
+    point once per invocation. The new file is written first and the older ones removed after, so a kill
+    in between leaves a duplicate until the next call, never nothing; other event files are left alone."""
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         return
-    with SummaryWriter(logdir) as writer:
+    with SummaryWriter(logdir, filename_suffix=TASKS_EVENTS_SUFFIX) as writer:
         for cell, image in images.items():
             writer.add_image(f"tasks/op_frequency_{cell}", image, step, dataformats="HWC")
             writer.add_scalar(f"tasks/mean_edge_entropy_bits_{cell}", record["cells"][cell]["mean_edge_entropy_bits"],
@@ -160,6 +170,18 @@ def _to_tensorboard(logdir: str, record: Dict[str, object], images: Dict[str, np
         writer.add_scalar("tasks/distinct_genotypes", record["distinct_genotypes"], step)
         writer.add_scalar("tasks/most_common_count", record["most_common_count"], step)
         writer.add_text("tasks/diversity", diversity_line(record), step)
+        events = getattr(writer._get_file_writer(), "event_writer", None)
+        written = getattr(getattr(events, "_ev_writer", None), "_file_name", None)  # tensorboardX's file
+    if written is None or not os.path.isfile(written):  # a writer that keeps its file name elsewhere: no cleanup
+        return
+    for name in os.listdir(logdir):
+        path = os.path.join(logdir, name)
+        if name.startswith("events.out.tfevents.") and name.endswith(TASKS_EVENTS_SUFFIX) and \
+                not os.path.samefile(path, written):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def diversity_line(record: Dict[str, object]) -> str:

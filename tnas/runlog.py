@@ -50,6 +50,46 @@ def _image_to_uint8_hwc(image) -> np.ndarray:
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
 
 
+def remove_event_files(tb_dir) -> int:
+    """Delete the tensorboard event files under ``tb_dir`` (recursively; sub-runs too); returns how many.
+
+    For a run that starts afresh in a directory whose earlier attempt was killed before its first
+    checkpoint: that attempt's points would otherwise show beside the new run's, as :meth:`RunLogger.rewind_tensorboard`
+    prevents for a resume."""
+    removed = 0
+    for path in sorted(Path(tb_dir).rglob(EVENT_FILE_PATTERN)) if Path(tb_dir).is_dir() else []:
+        if path.is_file():
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def _write_queued_events(writer) -> None:
+    """Put every event queued so far into the event file (and flush it), now.
+
+    A checkpoint needs this: a process killed outright (SIGKILL, the OOM killer) after saving it loses
+    the events still queued, those logged before the checkpoint among them, and the resume does not log
+    them again. tensorboardX's ``flush()`` flushes the file but not its queue, which a thread of its own
+    empties (every ``flush_secs``, 120 s by default); so its thread is stopped -- it writes everything
+    queued before the stop, in order -- and a new one started on the same queue and file. torch's writer
+    (tensorboard's) empties its queue in ``flush()`` itself."""
+    events = getattr(writer._get_file_writer(), "event_writer", None)
+    worker = getattr(events, "_worker", None)
+    if worker is not None and hasattr(worker, "stop") and hasattr(events, "_event_queue"):  # tensorboardX
+        try:  # the successor first: a tensorboardX whose thread takes other arguments keeps its own thread
+            successor = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
+        except (TypeError, AttributeError):
+            successor = None
+        if successor is not None:
+            worker.stop()
+            events._worker = successor
+            successor.start()
+    writer.flush()
+
+
 def _event_records(handle: IO[bytes]) -> Iterator[tuple]:
     """``(end offset, payload)`` of each TFRecord of an open event file (u64 length, u32 crc, payload,
     u32 crc), in order; stops at a truncated record (a write cut short by a kill) and at a length
@@ -146,7 +186,8 @@ class RunLogger:
         The marker is an ``Event`` (at ``step``) whose ``SessionLog`` has status CHECKPOINT and the
         token as ``checkpoint_path``; tensorboard shows nothing for it. The writer queues events and
         writes them from a thread of its own, so the token marks the checkpoint's place in the stream
-        where byte offsets taken now could not."""
+        where byte offsets taken now could not. The queue is flushed to the file here, before the
+        checkpoint is saved, so the points up to the checkpoint outlive a SIGKILL."""
         import uuid
 
         writer = self.writer
@@ -156,6 +197,7 @@ class RunLogger:
         pb2 = self._event_pb2
         writer._get_file_writer().add_event(pb2.Event(step=int(step), session_log=pb2.SessionLog(
             status=pb2.SessionLog.CHECKPOINT, checkpoint_path=token)))
+        _write_queued_events(writer)
         return {"marker": token, "files": [path.relative_to(self.tb_dir).as_posix() for path in self._event_files()]}
 
     def rewind_tensorboard(self, mark: Optional[Mapping[str, object]]) -> Optional[str]:

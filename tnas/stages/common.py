@@ -17,7 +17,7 @@ from tnas.errors import TnasError
 from tnas.hparams import log_hparams
 from tnas.meta.cuda_graph import (DataParallelGraphedStep, GraphDecision, GraphedStep, GraphGradients,  # noqa: F401
                                   KeyedGraphedStep, capture_failure_logger, cuda_graph_mode, resolve_cuda_graph)
-from tnas.runlog import RunLogger
+from tnas.runlog import RunLogger, remove_event_files
 from tnas.stages.settings import rerun_free_flags
 from tnas.task_folding import TaskWindow
 
@@ -231,6 +231,11 @@ def prepare_run(args, stage: str) -> Tuple[str, RunLogger, torch.device]:
         if info.is_main:
             saved = {key: old for key, (old, new) in changes.items()}  # config.yaml keeps how the run started
             save_config(dict(vars(args), **saved), os.path.join(args.out, "config.yaml"))
+            if not resume:  # no last.pt here (checked above): an attempt killed before it, whose points go
+                dropped = remove_event_files(os.path.join(args.out, "tb"))
+                if dropped:
+                    notes.append(f"tensorboard: removed {dropped} event file(s) of an earlier attempt that was "
+                                 f"stopped before its first checkpoint")
         distributed.barrier(info)
         log_dir = args.out if info.is_main else os.path.join(args.out, f"rank{info.rank}")
         logger = RunLogger(log_dir, use_tensorboard=info.is_main, quiet=not info.is_main, append=resume,
