@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where every run and the table go (default: runs/reproduce[_budget] or "
                              "runs/reproduce_demo)")
     parser.add_argument("--shots", default=None, metavar="1,5",
-                        help="shots (K of 5-way K-shot) to run, comma-separated (default: the plan's, 1,5)")
+                        help="shots (K of N-way K-shot) to run, comma-separated (default: the plan's, 1,5)")
     parser.add_argument("--methods", default="maml,auto_maml,tnas,tnas++", metavar="LIST",
                         help="rows to run, comma-separated, of maml,auto_maml,tnas,tnas++")
     parser.add_argument("--budget", action="store_true",
