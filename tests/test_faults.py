@@ -135,6 +135,29 @@ def test_a_finished_or_failed_in_process_run_releases_its_out(tmp_path, quick_se
         assert taken.stdout.strip() == "locked", (out, taken.stderr)
 
 
+def test_a_killed_runs_forked_workers_do_not_keep_its_out_locked(tmp_path):
+    """A run SIGKILLed while forked workers live (decoding a dataset): the workers shared its lock, and
+    concurrent.futures' workers outlive their parent waiting for work, so every rerun was refused naming
+    the dead pid. A forked child now closes its copy, and the lock goes with the run."""
+    out = tmp_path / "run"
+    script = ("import multiprocessing, sys, time\nfrom tnas import run_dir\nrun_dir.claim_run_dir(sys.argv[1])\n"
+              "worker = multiprocessing.get_context('fork').Process(target=time.sleep, args=(120,))\n"
+              "worker.start()\nprint(worker.pid, flush=True)\ntime.sleep(120)\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    run = subprocess.Popen([sys.executable, "-c", script, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    worker = int(run.stdout.readline())
+    try:
+        run.kill()
+        run.wait(timeout=60)
+        probe = ("import sys\nfrom tnas import run_dir\nrun_dir.claim_run_dir(sys.argv[1])\nprint('claimed')\n")
+        again = subprocess.run([sys.executable, "-c", probe, str(out)], env=env, capture_output=True, text=True,
+                               timeout=60)
+        assert again.stdout.strip() == "claimed", again.stderr
+    finally:
+        os.kill(worker, 9)
+        run.stdout.close()
+
+
 def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, quick_search):
     afile = tmp_path / "afile"
     afile.write_text("not a directory\n")

@@ -5,6 +5,8 @@
   pid. The OS drops the lock when the process dies, so a killed run never leaves a stale
   lock; a second run into a held directory fails at once naming the holder's pid. The
   claim is held until the process exits (a process may claim the same directory again).
+  A forked child (a decoding worker) closes its copy of the lock at once: a lock is held
+  while any copy is open, so an orphan that outlived a SIGKILLed run would hold it forever.
   With the lock held nobody else writes there, so ``.*.tmp`` files left by a killed atomic
   write are removed.
 - :func:`check_resume` decides whether ``--resume`` may continue the run, reading
@@ -40,6 +42,23 @@ STRUCTURAL_KEYS = ("method", "dataset", "n_way", "k_shot", "q_query", "tasks_per
 """Flags that shape the model, the checkpoint or the episode stream: never changed by a resume."""
 
 _HELD: Dict[str, Any] = {}  # realpath -> open lock file (kept open: closing it releases the lock)
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's lock files, without unlocking them (that would
+    drop the parent's lock too). flock belongs to the open file, which a fork shares, so a decoding worker
+    left behind by a SIGKILLed run (concurrent.futures' workers wait for work forever) kept ``--out``
+    locked, and every rerun was refused naming the dead pid."""
+    for handle in _HELD.values():
+        try:
+            handle.close()
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def _out_problem(out: str, error: OSError) -> TnasError:
