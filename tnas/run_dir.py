@@ -5,8 +5,8 @@
   pid. The OS drops the lock when the process dies, so a killed run never leaves a stale
   lock; a second run into a held directory fails at once naming the holder's pid. The
   claim is held until the process exits (a process may claim the same directory again).
-  A forked child (a decoding worker) closes its copy of the lock at once: a lock is held
-  while any copy is open, so an orphan that outlived a SIGKILLed run would hold it forever.
+  A forked child (a decoding worker) closes its copy of the lock at once
+  (:func:`tnas.files.keep_from_forked_children`): an orphan that outlived a SIGKILLed run held it.
   With the lock held nobody else writes there, so ``.*.tmp`` files left by a killed atomic
   write are removed.
 - :func:`check_resume` decides whether ``--resume`` may continue the run, reading
@@ -25,6 +25,7 @@ import os
 from typing import Any, Dict, FrozenSet, Mapping, Tuple
 
 from tnas.errors import TnasError
+from tnas.files import keep_from_forked_children
 
 LOCK_FILE = "run.lock"
 OVERRIDES_FILE = "overrides.json"
@@ -43,22 +44,8 @@ STRUCTURAL_KEYS = ("method", "dataset", "n_way", "k_shot", "q_query", "tasks_per
 
 _HELD: Dict[str, Any] = {}  # realpath -> open lock file (kept open: closing it releases the lock)
 
-
-def _drop_inherited_locks() -> None:
-    """In a forked child: close the copies of the parent's lock files, without unlocking them (that would
-    drop the parent's lock too). flock belongs to the open file, which a fork shares, so a decoding worker
-    left behind by a SIGKILLed run (concurrent.futures' workers wait for work forever) kept ``--out``
-    locked, and every rerun was refused naming the dead pid."""
-    for handle in _HELD.values():
-        try:
-            handle.close()
-        except OSError:
-            pass
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited_locks)
+if hasattr(os, "register_at_fork"):  # a forked child holds no claim: its copies of the lock files are closed
+    os.register_at_fork(after_in_child=_HELD.clear)  # (tnas.files.keep_from_forked_children)
 
 
 def _out_problem(out: str, error: OSError) -> TnasError:
@@ -99,7 +86,7 @@ def claim_run_dir(out: str) -> None:
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    _HELD[key] = handle
+    _HELD[key] = keep_from_forked_children(handle)
     remove_stale_temp_files(out)
 
 
