@@ -104,6 +104,29 @@ def test_a_checkpoint_damaged_after_saving_is_refused_not_loaded_with_wrong_weig
     assert message.startswith(f"cannot read checkpoint {path}: it is damaged (its record ") and "\n" not in message
 
 
+@pytest.mark.parametrize("offset, value", [(8, 9), (6, 1)], ids=["deflate64", "encrypted"])
+def test_a_foreign_zip_whose_record_zipfile_cannot_read_is_one_line(tmp_path, offset, value):
+    """A zip torch.save never writes (a record compressed with deflate64, or marked encrypted): zipfile raises
+    NotImplementedError / RuntimeError when the checksums are checked, which was a traceback; torch.load
+    then refuses the file in one line."""
+    import io
+    import struct
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", b"not a pickle" * 10)
+    data = bytearray(buffer.getvalue())
+    for header, shift in ((b"PK\x03\x04", 0), (b"PK\x01\x02", 2)):  # the local and central headers
+        at = bytes(data).find(header) + offset + shift
+        data[at:at + 2] = struct.pack("<H", value)
+    path = tmp_path / "foreign.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(TnasError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"cannot read checkpoint {path}: ") and "\n" not in str(info.value)
+
+
 @pytest.mark.skipif(not hasattr(torch.serialization, "set_crc32_options"), reason="torch without the option")
 def test_a_checkpoint_saved_without_checksums_still_loads(tmp_path):
     """torch.save under set_crc32_options(False) stores CRC 0 for every record: nothing to check, no error."""

@@ -135,6 +135,37 @@ def test_a_finished_or_failed_in_process_run_releases_its_out(tmp_path, quick_se
         assert taken.stdout.strip() == "locked", (out, taken.stderr)
 
 
+HOLD_OUT = "from tnas import run_dir\nrun_dir.claim_run_dir(sys.argv[1])\n"
+HOLD_CACHE_BUILD = ("from tnas.data import cache\nbuilding = cache._build_lock(os.path.join(sys.argv[1], 'entry'))\n"
+                    "assert building.__enter__()\n")
+
+
+@pytest.mark.parametrize("hold, lock_file", [(HOLD_OUT, "run.lock"), (HOLD_CACHE_BUILD, "entry.lock")],
+                         ids=["out", "cache_build"])
+def test_a_killed_runs_forked_workers_do_not_keep_its_locks(tmp_path, hold, lock_file):
+    """A run SIGKILLed while forked workers live (decoding a dataset): the workers shared its locks, and
+    concurrent.futures' workers outlive their parent waiting for work, so every rerun was refused naming
+    the dead pid (--out) or waited forever (a cache entry's build). A forked child now closes its copies,
+    and the locks go with the run."""
+    script = ("import multiprocessing, os, sys, time\n" + hold +
+              "worker = multiprocessing.get_context('fork').Process(target=time.sleep, args=(120,))\n"
+              "worker.start()\nprint(worker.pid, flush=True)\ntime.sleep(120)\n")
+    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=dict(os.environ, PYTHONPATH=REPO),
+                           stdout=subprocess.PIPE, text=True)
+    worker = int(run.stdout.readline())
+    try:
+        run.kill()
+        run.wait(timeout=60)
+        probe = ("import fcntl, sys\nhandle = open(sys.argv[1], 'a')\n"
+                 "fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('locked')\n")
+        again = subprocess.run([sys.executable, "-c", probe, str(tmp_path / lock_file)], capture_output=True,
+                               text=True, timeout=60)
+        assert again.stdout.strip() == "locked", again.stderr
+    finally:
+        os.kill(worker, 9)
+        run.stdout.close()
+
+
 def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, quick_search):
     afile = tmp_path / "afile"
     afile.write_text("not a directory\n")

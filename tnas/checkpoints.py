@@ -111,7 +111,8 @@ def _damaged_record(data: bytes) -> Optional[str]:
     ``torch.save`` stored for it, else None. ``torch.load`` does not check these, so a file damaged
     after it was written (a bad copy or disk) would load with wrong weights and no error. A record with
     CRC 0 is not checked: ``torch.save`` under ``set_crc32_options(False)`` stores 0 for every record.
-    A file zipfile cannot open at all (a truncated one) is left to ``torch.load``'s own error."""
+    A file zipfile cannot open at all (a truncated one), and a record it cannot read back (compressed with
+    a method it lacks, or encrypted: a zip torch.save never writes), are left to ``torch.load``'s own error."""
     import io
     import zipfile
 
@@ -129,6 +130,8 @@ def _damaged_record(data: bytes) -> Optional[str]:
                         pass
             except (zipfile.BadZipFile, EOFError, OSError, ValueError):
                 return info.filename
+            except (NotImplementedError, RuntimeError):  # an unknown compression method; an encrypted record
+                continue
     return None
 
 

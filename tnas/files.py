@@ -11,10 +11,36 @@ import hashlib
 import json
 import os
 import tempfile
+import weakref
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 from tnas.errors import TnasError
+
+_PARENT_ONLY: "weakref.WeakSet[IO[Any]]" = weakref.WeakSet()
+
+
+def keep_from_forked_children(handle: IO[Any]) -> IO[Any]:
+    """Mark ``handle`` (an open file holding an ``fcntl.flock``) as this process's alone: a child forked
+    later (a decoding worker of concurrent.futures) closes its copy at once; returns ``handle``.
+
+    A flock belongs to the open file, which a fork shares, and is held while any copy is open. The
+    decoding workers of a run killed outright wait for work forever, so their copies kept its ``--out``
+    lock (every rerun refused, naming the dead pid) or a cache entry's build lock (the next build
+    waited forever). Closing a copy does not unlock the parent's."""
+    _PARENT_ONLY.add(handle)
+    return handle
+
+
+def _close_parent_only_files() -> None:
+    for handle in list(_PARENT_ONLY):
+        with contextlib.suppress(OSError, ValueError):
+            handle.close()
+    _PARENT_ONLY.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_parent_only_files)
 
 # Temp files are created 0600; give the final file the usual permissions (0666 & ~umask).
 _UMASK = os.umask(0)

@@ -5,6 +5,8 @@
   pid. The OS drops the lock when the process dies, so a killed run never leaves a stale
   lock; a second run into a held directory fails at once naming the holder's pid. The
   claim is held until the process exits (a process may claim the same directory again).
+  A forked child (a decoding worker) closes its copy of the lock at once
+  (:func:`tnas.files.keep_from_forked_children`): an orphan that outlived a SIGKILLed run held it.
   With the lock held nobody else writes there, so ``.*.tmp`` files left by a killed atomic
   write are removed.
 - :func:`check_resume` decides whether ``--resume`` may continue the run, reading
@@ -23,6 +25,7 @@ import os
 from typing import Any, Dict, FrozenSet, Mapping, Tuple
 
 from tnas.errors import TnasError
+from tnas.files import keep_from_forked_children
 
 LOCK_FILE = "run.lock"
 OVERRIDES_FILE = "overrides.json"
@@ -40,6 +43,9 @@ STRUCTURAL_KEYS = ("method", "dataset", "n_way", "k_shot", "q_query", "tasks_per
 """Flags that shape the model, the checkpoint or the episode stream: never changed by a resume."""
 
 _HELD: Dict[str, Any] = {}  # realpath -> open lock file (kept open: closing it releases the lock)
+
+if hasattr(os, "register_at_fork"):  # a forked child holds no claim: its copies of the lock files are closed
+    os.register_at_fork(after_in_child=_HELD.clear)  # (tnas.files.keep_from_forked_children)
 
 
 def _out_problem(out: str, error: OSError) -> TnasError:
@@ -80,7 +86,7 @@ def claim_run_dir(out: str) -> None:
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    _HELD[key] = handle
+    _HELD[key] = keep_from_forked_children(handle)
     remove_stale_temp_files(out)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from tnas.data.decode import convert_array, decode_into
 from tnas.errors import TnasError
+from tnas.files import keep_from_forked_children
 
 __all__ = ["CACHE_VERSION", "default_cache_dir", "RawSplit", "SplitSource", "CacheEntry", "open_cache_entry",
            "entry_directory", "files_fingerprint"]
@@ -171,7 +172,7 @@ def _build_lock(directory: str) -> Iterator[None]:
         import fcntl
 
         os.makedirs(os.path.dirname(directory), exist_ok=True)
-        handle = open(f"{directory}.lock", "a+")
+        handle = keep_from_forked_children(open(f"{directory}.lock", "a+"))  # the decoding workers fork
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
     except (ImportError, OSError):
         if handle is not None:
