@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import data_fixtures as fx
+from run_locks import another_process_can_lock
 from test_evaluate import _genotype_json_hook, assert_one_line_error, run_in_process
 from tnas import distributed
 from tnas.errors import TnasError
@@ -123,15 +124,12 @@ def test_second_run_into_a_busy_out_is_refused_and_the_first_is_intact(tmp_path,
 def test_a_finished_or_failed_in_process_run_releases_its_out(tmp_path, quick_search):
     """A stage called as a library function owns --out only while it runs: afterwards another
     process may take it (e.g. a notebook run, then a script resuming it)."""
-    probe = ("import fcntl, sys\nhandle = open(sys.argv[1], 'a')\n"
-             "fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('locked')\n")
     done = finished_run(quick_search, tmp_path / "done")
     failed = tmp_path / "failed"
     result = quick_search(failed, "--epochs", "1", "--tasks_per_epoch", "4", "--n_way", "500")
     assert result.returncode == 2 and (failed / "run.lock").exists(), result.stderr
     for out in (done, failed):
-        taken = subprocess.run([sys.executable, "-c", probe, str(out / "run.lock")], capture_output=True, text=True,
-                               timeout=60)
+        taken = another_process_can_lock(out / "run.lock")
         assert taken.stdout.strip() == "locked", (out, taken.stderr)
 
 
@@ -156,10 +154,7 @@ def test_a_killed_runs_forked_workers_do_not_keep_its_locks(tmp_path, hold, lock
     try:
         run.kill()
         run.wait(timeout=60)
-        probe = ("import fcntl, sys\nhandle = open(sys.argv[1], 'a')\n"
-                 "fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('locked')\n")
-        again = subprocess.run([sys.executable, "-c", probe, str(tmp_path / lock_file)], capture_output=True,
-                               text=True, timeout=60)
+        again = another_process_can_lock(tmp_path / lock_file)
         assert again.stdout.strip() == "locked", again.stderr
     finally:
         os.kill(worker, 9)

@@ -26,6 +26,7 @@ from tnas.genotypes import group_genotypes
 from tnas.stages import protocol
 from tnas.stages.cost import cost_record
 from script_loader import load_script
+from run_locks import held_run_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "evaluate_tnas.py")
@@ -480,31 +481,12 @@ def test_a_train_checkpoint_is_a_one_line_error(single, search_run, capsys, tmp_
     assert not (tmp_path / "s").exists()
 
 
-_HOLD = ("import fcntl, sys, time\nhandle = open(sys.argv[1], 'a')\nfcntl.flock(handle.fileno(), fcntl.LOCK_EX)\n"
-         "print('locked', flush=True)\ntime.sleep(300)\n")
-
-
-@contextlib.contextmanager
-def _held(out):
-    """Another process holding ``out``'s run.lock, as a live run does, for the duration."""
-    os.makedirs(out, exist_ok=True)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, os.path.join(out, "run.lock")], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        holder.kill()
-        holder.wait()
-        holder.stdout.close()
-
-
 def test_a_second_protocol_into_a_busy_out_is_refused_and_writes_nothing(search_run, capsys, tmp_path):
     """One protocol at a time owns --out: a second one would rewrite the first's config.yaml and decoding cache."""
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "config.yaml").write_text("the first run's settings\n")
-    with _held(busy):
+    with held_run_lock(busy):
         code, _, err = run_script(["--checkpoint", str(search_run), "--out", str(busy), *FAST], capsys)
         assert_one_line_error(code, err, f"--out {busy} is in use by another run")
     assert sorted(os.listdir(busy)) == ["config.yaml", "run.lock"]

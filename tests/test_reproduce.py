@@ -3,7 +3,6 @@ launches stubbed (and stale steps redone after a step they read changed), one-li
 pipeline end to end on tiny glyphs with an interrupted step."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from tnas.errors import TnasError
 from tnas.reproduce import plan as plans
 from tnas.reproduce import runner
 from tnas.reproduce.table import build_table, render_markdown
+from run_locks import held_run_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "reproduce.py")
@@ -251,31 +251,12 @@ def test_a_killed_invocation_shows_as_interrupted_then_resumes(tmp_path):
     assert [(c[0], c[2]) for c in fake.calls] == [("train_from_scratch.py", True), ("evaluate.py", False)]
 
 
-_HOLD = ("import fcntl, sys, time\nhandle = open(sys.argv[1], 'a')\nfcntl.flock(handle.fileno(), fcntl.LOCK_EX)\n"
-         "print('locked', flush=True)\ntime.sleep(300)\n")
-
-
-@contextlib.contextmanager
-def _held(out):
-    """Another process holding ``out``'s run.lock, as a live run does, for the duration."""
-    os.makedirs(out, exist_ok=True)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, os.path.join(out, "run.lock")], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        holder.kill()
-        holder.wait()
-        holder.stdout.close()
-
-
 def test_a_second_reproduction_into_a_busy_out_is_refused_and_runs_nothing(tmp_path):
     """While one reproduction runs in OUT, a second would mark its running step interrupted and run it again
     beside it (or move a live run aside as stale): refused in one line; the first's files are left alone."""
     plan, settings, steps, cells = _demo_pipeline(tmp_path, methods=("maml",))
     fake = FakeStages()
-    with _held(settings.out):
+    with held_run_lock(settings.out):
         with pytest.raises(TnasError, match=f"--out {settings.out} is in use by another run"):
             runner.run_pipeline(plan, settings, steps, cells, {"paper": None}, launch=fake, log=lambda line: None)
     assert fake.calls == [] and os.listdir(settings.out) == ["run.lock"]

@@ -81,11 +81,12 @@ def _replaced_on_success(path: Path) -> Iterator[IO[bytes]]:
         with contextlib.suppress(OSError):
             os.unlink(handle.name)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself (best effort; not possible on every OS/filesystem)."""
+def fsync_directory(directory) -> None:
+    """fsync a directory, which persists a rename or a new file in it (best effort: not every OS or
+    filesystem allows it)."""
     with contextlib.suppress(OSError, AttributeError):
         fd = os.open(directory, os.O_RDONLY)
         try:

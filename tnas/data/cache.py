@@ -34,7 +34,7 @@ import numpy as np
 
 from tnas.data.decode import convert_array, decode_into
 from tnas.errors import TnasError
-from tnas.files import keep_from_forked_children
+from tnas.files import fsync_directory, keep_from_forked_children
 
 __all__ = ["CACHE_VERSION", "default_cache_dir", "RawSplit", "SplitSource", "CacheEntry", "open_cache_entry",
            "entry_directory", "files_fingerprint"]
@@ -232,7 +232,7 @@ def _build_entry(directory: str, name: str, img_size: int, channels: int, source
         del images
         _persist(tmp)
         _install(tmp, directory)
-        _fsync(parent)
+        fsync_directory(parent)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TnasError(f"{name}: cannot write the cache entry in {parent}: {error.strerror or error}") from None
@@ -304,16 +304,6 @@ def _finish(tmp: str, images: np.ndarray, labels: np.ndarray, class_names: List[
         json.dump(meta, handle, indent=1)
 
 
-def _fsync(path: str) -> None:
-    """fsync a directory (best effort: not every OS or filesystem allows it)."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _persist(directory: str) -> None:
     """fsync every file of a finished entry, then its directory, before the entry is renamed into place:
     the rename may otherwise reach the disk before the data, and a crash in between leaves an installed
@@ -325,7 +315,7 @@ def _persist(directory: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    _fsync(directory)
+    fsync_directory(directory)
 
 
 def _install(tmp: str, directory: str) -> None:
