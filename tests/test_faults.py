@@ -738,3 +738,42 @@ def test_full_disk_on_an_episodes_file_or_a_genotype_keeps_the_previous_one(tmp_
     monkeypatch.undo()
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
     assert load_genotype(str(genotype_path)) == resolve_genotype("auto_maml_1shot")
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an orphan's zombie may wait for a reaper)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in handle)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_decoding_workers_end_with_a_run_killed_outright(tmp_path):
+    """A run SIGKILLed while its decoding workers are busy takes them with it: orphans would wait for work
+    forever, holding their memory."""
+    script = ("import os, sys, time\nfrom tnas.data.decode import parallel_map\n"
+              "def job(i):\n"
+              "    open(os.path.join(sys.argv[1], f'worker{i}'), 'w').write(str(os.getpid()))\n"
+              "    time.sleep(120)\n"
+              "parallel_map(job, [0, 1], num_workers=2, parallel=True)\n")
+    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=dict(os.environ, PYTHONPATH=REPO))
+    workers = []
+    try:
+        deadline = time.time() + 60
+        while (len(workers) < 2 or not all(workers)) and time.time() < deadline:
+            time.sleep(0.1)
+            workers = [int((tmp_path / f"worker{i}").read_text() or 0) for i in range(2)
+                       if (tmp_path / f"worker{i}").exists()]
+        assert len(workers) == 2 and all(workers), "the workers did not start"
+        run.kill()
+        run.wait(timeout=60)
+        deadline = time.time() + 10
+        while any(_running(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(pid) for pid in workers), "a decoding worker outlived its killed run"
+    finally:
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, 9)

@@ -96,6 +96,28 @@ def _pool_context() -> Any:
     return multiprocessing.get_context()
 
 
+def _end_with_parent(parent: int) -> None:
+    """A decoding worker's initializer: on Linux the worker is killed when the process that started it
+    dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``). A run killed outright (SIGKILL, the OOM killer) would
+    otherwise leave its workers waiting for work forever, holding their memory. Elsewhere: nothing."""
+    import ctypes
+    import signal
+
+    try:
+        set_death_signal = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # no prctl: not Linux
+        return
+    set_death_signal(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os._exit(1)
+
+
+def _worker_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` decoding processes that end with the process that started them."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_end_with_parent,
+                               initargs=(os.getpid(),))
+
+
 def decode_into(out: np.ndarray, items: Sequence[Any], img_size: int, channels: int, origin: str,
                 num_workers: Optional[int] = None, progress: Optional[bool] = None, desc: str = "decoding",
                 resize: str = "lanczos") -> None:
@@ -114,7 +136,7 @@ def decode_into(out: np.ndarray, items: Sequence[Any], img_size: int, channels: 
             results: Any = map(_decode_chunk, chunks)
             _collect(results, out, bar)
         else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+            with _worker_pool(workers) as pool:
                 try:
                     _collect(pool.map(_decode_chunk, chunks), out, bar)
                 except TnasError:
@@ -193,5 +215,5 @@ def parallel_map(function: Callable[[Any], Any], jobs: Sequence[Any], num_worker
     workers = default_workers() if num_workers is None else max(1, int(num_workers))
     if workers == 1 or not parallel or len(jobs) < 2:
         return [function(job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context()) as pool:
+    with _worker_pool(min(workers, len(jobs))) as pool:
         return list(pool.map(function, jobs))
