@@ -12,10 +12,16 @@ import json
 import os
 import tempfile
 import weakref
+import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 from tnas.errors import TnasError
+
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+"""What ``np.load`` raises on an ``.npz`` that cannot be read back: a damaged archive fails as BadZipFile
+(bad CRC, truncated), EOFError or zlib.error, none of them an OSError or ValueError."""
 
 _PARENT_ONLY: "weakref.WeakSet[IO[Any]]" = weakref.WeakSet()
 

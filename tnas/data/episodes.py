@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zipfile
-import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -33,7 +31,7 @@ import torch
 from tnas.data.image_loader import ImageLoader
 from tnas.data.split import ImageSplit
 from tnas.errors import TnasError
-from tnas.files import atomic_file
+from tnas.files import NPZ_READ_ERRORS, atomic_file
 
 __all__ = ["EpisodeBatch", "EpisodeSampler", "FixedEpisodes", "sample_episode_indices", "check_episode_shape"]
 
@@ -395,8 +393,7 @@ class FixedEpisodes:
                     indices = archive["indices"].astype(np.int64)
         except FileNotFoundError:
             raise TnasError(f"episode file {path} does not exist") from None
-        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-            # a damaged .npz fails as BadZipFile (bad CRC, truncated), EOFError or zlib.error: no OSError/ValueError
+        except (KeyError, TypeError, *NPZ_READ_ERRORS) as error:
             raise TnasError(f"{path}: not an episode file written by FixedEpisodes.save "
                             f"({type(error).__name__}: {error})") from None
         except RecursionError:

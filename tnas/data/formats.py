@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import zipfile
-import zlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -20,6 +18,7 @@ import numpy as np
 from tnas.data.cache import RawSplit, SplitSource, files_fingerprint
 from tnas.data.safe_pickle import load_pickle, normalise_keys
 from tnas.errors import TnasError
+from tnas.files import NPZ_READ_ERRORS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = ("train", "val", "test")
@@ -438,8 +437,6 @@ def _tiered_npz(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         raise TnasError(f"cannot read {path}: {error.strerror or error}") from None
     if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.load would take any other file for a pickle
         raise TnasError(f"{path}: not an .npz file (a zip archive of .npy arrays, as np.savez writes)")
-    # a damaged archive fails as BadZipFile (bad CRC), EOFError or zlib.error, which are no OSError/ValueError
-    damaged = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "images" not in archive.files:
@@ -452,7 +449,7 @@ def _tiered_npz(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
                 if key in archive.files:
                     labels = np.asarray(archive[key]).reshape(-1)
                     break
-    except damaged as error:
+    except NPZ_READ_ERRORS as error:
         raise TnasError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
     return images, labels
 
